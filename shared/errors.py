@@ -1,0 +1,10 @@
+"""The one error type for user mistakes.
+
+Anything the user can fix (a bad flag, a missing file, an unreachable registry) raises `LoramError`
+with a message that names what is wrong and how to fix it. The CLI prints it as one line and exits
+with code 2; the Python API lets it propagate.
+"""
+
+
+class LoramError(Exception):
+    """A user-facing error: its message is printed as a single line, never with a traceback."""
