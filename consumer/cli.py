@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from loram.consumer_commands import register as register_consumer
 from loram.shared.cli_support import user_errors
 

@@ -15,7 +15,6 @@ from typing import Annotated
 
 import click
 import typer
-
 from loram.shared.configs import Config, _base_type
 from loram.shared.errors import LoramError
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-
 from loram.shared.errors import LoramError
 
 C = TypeVar("C", bound="Config")

@@ -1,0 +1,55 @@
+"""Tiny random models built in-process from configs (milliseconds on CPU), for unit tests.
+
+`tiny_config(kind)` covers the layouts LoRAM must handle:
+- "llama-gqa": Llama, 8 query heads / 2 KV heads (G = 4), tied embeddings
+- "llama-mha": Llama, 4 heads / 4 KV heads (G = 1), untied embeddings
+- "mistral":   Mistral, 6 query heads / 2 KV heads (G = 3), untied
+- "qwen2":     Qwen2 with q/k/v biases, 6 / 3 heads (G = 2), tied
+"""
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+KINDS = ("llama-gqa", "llama-mha", "mistral", "qwen2")
+
+_COMMON = dict(hidden_size=48, intermediate_size=40, num_hidden_layers=6, vocab_size=97,
+               max_position_embeddings=128, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(kind: str = "llama-gqa", **overrides):
+    if kind == "llama-gqa":
+        cfg = LlamaConfig(**{**_COMMON, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 6,
+                             "tie_word_embeddings": True, **overrides})
+    elif kind == "llama-mha":
+        cfg = LlamaConfig(**{**_COMMON, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 12,
+                             "tie_word_embeddings": False, **overrides})
+    elif kind == "mistral":
+        cfg = MistralConfig(**{**_COMMON, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8,
+                               "sliding_window": None, "tie_word_embeddings": False, **overrides})
+    elif kind == "qwen2":
+        cfg = Qwen2Config(**{**_COMMON, "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 8,
+                             "tie_word_embeddings": True, "use_sliding_window": False, **overrides})
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+    return cfg
+
+
+def tiny_model(kind: str = "llama-gqa", seed: int = 0, **overrides):
+    """A randomly initialised tiny causal LM in fp32 eval mode (biases, if any, made non-zero)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_batch(vocab: int = 97, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)
