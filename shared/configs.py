@@ -48,7 +48,7 @@ def _coerce(name: str, tp, value):
             return tp(value)
         if tp is bool and isinstance(value, str):
             return value.lower() in ("1", "true", "yes", "on")
-        if typing.get_origin(tp) is list and isinstance(value, tuple):
+        if (tp is list or typing.get_origin(tp) is list) and isinstance(value, tuple):
             return list(value)
     except (TypeError, ValueError) as e:
         raise LoramError(f"option {name!r}: cannot read {value!r} as {tp.__name__}") from e
