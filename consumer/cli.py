@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from loram.consumer_commands import register as register_consumer
+from loram.plan import register as register_plan
 from loram.shared.cli_support import user_errors
 
 app = typer.Typer(
@@ -68,6 +69,7 @@ def assets_path(name: Annotated[str, typer.Argument(help="`model` or a data spli
 
 
 register_consumer(app)
+register_plan(app)
 
 
 def _register_publisher() -> None:

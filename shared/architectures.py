@@ -133,3 +133,19 @@ def parse_layer_range(spec: str | None, num_layers: int) -> tuple[int, int]:
     if not (0 <= start <= stop <= num_layers):
         raise LoramError(f"layer range {spec!r} is out of bounds for a model with {num_layers} layers")
     return start, stop
+
+
+def kept_index(shape: Shape, spec: PrunedModule, kept_kv, kept_mlp):
+    """Rows (axis "out") or columns (axis "in") of `spec`'s weight that survive, as a sorted LongTensor.
+
+    KV group g keeps KV rows [g*hd, (g+1)*hd) and query rows/columns of heads g*G .. g*G+G-1,
+    i.e. [g*G*hd, (g+1)*G*hd). MLP channels map one to one.
+    """
+    import torch
+
+    if spec.unit == "mlp":
+        return torch.as_tensor(kept_mlp, dtype=torch.long)
+    heads = torch.as_tensor(kept_kv, dtype=torch.long)
+    if spec.unit == "q":
+        heads = (heads[:, None] * shape.group_size + torch.arange(shape.group_size)).reshape(-1)
+    return (heads[:, None] * shape.head_dim + torch.arange(shape.head_dim)).reshape(-1)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from loram.shared.configs import Config, _base_type
 from loram.shared.errors import LoramError
@@ -45,8 +44,7 @@ def _param_for(field, hint) -> inspect.Parameter:
     tp = _base_type(hint)
     kwargs: dict = {"help": meta.get("help", "")}
     if meta.get("choices"):
-        kwargs["click_type"] = click.Choice(list(meta["choices"]))
-        tp = str
+        tp = typing.Literal[tuple(meta["choices"])]
     if meta.get("argument"):
         info = typer.Argument(show_default=False, metavar=field.name.upper(), **kwargs)
     else:

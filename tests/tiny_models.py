@@ -53,3 +53,26 @@ def tiny_model(kind: str = "llama-gqa", seed: int = 0, **overrides):
 def tiny_batch(vocab: int = 97, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer whose 97 ids match the tiny configs' vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({chr(c): 3 + k for k, c in enumerate(range(32, 126))})  # 94 printable characters
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<pad>")
+    return tok
+
+
+def save_tiny_checkpoint(folder, kind: str = "llama-gqa", seed: int = 0, **overrides):
+    """A tiny model + tokenizer saved as a local checkpoint folder (safetensors); returns the model."""
+    model = tiny_model(kind, seed=seed, **overrides)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model

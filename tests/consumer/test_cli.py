@@ -4,9 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from loram.cli import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 LORAM = str(Path(sys.executable).parent / "loram")

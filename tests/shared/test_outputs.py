@@ -1,5 +1,4 @@
 import pytest
-
 from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_file, atomic_output_dir
 

@@ -1,7 +1,6 @@
 import math
 
 import torch
-
 from loram.shared.perplexity import IGNORE, nll_sum, perplexity
 from tiny_models import tiny_batch, tiny_model
 

@@ -1,0 +1,161 @@
+"""`loram plan` and `loram.plan.plan`: the paper's 70B numbers from config.json alone, JSON output, errors."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from loram.cli import app
+from loram.plan import PlanConfig, plan, read_model_config
+from loram.shared.errors import LoramError
+from typer.testing import CliRunner
+
+runner = CliRunner()
+LORAM = str(Path(sys.executable).parent / "loram")
+
+# Public config.json numbers of the two 70B models (rope etc. do not change any count).
+LLAMA2_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+              "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+              "intermediate_size": 28672, "vocab_size": 32000, "tie_word_embeddings": False,
+              "torch_dtype": "float16"}
+LLAMA31_70B = {**LLAMA2_70B, "vocab_size": 128256, "torch_dtype": "bfloat16",
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+EXPECTED = {  # name: (original, training, reduction, 4-bit reduction)
+    "llama2": (68_976_648_192, 16_272_924_672, 4.24, 16.95),
+    "llama31": (70_553_706_496, 17_849_982_976, 3.95, 15.81),
+}
+JSON_KEYS = {"original_params", "training_params", "reduction", "reduction_4bit", "nonzero_params",
+             "training_bytes_4bit_bnb", "original_bytes_16bit", "training_bytes_16bit", "layers", "kept",
+             "per_layer"}
+
+
+@pytest.fixture
+def configs(tmp_path) -> dict[str, Path]:
+    """LLaMA-2-70B as a checkpoint directory (config.json, no weights), LLaMA-3.1-70B as a bare file."""
+    (tmp_path / "llama2").mkdir()
+    (tmp_path / "llama2" / "config.json").write_text(json.dumps(LLAMA2_70B))
+    (tmp_path / "llama31.json").write_text(json.dumps(LLAMA31_70B))
+    return {"llama2": tmp_path / "llama2", "llama31": tmp_path / "llama31.json"}
+
+
+def _one_line_error(result, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    err = result.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and needle in err, err
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_table(configs, name):
+    original, training, reduction, reduction_4bit = EXPECTED[name]
+    result = runner.invoke(app, ["plan", str(configs[name])])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    params = next(line for line in lines if line.startswith("parameters"))
+    assert params.split()[1:] == [f"{original:,}", f"{training:,}", f"{reduction:.2f}x"]
+    paper_4bit = next(line for line in lines if line.startswith("params, 4-bit paper"))
+    assert paper_4bit.endswith(f"{reduction_4bit:.2f}x")
+    assert "layers [4, 78)" in lines[0]
+    kept = {line.split("/")[0].strip(): line.split()[-2:] for line in lines if "/ pruned layer" in line}
+    assert kept == {"q heads": ["64", "16"], "kv heads": ["8", "2"], "MLP channels": ["28672", "4300"]}
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_json_is_one_object(configs, name):
+    original, training, reduction, reduction_4bit = EXPECTED[name]
+    result = runner.invoke(app, ["plan", str(configs[name]), "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)  # nothing else on stdout
+    assert set(d) >= JSON_KEYS
+    assert (d["original_params"], d["training_params"]) == (original, training)
+    assert (round(d["reduction"], 2), round(d["reduction_4bit"], 2)) == (reduction, reduction_4bit)
+    assert d["kept"] == {"q_heads": 16, "kv_heads": 2, "channels": 4300}
+
+
+def test_flags_reach_the_plan(configs):
+    result = runner.invoke(app, ["plan", str(configs["llama2"]), "--json", "--attn-ratio", "0.5",
+                                 "--mlp-ratio", "0.25", "--layers", "2:-2"])
+    d = json.loads(result.stdout)
+    assert d["kept"] == {"q_heads": 32, "kv_heads": 4, "channels": 21504}
+    assert d["layers"]["start"] == 2 and d["layers"]["stop"] == 78
+    result = runner.invoke(app, ["plan", str(configs["llama2"]), "--json", "--method", "non-structured",
+                                 "--sparsity", "0.5"])
+    d = json.loads(result.stdout)
+    assert d["training_params"] == d["original_params"] > d["nonzero_params"]
+
+
+def test_yaml_config_file(configs, tmp_path):
+    recipe = tmp_path / "plan.yaml"
+    recipe.write_text(f"model: {configs['llama31']}\nratio: 0.85\njson: true\n")
+    result = runner.invoke(app, ["plan", "--config", str(recipe)])
+    assert json.loads(result.stdout)["training_params"] == EXPECTED["llama31"][1]
+
+
+def test_python_api(configs):
+    by_kwargs = plan(model=str(configs["llama31"]), ratio=0.85)
+    by_dict = plan({"model": str(configs["llama31"])})
+    by_config = plan(PlanConfig(model=str(configs["llama31"])))
+    assert by_kwargs.training_params == by_dict.training_params == by_config.training_params == EXPECTED["llama31"][1]
+
+
+def test_real_subprocess(configs):
+    proc = subprocess.run([LORAM, "plan", str(configs["llama2"] / "config.json"), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert (d["original_params"], d["training_params"]) == EXPECTED["llama2"][:2]
+
+
+def test_help_has_examples():
+    result = runner.invoke(app, ["plan", "--help"])
+    assert result.exit_code == 0 and "Examples:" in result.output and "loram plan" in result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--ratio", "1.0"], "ratio must be in [0, 1)"),
+    (["--ratio", "1.5"], "ratio must be in [0, 1)"),
+    (["--layers", "0:81"], "out of bounds"),
+    (["--attn-ratio", "0.9999"], "removes every KV group"),
+    (["--mlp-ratio", "0.99999"], "removes every MLP channel"),
+    (["--method", "semi"], "method must be one of"),
+])
+def test_bad_flags(configs, args, needle):
+    _one_line_error(runner.invoke(app, ["plan", str(configs["llama2"]), *args]), needle)
+
+
+def test_bad_configs(tmp_path):
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "n_layer": 12}))
+    _one_line_error(runner.invoke(app, ["plan", str(gpt2)]), "supported: llama, mistral, qwen2")
+    _one_line_error(runner.invoke(app, ["plan", str(tmp_path / "missing.json")]), "not found")
+    _one_line_error(runner.invoke(app, ["plan", str(tmp_path)]), "has no config.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    _one_line_error(runner.invoke(app, ["plan", str(broken)]), "not a readable JSON config")
+
+
+@pytest.fixture
+def dead_hub(monkeypatch, tmp_path):
+    """A Hub endpoint on a closed local port, an empty cache, no retry waits; returns its URL."""
+    import huggingface_hub.constants as constants
+    import huggingface_hub.utils._http as http
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)
+    return url
+
+
+def test_unreachable_hub_is_one_line(dead_hub):
+    _one_line_error(runner.invoke(app, ["plan", "loram-tests/no-such-model"]), "cannot fetch config.json")
+    with pytest.raises(LoramError, match="cannot fetch config.json of 'loram-tests/other'"):
+        read_model_config("loram-tests/other", endpoint=dead_hub)
+    _one_line_error(runner.invoke(app, ["plan", "not a repo id!"]), "cannot fetch config.json")
