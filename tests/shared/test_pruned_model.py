@@ -21,8 +21,8 @@ from loram.shared.pruned_model import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_models import KINDS, tiny_batch, tiny_config
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+from tiny_models import KINDS, tiny_batch, tiny_config, tiny_tokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from transformers.integrations.heterogeneity import configuration_utils as heterogeneity
 
 register()
@@ -109,7 +109,8 @@ def test_nothing_pruned_is_the_stock_model():
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip_is_exact(kind, tmp_path):
     model = pruned_model(kind)
-    save_pruned_checkpoint(model, tmp_path)
+    save_pruned_checkpoint(model, tmp_path, tokenizer=tiny_tokenizer())
+    assert AutoTokenizer.from_pretrained(tmp_path)("ab").input_ids == tiny_tokenizer()("ab").input_ids
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "modeling_loram.py" in files and not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -235,6 +236,19 @@ def test_register_is_idempotent_and_save_reads_back_config(tmp_path):
     again = AutoConfig.from_pretrained(tmp_path)
     assert type(again) is type(config)
     assert [layer_sizes(again, i) for i in range(6)] == [layer_sizes(config, i) for i in range(6)]
+
+
+def test_many_layers_zero_padded_keys_and_base_model(tmp_path):
+    stock = tiny_config("llama-gqa", num_hidden_layers=12)
+    kept = {i: (1, 10 + i) for i in (4, 7, 11)}
+    config = build_pruned_config(stock, kept)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["per_layer_config"]
+    assert list(saved) == ["04", "07", "11"]  # transformers zero-pads layer keys so they sort numerically
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert {i: layer_sizes(again, i)[1:] for i in kept} == kept
+    base = AutoModel.from_config(again)
+    assert type(base).__name__ == "LoramLlamaModel" and base.layers[11].mlp.down_proj.in_features == 21
 
 
 def test_sharded_save_keeps_every_tensor(tmp_path):

@@ -1,0 +1,346 @@
+"""The pruning manifest: what was pruned, from which base model, how (formats.md section 2).
+
+Two files travel with the pruned checkpoint:
+- `loram_manifest.json`, human-readable: format and tool versions, the base model (id, revision,
+  fingerprint), its original architecture, the method, the kept counts of each pruned layer, the
+  sha256 of every checkpoint file and of the tensors file, and the alignment records.
+- `loram_manifest.safetensors`, the index tensors (too large for comfortable JSON):
+  `layers.{i}.kept_kv_heads` / `layers.{i}.kept_mlp_channels` (int64, sorted, unique) for structured
+  pruning, `masks.{module}` (uint8, bit-packed) for non-structured pruning.
+
+Only the kept KV-head and MLP-channel indices are stored; query heads and weight rows/columns are
+derived (`Manifest.kept_indices`). JSON is written with sorted keys and fixed indentation, so equal
+manifests are equal bytes.
+"""
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index
+from loram.shared.errors import LoramError
+from loram.shared.outputs import atomic_file
+from safetensors.torch import load_file, save_file
+
+__all__ = ["FORMAT_VERSION", "MANIFEST_JSON", "MANIFEST_TENSORS", "BaseModelInfo", "Calibration", "Manifest",
+           "Method", "PackedMask", "checkpoint_hashes", "fingerprint", "pack_mask", "unpack_mask", "verify_files"]
+
+FORMAT_VERSION = 1
+MANIFEST_JSON = "loram_manifest.json"
+MANIFEST_TENSORS = "loram_manifest.safetensors"
+KINDS = ("structured", "non-structured")
+# Documentation the Hub lets anyone edit is not part of what `files` guarantees.
+_NOT_HASHED = {MANIFEST_JSON, MANIFEST_TENSORS, "README.md"}
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask of any shape -> uint8 [ceil(numel / 8)], 8 entries per byte (row-major, MSB first)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy().astype(bool)))
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of `pack_mask`: uint8 [ceil(numel / 8)] -> bool tensor of `shape`."""
+    numel = math.prod(shape)
+    bits = np.unpackbits(packed.cpu().numpy(), count=numel)
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+@dataclass
+class PackedMask:
+    """A non-structured mask (True = weight kept), stored 8 entries per byte."""
+
+    bits: torch.Tensor  # uint8 [ceil(numel / 8)]
+    shape: tuple[int, ...]  # the weight's shape, e.g. (out, in)
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "PackedMask":
+        return cls(pack_mask(mask), tuple(mask.shape))
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_mask(self.bits, self.shape)
+
+
+@dataclass
+class Calibration:
+    source: str | None = None  # file or built-in corpus name
+    samples: int | None = None
+    seq_len: int | None = None
+
+
+@dataclass
+class Method:
+    kind: str  # "structured" or "non-structured"
+    criterion: str  # e.g. "taylor", "random", "wanda"
+    ratio: float | None = None
+    attn_ratio: float | None = None
+    mlp_ratio: float | None = None
+    layers: list[int] | None = None  # half-open [start, stop)
+    nm: list[int] | None = None  # [N, M]: N of every M consecutive input weights pruned
+    sparsity: float | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise LoramError(f"manifest method kind {self.kind!r} must be one of {', '.join(KINDS)}")
+        if isinstance(self.calibration, dict):
+            self.calibration = Calibration(**self.calibration)
+        self.layers = None if self.layers is None else [int(x) for x in self.layers]
+        self.nm = None if self.nm is None else [int(x) for x in self.nm]
+
+
+@dataclass
+class BaseModelInfo:
+    id: str  # Hub repository id or local path
+    revision: str | None = None  # commit sha when known
+    fingerprint: dict[str, str] = field(default_factory=dict)  # file name -> sha256 (see `fingerprint`)
+
+
+def _tool_version() -> str:
+    try:
+        return metadata.version("loram")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Manifest:
+    """A pruning plan and its provenance. Index tensors are 1-D int64; masks are bit-packed."""
+
+    base: BaseModelInfo
+    architecture: Shape  # the original (unpruned) model
+    method: Method
+    kept_kv_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sorted kept KV groups
+    kept_mlp_channels: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sorted kept channels
+    masks: dict[str, PackedMask] = field(default_factory=dict)  # module name -> kept-weight mask
+    files: dict[str, str] = field(default_factory=dict)  # checkpoint file -> sha256
+    alignment: list[dict] = field(default_factory=list)
+    tool_version: str = field(default_factory=_tool_version)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def pruned_layers(self) -> list[int]:
+        return sorted(set(self.kept_kv_heads) | set(self.kept_mlp_channels))
+
+    def kept_counts(self) -> dict[int, tuple[int, int]]:
+        """layer -> (kept KV heads, kept MLP channels), the `kept` argument of `build_pruned_config`."""
+        a = self.architecture
+        return {i: (len(self.kept_kv_heads.get(i, range(a.num_kv_heads))),
+                    len(self.kept_mlp_channels.get(i, range(a.intermediate)))) for i in self.pruned_layers}
+
+    def kept_indices(self, layer: int, module_path: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(kept rows, kept columns) of `W[out, in]` of `module_path` (a `PRUNED_MODULES` path) in `layer`.
+
+        None on a side that is not pruned. KV group g keeps query heads g*G .. g*G+G-1; head h keeps
+        rows (or columns) h*hd .. h*hd+hd-1 (hd = head_dim); MLP channel c is row (or column) c.
+        """
+        module = next((m for m in PRUNED_MODULES if m.path == module_path), None)
+        if module is None:
+            raise LoramError(f"unknown module {module_path!r}; known: {', '.join(m.path for m in PRUNED_MODULES)}")
+        kv, mlp = self.kept_kv_heads.get(layer), self.kept_mlp_channels.get(layer)
+        if (kv if module.group == "attn" else mlp) is None:  # this group of the layer is dense
+            return None, None
+        kept = kept_index(self.architecture, module, kv, mlp)
+        return (kept, None) if module.axis == "out" else (None, kept)
+
+    def validate(self, config=None) -> None:
+        """Raise LoramError naming the layer and the problem; with `config`, check it matches the plan."""
+        _check_plan(self)
+        if config is not None:
+            _check_config(self, config)
+
+    def check_base(self, model_dir: str | Path) -> None:
+        """Refuse a base model whose config or weights differ from the one this plan was made on."""
+        expected = self.base.fingerprint
+        if not expected:
+            return
+        actual = fingerprint(model_dir, names=expected)
+        wrong = [n for n in sorted(expected) if actual.get(n) != expected[n]]
+        if wrong:
+            raise LoramError(f"{model_dir} is not the base model this pruned checkpoint was made from "
+                             f"({self.base.id}@{self.base.revision or 'unknown revision'}): "
+                             f"{', '.join(wrong)} differ(s) or are missing")
+
+    def save(self, out_dir: str | Path, rehash: bool = True) -> Path:
+        """Write both manifest files into `out_dir`; with `rehash`, first record the hash of every checkpoint file."""
+        out = Path(out_dir)
+        self.validate()
+        if rehash:
+            self.files = checkpoint_hashes(out)
+        tensors = {f"layers.{i}.kept_kv_heads": t.to(torch.int64).contiguous() for i, t in self.kept_kv_heads.items()}
+        tensors |= {f"layers.{i}.kept_mlp_channels": t.to(torch.int64).contiguous()
+                    for i, t in self.kept_mlp_channels.items()}
+        tensors |= {f"masks.{name}": m.bits.contiguous() for name, m in self.masks.items()}
+        with atomic_file(out / MANIFEST_TENSORS) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with atomic_file(out / MANIFEST_JSON) as tmp:
+            tmp.write_text(_dumps(self._json(sha256_file(out / MANIFEST_TENSORS))), encoding="utf-8")
+        return out / MANIFEST_JSON
+
+    def _json(self, tensors_sha: str) -> dict:
+        layers = [{"layer": i, "kept_kv_heads": c[0], "kept_mlp_channels": c[1]} for i, c in self.kept_counts().items()]
+        return {
+            "format_version": self.format_version, "tool_version": self.tool_version,
+            "base": asdict(self.base), "architecture": asdict(self.architecture), "method": asdict(self.method),
+            "pruned_layers": layers,
+            "masks": {name: {"shape": list(m.shape)} for name, m in sorted(self.masks.items())},
+            "tensors": {"file": MANIFEST_TENSORS, "sha256": tensors_sha},
+            "files": dict(sorted(self.files.items())), "alignment": self.alignment,
+        }
+
+    @classmethod
+    def load(cls, model_dir: str | Path, config=None) -> "Manifest":
+        """Read and validate the manifest of `model_dir` (and, given `config`, its consistency with it)."""
+        manifest = _read(Path(model_dir))
+        manifest.validate(config)
+        return manifest
+
+
+def _dumps(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_hashes(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of every checkpoint file under `model_dir` (relative POSIX paths), except hidden files,
+    the manifest itself and the model card."""
+    root = Path(model_dir)
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return {n: sha256_file(root / n) for n in names
+            if n not in _NOT_HASHED and not any(part.startswith(".") for part in n.split("/"))}
+
+
+def fingerprint(model_dir: str | Path, names=None) -> dict[str, str]:
+    """sha256 of `config.json` and of each weight file of a model folder (safetensors if any, else .bin).
+
+    In a Hugging Face cache snapshot each weight file links to a blob named by its sha256 (Git LFS),
+    so that name is used instead of re-reading tens of GB; other files are hashed.
+    """
+    root = Path(model_dir)
+    if names is None:
+        if not (root / "config.json").is_file():
+            raise LoramError(f"{root} has no config.json; is it a model folder?")
+        weights = sorted(p.name for p in root.glob("*.safetensors") if p.name != MANIFEST_TENSORS)
+        names = ["config.json", *(weights or sorted(p.name for p in root.glob("*.bin")))]
+    return {n: _blob_sha256(root / n) for n in sorted(names) if (root / n).is_file()}
+
+
+def _blob_sha256(path: Path) -> str:
+    target = path.resolve()
+    if path.is_symlink() and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+        return target.name
+    return sha256_file(path)
+
+
+def verify_files(model_dir: str | Path) -> None:
+    """Recompute the sha256 of every file the manifest lists; LoramError naming the first that differs."""
+    root = Path(model_dir)
+    path = root / MANIFEST_JSON
+    if not path.is_file():
+        raise LoramError(f"{root} has no {MANIFEST_JSON}; is it a LoRAM pruned checkpoint?")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    listed = {**data.get("files", {}), MANIFEST_TENSORS: data.get("tensors", {}).get("sha256")}
+    for name, expected in sorted(listed.items()):
+        if not (root / name).is_file():
+            raise LoramError(f"{name}: listed in the manifest but missing from {root}")
+        if sha256_file(root / name) != expected:
+            raise LoramError(f"{name}: sha256 does not match the manifest; the file is corrupted or was modified")
+
+
+def _read(root: Path) -> Manifest:
+    """Parse both files; the tensors file must match the sha256 the JSON recorded for it."""
+    path = root / MANIFEST_JSON
+    if not path.is_file():
+        raise LoramError(f"{root} has no {MANIFEST_JSON}; is it a LoRAM pruned checkpoint?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data["format_version"] > FORMAT_VERSION:
+            raise LoramError(f"{path} has format version {data['format_version']}, newer than this loram "
+                             f"understands ({FORMAT_VERSION}); upgrade loram")
+        tensors_path = root / data["tensors"]["file"]
+        if not tensors_path.is_file() or sha256_file(tensors_path) != data["tensors"]["sha256"]:
+            raise LoramError(f"{tensors_path.name} is missing or does not match the sha256 in {MANIFEST_JSON}")
+        tensors = load_file(str(tensors_path))
+        manifest = Manifest(
+            base=BaseModelInfo(**data["base"]), architecture=Shape(**data["architecture"]),
+            method=Method(**data["method"]), files=data["files"], alignment=data["alignment"],
+            tool_version=data["tool_version"], format_version=data["format_version"],
+            masks={n: PackedMask(tensors.pop(f"masks.{n}"), tuple(m["shape"])) for n, m in data["masks"].items()},
+        )
+        for entry in data["pruned_layers"]:
+            i = entry["layer"]
+            for name in ("kept_kv_heads", "kept_mlp_channels"):
+                if f"layers.{i}.{name}" in tensors:
+                    getattr(manifest, name)[i] = tensors.pop(f"layers.{i}.{name}")
+            if manifest.kept_counts().get(i) != (entry["kept_kv_heads"], entry["kept_mlp_channels"]):
+                raise LoramError(f"layer {i}: kept counts in {MANIFEST_JSON} ({entry['kept_kv_heads']} KV heads, "
+                                 f"{entry['kept_mlp_channels']} MLP channels) do not match {MANIFEST_TENSORS}")
+    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise LoramError(f"{path} is malformed ({type(e).__name__}: {e})") from e
+    if tensors:
+        raise LoramError(f"{MANIFEST_TENSORS} holds tensors {MANIFEST_JSON} does not list: {', '.join(sorted(tensors))}")
+    return manifest
+
+
+def _check_indices(layer: int, what: str, idx: torch.Tensor, size: int) -> None:
+    if idx.dim() != 1 or idx.dtype != torch.int64 or idx.numel() == 0:
+        raise LoramError(f"layer {layer}: {what} must be a non-empty 1-D int64 tensor")
+    if int(idx.min()) < 0 or int(idx.max()) >= size:
+        raise LoramError(f"layer {layer}: {what} index out of range [0, {size}): {idx.tolist()}")
+    steps = idx[1:] - idx[:-1]
+    if bool((steps == 0).any()):
+        raise LoramError(f"layer {layer}: {what} has duplicate indices: {idx.tolist()}")
+    if bool((steps < 0).any()):
+        raise LoramError(f"layer {layer}: {what} is not sorted: {idx.tolist()}")
+
+
+def _check_plan(m: Manifest) -> None:
+    """Indices in range, sorted, unique; pruned layers inside the method's layer range; masks whole."""
+    a = m.architecture
+    structured = m.method.kind == "structured"
+    if (m.kept_kv_heads or m.kept_mlp_channels) and not structured:
+        raise LoramError(f"{m.method.kind} pruning keeps the shapes; the manifest must not list kept indices")
+    if m.masks and structured:
+        raise LoramError("structured pruning removes units; the manifest must not carry masks")
+    start, stop = m.method.layers or (0, a.num_layers)
+    for i in m.pruned_layers:
+        if not (0 <= i < a.num_layers and start <= i < stop):
+            raise LoramError(f"layer {i}: pruned but outside the layer range [{start}, {stop}) "
+                             f"of a {a.num_layers}-layer model")
+        if i in m.kept_kv_heads:
+            _check_indices(i, "kept KV heads", m.kept_kv_heads[i], a.num_kv_heads)
+        if i in m.kept_mlp_channels:
+            _check_indices(i, "kept MLP channels", m.kept_mlp_channels[i], a.intermediate)
+    for name, mask in m.masks.items():
+        if mask.bits.dtype != torch.uint8 or mask.bits.numel() != math.ceil(math.prod(mask.shape) / 8):
+            raise LoramError(f"mask {name}: {mask.bits.numel()} packed bytes do not hold shape {list(mask.shape)}")
+
+
+def _check_config(m: Manifest, config) -> None:
+    """The checkpoint's config must carry the original global sizes and, per layer, the kept counts."""
+    a, actual = m.architecture, Shape.of(config)
+    for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "intermediate", "vocab"):
+        if getattr(actual, name) != getattr(a, name):
+            raise LoramError(f"config {name}={getattr(actual, name)} differs from the manifest's original "
+                             f"architecture ({getattr(a, name)})")
+    counts = m.kept_counts()
+    for i in range(a.num_layers):
+        kv, mlp = counts.get(i, (a.num_kv_heads, a.intermediate))
+        want = (kv * a.group_size, kv, mlp)
+        layer = Shape.of(config.per_layer_config[i])  # a stock config gives its global sizes for every layer
+        have = (layer.num_heads, layer.num_kv_heads, layer.intermediate)
+        if have != want:
+            raise LoramError(f"layer {i}: config has {have[0]} query heads, {have[1]} KV heads, {have[2]} MLP "
+                             f"channels; the manifest keeps {want[0]}, {want[1]}, {want[2]}")
