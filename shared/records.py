@@ -1,0 +1,119 @@
+"""Fine-tuning and evaluation records from a file, a saved dataset or a built-in split.
+
+`load_records(source)` accepts, in this order:
+
+- a built-in split name from `assets.DATA_NAMES` (e.g. `gsm8k-train`: {"question", "answer"} records)
+- a directory written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`: the `split`
+  argument picks one, "train" by default)
+- a file by extension: `.jsonl` (one JSON object per line), `.json` (a list of objects), `.parquet`,
+  `.csv` (a header row; every cell is read as a string and empty cells stay "", so "42" is not
+  turned into a number)
+
+Files are read with the `datasets` library, so they land in its Arrow cache (`HF_DATASETS_CACHE`) and
+large files are memory-mapped rather than held in RAM. Its progress bars and log lines are silenced
+while loading: anything that goes wrong comes back as one `LoramError` naming the file and the fix.
+"""
+
+import contextlib
+import csv
+import logging
+from pathlib import Path
+
+import datasets
+from loram.shared import assets
+from loram.shared.errors import LoramError
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
+    """The records of `source` (see the module docstring) as a `datasets.Dataset`, never empty."""
+    path = assets.data_path(str(source)) if str(source) in assets.DATA_NAMES else Path(source).expanduser()
+    if path.is_dir():
+        records = _load_saved(path, split)
+    elif path.is_file():
+        records = _load_file(path)
+    else:
+        raise LoramError(f"data source {str(source)!r} does not exist and is not a built-in split; "
+                         f"give a .jsonl/.json/.parquet/.csv file, a folder saved with "
+                         f"Dataset.save_to_disk, or one of {', '.join(assets.DATA_NAMES)}")
+    if len(records) == 0:
+        raise LoramError(f"data source {path} holds no records; point to a file with at least one record")
+    return records
+
+
+def _load_saved(path: Path, split: str) -> datasets.Dataset:
+    try:
+        with quiet_datasets():
+            saved = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise LoramError(f"directory {path} is not a dataset saved with Dataset.save_to_disk; point to "
+                         f"such a folder, or to a .jsonl/.json/.parquet/.csv file") from e
+    except Exception as e:  # datasets fails on an empty saved dataset with an IndexError, among others
+        raise LoramError(f"could not read the saved dataset {path} ({_reason(e)}); it may be empty or "
+                         f"written by another version of datasets: save it again with "
+                         f"Dataset.save_to_disk") from e
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise LoramError(f"saved dataset {path} has no split {split!r}; choose one of "
+                             f"{', '.join(saved.keys())}")
+        return saved[split]
+    return saved
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise LoramError(f"data file {path} has an unsupported extension {path.suffix or '(none)'!r}; "
+                         f"convert it to one of {', '.join(BUILDERS)} or save it with Dataset.save_to_disk")
+    if not _has_content(path) or (builder == "csv" and not _csv_header(path)):
+        raise LoramError(f"data file {path} is empty; point to a file with at least one record")
+    options = {}
+    if builder == "csv":  # all cells as strings: an answer "42" must not become the number 42.0
+        strings = datasets.Features({name: datasets.Value("string") for name in _csv_header(path)})
+        options = dict(keep_default_na=False, features=strings)
+    try:
+        with quiet_datasets():
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as e:  # the datasets builders raise many types; all mean "this file is unreadable"
+        if "corresponds to no data" in str(e):  # a csv with a header and no rows
+            raise LoramError(f"data file {path} is empty; point to a file with at least one record") from e
+        raise LoramError(f"could not read {path} as {path.suffix.lstrip('.')} ({_reason(e)}); fix the file "
+                         f"or convert it to one of {', '.join(BUILDERS)}") from e
+
+
+def _has_content(path: Path, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds anything but whitespace (reads only until the first non-blank byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of a datasets error, on one line (its outer message is generic)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Silence the datasets library's progress bars and log lines, restoring both afterwards."""
+    verbosity = datasets.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
