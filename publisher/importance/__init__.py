@@ -1,0 +1,73 @@
+"""Importance criteria for structured pruning: one file per criterion, one interface.
+
+A criterion scores the prunable units of each decoder layer in a range:
+
+    scores(model, layers, calib, seed) -> {layer: LayerScores(kv [n_kv], mlp [I])}
+
+where `kv[g]` is the importance of KV group g (its KV head, its G query heads and the matching
+`o_proj` columns) and `mlp[c]` that of intermediate channel c (row c of gate/up, column c of down).
+Higher means more important; the lowest-scoring units are removed.
+
+Criteria that score individual weights (l1, l2, taylor) produce an element-wise salience for each
+module of `PRUNED_MODULES` and let `group_scores` sum it over each unit's coupled weights.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from loram.shared.architectures import PRUNED_MODULES, Shape
+from loram.shared.errors import LoramError
+
+
+@dataclass
+class LayerScores:
+    kv: torch.Tensor  # [n_kv] float64, one score per KV group
+    mlp: torch.Tensor  # [I] float64, one score per intermediate channel
+
+
+def submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module:
+    return layer.get_submodule(path)
+
+
+def group_scores(layer: torch.nn.Module, shape: Shape,
+                 salience: Callable[[torch.nn.Parameter], torch.Tensor]) -> LayerScores:
+    """Sum an element-wise salience over every weight (and bias) of each unit's coupled group.
+
+    For a module pruned along `out` the unit axis is rows (and bias entries); along `in`, columns.
+    Query-head units are folded into their KV group: query head h belongs to group h // G.
+    """
+    kv = torch.zeros(shape.num_kv_heads, dtype=torch.float64)
+    mlp = torch.zeros(shape.intermediate, dtype=torch.float64)
+    for spec in PRUNED_MODULES:
+        module = submodule(layer, spec.path)
+        dim = 0 if spec.axis == "out" else 1
+        per_index = salience(module.weight).double().sum(dim=1 - dim)          # [out] or [in]
+        if spec.axis == "out" and module.bias is not None:
+            per_index = per_index + salience(module.bias).double()
+        if spec.unit == "mlp":
+            mlp += per_index
+        else:
+            per_head = per_index.view(-1, shape.head_dim).sum(dim=1)           # [heads]
+            if spec.unit == "q":
+                per_head = per_head.view(shape.num_kv_heads, shape.group_size).sum(dim=1)
+            kv += per_head
+    return LayerScores(kv, mlp)
+
+
+def criteria() -> dict[str, Callable]:
+    """Name -> scoring function, imported lazily."""
+    from loram.publisher.importance import l1, l2, random, taylor
+
+    return {"random": random.scores, "l1": l1.scores, "l2": l2.scores, "taylor": taylor.scores}
+
+
+STRUCTURED_CRITERIA = ("random", "l1", "l2", "taylor")
+NEEDS_CALIBRATION = ("taylor",)
+
+
+def get_criterion(name: str) -> Callable:
+    table = criteria()
+    if name not in table:
+        raise LoramError(f"unknown structured criterion {name!r}; choose one of {', '.join(table)}")
+    return table[name]
