@@ -172,7 +172,9 @@ def write_scores(path: Path, scores: dict[int, LayerScores], criterion: str, cal
     for i, s in scores.items():
         tensors[f"layers.{i}.kv"] = s.kv.contiguous()
         tensors[f"layers.{i}.mlp"] = s.mlp.contiguous()
-    meta = {"criterion": criterion, "calibration": json.dumps(asdict(calibration))}
+    # One metadata key: safetensors writes its metadata map in no fixed order, and the file must be
+    # byte-identical for identical inputs.
+    meta = {"loram_scores": json.dumps({"criterion": criterion, "calibration": asdict(calibration)}, sort_keys=True)}
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -194,5 +196,5 @@ def read_scores(path: Path, layers: range, shape: Shape):
             raise LoramError(f"--scores {path} does not match this model: layer {i} has {kv.numel()} KV groups "
                              f"and {mlp.numel()} channels, the model {shape.num_kv_heads} and {shape.intermediate}")
         scores[i] = LayerScores(kv, mlp)
-    calibration = Calibration(**json.loads(meta.get("calibration", "{}")))
+    calibration = Calibration(**json.loads(meta.get("loram_scores", "{}")).get("calibration", {}))
     return scores, calibration
