@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from loram.consumer_commands import register as register_consumer
 from loram.plan import register as register_plan
 from loram.shared.cli_support import user_errors

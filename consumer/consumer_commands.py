@@ -1,6 +1,7 @@
 """Consumer commands of the `loram` CLI, each built from its config dataclass."""
 
 import typer
+
 from loram.demo import DemoConfig
 from loram.shared.cli_support import add_config_command, print_table
 

@@ -24,10 +24,11 @@ class DemoConfig(Config):
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo recipe top to bottom; returns the report as a dict and writes it to `cfg.out`."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from loram.shared import assets
     from loram.shared.perplexity import perplexity, text_windows
     from loram.shared.runtime import configure_threads
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.time()
     threads = configure_threads()

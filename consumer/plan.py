@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+
 from loram.shared.accounting import METHODS, ParamPlan, check_fraction, gib, plan_params
 from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option

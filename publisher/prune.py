@@ -15,8 +15,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import loram  # noqa: F401  (registers the pruned model types with the Auto classes)
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import loram  # noqa: F401  (registers the pruned model types with the Auto classes)
 from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, LayerScores, get_criterion
 from loram.publisher.structured import select_kept, slice_layers_
 from loram.shared.architectures import Shape, family_of, parse_layer_range
@@ -28,9 +32,6 @@ from loram.shared.outputs import atomic_output_dir, check_output_dir
 from loram.shared.pruned_model import build_pruned_config, is_pruned_config, save_pruned_checkpoint
 from loram.shared.runtime import configure_threads
 from loram.shared.text_sources import token_blocks
-from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 SCORES_FILE = "importance.safetensors"
 

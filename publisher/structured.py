@@ -9,6 +9,7 @@ module is replaced by its slice one at a time, so peak memory is the model plus 
 from dataclasses import dataclass
 
 import torch
+
 from loram.publisher.importance import LayerScores
 from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index, kept_kv_heads, kept_mlp_channels
 from loram.shared.errors import LoramError

@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+
 from loram.shared.architectures import (
     PRUNED_MODULES,
     PRUNED_TO_STOCK,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from loram.shared.configs import Config, _base_type
 from loram.shared.errors import LoramError
 

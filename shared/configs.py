@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
 from loram.shared.errors import LoramError
 
 C = TypeVar("C", bound="Config")

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
 from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index
 from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_file
-from safetensors.torch import load_file, save_file
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_JSON", "MANIFEST_TENSORS", "BaseModelInfo", "Calibration", "Manifest",
            "Method", "PackedMask", "checkpoint_hashes", "fingerprint", "pack_mask", "unpack_mask", "verify_files"]

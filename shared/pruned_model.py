@@ -10,11 +10,12 @@ channels were kept is the manifest's business (`loram.shared.manifest`), not the
 import shutil
 from pathlib import Path
 
+from transformers import PreTrainedConfig
+
 from loram.shared import modeling_loram
 from loram.shared.architectures import PRUNED_TO_STOCK, Shape, family_of
 from loram.shared.errors import LoramError
 from loram.shared.modeling_loram import MODEL_CLASSES, register
-from transformers import PreTrainedConfig
 
 __all__ = ["build_pruned_config", "is_pruned_config", "layer_sizes", "register", "save_pruned_checkpoint"]
 

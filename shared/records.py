@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 import datasets
+
 from loram.shared import assets
 from loram.shared.errors import LoramError
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import datasets
 import torch
+
 from loram.shared.errors import LoramError
 from loram.shared.perplexity import IGNORE
 

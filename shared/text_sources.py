@@ -6,9 +6,11 @@
 """
 
 import json
+from array import array
 from pathlib import Path
 
 import torch
+
 from loram.shared import assets
 from loram.shared.errors import LoramError
 
@@ -40,16 +42,19 @@ def read_texts(source: str | Path) -> list[str]:
 def token_blocks(tokenizer, source: str | Path, samples: int, seq_len: int) -> torch.Tensor:
     """`samples` blocks of `seq_len` tokens, evenly spread over the source: LongTensor [samples, seq_len].
 
-    Documents are joined with blank lines and tokenized once; block k starts at k * stride, where
+    Documents are tokenized one at a time (each followed by a blank line) into one flat int32 array,
+    which keeps memory small for large sources; block k starts at k * stride, where
     stride = (tokens - seq_len) // (samples - 1), so the blocks cover the whole text deterministically.
     """
     if samples < 1 or seq_len < 2:
         raise LoramError(f"need at least 1 sample of at least 2 tokens, got {samples} x {seq_len}")
-    ids = tokenizer("\n\n".join(read_texts(source)), add_special_tokens=False)["input_ids"]
+    ids = array("i")
+    for doc in read_texts(source):
+        ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
     need = samples * seq_len
     if len(ids) < need:
         raise LoramError(f"calibration text {source} has {len(ids):,} tokens, fewer than --samples {samples} x "
                          f"--seq-len {seq_len} = {need:,}; use a longer source or fewer/shorter samples")
     stride = (len(ids) - seq_len) // (samples - 1) if samples > 1 else 0
-    blocks = [ids[k * stride: k * stride + seq_len] for k in range(samples)]
-    return torch.tensor(blocks, dtype=torch.long)
+    flat = torch.frombuffer(ids, dtype=torch.int32)
+    return torch.stack([flat[k * stride: k * stride + seq_len] for k in range(samples)]).long()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from loram.shared.architectures import PRUNED_MODULES, Shape
 from loram.shared.errors import LoramError
 

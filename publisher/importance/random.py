@@ -1,6 +1,7 @@
 """`random`: one seeded random score per unit (LoRAM-Rand). Reproducible from the seed alone."""
 
 import torch
+
 from loram.publisher.importance import LayerScores
 from loram.shared.architectures import Shape
 

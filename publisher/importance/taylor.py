@@ -9,11 +9,13 @@ stay at about one layer's worth.
 """
 
 import torch
-from loram.publisher.importance import LayerScores, group_scores
-from loram.shared.architectures import PRUNED_MODULES, Shape
 from tqdm.auto import tqdm
 
+from loram.publisher.importance import LayerScores, group_scores
+from loram.shared.architectures import PRUNED_MODULES, Shape
+
 MICRO_BATCH = 4
+HEAD_CHUNK = 128  # positions per vocabulary-projection chunk
 
 
 def scores(model, layers: range, calib: torch.Tensor, seed: int) -> dict[int, LayerScores]:
@@ -22,6 +24,8 @@ def scores(model, layers: range, calib: torch.Tensor, seed: int) -> dict[int, La
     decoder = model.get_decoder().layers
     trainable = [p for i in layers for spec in PRUNED_MODULES
                  for p in decoder[i].get_submodule(spec.path).parameters()]
+    if not trainable:
+        return {}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training, was_ckpt = model.training, model.is_activation_checkpointing
     try:
@@ -34,14 +38,7 @@ def scores(model, layers: range, calib: torch.Tensor, seed: int) -> dict[int, La
         model.activation_checkpointing_enable({"use_reentrant": False})
         n_tokens = calib.shape[0] * (calib.shape[1] - 1)
         for start in tqdm(range(0, len(calib), MICRO_BATCH), desc="taylor calibration", leave=False):
-            batch = calib[start: start + MICRO_BATCH]
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            # Sum of token NLLs / all calibration tokens: the micro-batch gradients add up to dL/dW
-            # of the mean loss over the whole calibration set.
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     batch[:, 1:].reshape(-1), reduction="sum") / n_tokens
-            loss.backward()
-            del logits, loss
+            _accumulate_grads(model, calib[start: start + MICRO_BATCH], n_tokens)
         out = {}
         for i in layers:
             out[i] = group_scores(decoder[i], shape, lambda p: (p.detach() * p.grad).abs())
@@ -55,3 +52,21 @@ def scores(model, layers: range, calib: torch.Tensor, seed: int) -> dict[int, La
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
+
+
+def _accumulate_grads(model, batch: torch.Tensor, n_tokens: int) -> None:
+    """Add d(sum of token NLLs / n_tokens)/dW of one micro-batch [b, t] to each trainable weight's .grad.
+
+    The micro-batch gradients add up to dL/dW of the mean loss over all calibration tokens. The
+    vocabulary projection is done in chunks of positions, each backpropagated at once into the
+    detached hidden states, so full [b, t, vocab] logits and their softmax never exist together.
+    """
+    hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]  # [b, t-1, h]
+    hidden_leaf = hidden.detach().requires_grad_(True)
+    flat, targets = hidden_leaf.reshape(-1, hidden.shape[-1]), batch[:, 1:].reshape(-1)
+    head = model.get_output_embeddings()
+    for i in range(0, len(targets), HEAD_CHUNK):
+        logits = head(flat[i: i + HEAD_CHUNK]).float()  # [chunk, vocab]
+        loss = torch.nn.functional.cross_entropy(logits, targets[i: i + HEAD_CHUNK], reduction="sum") / n_tokens
+        loss.backward()
+    hidden.backward(hidden_leaf.grad)

@@ -1,0 +1,44 @@
+"""Helpers shared by the benchmarks: run a measured step in a fresh process, describe the machine."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_measured(code: str, env: dict | None = None) -> dict:
+    """Run `code` (which fills a dict named `result`) in a fresh Python process.
+
+    Returns `result` plus the process's wall time and its own peak RSS (ru_maxrss of that process).
+    """
+    tail = ("\nimport json as _j, resource as _r\n"
+            "result['peak_rss_mib'] = round(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"
+            "print(_j.dumps(result))\n")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code + tail], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_wall_s"] = round(time.perf_counter() - started, 2)
+    return out
+
+
+def write(name: str, data: dict, table: list[str]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))

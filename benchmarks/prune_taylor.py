@@ -1,0 +1,88 @@
+"""Taylor pruning of SmolLM2-135M at ratio 0.5, side by side with its irreducible cost.
+
+The physical reference is one forward + backward pass over the same calibration tokens (same
+micro-batches, same gradient checkpointing), which any gradient-based criterion must pay. Each step
+runs in its own fresh process so peak RSS is that step's alone; the baseline is a process that only
+loads the model. Usage: python benchmarks/prune_taylor.py [--samples 32 --seq-len 128]
+"""
+
+import argparse
+import tempfile
+
+from _common import machine, run_measured, write
+
+SETUP = """
+import time, torch, loram
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from loram.shared import assets
+from loram.shared.runtime import configure_threads
+configure_threads()
+path = assets.model_dir()
+result = dict()
+"""
+
+LOAD_ONLY = SETUP + """
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+result['weights_mib'] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
+"""
+
+REFERENCE = SETUP + """
+from loram.shared.text_sources import token_blocks
+from loram.publisher.importance.taylor import MICRO_BATCH
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+calib = token_blocks(AutoTokenizer.from_pretrained(path), 'wiki', {samples}, {seq_len})
+model.train(); model.activation_checkpointing_enable({{'use_reentrant': False}})
+start = time.perf_counter()
+for i in range(0, len(calib), MICRO_BATCH):
+    b = calib[i:i + MICRO_BATCH]
+    model(input_ids=b, labels=b, use_cache=False).loss.backward()
+result['seconds'] = round(time.perf_counter() - start, 2)
+"""
+
+PRUNE = SETUP + """
+from loram.publisher.prune import prune
+start = time.perf_counter()
+r = prune(base=str(path), out='{out}', method='taylor', ratio=0.5, samples={samples}, seq_len={seq_len})
+result['seconds'] = round(time.perf_counter() - start, 2)
+result['params'] = [r.original_params, r.pruned_params]
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    args = ap.parse_args()
+    fmt = {"samples": args.samples, "seq_len": args.seq_len}
+    base = run_measured(LOAD_ONLY)
+    ref = run_measured(REFERENCE.format(**fmt))
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = run_measured(PRUNE.format(out=f"{tmp}/p50", **fmt))
+    from transformers import AutoConfig
+
+    from loram.shared import assets
+
+    cfg = AutoConfig.from_pretrained(assets.model_dir())
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    layer_mib = round((2 * h * h + 2 * h * kv + 3 * h * i) * 4 / 2**20, 1)
+    data = {"machine": machine(), "calibration": fmt, "load_only": base, "reference_fwd_bwd": ref,
+            "taylor_prune": pruned, "one_layer_mib": layer_mib,
+            "time_ratio": round(pruned["seconds"] / ref["seconds"], 2),
+            "peak_ratio": round(pruned["peak_rss_mib"] / ref["peak_rss_mib"], 2)}
+    over = lambda r: round(r["peak_rss_mib"] - base["peak_rss_mib"], 1)  # noqa: E731
+    table = [
+        f"# Taylor pruning of SmolLM2-135M (ratio 0.5, {args.samples} x {args.seq_len} calibration tokens)", "",
+        "| step | time (s) | peak RSS (MiB) | peak above load-only (MiB) |", "|---|---|---|---|",
+        f"| load only (baseline process) | - | {base['peak_rss_mib']} | 0 |",
+        f"| reference: one fwd+bwd over the calibration tokens | {ref['seconds']} | {ref['peak_rss_mib']} | {over(ref)} |",
+        f"| `loram publish prune --method taylor` (score, slice, save) | {pruned['seconds']} | "
+        f"{pruned['peak_rss_mib']} | {over(pruned)} |",
+        "", f"time ratio prune / reference: **{data['time_ratio']}x**; peak ratio: **{data['peak_ratio']}x**. "
+        f"Weights: {base['weights_mib']} MiB fp32; one decoder layer: {layer_mib} MiB.",
+    ]
+    write("prune_taylor", data, table)
+
+
+if __name__ == "__main__":
+    main()
