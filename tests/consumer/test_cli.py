@@ -4,8 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loram.cli import app
 from typer.testing import CliRunner
+
+from loram.cli import app
 
 runner = CliRunner()
 LORAM = str(Path(sys.executable).parent / "loram")

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 from loram.cli import app
 from loram.plan import PlanConfig, plan, read_model_config
 from loram.shared.errors import LoramError
-from typer.testing import CliRunner
 
 runner = CliRunner()
 LORAM = str(Path(sys.executable).parent / "loram")

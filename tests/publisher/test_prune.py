@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import KINDS, save_tiny_checkpoint, tiny_batch
 from transformers import AutoModelForCausalLM
 
 import loram  # noqa: F401  (registers the pruned model types)
@@ -16,7 +17,6 @@ from loram.publisher.structured import KeptUnits, zero_pruned_contributions_
 from loram.shared.errors import LoramError
 from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, Manifest
 from loram.shared.pruned_model import save_pruned_checkpoint
-from tiny_models import KINDS, save_tiny_checkpoint, tiny_batch
 
 CALIB_TEXT = ("LoRAM trains a low-rank adapter on a pruned model and recovers it for the original. " * 60)
 

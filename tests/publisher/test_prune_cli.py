@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from tiny_models import save_tiny_checkpoint
 
 LORAM = str(Path(sys.executable).parent / "loram")

@@ -5,10 +5,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import KINDS, tiny_config, tiny_model
+
 from loram.shared.accounting import nf4_bytes, plan_params
 from loram.shared.architectures import PRUNED_MODULES, Shape
 from loram.shared.errors import LoramError
-from tiny_models import KINDS, tiny_config, tiny_model
 
 # Public config.json numbers (rope etc. do not change any count).
 LLAMA2_70B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+
 from loram.shared import assets
 from loram.shared.errors import LoramError
 from loram.shared.wiki_markup import strip_markup

@@ -2,6 +2,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 

@@ -5,6 +5,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from tiny_models import tiny_batch, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
 from loram.shared.architectures import PRUNED_MODULES, Shape
 from loram.shared.errors import LoramError
 from loram.shared.manifest import (
@@ -21,9 +25,6 @@ from loram.shared.manifest import (
     verify_files,
 )
 from loram.shared.pruned_model import build_pruned_config, register, save_pruned_checkpoint
-from safetensors.torch import save_file
-from tiny_models import tiny_batch, tiny_config, tiny_model
-from transformers import AutoModelForCausalLM
 
 register()
 

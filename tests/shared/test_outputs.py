@@ -1,4 +1,5 @@
 import pytest
+
 from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_file, atomic_output_dir
 

@@ -1,8 +1,9 @@
 import math
 
 import torch
-from loram.shared.perplexity import IGNORE, nll_sum, perplexity
 from tiny_models import tiny_batch, tiny_model
+
+from loram.shared.perplexity import IGNORE, nll_sum, perplexity
 
 
 def test_labelled_positions_only_equals_full_forward_loss():

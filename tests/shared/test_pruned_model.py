@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny_models import KINDS, tiny_batch, tiny_config, tiny_tokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config
+from transformers.integrations.heterogeneity import configuration_utils as heterogeneity
+
 from loram.shared.architectures import LINEAR_NAMES, Shape
 from loram.shared.errors import LoramError
 from loram.shared.modeling_loram import LoramLlamaConfig
@@ -19,11 +25,6 @@ from loram.shared.pruned_model import (
     register,
     save_pruned_checkpoint,
 )
-from safetensors import safe_open
-from safetensors.torch import load_file
-from tiny_models import KINDS, tiny_batch, tiny_config, tiny_tokenizer
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config
-from transformers.integrations.heterogeneity import configuration_utils as heterogeneity
 
 register()
 

@@ -4,6 +4,7 @@ import json
 
 import datasets
 import pytest
+
 from loram.shared import assets
 from loram.shared.errors import LoramError
 from loram.shared.records import load_records

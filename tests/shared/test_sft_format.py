@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import tiny_model, tiny_tokenizer
+
 from loram.shared.errors import LoramError
 from loram.shared.perplexity import IGNORE, nll_sum
 from loram.shared.sft_format import (
@@ -20,7 +22,6 @@ from loram.shared.sft_format import (
     parse_columns,
     tokenize_sft,
 )
-from tiny_models import tiny_model, tiny_tokenizer
 
 # a chat template for the tiny tokenizer: "[role]content</s>\n" per turn, "[assistant]" as generation prompt
 TINY_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}</s>\n{% endfor %}"
@@ -312,8 +313,9 @@ def test_a_collated_batch_gives_the_response_only_loss(tok):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from loram.shared import assets
     from transformers import AutoTokenizer
+
+    from loram.shared import assets
 
     return AutoTokenizer.from_pretrained(assets.model_dir())
 
