@@ -14,7 +14,32 @@ def _demo(cfg: DemoConfig) -> None:
     typer.echo(f"\nreport: {cfg.out / 'report.md'}  ({report['wall_time_s']} s)")
 
 
+def _train(cfg) -> None:
+    from loram.train import train
+
+    result = train(cfg)
+    last = f"{result.losses[-1]:.4f}" if result.losses else "-"
+    evals = f", eval loss {result.eval_losses[-1]:.4f}" if result.eval_losses else ""
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s: final loss {last}{evals}, "
+               f"{result.tokens_per_second:,.0f} tokens/s, peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
+    typer.echo(f"adapter: {result.out}  (report: {result.out / 'training_report.json'})")
+
+
 def register(app: typer.Typer) -> None:
+    from loram.train import TrainConfig
+
+    add_config_command(
+        app, "train", TrainConfig, _train,
+        help="Train LoRA/QLoRA on a (pruned) model with your data; writes a peft adapter and a report.",
+        examples=[
+            "loram train smollm2-p50 --data gsm8k-train --columns prompt=question,response=answer --steps 30 "
+            "--out adapter-p50",
+            "loram train ORG/llama70b-p85 --quant nf4 --data my.jsonl --seq-len 512 --batch 1 --grad-accum 32 "
+            "--gradient-checkpointing --out qloram",
+            "loram train smollm2-p50 --data gsm8k-train --columns prompt=question,response=answer --out adapter-p50 "
+            "--resume",
+        ],
+    )
     add_config_command(
         app, "demo", DemoConfig, _demo,
         help="Run the whole LoRAM loop on the embedded SmolLM2 and print the result table.",

@@ -1,0 +1,51 @@
+"""Progress for long training runs: one bar with loss, tokens/s and ETA; peak-memory measurement."""
+
+import resource
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+
+def peak_memory_bytes() -> int:
+    """CUDA peak allocated on GPU; the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class TrainingProgress(TrainerCallback):
+    """A tqdm bar over optimizer steps showing the latest loss, eval loss and tokens/s (ETA is tqdm's)."""
+
+    def __init__(self, desc: str = "training"):
+        self.desc, self.bar = desc, None
+        self.started = self.tokens_at_start = None
+        self.tokens_per_second = 0.0
+        self.memory_kind = "cuda_max_allocated" if torch.cuda.is_available() else "process_peak_rss"
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+        self.started, self.tokens_at_start = time.time(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = max(time.time() - self.started, 1e-9)
+        self.tokens_per_second = (state.num_input_tokens_seen - self.tokens_at_start) / elapsed
+        self.postfix["tok/s"] = f"{self.tokens_per_second:,.0f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss"):
+            if logs and key in logs:
+                self.postfix[key.replace("_", " ")] = f"{logs[key]:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()

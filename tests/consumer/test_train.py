@@ -1,0 +1,148 @@
+"""`loram train` on tiny pruned models: outputs, nf4 gradients, resume, errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny_checkpoint
+
+import loram  # noqa: F401
+from loram.publisher.prune import prune
+from loram.shared.errors import LoramError
+from loram.train import TrainConfig, train
+
+LORAM = str(Path(sys.executable).parent / "loram")
+QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}. #### {a + b}"}
+      for a in range(7) for b in range(5)]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_tiny_checkpoint(root / "base", "llama-gqa")
+    prune(base=str(root / "base"), out=root / "pruned", method="l2", ratio=0.5, layers="1:5")
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return root
+
+
+def _train(root, out, **kwargs):
+    args = dict(model=str(root / "pruned"), data=str(root / "qa.jsonl"), out=root / out,
+                columns="prompt=question,response=answer", seq_len=64, batch=4, steps=6, lr=1e-2,
+                dropout=0.0, save_every=3)
+    return train(TrainConfig(**{**args, **kwargs}))
+
+
+def test_train_writes_a_peft_adapter_on_the_pruned_model_and_a_report(pruned):
+    result = _train(pruned, "a", eval_data=str(pruned / "qa.jsonl"), eval_every=3)
+    out = result.out
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(pruned / "pruned") and adapter_cfg["r"] == 8
+    assert sorted(adapter_cfg["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    report = json.loads((out / "training_report.json").read_text())
+    assert [r["step"] for r in report["losses"]] == [1, 2, 3, 4, 5, 6]
+    assert report["losses"][-1]["loss"] < report["losses"][0]["loss"]  # it learns
+    assert [e["step"] for e in report["eval_losses"]] == [3, 6, 6]
+    assert report["tokens_per_second"] > 0 and report["peak_memory_bytes"] > 2**20 and report["wall_time_s"] > 0
+    assert report["config"]["columns"] == "prompt=question,response=answer"
+    # vanilla peft loads it onto the pruned model, with pruned shapes
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(pruned / "pruned")
+    model = PeftModel.from_pretrained(base, out)
+    q = model.base_model.model.model.layers[2].self_attn.q_proj
+    assert q.lora_B["default"].weight.shape == (q.base_layer.out_features, 8) == (24, 8)
+    assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in out.rglob("*"))
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pruned):
+    full = _train(pruned, "full")
+    # An interrupted run: keep what existed after step 3 (checkpoint-3), drop later state.
+    shutil.copytree(full.out, pruned / "cut")
+    for p in (pruned / "cut").iterdir():
+        if p.name != "checkpoints":
+            p.unlink()
+    shutil.rmtree(pruned / "cut" / "checkpoints" / "checkpoint-6")
+    resumed = _train(pruned, "cut", resume=True)
+    # Steps 1-3 come from checkpoint-3's history, steps 4-6 are recomputed: all equal, exactly.
+    assert resumed.steps == 6 and resumed.losses == full.losses
+    a = json.loads((full.out / "training_report.json").read_text())["losses"]
+    b = json.loads((resumed.out / "training_report.json").read_text())["losses"]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and b == a
+
+
+def test_nf4_after_evaluation_every_lora_matrix_still_gets_a_gradient(pruned):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    from loram.shared.loading import load_causal_lm
+
+    model = load_causal_lm(pruned / "pruned", "nf4")
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                             "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+    x = torch.randint(3, 97, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x)  # the evaluation pass that triggers the CPU packed-weight path if enabled
+    model.train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # B starts at zero, which would zero A's gradient
+    model(input_ids=x, labels=x).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert len(grads) == 2 * 7 * 6
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), [n for n, g in grads.items()
+                                                                             if g is None or g.abs().sum() == 0]
+
+
+def test_nf4_training_through_the_command(pruned):
+    pytest.importorskip("bitsandbytes")
+    result = _train(pruned, "q", quant="nf4", steps=2, eval_data=str(pruned / "qa.jsonl"), eval_every=1)
+    assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"data": "missing.jsonl"}, "missing.jsonl"),
+    ({"columns": "prompt=q,response=a"}, "q"),
+    ({"columns": None}, "columns"),
+    ({"targets": ["q_proj", "attn_out"]}, "--targets attn_out not found"),
+    ({"rank": 0}, "--rank must be >= 1"),
+])
+def test_bad_input_is_a_clear_error(pruned, kwargs, message):
+    if "data" in kwargs:
+        kwargs["data"] = str(pruned / kwargs["data"])
+    with pytest.raises(LoramError, match=message):
+        _train(pruned, "bad", **kwargs)
+
+
+def test_existing_output_needs_resume_or_overwrite(pruned):
+    (pruned / "exists").mkdir()
+    (pruned / "exists" / "x").write_text("x")
+    with pytest.raises(LoramError, match="already exists.*--resume.*--overwrite"):
+        _train(pruned, "exists")
+    with pytest.raises(LoramError, match="no complete checkpoint"):
+        _train(pruned, "exists", resume=True)
+
+
+def test_quantization_without_bitsandbytes_is_a_clear_error(pruned, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(LoramError, match="needs bitsandbytes; install it with"):
+        _train(pruned, "nobnb", quant="nf4")
+
+
+def test_cli_prints_a_summary(pruned):
+    proc = subprocess.run([LORAM, "train", str(pruned / "pruned"), "--data", str(pruned / "qa.jsonl"),
+                           "--columns", "prompt=question,response=answer", "--steps", "2", "--seq-len", "64",
+                           "--out", str(pruned / "cli")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trained 2 steps" in proc.stdout and "tokens/s" in proc.stdout
+    assert "training" in proc.stderr  # the progress bar
