@@ -25,8 +25,25 @@ def _train(cfg) -> None:
     typer.echo(f"adapter: {result.out}  (report: {result.out / 'training_report.json'})")
 
 
+def _recover(cfg) -> None:
+    from loram.recover import recover
+
+    result = recover(cfg)
+    typer.echo(f"recovered {result.expanded} tensors to the original shapes, copied {result.copied} unchanged")
+    typer.echo(f"adapter for {result.original}: {result.out}")
+
+
 def register(app: typer.Typer) -> None:
+    from loram.recover import RecoverConfig
     from loram.train import TrainConfig
+
+    add_config_command(
+        app, "recover", RecoverConfig, _recover,
+        help="Recover an adapter trained on a pruned model to the original model's shapes (a standard peft adapter).",
+        examples=["loram recover adapter-p50 --out adapter-original",
+                  "loram recover adapter-p50 --fill normal --seed 1 --out adapter-normA",
+                  "loram recover adapter-p50 --original /models/SmolLM2-135M-Instruct --out adapter-local"],
+    )
 
     add_config_command(
         app, "train", TrainConfig, _train,

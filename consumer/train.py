@@ -117,7 +117,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     """Train a LoRA adapter as configured (see the module docstring); returns a TrainResult."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
 
     from loram.shared.checkpoints import SafeCheckpointTrainer
     from loram.shared.hub import resolve_model
@@ -169,6 +169,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     progress = TrainingProgress()
     trainer = SafeCheckpointTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                     data_collator=SFTCollator.for_tokenizer(tokenizer), callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if eval_set is not None:
         trainer.evaluate()
@@ -209,7 +210,7 @@ def _save_adapter(model, out: Path, report: dict, cfg: TrainConfig) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # base weights never travel in the adapter
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         cfg.save(tmp / "train_config.yaml")
         for f in tmp.iterdir():

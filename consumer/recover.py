@@ -1,0 +1,202 @@
+"""`loram recover`: map an adapter trained on the pruned model back to the original model's shapes.
+
+    loram recover adapter-p50/ --out adapter-recovered/
+
+Linear `y = x W^T` with `W` of shape [out, in]; LoRA adds `(alpha/r) B A` with A [r, in], B [out, r].
+On a pruned module with kept output rows O and kept input columns I (method.md §6):
+
+    A^R = zeros(r, in_full);  A^R[:, I] = A^P          (only when columns were pruned: o, down)
+    B^R = zeros(out_full, r); B^R[O, :] = B^P          (only when rows were pruned: q, k, v, gate, up)
+
+so dW^R equals dW^P on the O x I block and is exactly zero elsewhere. Dense layers, lm_head and
+non-structured checkpoints are copied unchanged. `--fill normal` fills the new A columns with
+N(0, 1/r) instead of zeros (the paper's normA ablation). The recovery streams the adapter tensor by
+tensor and never loads a base model; slicing its output with the manifest gives back the input bit
+for bit.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from loram import __version__
+from loram.shared.architectures import PRUNED_MODULES
+from loram.shared.configs import Config, option
+from loram.shared.errors import LoramError
+from loram.shared.manifest import Manifest, sha256_file
+from loram.shared.outputs import atomic_output_dir
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SIDECAR = "loram_recovery.json"
+# base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight
+_KEY = re.compile(r"\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class RecoverConfig(Config):
+    adapter: str = option(help="The adapter trained on the pruned model: a folder or Hub repo id.", argument=True)
+    out: Path = option(help="Output folder for the recovered adapter.")
+    fill: str = option("zero", "Fill for the new lora_A columns: zero (exact) or normal (N(0, 1/r)).",
+                       choices=("zero", "normal"))
+    seed: int = option(0, "Seed for --fill normal.")
+    original: str | None = option(None, "Point the recovered adapter at this copy of the original model (folder "
+                                        "or Hub id) instead of the manifest's; its fingerprint must match.")
+    ignore_fingerprint: bool = option(False, "Accept an --original whose config/weights differ from the manifest's "
+                                             "fingerprint (you are on your own).")
+    revision: str | None = option(None, "Hub revision of ADAPTER.")
+    endpoint: str | None = option(None, "Hub endpoint URL.")
+    overwrite: bool = option(False, "Replace an existing --out folder.")
+
+
+@dataclass
+class RecoverResult:
+    out: Path
+    expanded: int  # tensors whose shape grew
+    copied: int  # tensors copied unchanged
+    original: str  # base_model_name_or_path of the recovered adapter
+
+
+def _resolve_folder(name: str, revision: str | None, endpoint: str | None, must_have: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / must_have).is_file():
+            raise LoramError(f"{path} has no {must_have}")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, endpoint=endpoint))
+    except Exception as e:  # huggingface_hub raises many types; the user needs one line
+        raise LoramError(f"{name} is neither a folder nor a reachable Hub repository ({type(e).__name__})") from e
+
+
+def read_adapter_config(folder: Path) -> dict:
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise LoramError(f"{folder} holds a {config.get('peft_type')} adapter; LoRAM recovers LoRA adapters only")
+    if config.get("use_dora"):
+        raise LoramError(f"{folder} is a DoRA adapter; its magnitude vectors cannot be recovered exactly, use LoRA")
+    return config
+
+
+def pruned_manifest(adapter_config: dict) -> tuple[Path, Manifest]:
+    """The pruned checkpoint an adapter was trained on (its `base_model_name_or_path`) and its manifest."""
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise LoramError("the adapter's config names no base model (base_model_name_or_path)")
+    from loram.shared.hub import resolve_model
+
+    source = resolve_model(base, adapter_config.get("revision"))
+    if not (source.path / "loram_manifest.json").is_file():
+        raise LoramError(f"the adapter's base {base} has no loram_manifest.json: it is not a LoRAM pruned "
+                         "checkpoint (was this adapter trained on the original model already?)")
+    return source.path, Manifest.load(source.path)
+
+
+def expand(tensor: torch.Tensor, which: str, rows, cols, full: int, fill: str, gen: torch.Generator | None,
+           name: str) -> torch.Tensor:
+    """Place a pruned-space lora_A (which="A", [r, in]) or lora_B ("B", [out, r]) into original shapes."""
+    index = rows if which == "B" else cols
+    if index is None:
+        return tensor
+    dim = 0 if which == "B" else 1
+    if tensor.shape[dim] != len(index):
+        expected = (len(index), tensor.shape[1]) if which == "B" else (tensor.shape[0], len(index))
+        raise LoramError(f"{name}: shape {tuple(tensor.shape)} does not match the manifest, which expects "
+                         f"{expected}")
+    shape = (full, tensor.shape[1]) if which == "B" else (tensor.shape[0], full)
+    if which == "A" and fill == "normal":
+        r = tensor.shape[0]
+        out = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(r ** -0.5).to(tensor.dtype)
+    else:
+        out = torch.zeros(shape, dtype=tensor.dtype)
+    out.index_copy_(dim, index, tensor)
+    return out
+
+
+def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
+    """Recover an adapter (see the module docstring) and write it to `config.out`."""
+    cfg = config or RecoverConfig.resolve(**kwargs)
+    folder = _resolve_folder(cfg.adapter, cfg.revision, cfg.endpoint, ADAPTER_CONFIG)
+    adapter_config = read_adapter_config(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise LoramError(f"{folder} has no {ADAPTER_WEIGHTS}")
+    pruned_dir, manifest = pruned_manifest(adapter_config)
+    arch = manifest.architecture
+    specs = {m.path: m for m in PRUNED_MODULES}
+    full_size = {"q": arch.num_heads * arch.head_dim, "kv": arch.num_kv_heads * arch.head_dim,
+                 "mlp": arch.intermediate}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tensors, expanded = {}, 0
+    with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            tensor = f.get_tensor(name)
+            match = _KEY.search(name)
+            if match and manifest.method.kind == "structured" and match.group(2) in specs:
+                layer, path, which = int(match.group(1)), match.group(2), match.group(3)
+                spec = specs[path]
+                rows, cols = manifest.kept_indices(layer, path)
+                new = expand(tensor, which, rows, cols, full_size[spec.unit], cfg.fill, gen, name)
+                expanded += new is not tensor
+                tensor = new
+            tensors[name] = tensor.contiguous()
+    base = manifest.base
+    base_id, base_revision = base.id, base.revision
+    if cfg.original is not None:
+        from loram.shared.hub import resolve_model
+
+        source = resolve_model(cfg.original, endpoint=cfg.endpoint)
+        if not cfg.ignore_fingerprint:
+            manifest.check_base(source.path)
+        base_id, base_revision = source.id, source.revision
+    recovered_config = {**adapter_config, "base_model_name_or_path": base_id, "revision": base_revision}
+    sidecar = {
+        "tool_version": __version__, "fill": cfg.fill, "seed": cfg.seed if cfg.fill == "normal" else None,
+        "source_adapter": {"id": cfg.adapter, "revision": cfg.revision,
+                           "sha256": sha256_file(folder / ADAPTER_WEIGHTS)},
+        "pruned_model": {"id": adapter_config["base_model_name_or_path"], "revision": adapter_config.get("revision"),
+                         "manifest_sha256": sha256_file(pruned_dir / "loram_manifest.json")},
+        "original_model": {"id": base_id, "revision": base_revision, "fingerprint": base.fingerprint},
+        "method": {"kind": manifest.method.kind, "criterion": manifest.method.criterion,
+                   "ratio": manifest.method.ratio, "layers": manifest.method.layers},
+    }
+    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
+        save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (out / ADAPTER_CONFIG).write_text(json.dumps(recovered_config, indent=2, sort_keys=True) + "\n")
+        (out / SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+        (out / "README.md").write_text(adapter_card(sidecar, adapter_config))
+        cfg.save(out / "recover_config.yaml")
+        for extra in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            if (folder / extra).is_file():
+                shutil.copyfile(folder / extra, out / extra)
+    return RecoverResult(Path(cfg.out), expanded, len(tensors) - expanded, base_id)
+
+
+def adapter_card(sidecar: dict, adapter_config: dict) -> str:
+    """The recovered adapter's model card (formats.md §4): base is the original model, relation adapter."""
+    original, pruned = sidecar["original_model"], sidecar["pruned_model"]
+    meta = {
+        "base_model": original["id"], "base_model_relation": "adapter", "library_name": "peft",
+        "pipeline_tag": "text-generation", "tags": ["loram", "lora", "peft"],
+        "loram": {"trained_on": pruned["id"], "trained_on_revision": pruned["revision"],
+                  "method": sidecar["method"], "fill": sidecar["fill"],
+                  "rank": adapter_config.get("r"), "alpha": adapter_config.get("lora_alpha"),
+                  "target_modules": sorted(adapter_config.get("target_modules") or [])},
+    }
+    import yaml
+
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    return (f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# LoRAM adapter for {original['id']}\n\n"
+            f"A LoRA adapter trained with LoRAM on the pruned model `{pruned['id']}` and recovered to the "
+            f"shapes of the original model `{original['id']}` (fill: {sidecar['fill']}).\n\n"
+            "```python\nfrom peft import AutoPeftModelForCausalLM\n"
+            "model = AutoPeftModelForCausalLM.from_pretrained(\"<this adapter>\")\n```\n\n"
+            f"<!-- loram card {digest} -->\n")
