@@ -200,6 +200,7 @@ def _report(cfg: TrainConfig, source, state, progress, trainable: int, seconds: 
         "config": cfg.to_dict(), "model": {"id": source.id, "revision": source.revision},
         "steps": state.global_step, "trainable_params": trainable, "losses": losses, "eval_losses": evals,
         "tokens_seen": int(state.num_input_tokens_seen), "tokens_per_second": round(progress.tokens_per_second, 1),
+        "step_seconds": progress.step_seconds,
         "peak_memory_bytes": peak, "peak_memory_kind": progress.memory_kind, "wall_time_s": round(seconds, 2),
     }
 

@@ -26,13 +26,23 @@ class TrainingProgress(TrainerCallback):
         self.tokens_per_second = 0.0
         self.memory_kind = "cuda_max_allocated" if torch.cuda.is_available() else "process_peak_rss"
         self.postfix: dict[str, str] = {}
+        self.step_seconds: list[float] = []  # wall time of each optimizer step of this run
+        self._last = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
                         dynamic_ncols=True, file=sys.stderr)
         self.started, self.tokens_at_start = time.time(), state.num_input_tokens_seen
+        self._last = self.started
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._last is None:
+            self._last = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
+        now = time.time()
+        self.step_seconds.append(round(now - self._last, 3))
+        self._last = None
         elapsed = max(time.time() - self.started, 1e-9)
         self.tokens_per_second = (state.num_input_tokens_seen - self.tokens_at_start) / elapsed
         self.postfix["tok/s"] = f"{self.tokens_per_second:,.0f}"
