@@ -33,7 +33,28 @@ def _recover(cfg) -> None:
     typer.echo(f"adapter for {result.original}: {result.out}")
 
 
+def _merge(cfg) -> None:
+    from loram.merge import merge
+
+    typer.echo(f"merged checkpoint: {merge(cfg)}")
+
+
+def _eval(cfg) -> None:
+    from loram.evaluate import evaluate, print_rows
+
+    print_rows(evaluate(cfg), cfg.json)
+
+
+def _generate(cfg) -> None:
+    from loram.generate import generate
+
+    generate(cfg)
+
+
 def register(app: typer.Typer) -> None:
+    from loram.evaluate import EvalConfig
+    from loram.generate import GenerateConfig
+    from loram.merge import MergeConfig
     from loram.recover import RecoverConfig
     from loram.train import TrainConfig
 
@@ -43,6 +64,24 @@ def register(app: typer.Typer) -> None:
         examples=["loram recover adapter-p50 --out adapter-original",
                   "loram recover adapter-p50 --fill normal --seed 1 --out adapter-normA",
                   "loram recover adapter-p50 --original /models/SmolLM2-135M-Instruct --out adapter-local"],
+    )
+    add_config_command(
+        app, "merge", MergeConfig, _merge,
+        help="Merge a recovered adapter into its original model (bf16 by default) as a full checkpoint.",
+        examples=["loram merge adapter-original --out merged", "loram merge adapter-original --dtype fp32 --out m32"],
+    )
+    add_config_command(
+        app, "eval", EvalConfig, _eval,
+        help="Compare models (original, original+adapter, pruned+adapter, merged) on response-token perplexity.",
+        examples=["loram eval original=$(loram assets path model) loram=$(loram assets path model)+adapter-original "
+                  "--data gsm8k-heldout",
+                  "loram eval small=smollm2-p50+adapter-p50 --data news --json",
+                  "loram eval BASE+adapter-original --data gsm8k-heldout --limit 50 --gsm8k --shots 2"],
+    )
+    add_config_command(
+        app, "generate", GenerateConfig, _generate,
+        help="Stream a completion from a model, optionally with an adapter (chat template when available).",
+        examples=['loram generate $(loram assets path model) --adapter adapter-original --prompt "What is 12 x 7?"'],
     )
 
     add_config_command(

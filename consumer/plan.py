@@ -1,11 +1,17 @@
 """`loram plan`: how many parameters and bytes training holds, before downloading any weight.
 
-    from loram.plan import plan
+    from loram.plan import memory, plan
     p = plan(model="meta-llama/Llama-3.1-70B", ratio=0.85)   # reads config.json only
     p.training_params, p.reduction, p.reduction_4bit           # 17,849,982,976  3.95x  15.81x
+    m = memory(model="meta-llama/Llama-3.1-70B", ratio=0.85, quant="nf4", batch=1,
+               gradient_checkpointing=True, budget="20GiB")
+    m.total_bytes, m.fits                                      # ~15.3 GiB, True (docs/memory.md)
 
-The counting itself lives in `loram.shared.accounting` (method.md §7); this module only finds the
-config (a checkpoint directory, a bare config.json, or a Hub repo id) and prints the result.
+The counting lives in `loram.shared.accounting` (method.md §7) and the training-memory estimate in
+`loram.shared.memory_plan`; this module only finds the config (a checkpoint directory, a bare
+config.json, or a Hub repo id) and prints the result. The memory section is always printed (with the
+training options' defaults, those of `loram train`). A LoRAM pruned checkpoint is planned as it is:
+training holds exactly that model, so the pruning options do not apply to it.
 """
 
 import json
@@ -15,9 +21,25 @@ from pathlib import Path
 import typer
 
 from loram.shared.accounting import METHODS, ParamPlan, check_fraction, gib, plan_params
+from loram.shared.architectures import PRUNED_TO_STOCK
 from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.shared.memory_plan import (
+    DEVICES,
+    DTYPE_BYTES,
+    OPTIMIZERS,
+    QUANTS,
+    TARGETS,
+    MemoryPlan,
+    check_options,
+    meta_model,
+    parse_bytes,
+    parse_targets,
+    plan_memory,
+    training_config,
+)
+from loram.shared.pruned_model import is_pruned_config
 
 
 @dataclass
@@ -34,6 +56,19 @@ class PlanConfig(Config):
     layers: str | None = option(None, "Pruned layers, half-open A:B (e.g. 4:-2). Default: 4:-2 structured, "
                                       "all layers non-structured.")
     sparsity: float | None = option(None, "Non-structured: fraction of each linear weight zeroed (default --ratio).")
+    # Training options of the memory estimate (docs/memory.md); defaults are those of `loram train`.
+    quant: str = option("none", "Base weights in training: none (the dtype), int8, or nf4 (QLoRA).", choices=QUANTS)
+    rank: int = option(8, "LoRA rank r.")
+    targets: list[str] = option(list(TARGETS), "LoRA targets among q,k,v,o,gate,up,down (repeat or comma-separate).")
+    lm_head: bool = option(False, "Also adapt lm_head.")
+    dropout: float = option(0.05, "LoRA dropout (it keeps a copy of each target's input).")
+    batch: int = option(4, "Sequences per micro-batch.")
+    seq_len: int = option(512, "Tokens per sequence.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass.")
+    optimizer: str = option("adamw", "Optimizer of the LoRA parameters.", choices=OPTIMIZERS)
+    dtype: str = option("auto", "Compute dtype (auto: the config's).", choices=("auto", *DTYPE_BYTES))
+    device: str = option("cuda", "Where training runs: cuda (GPU memory) or cpu (process RSS).", choices=DEVICES)
+    budget: str | None = option(None, "Memory to fit in, e.g. 20GiB, 512MiB, 24GB: prints whether the estimate fits.")
     json: bool = option(False, "Print one JSON object instead of the table.")
 
     def __post_init__(self):
@@ -41,6 +76,13 @@ class PlanConfig(Config):
             raise LoramError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("ratio", "attn_ratio", "mlp_ratio", "sparsity"):
             check_fraction(name, getattr(self, name))
+        check_options(quant=self.quant, rank=self.rank, lora_dropout=self.dropout, batch=self.batch,
+                      seq_len=self.seq_len, optimizer=self.optimizer, device=self.device)
+        if self.dtype != "auto" and self.dtype not in DTYPE_BYTES:
+            raise LoramError(f"dtype must be auto or one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        self.targets = list(parse_targets(",".join(map(str, self.targets)) if isinstance(self.targets, list)
+                                          else self.targets))
+        parse_bytes(self.budget)  # refuse a bad size now, with the other options
 
 
 def read_model_config(model: str, revision: str | None = None, endpoint: str | None = None) -> dict:
@@ -85,11 +127,40 @@ def _hub_config(repo_id: str, revision: str | None, endpoint: str | None) -> Pat
 
 def plan(config: PlanConfig | dict | None = None, **kwargs) -> ParamPlan:
     """Count a plan: `plan(PlanConfig(...))`, `plan({"model": ...})` or `plan(model=..., ratio=...)`."""
-    if not isinstance(config, PlanConfig):
-        config = PlanConfig.from_dict({**(config or {}), **kwargs})
+    config = _config(config, kwargs)
+    return _param_plan(read_model_config(config.model, config.revision), config)
+
+
+def memory(config: PlanConfig | dict | None = None, **kwargs) -> MemoryPlan:
+    """Estimate peak training memory, called like `plan`. A stock model is pruned as the plan says; a
+    LoRAM pruned checkpoint is trained as it is."""
+    config = _config(config, kwargs)
     values = read_model_config(config.model, config.revision)
+    param_plan = None if is_pruned_config(values) else _param_plan(values, config)
+    return _memory_plan(values, param_plan, config)
+
+
+def _config(config, kwargs) -> PlanConfig:
+    return config if isinstance(config, PlanConfig) else PlanConfig.from_dict({**(config or {}), **kwargs})
+
+
+def _param_plan(values: dict, config: PlanConfig) -> ParamPlan:
     return plan_params(values, config.method, config.ratio, attn_ratio=config.attn_ratio,
                        mlp_ratio=config.mlp_ratio, layers=config.layers, sparsity=config.sparsity)
+
+
+def _memory_plan(values: dict, param_plan: ParamPlan | None, c: PlanConfig) -> MemoryPlan:
+    return plan_memory(training_config(values, param_plan), quant=c.quant, rank=c.rank, targets=c.targets,
+                       lm_head=c.lm_head, lora_dropout=c.dropout, batch=c.batch, seq_len=c.seq_len,
+                       gradient_checkpointing=c.gradient_checkpointing, optimizer=c.optimizer, dtype=c.dtype,
+                       device=c.device, budget=c.budget)
+
+
+def _original_params(pruned_values: dict) -> int:
+    """Parameters of the model a LoRAM checkpoint was pruned from: its config keeps the original sizes."""
+    stock = {k: v for k, v in pruned_values.items() if k not in ("per_layer_config", "auto_map", "architectures")}
+    stock["model_type"] = PRUNED_TO_STOCK[pruned_values["model_type"]]
+    return sum(p.numel() for p in meta_model(stock).parameters())
 
 
 def table_rows(p: ParamPlan) -> list[dict]:
@@ -122,24 +193,71 @@ def table_rows(p: ParamPlan) -> list[dict]:
     return rows
 
 
+def memory_rows(m: MemoryPlan) -> list[dict]:
+    """The memory section of the readable table: each term of the estimate, then the total."""
+    terms = [("weights", m.weights_bytes), ("LoRA parameters", m.lora_bytes), ("gradients", m.gradient_bytes),
+             ("optimizer states", m.optimizer_bytes), ("activations", m.activation_bytes),
+             ("runtime overhead", m.overhead_bytes), ("allocator slack", m.slack_bytes),
+             ("mapped checkpoint", m.mapped_bytes), ("total", m.total_bytes)]
+    return [{"memory": name, "MiB": f"{v / 2**20:,.1f}", "GiB": f"{gib(v):.2f}",
+             "share": f"{100 * v / m.total_bytes:.1f}%"} for name, v in terms]
+
+
+def verdict(m: MemoryPlan, budget: str | None) -> str | None:
+    """One line: does the estimate fit the budget, and by how much."""
+    if m.budget_bytes is None:
+        return None
+    margin = gib(abs(m.budget_bytes - m.total_bytes))
+    how = f"fits, {margin:.2f} GiB to spare" if m.fits else f"does not fit, {margin:.2f} GiB over"
+    return f"budget {budget} ({gib(m.budget_bytes):.2f} GiB): {how}"
+
+
 def _run(cfg: PlanConfig) -> None:
-    p = plan(cfg)
+    values = read_model_config(cfg.model, cfg.revision)
+    pruned = is_pruned_config(values)
+    p = None if pruned else _param_plan(values, cfg)
+    m = _memory_plan(values, p, cfg)
+    if pruned:
+        original = _original_params(values)
+        summary = {"model_type": values["model_type"], "pruned_checkpoint": True, "original_params": original,
+                   "training_params": m.training_params, "reduction": original / m.training_params}
+    else:
+        summary = p.to_dict()
     if cfg.json:
-        typer.echo(json.dumps(p.to_dict()))
+        typer.echo(json.dumps({**summary, "memory": m.to_dict()}))
         return
-    start, stop = p.layer_range
-    how = (f"attn ratio {p.attn_ratio}, mlp ratio {p.mlp_ratio}" if p.method == "structured"
-           else f"sparsity {p.sparsity}")
-    typer.echo(f"{cfg.model}: {p.model_type}, {p.shape.num_layers} layers; {p.method} ({how}) "
-               f"on layers [{start}, {stop})\n")
-    print_table(table_rows(p))
+    if pruned:
+        typer.echo(f"{cfg.model}: {values['model_type']}, a LoRAM pruned checkpoint, trained as it is "
+                   "(pruning options do not apply)\n")
+        print_table([{"": "parameters", "original": f"{original:,}", "training": f"{m.training_params:,}",
+                      "reduction": f"{original / m.training_params:.2f}x"}])
+    else:
+        start, stop = p.layer_range
+        how = (f"attn ratio {p.attn_ratio}, mlp ratio {p.mlp_ratio}" if p.method == "structured"
+               else f"sparsity {p.sparsity}")
+        typer.echo(f"{cfg.model}: {p.model_type}, {p.shape.num_layers} layers; {p.method} ({how}) "
+                   f"on layers [{start}, {stop})\n")
+        print_table(table_rows(p))
+    weights = f"{m.quant} weights" if m.quant != "none" else f"{m.dtype} weights"
+    typer.echo(f"\nestimated peak training memory ({m.device}; {weights}, {m.dtype} compute; LoRA r={m.rank} on "
+               f"{','.join(m.targets)}{' + lm_head' if m.lm_head else ''}, dropout {m.lora_dropout}; "
+               f"batch {m.batch} x {m.seq_len} tokens; gradient checkpointing "
+               f"{'on' if m.gradient_checkpointing else 'off'}; {m.optimizer}):\n")
+    print_table(memory_rows(m))
+    line = verdict(m, cfg.budget)
+    if line:
+        typer.echo(f"\n{line}")
 
 
 def register(app: typer.Typer) -> None:
     add_config_command(
         app, "plan", PlanConfig, _run,
-        help="Count the parameters and memory LoRAM training holds for a model, from its config alone.",
+        help="Count the parameters LoRAM training holds for a model and estimate its peak training memory, "
+             "from the config alone.",
         examples=["loram plan meta-llama/Llama-3.1-70B --ratio 0.85",
+                  "loram plan meta-llama/Llama-3.1-70B --ratio 0.85 --quant nf4 --batch 1 --seq-len 512 "
+                  "--gradient-checkpointing --budget 20GiB",
+                  "loram plan ./pruned-checkpoint --device cpu --batch 2 --seq-len 256 --json",
                   "loram plan ./Llama-2-13b-hf --attn-ratio 0.65 --mlp-ratio 0.65 --layers 4:-2 --json",
                   "loram plan config.json --method non-structured --sparsity 0.55"],
     )

@@ -157,11 +157,7 @@ class Manifest:
 
     def check_base(self, model_dir: str | Path) -> None:
         """Refuse a base model whose config or weights differ from the one this plan was made on."""
-        expected = self.base.fingerprint
-        if not expected:
-            return
-        actual = fingerprint(model_dir, names=expected)
-        wrong = [n for n in sorted(expected) if actual.get(n) != expected[n]]
+        wrong = fingerprint_mismatches(self.base.fingerprint, model_dir)
         if wrong:
             raise LoramError(f"{model_dir} is not the base model this pruned checkpoint was made from "
                              f"({self.base.id}@{self.base.revision or 'unknown revision'}): "
@@ -236,6 +232,14 @@ def fingerprint(model_dir: str | Path, names=None) -> dict[str, str]:
         weights = sorted(p.name for p in root.glob("*.safetensors") if p.name != MANIFEST_TENSORS)
         names = ["config.json", *(weights or sorted(p.name for p in root.glob("*.bin")))]
     return {n: _blob_sha256(root / n) for n in sorted(names) if (root / n).is_file()}
+
+
+def fingerprint_mismatches(expected: dict[str, str], model_dir: str | Path) -> list[str]:
+    """The files of `expected` (name -> sha256) that `model_dir` lacks or holds with other content."""
+    if not expected:
+        return []
+    actual = fingerprint(model_dir, names=expected)
+    return [n for n in sorted(expected) if actual.get(n) != expected[n]]
 
 
 def _blob_sha256(path: Path) -> str:

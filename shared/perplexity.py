@@ -60,3 +60,18 @@ def perplexity(model, windows: torch.Tensor, labels: torch.Tensor | None = None,
     if count == 0:
         raise ValueError("no labelled tokens to score")
     return math.exp(total / count)
+
+
+def dataset_perplexity(model, dataset, collator, batch_size: int = 4, progress: bool = True,
+                       desc: str = "perplexity") -> tuple[float, int]:
+    """(perplexity, labelled tokens) over a tokenized dataset with input_ids / labels columns."""
+    model.eval()
+    total, count = 0.0, 0
+    rows = [dataset[i] for i in range(len(dataset))]
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = collator(rows[i: i + batch_size])
+        s, c = nll_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        total, count = total + s, count + c
+    if count == 0:
+        raise ValueError("no labelled tokens to score")
+    return math.exp(total / count), count

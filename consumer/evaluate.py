@@ -1,0 +1,111 @@
+"""`loram eval`: compare models on response-token perplexity (and optionally GSM8K accuracy).
+
+    loram eval original=BASE loram=BASE+RECOVERED small=PRUNED+ADAPTER --data gsm8k-heldout --json
+
+Each model spec is `MODEL`, `MODEL+ADAPTER` or `NAME=MODEL[+ADAPTER]`; MODEL is an original,
+pruned or merged checkpoint (folder or Hub id), ADAPTER a peft adapter folder. Perplexity is
+exp(mean NLL over response tokens) with the prompt masked (method.md §8); plain-text data (`text`
+records such as the built-in `news` split) is scored on every token.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+
+from loram.shared.configs import Config, option
+from loram.shared.errors import LoramError
+
+
+@dataclass
+class EvalConfig(Config):
+    models: list[str] = option(help="Models: MODEL, MODEL+ADAPTER or NAME=MODEL[+ADAPTER] (several to compare).",
+                               argument=True)
+    data: str = option("gsm8k-heldout", "Evaluation data: a file, saved dataset folder or built-in split.")
+    columns: str | None = option(None, "Column mapping, e.g. prompt=question,response=answer "
+                                       "(automatic for the built-in GSM8K splits).")
+    seq_len: int = option(512, "Maximum tokens per example.")
+    limit: int | None = option(None, "Evaluate only the first N records.")
+    batch: int = option(4, "Sequences per forward pass.")
+    gsm8k: bool = option(False, "Also measure GSM8K accuracy by greedy generation (#### n answers).")
+    shots: int = option(0, "Few-shot examples from gsm8k-train for --gsm8k.")
+    max_new_tokens: int = option(256, "Generation length for --gsm8k.")
+    ignore_fingerprint: bool = option(False, "Evaluate an adapter on a base whose fingerprint differs.")
+    json: bool = option(False, "Print one JSON object instead of a table.")
+
+    def __post_init__(self):
+        if not self.models:
+            raise LoramError("name at least one model to evaluate")
+        if self.limit is not None and self.limit < 1:
+            raise LoramError("--limit must be >= 1")
+
+
+def parse_spec(spec: str) -> tuple[str, str, str | None]:
+    """`NAME=MODEL+ADAPTER` -> (name, model, adapter)."""
+    name, _, rest = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    model, _, adapter = rest.partition("+")
+    if not model:
+        raise LoramError(f"model spec {spec!r} names no model; use MODEL, MODEL+ADAPTER or NAME=MODEL+ADAPTER")
+    return name or rest, model, adapter or None
+
+
+def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool):
+    """(model ready for inference, tokenizer) for one spec."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import loram  # noqa: F401
+    from loram.shared.hub import resolve_model
+
+    if adapter:
+        from loram.merge import load_with_adapter
+
+        peft_model, _, source = load_with_adapter(adapter, model, ignore_fingerprint)
+        return peft_model.eval(), AutoTokenizer.from_pretrained(source.path)
+    source = resolve_model(model)
+    return (AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(source.path))
+
+
+def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
+    """One row per model: name, model, adapter, perplexity, tokens (and gsm8k_accuracy)."""
+    from loram.shared.perplexity import dataset_perplexity
+    from loram.shared.records import load_records
+    from loram.shared.runtime import configure_threads
+    from loram.shared.sft_format import SFTCollator, parse_columns, tokenize_sft
+
+    cfg = config or EvalConfig.resolve(**kwargs)
+    configure_threads()
+    records = load_records(cfg.data)
+    if cfg.limit:
+        records = records.select(range(min(cfg.limit, len(records))))
+    columns = cfg.columns or ("prompt=question,response=answer" if str(cfg.data).startswith("gsm8k-") else None)
+    columns = parse_columns(columns) if columns else None
+    rows = []
+    for spec in cfg.models:
+        name, model_id, adapter = parse_spec(spec)
+        model, tokenizer = load_spec(model_id, adapter, cfg.ignore_fingerprint)
+        data = tokenize_sft(records, tokenizer, cfg.seq_len, columns)
+        ppl, tokens = dataset_perplexity(model, data, SFTCollator.for_tokenizer(tokenizer), cfg.batch,
+                                         desc=f"perplexity {name}")
+        row = {"name": name, "model": model_id, "adapter": adapter, "perplexity": round(ppl, 4), "tokens": tokens}
+        if cfg.gsm8k:
+            from loram.gsm8k import accuracy
+
+            shots = [r for r in load_records("gsm8k-train").select(range(cfg.shots))] if cfg.shots else []
+            acc, _ = accuracy(model, tokenizer, [records[i] for i in range(len(records))], shots,
+                              cfg.max_new_tokens)
+            row["gsm8k_accuracy"] = round(acc, 4)
+        rows.append(row)
+        print(f"[loram eval] {name}: perplexity {ppl:.4f} over {tokens:,} tokens", file=sys.stderr, flush=True)
+        del model
+    return rows
+
+
+def print_rows(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"results": rows}, indent=2))
+        return
+    from loram.shared.cli_support import print_table
+
+    print_table(rows, [c for c in ("name", "perplexity", "tokens", "gsm8k_accuracy", "model", "adapter")
+                       if any(c in r for r in rows)])

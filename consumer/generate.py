@@ -1,0 +1,52 @@
+"""`loram generate`: stream a completion from a model, optionally with a (recovered) adapter.
+
+    loram generate ORIGINAL --adapter RECOVERED --prompt "Natalia sold clips to 48 friends..."
+
+The prompt goes through the tokenizer's chat template when it has one (as a user turn with the
+generation prompt), otherwise it is used as is. Tokens are printed as they are generated.
+"""
+
+from dataclasses import dataclass
+
+from loram.shared.configs import Config, option
+
+
+@dataclass
+class GenerateConfig(Config):
+    model: str = option(help="The model (folder or Hub id): usually the original.", argument=True)
+    prompt: str = option(help="The prompt (a user message when the tokenizer has a chat template).")
+    adapter: str | None = option(None, "A peft adapter folder, e.g. a recovered LoRAM adapter.")
+    max_new_tokens: int = option(256, "Most tokens to generate.")
+    temperature: float = option(0.0, "0 for greedy decoding.")
+    seed: int = option(0, "Seed for sampling.")
+    ignore_fingerprint: bool = option(False, "Use an adapter whose recorded base fingerprint differs.")
+
+
+def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str:
+    """Generate (printing tokens to `stream`, default stdout, as they come); returns the completion."""
+    import sys
+
+    import torch
+    from transformers import TextStreamer
+
+    from loram.evaluate import load_spec
+
+    cfg = config or GenerateConfig.resolve(**kwargs)
+    model, tokenizer = load_spec(cfg.model, cfg.adapter, cfg.ignore_fingerprint)
+    if tokenizer.chat_template:
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:
+        enc = tokenizer(cfg.prompt, return_tensors="pt")
+    out_stream = stream or sys.stdout
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            print(text, end="" if not stream_end else "\n", file=out_stream, flush=True)
+
+    torch.manual_seed(cfg.seed)
+    sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else {"do_sample": False}
+    out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, streamer=_Streamer(tokenizer, skip_prompt=True,
+                         skip_special_tokens=True), pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                         **sampling)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

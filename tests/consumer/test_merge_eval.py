@@ -1,0 +1,130 @@
+"""merge, eval and generate on tiny models with a recovered adapter."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import save_tiny_checkpoint, tiny_batch
+from transformers import AutoModelForCausalLM
+
+import loram  # noqa: F401
+from loram.evaluate import evaluate, parse_spec
+from loram.generate import generate
+from loram.gsm8k import extract_answer
+from loram.merge import merge
+from loram.recover import recover
+from loram.shared.errors import LoramError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_recover import _adapter_on_pruned  # noqa: E402
+
+LORAM = str(Path(sys.executable).parent / "loram")
+
+
+@pytest.fixture(scope="module")
+def recovered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    _adapter_on_pruned(root, "qwen2")
+    recover(adapter=str(root / "adapter"), out=root / "rec")
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i} twice.", "response": f"{i} {i}"}) + "\n"
+                            for i in range(12)))
+    return root
+
+
+def test_merged_logits_equal_the_unmerged_adapter(recovered):
+    merge(adapter=str(recovered / "rec"), out=recovered / "m32", dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(recovered / "m32")  # stock transformers, no adapter
+    base = AutoModelForCausalLM.from_pretrained(recovered / "base")
+    unmerged = PeftModel.from_pretrained(base, recovered / "rec").eval()
+    x = tiny_batch()
+    torch.testing.assert_close(merged(x).logits, unmerged(x).logits, rtol=1e-5, atol=1e-5)
+    assert type(merged).__name__ == "Qwen2ForCausalLM"
+    assert not list((recovered / "m32").glob("*.bin"))
+
+
+def test_merge_defaults_to_bf16(recovered):
+    merge(adapter=str(recovered / "rec"), out=recovered / "mbf")
+    config = json.loads((recovered / "mbf" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    merged = AutoModelForCausalLM.from_pretrained(recovered / "mbf", dtype=torch.float32)
+    base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recovered / "base"), recovered / "rec")
+    x = tiny_batch()
+    torch.testing.assert_close(merged(x).logits, base.eval()(x).logits, rtol=0.05, atol=0.05)
+
+
+def test_merge_refuses_a_base_with_another_fingerprint(recovered):
+    save_tiny_checkpoint(recovered / "impostor", "qwen2", seed=9)
+    with pytest.raises(LoramError, match="is not the original model this adapter was recovered for"):
+        merge(adapter=str(recovered / "rec"), out=recovered / "bad", base=str(recovered / "impostor"))
+    assert not (recovered / "bad").exists()
+    merge(adapter=str(recovered / "rec"), out=recovered / "forced", base=str(recovered / "impostor"),
+          ignore_fingerprint=True)
+
+
+def test_eval_compares_models_and_matches_a_manual_perplexity(recovered):
+    rows = evaluate(models=[f"orig={recovered / 'base'}", f"loram={recovered / 'base'}+{recovered / 'rec'}",
+                            f"small={recovered / 'pruned'}+{recovered / 'adapter'}", str(recovered / "m32")],
+                    data=str(recovered / "qa.jsonl"), seq_len=32)
+    by = {r["name"]: r for r in rows}
+    assert set(by) == {"orig", "loram", "small", str(recovered / "m32")}
+    # LoRAM with zero fill == the merged model; the pruned model with its adapter differs
+    assert math.isclose(by["loram"]["perplexity"], by[str(recovered / "m32")]["perplexity"], rel_tol=1e-4)
+    # manual: exp(mean NLL over the response tokens) with the stock model's loss
+    from transformers import AutoTokenizer
+
+    from loram.shared.records import load_records
+    from loram.shared.sft_format import tokenize_sft
+
+    tok = AutoTokenizer.from_pretrained(recovered / "base")
+    model = AutoModelForCausalLM.from_pretrained(recovered / "base").eval()
+    total = count = 0
+    for ex in tokenize_sft(load_records(str(recovered / "qa.jsonl")), tok, 32):
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        total += model(input_ids=ids, labels=labels).loss.item() * n
+        count += n
+    assert by["orig"]["tokens"] == count
+    assert math.isclose(by["orig"]["perplexity"], math.exp(total / count), rel_tol=1e-4)
+
+
+def test_eval_refuses_an_adapter_on_the_wrong_base(recovered):
+    save_tiny_checkpoint(recovered / "impostor2", "qwen2", seed=11)
+    with pytest.raises(LoramError, match="is not the original model"):
+        evaluate(models=[f"{recovered / 'impostor2'}+{recovered / 'rec'}"], data=str(recovered / "qa.jsonl"))
+
+
+def test_eval_cli_json(recovered):
+    proc = subprocess.run([LORAM, "eval", f"a={recovered / 'base'}", "--data", str(recovered / "qa.jsonl"),
+                           "--seq-len", "32", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)["results"]
+    assert rows[0]["name"] == "a" and rows[0]["perplexity"] > 1
+
+
+def test_parse_spec():
+    assert parse_spec("m") == ("m", "m", None)
+    assert parse_spec("x=m+a") == ("x", "m", "a")
+    assert parse_spec("org/model+ad") == ("org/model+ad", "org/model", "ad")
+    with pytest.raises(LoramError):
+        parse_spec("x=+a")
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("so she has 72 clips.\n#### 72", "72"), ("#### 1,234", "1234"), ("The answer is 5.0", "5"),
+    ("we get -3 and then 18", "18"), ("no number", None), ("#### 0.5", "0.5"),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_generate_streams_with_the_adapter(recovered, capsys):
+    text = generate(model=str(recovered / "base"), adapter=str(recovered / "rec"), prompt="Say 3 twice.",
+                    max_new_tokens=5)
+    printed = capsys.readouterr().out
+    assert printed.strip() == text.strip() and len(text) > 0
