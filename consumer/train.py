@@ -116,7 +116,7 @@ def _prepare_out(cfg: TrainConfig) -> Path | None:
 def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     """Train a LoRA adapter as configured (see the module docstring); returns a TrainResult."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
 
     from loram.shared.checkpoints import SafeCheckpointTrainer
@@ -143,8 +143,9 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
     model = load_causal_lm(source.path, cfg.quant)
     _check_targets(model, cfg)
-    if cfg.quant != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # No prepare_model_for_kbit_training: it casts embeddings and lm_head to fp32 (about 3.9 GiB more at 70B,
+    # which the memory plan and the paper do not count). The base is frozen by peft, and non-reentrant
+    # activation checkpointing needs no input-embedding hook.
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
                       target_modules=cfg.targets + (["lm_head"] if cfg.lm_head else []))
     torch.manual_seed(cfg.seed)  # LoRA A init
@@ -160,7 +161,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
         lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=1, seed=cfg.seed, data_seed=cfg.seed,
         eval_strategy="steps" if eval_set is not None else "no", eval_steps=cfg.eval_every,
         save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2,
-        activation_checkpointing=cfg.gradient_checkpointing and cfg.quant == "none",
+        activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=model.dtype == torch.bfloat16 or (cfg.quant != "none" and torch.cuda.is_available()),
         use_cpu=not torch.cuda.is_available(), report_to=[], disable_tqdm=True,
