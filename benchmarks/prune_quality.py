@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import machine, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import loram  # noqa: F401
-from _common import machine, write
 from loram.shared import assets
 from loram.shared.perplexity import perplexity, text_windows
 
