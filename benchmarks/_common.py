@@ -22,10 +22,11 @@ def machine() -> dict:
 def run_measured(code: str, env: dict | None = None) -> dict:
     """Run `code` (which fills a dict named `result`) in a fresh Python process.
 
-    Returns `result` plus the process's wall time and its own peak RSS (ru_maxrss of that process).
+    Returns `result` plus the process's wall time and its own peak RSS (VmHWM, see
+    `loram.shared.progress.process_peak_rss_bytes`).
     """
-    tail = ("\nimport json as _j, resource as _r\n"
-            "result['peak_rss_mib'] = round(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"
+    tail = ("\nimport json as _j\nfrom loram.shared.progress import process_peak_rss_bytes as _peak\n"
+            "result['peak_rss_mib'] = round(_peak() / 2**20, 1)\n"
             "print(_j.dumps(result))\n")
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code + tail], capture_output=True, text=True,

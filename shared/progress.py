@@ -9,12 +9,28 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 
+def process_peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec. `ru_maxrss` does not: a child
+    started from a large process (a test runner) inherits the parent's high-water mark.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
 def peak_memory_bytes() -> int:
     """CUDA peak allocated on GPU; the process's peak RSS on CPU."""
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return process_peak_rss_bytes()
 
 
 class TrainingProgress(TrainerCallback):
