@@ -73,6 +73,7 @@ RECORD_FILE = "loram_asset.json"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (the one hashing helper of the project)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -13,7 +13,6 @@ derived (`Manifest.kept_indices`). JSON is written with sorted keys and fixed in
 manifests are equal bytes.
 """
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index
+from loram.shared.assets import sha256_file  # noqa: F401  (re-exported: one hashing helper)
 from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_file
 
@@ -200,14 +200,6 @@ class Manifest:
 
 def _dumps(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_hashes(model_dir: str | Path) -> dict[str, str]:
