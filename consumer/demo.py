@@ -5,6 +5,7 @@ perplexity. Later stages (prune, align, publish, train, recover, evaluate) exten
 """
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,16 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     started = time.time()
     threads = configure_threads()
-    model_dir, _ = assets.model_dir(), assets.data_dir()
+    model_dir, data_dir = assets.model_dir(), assets.data_dir()
+    # A stage is reused when its inputs did not change: same options, same verified assets.
+    inputs = {"config": {k: v for k, v in cfg.to_dict().items() if k != "overwrite"},
+              "assets": [json.loads((d / assets.RECORD_FILE).read_text())["sha256"] for d in (model_dir, data_dir)]}
+    previous = Path(cfg.out) / "report.json"
+    if previous.is_file():
+        report = json.loads(previous.read_text())
+        if report.get("inputs") == inputs:
+            print(f"[loram demo] inputs unchanged: reusing {previous}", file=sys.stderr)
+            return report
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     n_windows = 8 if cfg.quick else 40
@@ -45,7 +55,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         ppl = perplexity(model, windows, desc=f"original on {name}")
         rows.append({"model": "original (no fine-tuning)", "data": name, "tokens": windows.numel(),
                      "perplexity": round(ppl, 3)})
-    report = {"model": str(model_dir), "threads": threads, "results": rows,
+    report = {"model": str(model_dir), "threads": threads, "results": rows, "inputs": inputs,
               "wall_time_s": round(time.time() - started, 1), "config": cfg.to_dict()}
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
         (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -21,3 +21,18 @@ def test_quick_demo_runs_as_a_user_would(tmp_path):
     saved = yaml.safe_load((out / "demo_config.yaml").read_text())
     assert saved["quick"] is True and saved["out"] == str(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+@pytest.mark.slow
+def test_rerun_reuses_the_completed_stage(tmp_path):
+    out = tmp_path / "demo"
+    first = subprocess.run([LORAM, "demo", "--quick", "--out", str(out)], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([LORAM, "demo", "--quick", "--out", str(out)], capture_output=True, text=True)
+    assert second.returncode == 0 and "inputs unchanged: reusing" in second.stderr
+    table = [line for line in first.stdout.splitlines() if "original" in line]
+    assert table and table == [line for line in second.stdout.splitlines() if "original" in line]
+    changed = subprocess.run([LORAM, "demo", "--quick", "--seq-len", "128", "--out", str(out)],
+                             capture_output=True, text=True)
+    assert changed.returncode == 0 and "reusing" not in changed.stderr
+    assert json.loads((out / "report.json").read_text())["config"]["seq_len"] == 128
