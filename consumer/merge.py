@@ -57,9 +57,7 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
     import loram  # noqa: F401
     from loram.shared.hub import resolve_model
 
-    adapter_dir = Path(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise LoramError(f"{adapter_dir} is not an adapter folder (no adapter_config.json)")
+    adapter_dir = resolve_model(adapter, required="adapter_config.json", kind="peft adapter").path
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     source = resolve_model(base or adapter_cfg["base_model_name_or_path"],
                            None if base else adapter_cfg.get("revision"))

@@ -30,6 +30,7 @@ from loram import __version__
 from loram.shared.architectures import PRUNED_MODULES
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.shared.hub import resolve_model
 from loram.shared.manifest import Manifest, sha256_file
 from loram.shared.outputs import atomic_output_dir
 
@@ -64,20 +65,6 @@ class RecoverResult:
     original: str  # base_model_name_or_path of the recovered adapter
 
 
-def _resolve_folder(name: str, revision: str | None, endpoint: str | None, must_have: str) -> Path:
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / must_have).is_file():
-            raise LoramError(f"{path} has no {must_have}")
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, revision=revision, endpoint=endpoint))
-    except Exception as e:  # huggingface_hub raises many types; the user needs one line
-        raise LoramError(f"{name} is neither a folder nor a reachable Hub repository ({type(e).__name__})") from e
-
-
 def read_adapter_config(folder: Path) -> dict:
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
@@ -92,8 +79,6 @@ def pruned_manifest(adapter_config: dict) -> tuple[Path, Manifest]:
     base = adapter_config.get("base_model_name_or_path")
     if not base:
         raise LoramError("the adapter's config names no base model (base_model_name_or_path)")
-    from loram.shared.hub import resolve_model
-
     source = resolve_model(base, adapter_config.get("revision"))
     if not (source.path / "loram_manifest.json").is_file():
         raise LoramError(f"the adapter's base {base} has no loram_manifest.json: it is not a LoRAM pruned "
@@ -125,7 +110,7 @@ def expand(tensor: torch.Tensor, which: str, rows, cols, full: int, fill: str, g
 def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     """Recover an adapter (see the module docstring) and write it to `config.out`."""
     cfg = config or RecoverConfig.resolve(**kwargs)
-    folder = _resolve_folder(cfg.adapter, cfg.revision, cfg.endpoint, ADAPTER_CONFIG)
+    folder = resolve_model(cfg.adapter, cfg.revision, cfg.endpoint, ADAPTER_CONFIG, "peft adapter").path
     adapter_config = read_adapter_config(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise LoramError(f"{folder} has no {ADAPTER_WEIGHTS}")
@@ -151,8 +136,6 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     base = manifest.base
     base_id, base_revision = base.id, base.revision
     if cfg.original is not None:
-        from loram.shared.hub import resolve_model
-
         source = resolve_model(cfg.original, endpoint=cfg.endpoint)
         if not cfg.ignore_fingerprint:
             manifest.check_base(source.path)

@@ -19,12 +19,16 @@ class ModelSource:
     revision: str | None  # the commit sha for Hub models, None for local folders
 
 
-def resolve_model(name: str | Path, revision: str | None = None, endpoint: str | None = None) -> ModelSource:
-    """A local checkpoint directory as is; otherwise download `name` from the Hub at `revision`."""
+def resolve_model(name: str | Path, revision: str | None = None, endpoint: str | None = None,
+                  required: str = "config.json", kind: str = "model checkpoint") -> ModelSource:
+    """A local directory as is; otherwise download repo `name` from the Hub at `revision`.
+
+    `required` is the file that makes a local folder a `kind` (config.json for models,
+    adapter_config.json for adapters)."""
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise LoramError(f"{path} is not a model checkpoint (no config.json)")
+        if not (path / required).is_file():
+            raise LoramError(f"{path} is not a {kind} (no {required})")
         if revision:
             raise LoramError(f"--revision applies to Hub repositories, but {path} is a local folder")
         return ModelSource(path.resolve(), str(name), None)
