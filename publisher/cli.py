@@ -8,9 +8,15 @@ app = typer.Typer(help="Publisher toolkit: prune, align and publish a model.", n
 
 
 def _prune(cfg) -> None:
-    from loram.publisher.prune import prune
+    from loram.publisher.prune import prune, sparsity_table
 
     result = prune(cfg)
+    if result.sparsity:
+        typer.echo(sparsity_table(result.sparsity))
+        typer.echo(f"parameters: {result.pruned_params:,}, non-zero {result.nonzero_params:,} "
+                   f"({result.reduction:.2f}x fewer, nominal: shapes are unchanged) in {result.seconds:.1f} s")
+        typer.echo(f"pruned checkpoint: {result.out}")
+        return
     layers = sorted(result.kept)
     if layers:
         counts = sorted(set(result.kept.values()))
@@ -19,6 +25,21 @@ def _prune(cfg) -> None:
     typer.echo(f"parameters: {result.original_params:,} -> {result.pruned_params:,} "
                f"({result.reduction:.2f}x smaller) in {result.seconds:.1f} s")
     typer.echo(f"pruned checkpoint: {result.out}")
+
+
+def _align(cfg) -> None:
+    from loram.publisher.align import align
+
+    result = align(cfg)
+    if not result.main:
+        return  # another rank of a distributed run: rank 0 prints the summary
+    last = f"{result.losses[-1]:.4f}" if result.losses else "-"
+    ppl = (f", held-out perplexity {result.perplexities[0][1]:.2f} -> {result.perplexities[-1][1]:.2f}"
+           if result.perplexities else "")
+    typer.echo(f"aligned {result.steps} steps ({result.tokens_seen:,} tokens) in {result.seconds:.0f} s: final loss "
+               f"{last}{ppl}, {result.tokens_per_second or 0:,.0f} tokens/s, "
+               f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
+    typer.echo(f"aligned pruned checkpoint: {result.out}  (report: {result.out / 'align_report.json'})")
 
 
 def _register() -> None:
@@ -31,6 +52,39 @@ def _register() -> None:
             "loram publish prune $(loram assets path model) --method taylor --ratio 0.5 --out smollm2-p50",
             "loram publish prune meta-llama/Llama-3.1-70B --ratio 0.85 --layers 4:78 --out llama70b-p85",
             "loram publish prune BASE --scores smollm2-p50/importance.safetensors --ratio 0.6 --out smollm2-p60",
+        ],
+    )
+
+    from loram.publisher.align import AlignConfig
+
+    add_config_command(
+        app, "align", AlignConfig, _align,
+        help="Align a pruned checkpoint by continual pre-training on a data mixture (lm_head frozen); "
+             "writes an aligned pruned checkpoint whose manifest records the alignment.",
+        examples=[
+            "loram publish align smollm2-p50 --data wiki --steps 300 --seq-len 256 --eval-data wiki-heldout "
+            "--out smollm2-p50-aligned",
+            "loram publish align smollm2-p50 --data web.parquet:1 --data math.jsonl:1 --steps 400 --seq-len 512 "
+            "--batch 8 --grad-accum 16 --warmup 100 --save-every 200 --out aligned",
+            "loram publish align smollm2-p50 --data wiki --steps 300 --seq-len 256 --out aligned --resume",
+            "torchrun --nproc_per_node 2 -m loram publish align smollm2-p50 --data wiki --steps 300 "
+            "--seq-len 256 --batch 2 --out aligned",
+            "loram publish align smollm2-p50 --data wiki --steps 100 --seq-len 256 "
+            "--distill-from $(loram assets path model) --kd-weight 0.5 --out aligned-kd",
+        ],
+    )
+
+    from loram.publisher.push import PushConfig, push
+
+    add_config_command(
+        app, "push", PushConfig, lambda cfg: typer.echo(push(cfg).summary()),
+        help="Publish a pruned (or aligned) checkpoint to the Hugging Face Hub with a generated model card; "
+             "every file is checked against its manifest first.",
+        examples=[
+            "loram publish push smollm2-p50 --repo-id ORG/smollm2-p50 --tag v1",
+            "loram publish push smollm2-p50-aligned --repo-id ORG/smollm2-p50 --revision aligned --tag v2",
+            "loram publish push llama70b-p85 --repo-id ORG/llama70b-p85 --base-model meta-llama/Llama-3.1-70B "
+            "--license llama3.1 --private",
         ],
     )
 

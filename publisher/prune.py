@@ -1,18 +1,21 @@
 """`loram publish prune`: prune a base model and write a loadable pruned checkpoint with its manifest.
 
-    loram publish prune BASE --method taylor --ratio 0.5 --out pruned/
+    loram publish prune BASE --method taylor --ratio 0.5 --out pruned/          # structured
+    loram publish prune BASE --method wanda --nm 2:4 --out pruned-24/           # non-structured
 
-The recipe, top to bottom: resolve BASE (local folder or Hub id at a revision), score units with
-the chosen criterion (or read `--scores`), keep the top units per layer by the paper's rounding
-rules, slice the layers in place, re-home the weights in LoRAM's per-layer model class, and write
-checkpoint + manifest + importance scores + resolved config into a temporary folder that is
-renamed onto `--out` when complete.
+Structured (random, l1, l2, taylor), top to bottom: resolve BASE (local folder or Hub id at a
+revision), score units with the chosen criterion (or read `--scores`), keep the top units per layer
+by the paper's rounding rules, slice the layers in place, re-home the weights in LoRAM's per-layer
+model class. Non-structured (magnitude, wanda, sparsegpt): zero weights layer by layer
+(`layerwise.py`), keep the stock architecture, and record the bit-packed masks in the manifest.
+Either way checkpoint + manifest (+ importance scores) + resolved config are written into a
+temporary folder that is renamed onto `--out` when complete.
 """
 
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,12 +25,22 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import loram  # noqa: F401  (registers the pruned model types with the Auto classes)
 from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, LayerScores, get_criterion
+from loram.publisher.layerwise import NEEDS_INPUTS, NONSTRUCTURED_CRITERIA, prune_layerwise
+from loram.publisher.sparsity import Target, parse_nm
 from loram.publisher.structured import select_kept, slice_layers_
-from loram.shared.architectures import Shape, family_of, parse_layer_range
+from loram.shared.architectures import PRUNED_MODULES, Shape, family_of, parse_layer_range
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import resolve_model
-from loram.shared.manifest import BaseModelInfo, Calibration, Manifest, Method, fingerprint
+from loram.shared.manifest import (
+    MANIFEST_JSON,
+    BaseModelInfo,
+    Calibration,
+    Manifest,
+    Method,
+    PackedMask,
+    fingerprint,
+)
 from loram.shared.outputs import atomic_output_dir, check_output_dir
 from loram.shared.pruned_model import build_pruned_config, is_pruned_config, save_pruned_checkpoint
 from loram.shared.runtime import configure_threads
@@ -36,18 +49,31 @@ from loram.shared.text_sources import token_blocks
 SCORES_FILE = "importance.safetensors"
 
 
+# Calibration defaults (samples x tokens): Taylor as measured in small-scale.md; Wanda and SparseGPT
+# as their reference implementations (128 x 2048). On a CPU, `--samples 32 --seq-len 256` is enough.
+CALIBRATION_DEFAULTS = {"taylor": (32, 128), "wanda": (128, 2048), "sparsegpt": (128, 2048)}
+METHODS = STRUCTURED_CRITERIA + NONSTRUCTURED_CRITERIA
+
+
 @dataclass
 class PruneConfig(Config):
     base: str = option(help="Base model: a local checkpoint folder or a Hub repo id.", argument=True)
     out: Path = option(help="Output folder for the pruned checkpoint.")
-    method: str = option("taylor", "Importance criterion.", choices=STRUCTURED_CRITERIA)
-    ratio: float = option(0.5, "Pruning ratio p in [0, 1) for attention and MLP alike.")
-    attn_ratio: float | None = option(None, "Pruning ratio for attention (KV groups); default --ratio.")
-    mlp_ratio: float | None = option(None, "Pruning ratio for MLP channels; default --ratio.")
-    layers: str | None = option(None, "Half-open layer range A:B, negative ends allowed; default the paper's 4:-2.")
+    method: str = option("taylor", "Criterion: structured random|l1|l2|taylor, or non-structured "
+                                   "magnitude|wanda|sparsegpt.", choices=METHODS)
+    ratio: float | None = option(None, "Structured: pruning ratio p in [0, 1) for attention and MLP alike "
+                                       "(default 0.5).")
+    attn_ratio: float | None = option(None, "Structured: pruning ratio for attention (KV groups); default --ratio.")
+    mlp_ratio: float | None = option(None, "Structured: pruning ratio for MLP channels; default --ratio.")
+    sparsity: float | None = option(None, "Non-structured: fraction of each row's weights to zero, in (0, 1).")
+    nm: str | None = option(None, "Non-structured: N:M, zero N of every M consecutive weights of a row (e.g. 2:4).")
+    layers: str | None = option(None, "Half-open layer range A:B, negative ends allowed; default the paper's 4:-2 "
+                                      "(structured) or every layer (non-structured).")
     calib: str = option("wiki", "Calibration text: a .txt/.jsonl file or a built-in name (wiki).")
-    samples: int = option(32, "Calibration samples (taylor).")
-    seq_len: int = option(128, "Tokens per calibration sample (taylor).")
+    samples: int | None = option(None, "Calibration samples (taylor 32; wanda, sparsegpt 128 as the references).")
+    seq_len: int | None = option(None, "Tokens per calibration sample (taylor 128; wanda, sparsegpt 2048).")
+    device: str | None = option(None, "Device for layer-by-layer calibration (non-structured); default cuda if "
+                                      "available, else cpu.")
     seed: int = option(0, "Seed (random criterion; any sampling).")
     scores: Path | None = option(None, "Re-prune from saved importance scores (importance.safetensors) "
                                        "instead of recalibrating.")
@@ -56,32 +82,62 @@ class PruneConfig(Config):
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
     def __post_init__(self):
+        given = [f"--{n.replace('_', '-')}" for n in ("ratio", "attn_ratio", "mlp_ratio", "scores")
+                 if getattr(self, n) is not None]
+        if self.structured:
+            if self.sparsity is not None or self.nm is not None:
+                raise LoramError(f"--sparsity and --nm apply to non-structured methods "
+                                 f"({', '.join(NONSTRUCTURED_CRITERIA)}); --method {self.method} takes --ratio")
+        elif given:
+            raise LoramError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to structured methods "
+                             f"({', '.join(STRUCTURED_CRITERIA)}); --method {self.method} takes --sparsity S "
+                             "or --nm N:M")
+        else:
+            self.target  # noqa: B018  (validates --sparsity / --nm)
         for name in ("ratio", "attn_ratio", "mlp_ratio"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise LoramError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
-        if self.samples < 1 or self.seq_len < 2:
+        if (self.samples is not None and self.samples < 1) or (self.seq_len is not None and self.seq_len < 2):
             raise LoramError("--samples must be >= 1 and --seq-len >= 2")
         if self.scores is not None and not Path(self.scores).is_file():
             raise LoramError(f"--scores file {self.scores} not found")
 
     @property
+    def structured(self) -> bool:
+        return self.method in STRUCTURED_CRITERIA
+
+    @property
+    def target(self) -> Target:
+        return Target(self.sparsity, None if self.nm is None else parse_nm(self.nm))
+
+    @property
     def ratios(self) -> tuple[float, float]:
-        return (self.ratio if self.attn_ratio is None else self.attn_ratio,
-                self.ratio if self.mlp_ratio is None else self.mlp_ratio)
+        ratio = 0.5 if self.ratio is None else self.ratio
+        return (ratio if self.attn_ratio is None else self.attn_ratio,
+                ratio if self.mlp_ratio is None else self.mlp_ratio)
+
+    @property
+    def calibration_size(self) -> tuple[int, int]:
+        samples, seq_len = CALIBRATION_DEFAULTS.get(self.method, (32, 128))
+        return (samples if self.samples is None else self.samples,
+                seq_len if self.seq_len is None else self.seq_len)
 
 
 @dataclass
 class PruneResult:
     out: Path
     original_params: int
-    pruned_params: int
-    kept: dict[int, tuple[int, int]]  # layer -> (kept KV groups, kept MLP channels)
+    pruned_params: int  # parameters the pruned checkpoint holds (zeros included)
+    kept: dict[int, tuple[int, int]]  # structured: layer -> (kept KV groups, kept MLP channels)
     seconds: float
+    nonzero_params: int | None = None  # non-structured: parameters that are not exactly zero
+    sparsity: dict[str, float] = field(default_factory=dict)  # non-structured: module -> achieved sparsity
 
     @property
     def reduction(self) -> float:
-        return self.original_params / self.pruned_params
+        """Original over pruned parameters; for non-structured pruning over non-zero ones (nominal)."""
+        return self.original_params / (self.nonzero_params or self.pruned_params)
 
 
 def _log(msg: str) -> None:
@@ -96,43 +152,112 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     check_output_dir(cfg.out, cfg.overwrite)  # fail before any heavy work
     source = resolve_model(cfg.base, cfg.revision, cfg.endpoint)
     stock_config = AutoConfig.from_pretrained(source.path)
-    if is_pruned_config(stock_config):
+    if is_pruned_config(stock_config) or (source.path / MANIFEST_JSON).is_file():
         raise LoramError(f"{cfg.base} is already a LoRAM pruned checkpoint; prune the original model instead")
     family_of(stock_config)
     shape = Shape.of(stock_config)
-    start, stop = parse_layer_range(cfg.layers, shape.num_layers)
-    attn_ratio, mlp_ratio = cfg.ratios
-    select_kept({}, shape, attn_ratio, mlp_ratio)  # refuses ratios that remove everything, before loading
-
+    if cfg.structured:
+        start, stop = parse_layer_range(cfg.layers, shape.num_layers)
+        select_kept({}, shape, *cfg.ratios)  # refuses ratios that remove everything, before loading
+    else:
+        start, stop = parse_layer_range(cfg.layers or ":", shape.num_layers)
+        _check_widths(cfg.target, shape)
     _log(f"loading {source.id}")
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto")
     tokenizer = _tokenizer_or_none(source.path)
+    base = BaseModelInfo(source.id, source.revision, fingerprint(source.path))
+    run = _structured if cfg.structured else _nonstructured
+    result, manifest, write_extra = run(cfg, model, tokenizer, stock_config, shape, range(start, stop), base)
+    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
+        write_extra(out)
+        cfg.save(out / "prune_config.yaml")
+        manifest.save(out)
+    result.seconds = round(time.time() - started, 2)
+    return result
+
+
+def _structured(cfg, model, tokenizer, stock_config, shape: Shape, layers: range, base: BaseModelInfo):
+    attn_ratio, mlp_ratio = cfg.ratios
     original_params = sum(p.numel() for p in model.parameters())
     if cfg.scores is not None:
-        scores, calibration = read_scores(cfg.scores, range(start, stop), shape)
+        scores, calibration = read_scores(cfg.scores, layers, shape)
     else:
-        scores, calibration = _score(cfg, model, tokenizer, range(start, stop))
+        scores, calibration = _score(cfg, model, tokenizer, layers)
     kept = select_kept(scores, shape, attn_ratio, mlp_ratio)
     slice_layers_(model, kept)
     pruned = rehome(model, build_pruned_config(stock_config, {i: (len(u.kv_heads), len(u.mlp_channels))
                                                                for i, u in kept.items()}))
-    del model
     manifest = Manifest(
-        base=BaseModelInfo(source.id, source.revision, fingerprint(source.path)),
-        architecture=shape,
-        method=Method(kind="structured", criterion=cfg.method, ratio=cfg.ratio, attn_ratio=attn_ratio,
-                      mlp_ratio=mlp_ratio, layers=[start, stop], calibration=calibration, seed=cfg.seed),
+        base=base, architecture=shape,
+        method=Method(kind="structured", criterion=cfg.method, ratio=cfg.ratios[0] if cfg.ratio is None else cfg.ratio,
+                      attn_ratio=attn_ratio, mlp_ratio=mlp_ratio, layers=[layers.start, layers.stop],
+                      calibration=calibration, seed=cfg.seed),
         kept_kv_heads={i: u.kv_heads for i, u in kept.items()},
         kept_mlp_channels={i: u.mlp_channels for i, u in kept.items()},
     )
-    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
+
+    def write(out: Path) -> None:
         save_pruned_checkpoint(pruned, out, tokenizer)
         write_scores(out / SCORES_FILE, scores, cfg.method, calibration)
-        cfg.save(out / "prune_config.yaml")
-        manifest.save(out)
-    return PruneResult(Path(cfg.out), original_params, sum(p.numel() for p in pruned.parameters()),
-                       {i: (len(u.kv_heads), len(u.mlp_channels)) for i, u in kept.items()},
-                       round(time.time() - started, 2))
+
+    result = PruneResult(Path(cfg.out), original_params, sum(p.numel() for p in pruned.parameters()),
+                         {i: (len(u.kv_heads), len(u.mlp_channels)) for i, u in kept.items()}, 0.0)
+    return result, manifest, write
+
+
+def _nonstructured(cfg, model, tokenizer, stock_config, shape: Shape, layers: range, base: BaseModelInfo):
+    target, calib, calibration = cfg.target, None, Calibration()
+    if cfg.method in NEEDS_INPUTS:
+        calib, calibration = _calibration_blocks(cfg, tokenizer)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    what = f"{target.sparsity:.0%} unstructured" if target.nm is None else f"{target.nm[0]}:{target.nm[1]}"
+    _log(f"pruning {what} with {cfg.method}, layers [{layers.start}, {layers.stop}), one layer at a time on {device}")
+    try:
+        done = prune_layerwise(model, layers, cfg.method, target, calib, device)
+    except torch.OutOfMemoryError as e:
+        raise LoramError(f"out of memory on {device} while pruning one layer; use fewer --samples or a shorter "
+                         "--seq-len") from e
+    params = sum(p.numel() for p in model.parameters())
+    zeros = sum(int((~m).sum()) for m in done.masks.values())
+    manifest = Manifest(
+        base=base, architecture=shape,
+        method=Method(kind="non-structured", criterion=cfg.method, sparsity=target.sparsity,
+                      nm=None if target.nm is None else list(target.nm), layers=[layers.start, layers.stop],
+                      calibration=calibration, seed=cfg.seed),
+        masks={name: PackedMask.of(mask) for name, mask in done.masks.items()},
+    )
+
+    def write(out: Path) -> None:
+        save_pruned_checkpoint(model, out, tokenizer)
+
+    result = PruneResult(Path(cfg.out), params, params, {}, 0.0, nonzero_params=params - zeros,
+                         sparsity={name: m.sparsity for name, m in manifest.masks.items()})
+    return result, manifest, write
+
+
+def sparsity_table(sparsity: dict[str, float]) -> str:
+    """Achieved sparsity (%) of every pruned module: one row per layer, one column per projection."""
+    columns = [spec.path for spec in PRUNED_MODULES]
+    rows: dict[int, dict[str, float]] = {}
+    for name, value in sparsity.items():
+        layer, path = name.removeprefix("model.layers.").split(".", 1)
+        rows.setdefault(int(layer), {})[path] = value
+    header = "layer " + " ".join(f"{c.rsplit('.', 1)[-1].removesuffix('_proj'):>6}" for c in columns)
+    lines = ["achieved sparsity (% of weights zeroed)", header]
+    for layer in sorted(rows):
+        cells = (f"{100 * rows[layer][c]:6.1f}" if c in rows[layer] else f"{'-':>6}" for c in columns)
+        lines.append(f"{layer:>5} " + " ".join(cells))
+    mean = sum(sparsity.values()) / len(sparsity)
+    lines.append(f"mean over {len(sparsity)} modules: {100 * mean:.2f}%")
+    return "\n".join(lines)
+
+
+def _check_widths(target: Target, shape: Shape) -> None:
+    widths = {"hidden": shape.hidden, "q": shape.num_heads * shape.head_dim, "mlp": shape.intermediate}
+    for spec in PRUNED_MODULES:
+        name = spec.path.rsplit(".", 1)[-1]
+        width = widths["q"] if name == "o_proj" else widths["mlp"] if name == "down_proj" else widths["hidden"]
+        target.check_width(width, name)
 
 
 def _tokenizer_or_none(path: Path):
@@ -142,14 +267,18 @@ def _tokenizer_or_none(path: Path):
         return None
 
 
+def _calibration_blocks(cfg: PruneConfig, tokenizer):
+    if tokenizer is None:
+        raise LoramError(f"{cfg.base} has no tokenizer, which --method {cfg.method} needs for calibration")
+    samples, seq_len = cfg.calibration_size
+    _log(f"calibrating {cfg.method} on {samples} x {seq_len} tokens of {cfg.calib}")
+    return token_blocks(tokenizer, cfg.calib, samples, seq_len), Calibration(str(cfg.calib), samples, seq_len)
+
+
 def _score(cfg: PruneConfig, model, tokenizer, layers: range):
     calib, calibration = None, Calibration()
     if cfg.method in NEEDS_CALIBRATION:
-        if tokenizer is None:
-            raise LoramError(f"{cfg.base} has no tokenizer, which --method {cfg.method} needs for calibration")
-        calib = token_blocks(tokenizer, cfg.calib, cfg.samples, cfg.seq_len)
-        calibration = Calibration(str(cfg.calib), cfg.samples, cfg.seq_len)
-        _log(f"scoring with {cfg.method} on {cfg.samples} x {cfg.seq_len} tokens of {cfg.calib}")
+        calib, calibration = _calibration_blocks(cfg, tokenizer)
     return get_criterion(cfg.method)(model, layers, calib, cfg.seed), calibration
 
 

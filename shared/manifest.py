@@ -15,6 +15,7 @@ manifests are equal bytes.
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -64,6 +65,13 @@ class PackedMask:
 
     def unpack(self) -> torch.Tensor:
         return unpack_mask(self.bits, self.shape)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights pruned (False in the mask)."""
+        numel = math.prod(self.shape)
+        kept = int(np.unpackbits(self.bits.cpu().numpy(), count=numel).sum())
+        return round(1 - kept / numel, 6)
 
 
 @dataclass
@@ -185,7 +193,7 @@ class Manifest:
             "format_version": self.format_version, "tool_version": self.tool_version,
             "base": asdict(self.base), "architecture": asdict(self.architecture), "method": asdict(self.method),
             "pruned_layers": layers,
-            "masks": {name: {"shape": list(m.shape)} for name, m in sorted(self.masks.items())},
+            "masks": {name: {"shape": list(m.shape), "sparsity": m.sparsity} for name, m in sorted(self.masks.items())},
             "tensors": {"file": MANIFEST_TENSORS, "sha256": tensors_sha},
             "files": dict(sorted(self.files.items())), "alignment": self.alignment,
         }
@@ -320,9 +328,31 @@ def _check_plan(m: Manifest) -> None:
             _check_indices(i, "kept KV heads", m.kept_kv_heads[i], a.num_kv_heads)
         if i in m.kept_mlp_channels:
             _check_indices(i, "kept MLP channels", m.kept_mlp_channels[i], a.intermediate)
+    shapes = _weight_shapes(a)
     for name, mask in m.masks.items():
+        match = _MASK_NAME.fullmatch(name)
+        if match is None or match.group(2) not in shapes:
+            raise LoramError(f"mask {name}: not a projection name like model.layers.3.self_attn.q_proj")
+        i = int(match.group(1))
+        if not (0 <= i < a.num_layers and start <= i < stop):
+            raise LoramError(f"mask {name}: layer {i} is outside the layer range [{start}, {stop})")
+        if tuple(mask.shape) != shapes[match.group(2)]:
+            raise LoramError(f"mask {name}: shape {list(mask.shape)} differs from the weight's "
+                             f"{list(shapes[match.group(2)])}")
         if mask.bits.dtype != torch.uint8 or mask.bits.numel() != math.ceil(math.prod(mask.shape) / 8):
             raise LoramError(f"mask {name}: {mask.bits.numel()} packed bytes do not hold shape {list(mask.shape)}")
+
+
+_MASK_NAME = re.compile(r"model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)")
+
+
+def _weight_shapes(a: Shape) -> dict[str, tuple[int, int]]:
+    """The original `[out, in]` shape of each projection of `PRUNED_MODULES`."""
+    q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    return {"self_attn.q_proj": (q, a.hidden), "self_attn.k_proj": (kv, a.hidden),
+            "self_attn.v_proj": (kv, a.hidden), "self_attn.o_proj": (a.hidden, q),
+            "mlp.gate_proj": (a.intermediate, a.hidden), "mlp.up_proj": (a.intermediate, a.hidden),
+            "mlp.down_proj": (a.hidden, a.intermediate)}
 
 
 def _check_config(m: Manifest, config) -> None:

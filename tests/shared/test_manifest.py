@@ -154,6 +154,7 @@ def test_pack_unpack_round_trip_and_non_structured_manifest(tmp_path):
     assert packed.dtype == torch.uint8 and packed.numel() == 9
     assert torch.equal(unpack_mask(packed, mask.shape), mask)
     s = Shape.of(tiny_config("mistral"))
+    mask = torch.rand(s.hidden, s.intermediate, generator=g) > 0.25
     m = Manifest(BaseModelInfo("org/tiny"), s, Method("non-structured", "wanda", sparsity=0.5, nm=[2, 4]),
                  masks={"model.layers.0.mlp.down_proj": PackedMask.of(mask)})
     m.save(tmp_path)
@@ -162,8 +163,25 @@ def test_pack_unpack_round_trip_and_non_structured_manifest(tmp_path):
     assert loaded.method.nm == [2, 4] and loaded.kept_indices(1, "mlp.up_proj") == (None, None)
     with pytest.raises(LoramError, match="must not list kept indices"):
         Manifest(BaseModelInfo("x"), s, Method("non-structured", "wanda"), kept_kv_heads={1: torch.tensor([0])}).validate()
+    assert json.loads((tmp_path / "loram_manifest.json").read_text())["masks"]["model.layers.0.mlp.down_proj"][
+        "sparsity"] == pytest.approx(float((~mask).float().mean()), abs=1e-6)
     with pytest.raises(LoramError, match="must be one of"):
         Method("semi", "wanda")
+
+
+@pytest.mark.parametrize("name,shape,message", [
+    ("model.layers.0.mlp.down_proj", (5, 13), "differs from the weight's"),
+    ("model.layers.9.mlp.down_proj", None, "outside the layer range"),
+    ("layers.0.mlp.down_proj", None, "not a projection name"),
+    ("model.layers.0.mlp.act_fn", None, "not a projection name"),
+])
+def test_masks_are_checked_against_the_architecture(name, shape, message):
+    s = Shape.of(tiny_config("mistral"))
+    mask = torch.ones(shape or (s.hidden, s.intermediate), dtype=torch.bool)
+    m = Manifest(BaseModelInfo("x"), s, Method("non-structured", "magnitude", sparsity=0.5),
+                 masks={name: PackedMask.of(mask)})
+    with pytest.raises(LoramError, match=message):
+        m.validate()
 
 
 def test_verify_files_detects_tampering(tmp_path):
