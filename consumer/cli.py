@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from loram.consumer_commands import register as register_consumer
+from loram.hub_commands import register as register_hub
 from loram.plan import register as register_plan
 from loram.shared.cli_support import user_errors
 
@@ -70,6 +71,7 @@ def assets_path(name: Annotated[str, typer.Argument(help="`model` or a data spli
 
 
 register_consumer(app)
+register_hub(app)
 register_plan(app)
 
 

@@ -15,7 +15,6 @@ tensor and never loads a base model; slicing its output with the manifest gives 
 for bit.
 """
 
-import hashlib
 import json
 import re
 import shutil
@@ -32,6 +31,7 @@ from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import resolve_model
 from loram.shared.manifest import Manifest, sha256_file
+from loram.shared.model_cards import adapter_card
 from loram.shared.outputs import atomic_output_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -74,12 +74,12 @@ def read_adapter_config(folder: Path) -> dict:
     return config
 
 
-def pruned_manifest(adapter_config: dict) -> tuple[Path, Manifest]:
+def pruned_manifest(adapter_config: dict, endpoint: str | None = None) -> tuple[Path, Manifest]:
     """The pruned checkpoint an adapter was trained on (its `base_model_name_or_path`) and its manifest."""
     base = adapter_config.get("base_model_name_or_path")
     if not base:
         raise LoramError("the adapter's config names no base model (base_model_name_or_path)")
-    source = resolve_model(base, adapter_config.get("revision"))
+    source = resolve_model(base, adapter_config.get("revision"), endpoint)
     if not (source.path / "loram_manifest.json").is_file():
         raise LoramError(f"the adapter's base {base} has no loram_manifest.json: it is not a LoRAM pruned "
                          "checkpoint (was this adapter trained on the original model already?)")
@@ -114,7 +114,7 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     adapter_config = read_adapter_config(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise LoramError(f"{folder} has no {ADAPTER_WEIGHTS}")
-    pruned_dir, manifest = pruned_manifest(adapter_config)
+    pruned_dir, manifest = pruned_manifest(adapter_config, cfg.endpoint)
     arch = manifest.architecture
     specs = {m.path: m for m in PRUNED_MODULES}
     full_size = {"q": arch.num_heads * arch.head_dim, "kv": arch.num_kv_heads * arch.head_dim,
@@ -162,24 +162,3 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
                 shutil.copyfile(folder / extra, out / extra)
     return RecoverResult(Path(cfg.out), expanded, len(tensors) - expanded, base_id)
 
-
-def adapter_card(sidecar: dict, adapter_config: dict) -> str:
-    """The recovered adapter's model card (formats.md §4): base is the original model, relation adapter."""
-    original, pruned = sidecar["original_model"], sidecar["pruned_model"]
-    meta = {
-        "base_model": original["id"], "base_model_relation": "adapter", "library_name": "peft",
-        "pipeline_tag": "text-generation", "tags": ["loram", "lora", "peft"],
-        "loram": {"trained_on": pruned["id"], "trained_on_revision": pruned["revision"],
-                  "method": sidecar["method"], "fill": sidecar["fill"],
-                  "rank": adapter_config.get("r"), "alpha": adapter_config.get("lora_alpha"),
-                  "target_modules": sorted(adapter_config.get("target_modules") or [])},
-    }
-    import yaml
-
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    return (f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# LoRAM adapter for {original['id']}\n\n"
-            f"A LoRA adapter trained with LoRAM on the pruned model `{pruned['id']}` and recovered to the "
-            f"shapes of the original model `{original['id']}` (fill: {sidecar['fill']}).\n\n"
-            "```python\nfrom peft import AutoPeftModelForCausalLM\n"
-            "model = AutoPeftModelForCausalLM.from_pretrained(\"<this adapter>\")\n```\n\n"
-            f"<!-- loram card {digest} -->\n")

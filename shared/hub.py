@@ -1,13 +1,39 @@
-"""Where a model comes from: a local directory or a Hugging Face Hub repository at a revision.
+"""Where a model comes from, and how checkpoints travel through the Hugging Face Hub.
 
-Everything that talks to the Hub goes through huggingface_hub with an explicit endpoint when one is
-given; tokens come from huggingface_hub's own mechanisms and are never printed.
+A model is a local folder or a Hub repository at a revision (branch, tag or commit sha). Everything
+that talks to the Hub goes through huggingface_hub with the endpoint the user gave (None: the
+client's default, `HF_ENDPOINT` or huggingface.co). Tokens come from huggingface_hub's own
+mechanisms (`HF_TOKEN`, `hf auth login`); this module never takes, prints or writes one.
+
+Pull (`pull_repo`, and `resolve_model` for any command given a Hub id): `snapshot_download` at the
+named revision, so that with `HF_HUB_OFFLINE=1` a revision pulled before resolves from the local
+cache. Then every file is checked: a file the LoRAM manifest lists against the manifest's sha256,
+any other against the hash the Hub recorded for it. (The cache names each repo blob after its ETag:
+the sha256 for LFS and Xet files, the git blob id for the others. A Xet blob may link on to the
+cache-wide store, named by Xet hashes, so only the snapshot's own link counts.) A file that fails is
+removed from the cache, so the next pull fetches it again, and the pull stops with a LoramError
+naming it. A verified snapshot is remembered (file sizes, times and inodes) so later commands do not
+hash tens of GB again.
+
+Push (`push_files`): one commit of the given files on a branch, deleting what the branch holds but
+the push does not (`.gitattributes` aside); create_commit skips unchanged files, so pushing
+identical content makes no commit. Then an optional tag; an existing tag is never moved.
 """
 
+import hashlib
+import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loram.shared.assets import sha256_file
 from loram.shared.errors import LoramError
+from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS
+from loram.shared.outputs import atomic_file
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_KEEP_ON_HUB = {".gitattributes"}  # never deleted by a push
 
 
 @dataclass(frozen=True)
@@ -19,12 +45,36 @@ class ModelSource:
     revision: str | None  # the commit sha for Hub models, None for local folders
 
 
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    branch: str
+    commit: str  # the branch head after the push
+    changed: bool  # False: the branch already held exactly these files, no commit was made
+    tag: str | None
+    url: str
+
+    def summary(self) -> str:
+        what = f"committed {self.commit[:12]}" if self.changed else f"no changes (already at {self.commit[:12]})"
+        return f"{self.repo_id}@{self.branch}: {what}{f', tag {self.tag}' if self.tag else ''}\nurl: {self.url}"
+
+
+def looks_like_repo_id(text: str | Path) -> bool:
+    """Spelled like a Hub repository id, `ORG/NAME`."""
+    return bool(_HUB_ID.fullmatch(str(text))) and ".." not in str(text)
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """A Hub repository id that is not also an existing local path (which `resolve_model` prefers)."""
+    return looks_like_repo_id(name) and not Path(name).expanduser().exists()
+
+
 def resolve_model(name: str | Path, revision: str | None = None, endpoint: str | None = None,
                   required: str = "config.json", kind: str = "model checkpoint") -> ModelSource:
-    """A local directory as is; otherwise download repo `name` from the Hub at `revision`.
+    """A local directory as is; otherwise pull repo `name` from the Hub at `revision` (verified).
 
-    `required` is the file that makes a local folder a `kind` (config.json for models,
-    adapter_config.json for adapters)."""
+    `required` is the file that makes a folder a `kind` (config.json for models, adapter_config.json
+    for adapters)."""
     path = Path(name).expanduser()
     if path.exists():
         if not (path / required).is_file():
@@ -32,24 +82,207 @@ def resolve_model(name: str | Path, revision: str | None = None, endpoint: str |
         if revision:
             raise LoramError(f"--revision applies to Hub repositories, but {path} is a local folder")
         return ModelSource(path.resolve(), str(name), None)
-    if str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
+    if not is_hub_id(name):
         raise LoramError(f"model {name!r} is neither an existing folder nor a Hub repo id (ORG/NAME)")
-    from huggingface_hub import HfApi, snapshot_download
+    return pull_repo(str(name), revision, endpoint, required=required, kind=kind)
+
+
+def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = None, *,
+              required: str | None = None, kind: str = "model checkpoint") -> ModelSource:
+    """Download `repo_id` at `revision` (default main) into the Hub cache and verify every file."""
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
-        HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    where = f"{repo_id}@{revision or 'main'}"
     try:
-        info = HfApi(endpoint=endpoint).model_info(str(name), revision=revision)
-        folder = snapshot_download(str(name), revision=info.sha, endpoint=endpoint)
+        folder = Path(snapshot_download(repo_id, revision=revision or "main", endpoint=endpoint))
     except RevisionNotFoundError as e:
-        raise LoramError(f"revision {revision!r} not found in Hub repository {name}") from e
+        raise LoramError(f"revision {revision or 'main'!r} not found in Hub repository {repo_id}") from e
     except RepositoryNotFoundError as e:
-        raise LoramError(f"Hub repository {name} not found (or private without a token)") from e
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise LoramError(f"could not download {name} from the Hub ({type(e).__name__}); check the network, "
-                         "the --endpoint, or use a local folder") from e
-    return ModelSource(Path(folder), str(name), info.sha)
+        raise LoramError(f"Hub repository {repo_id} not found{_at(endpoint)} (or it is private: set HF_TOKEN "
+                         "or run `hf auth login`)") from e
+    except HFValidationError as e:
+        raise LoramError(f"{repo_id!r} is not a valid Hub repo id (ORG/NAME)") from e
+    except LocalEntryNotFoundError as e:  # offline, unreachable, or an incomplete cached snapshot
+        if constants.is_offline_mode():
+            raise LoramError(f"{where} is not (completely) in the local Hub cache and HF_HUB_OFFLINE=1 forbids "
+                             "downloading it; pull it once with network access") from e
+        raise LoramError(f"could not reach the Hub{_at(endpoint)} for {where} ({explain(e.__cause__ or e)}) and it "
+                         "is not in the local cache; check the network or --endpoint") from e
+    except Exception as e:
+        if _is_hub_failure(e):
+            raise LoramError(f"could not download {where} from the Hub ({explain(e)}); retry, or check "
+                             "the network or --endpoint") from e
+        raise
+    if required and not (folder / required).is_file():
+        raise LoramError(f"Hub repository {where} is not a {kind} (no {required})")
+    verify_snapshot(folder, where)
+    return ModelSource(folder, repo_id, folder.name)  # snapshots/<commit sha>
+
+
+# -- integrity --------------------------------------------------------------------------------------
+
+def verify_snapshot(folder: Path, where: str) -> None:
+    """Check every file of a downloaded snapshot (see the module docstring); evict the ones that fail."""
+    listed = _manifest_hashes(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    missing = sorted(set(listed) - set(files))
+    if missing:
+        raise LoramError(f"{where}: {missing[0]} is listed in {MANIFEST_JSON} but missing from the repository")
+    stamp = {name: _stat(folder / name) for name in files}
+    record = _record_path(folder)
+    if record.is_file() and json.loads(record.read_text()) == stamp:
+        return
+    failed = [(name, against) for name in files if (against := _mismatch(folder / name, listed.get(name)))]
+    for name, _ in failed:
+        _evict(folder / name)
+    if failed:
+        name, against = failed[0]
+        more = f" (and {len(failed) - 1} more file(s))" if len(failed) > 1 else ""
+        raise LoramError(f"{where}: {name}{more} does not match {against} (integrity check failed); the bad copies "
+                         "were removed from the cache: pull again to refetch them, and if this repeats the files "
+                         "were modified on the Hub")
+    with atomic_file(record) as tmp:
+        tmp.write_text(json.dumps(stamp))
+
+
+def _mismatch(path: Path, promised: str | None) -> str | None:
+    """What `path` fails to match, if anything: the manifest's sha256, or the hash its cache blob is named after."""
+    blob = Path(os.readlink(path)).name if path.is_symlink() else path.name  # one hop: blobs/<etag>
+    checks = [(MANIFEST_JSON, promised, "sha256")] if promised else []
+    if re.fullmatch(r"[0-9a-f]{64}", blob):
+        checks.append(("the Hub's LFS sha256", blob, "sha256"))
+    elif re.fullmatch(r"[0-9a-f]{40}", blob):
+        checks.append(("the Hub's git blob id", blob, "git"))
+    actual: dict[str, str] = {}
+    for against, expected, algo in checks:
+        if algo not in actual:
+            actual[algo] = sha256_file(path) if algo == "sha256" else _git_blob_id(path)
+        if actual[algo] != expected:
+            return against
+    return None
+
+
+def _manifest_hashes(folder: Path) -> dict[str, str]:
+    """file -> sha256 that the manifest promises (none without a manifest)."""
+    path = folder / MANIFEST_JSON
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {**data["files"], MANIFEST_TENSORS: data["tensors"]["sha256"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoramError(f"{MANIFEST_JSON} in {folder} is malformed ({type(e).__name__}: {e})") from e
+
+
+def _git_blob_id(path: Path) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stat(path: Path) -> list[int]:
+    s = path.stat()  # of the blob the snapshot links to
+    return [s.st_size, s.st_mtime_ns, s.st_ino]
+
+
+def _record_path(folder: Path) -> Path:
+    from loram.shared.cache import cache_dir
+
+    return cache_dir() / "hub-verified" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:32]}.json"
+
+
+def _evict(path: Path) -> None:
+    """Remove a snapshot file and what it links to (the repo's blob, and the cache-wide store entry that
+    blob may link to), so the next download fetches it again."""
+    chain = [path]
+    while chain[-1].is_symlink() and len(chain) < 8:
+        chain.append(Path(os.path.normpath(chain[-1].parent / os.readlink(chain[-1]))))
+    for link in chain:
+        link.unlink(missing_ok=True)
+
+
+# -- push -------------------------------------------------------------------------------------------
+
+def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | None = None, tag: str | None = None,
+               private: bool = False, endpoint: str | None = None, message: str = "Upload with loram") -> PushResult:
+    """Make branch `branch` (default main) of `repo_id` hold exactly `files` (path in repo -> local file or
+    bytes), creating the repository and the branch when missing; then tag the head with `tag`."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    if not looks_like_repo_id(repo_id):
+        raise LoramError(f"--repo-id {repo_id!r} must be a Hub repo id ORG/NAME")
+    branch = branch or "main"
+    api = HfApi(endpoint=endpoint)
+    stage = "create the repository"
+    try:
+        url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+        stage = f"create branch {branch}"
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        stage = "read the repository"
+        refs = api.list_repo_refs(repo_id)
+        head = {b.name: b.target_commit for b in refs.branches}[branch]
+        tags = {t.name: t.target_commit for t in refs.tags}
+        if tag is not None and tag in tags and tags[tag] != head:
+            raise LoramError(f"tag {tag!r} of {repo_id} already names commit {tags[tag][:12]}, not the head of "
+                             f"{branch}; tags are never moved, choose a new one")
+        remote = set(api.list_repo_files(repo_id, revision=head))
+        operations = [CommitOperationAdd(p, str(src) if isinstance(src, Path) else src) for p, src in sorted(files.items())]
+        operations += [CommitOperationDelete(p) for p in sorted(remote - set(files) - _KEEP_ON_HUB)]
+        stage = "upload and commit (nothing was committed)"
+        commit = api.create_commit(repo_id, operations, commit_message=message, revision=branch,
+                                   parent_commit=head).oid
+        if tag is not None and tag not in tags:
+            stage = f"tag commit {commit[:12]} as {tag} (the commit was made)"
+            api.create_tag(repo_id, tag=tag, revision=commit)
+        elif tag is not None and tags[tag] != commit:
+            raise LoramError(f"committed {commit[:12]} to {repo_id}@{branch}, but tag {tag!r} already names the "
+                             f"previous commit {tags[tag][:12]}; tags are never moved, choose a new one")
+    except LoramError:
+        raise
+    except Exception as e:
+        if _is_hub_failure(e):
+            raise LoramError(f"push to {repo_id}{_at(endpoint)} failed: could not {stage} ({explain(e)})") from e
+        raise
+    return PushResult(repo_id, branch, commit, commit != head, tag, url)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+def _at(endpoint: str | None) -> str:
+    return f" at {endpoint}" if endpoint else ""
+
+
+def _is_hub_failure(error: BaseException) -> bool:
+    """An HTTP, network or transfer failure somewhere in `error`'s chain (huggingface_hub wraps them)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, HfHubHTTPError | OSError) or type(seen).__module__.split(".")[0] in ("httpx", "httpx2"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def explain(error: BaseException) -> str:
+    """One line about a Hub failure: the HTTP status and the server's message, or the error's first line."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = error
+    while seen is not None and not isinstance(seen, HfHubHTTPError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is not None and seen.response is not None:
+        message = (seen.server_message or "").strip().splitlines()
+        return f"HTTP {seen.response.status_code}" + (f": {message[0]}" if message else "")
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+

@@ -19,3 +19,31 @@ def isolated_cache(tmp_path, monkeypatch):
     """An empty LORAM_CACHE for tests that must not touch the user's cache."""
     monkeypatch.setenv("LORAM_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+HUB_TOKEN = "hf_loramTestToken0123456789abcdefXYZ"  # planted: tests check it never leaks
+
+
+@pytest.fixture(params=["lfs", "regular"])
+def hub(request, tmp_path, monkeypatch):
+    """A loopback Hub (tests/hub_server.py) in LFS mode (Xet disabled) or all-inline mode, with an
+    isolated Hugging Face home, cache and LoRAM cache, and HF_TOKEN set to `HUB_TOKEN`."""
+    from hub_server import HubServer
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    env = {"HF_HOME": home, "HF_HUB_CACHE": home / "hub", "HF_TOKEN_PATH": home / "token",
+           "LORAM_CACHE": tmp_path / "loram-cache", "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+           "HF_HUB_DISABLE_XET": "1" if request.param == "lfs" else "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    # huggingface_hub reads these at import; the patched values act for this process, the env for children
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HF_TOKEN_PATH"):
+        monkeypatch.setattr(constants, name, str(env[name]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", request.param == "lfs")
+    with HubServer(mode=request.param, token=HUB_TOKEN) as server:
+        yield server

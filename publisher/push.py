@@ -1,0 +1,79 @@
+"""`loram publish push`: publish a pruned (or aligned) checkpoint to the Hugging Face Hub with its card.
+
+    loram publish push smollm2-p50 --repo-id ORG/smollm2-p50 --tag v1
+
+The recipe: read and validate the folder's manifest, check every file against the sha256 the manifest
+records (never publish what the manifest does not describe), render the model card (metadata from the
+manifest, alignment records, `eval*.json` results, the `prune_config.yaml` / `align_config.yaml`
+recipes), then commit exactly the manifest's files + the manifest + README.md to the branch and tag
+it. Files the branch held but the checkpoint does not are deleted; identical content makes no commit.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loram.shared.configs import Config, option
+from loram.shared.errors import LoramError
+from loram.shared.hub import PushResult, looks_like_repo_id, push_files
+from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, Manifest, verify_files
+from loram.shared.model_cards import card_metadata, pruned_card
+
+
+@dataclass
+class PushConfig(Config):
+    folder: Path = option(help="The pruned (or aligned) checkpoint folder to publish.", argument=True)
+    repo_id: str = option(help="Hub repository ORG/NAME (created when missing).")
+    revision: str | None = option(None, "Branch to commit to (created from main when missing); default main.")
+    tag: str | None = option(None, "Tag the pushed commit, e.g. v1 (an existing tag is never moved).")
+    private: bool = option(False, "Create the repository as private (no effect on an existing one).")
+    base_model: str | None = option(None, "Hub id of the original model for the card, when the manifest names a "
+                                          "local folder.")
+    license: str | None = option(None, "License for the card (default: the base model card's, when readable).")
+    message: str | None = option(None, "Commit message (default: names the method and the base model).")
+    endpoint: str | None = option(None, "Hub endpoint URL (default: huggingface.co or HF_ENDPOINT).")
+
+    def __post_init__(self):
+        if self.base_model is not None and not looks_like_repo_id(self.base_model):
+            raise LoramError(f"--base-model {self.base_model!r} must be a Hub repo id ORG/NAME")
+
+
+def checkpoint_files(folder: Path, manifest: Manifest) -> dict[str, Path]:
+    """What a push uploads: the files the manifest lists, and the manifest itself."""
+    names = sorted({*manifest.files, MANIFEST_JSON, MANIFEST_TENSORS})
+    return {name: folder / name for name in names}
+
+
+def push(config: PushConfig | None = None, **kwargs) -> PushResult:
+    """Publish `config.folder` to `config.repo_id` (see the module docstring)."""
+    cfg = config or PushConfig.resolve(**kwargs)
+    folder = Path(cfg.folder)
+    if not (folder / MANIFEST_JSON).is_file():
+        raise LoramError(f"{folder} has no {MANIFEST_JSON}: `loram publish push` publishes pruned checkpoints "
+                         "(`loram push` publishes recovered adapters)")
+    manifest = Manifest.load(folder)
+    verify_files(folder)
+    license = cfg.license or _base_license(manifest, cfg.endpoint)
+    card = pruned_card(folder, manifest, repo_id=cfg.repo_id, base_model=cfg.base_model, license=license)
+    files: dict[str, Path | bytes] = {**checkpoint_files(folder, manifest), "README.md": card.encode()}
+    message = cfg.message or (f"LoRAM {manifest.method.kind} pruning ({manifest.method.criterion}) of "
+                              f"{cfg.base_model or manifest.base.id}")
+    return push_files(cfg.repo_id, files, branch=cfg.revision, tag=cfg.tag, private=cfg.private,
+                      endpoint=cfg.endpoint, message=message)
+
+
+def _base_license(manifest: Manifest, endpoint: str | None) -> str | None:
+    """The license in the base model's card, from its folder or its Hub repository; None when unknown."""
+    base = Path(manifest.base.id).expanduser()
+    card = base / "README.md"
+    if manifest.base.revision:  # the base was pulled from the Hub at this commit
+        from huggingface_hub import hf_hub_download
+
+        try:
+            card = Path(hf_hub_download(manifest.base.id, "README.md", revision=manifest.base.revision,
+                                        endpoint=endpoint))
+        except Exception:  # no card, unreachable, private: the card simply names no license
+            return None
+    if not card.is_file():
+        return None
+    license = card_metadata(card.read_text(encoding="utf-8", errors="replace")).get("license")
+    return license if isinstance(license, str) else None
