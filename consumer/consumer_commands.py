@@ -8,10 +8,19 @@ from loram.shared.cli_support import add_config_command, print_table
 
 def _demo(cfg: DemoConfig) -> None:
     from loram.demo import run_demo
+    from loram.demo_report import DATA, memory_lines, pivot, verdicts
 
     report = run_demo(cfg)
-    print_table(report["results"])
-    typer.echo(f"\nreport: {cfg.out / 'report.md'}  ({report['wall_time_s']} s)")
+    rows = [{"variant": r["variant"], **{DATA[d].split(" (")[0]: f"{r[d]:.3f}" for d in DATA if d in r}}
+            for r in pivot(report)]
+    typer.echo("\nperplexity (response tokens; lower is better)")
+    print_table(rows)
+    typer.echo("")
+    for point, holds, text in verdicts(report):
+        typer.echo(f"point {point}: {'holds' if holds else 'does NOT hold'}: {text}")
+    for line in memory_lines(report):
+        typer.echo(line)
+    typer.echo(f"\nreport: {cfg.out / 'report.md'}  ({report['wall_time_s']:.0f} s)")
 
 
 def _train(cfg) -> None:
@@ -99,5 +108,6 @@ def register(app: typer.Typer) -> None:
     add_config_command(
         app, "demo", DemoConfig, _demo,
         help="Run the whole LoRAM loop on the embedded SmolLM2 and print the result table.",
-        examples=["loram demo", "loram demo --quick --out /tmp/demo"],
+        examples=["loram demo", "loram demo --quick --out /tmp/demo",
+                  "loram demo --endpoint http://127.0.0.1:8080 --repo-id me/smollm2-loram"],
     )

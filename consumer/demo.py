@@ -1,66 +1,241 @@
-"""`loram demo`: the whole LoRAM loop on the embedded SmolLM2, start to end, with a report.
+"""`loram demo`: the whole LoRAM loop on the embedded SmolLM2-135M-Instruct, with a report.
 
-Stages so far: obtain the model and data (cached), measure the original model's held-out
-perplexity. Later stages (prune, align, publish, train, recover, evaluate) extend this recipe.
+    assets -> prune (Taylor, ratio 0.5) -> align (Wikipedia) -> publish (local folder repository,
+    and a Hub endpoint when given) -> pull (verified) -> train QLoRA on GSM8K (LoRA when 4-bit is
+    unavailable) -> recover -> evaluate -> report.md + plots
+
+Next to LoRAM it trains LoRAM on the unaligned pruned model (does alignment help?) and LoRA on the
+original (the upper bound), and evaluates on held-out GSM8K (in-domain) and news (out-of-domain).
+Every stage runs the same commands a user would, in its own process (so each training's peak memory
+is its own), under `--out/stages/<name>/`; a stage whose inputs did not change is reused, so a
+re-run or a run after an interruption continues from the last completed stage.
 """
 
+import importlib.util
 import json
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from loram.shared.configs import Config, option
-from loram.shared.outputs import atomic_output_dir
+from loram.shared.errors import LoramError
+
+GSM8K_COLUMNS = "prompt=question,response=answer"
+# (full, --quick) defaults; docs/demo.md explains them.
+DEFAULTS = {
+    "calib_samples": (32, 8),
+    "align_steps": (200, 4),
+    "train_steps": (30, 3),
+    "eval_items": (100, 8),
+}
 
 
 @dataclass
 class DemoConfig(Config):
-    out: Path = option(Path("loram-demo"), "Folder for the report and every stage's output.")
-    quick: bool = option(False, "Smaller evaluation sets: a smoke run of a few minutes.")
-    overwrite: bool = option(True, "Replace an earlier report in --out.")
-    seq_len: int = option(256, "Tokens per evaluation window.")
+    out: Path = option(Path("loram-demo"), "Folder for the report, its plots and every stage's output.")
+    quick: bool = option(False, "A smoke run of a few minutes: tiny alignment, training and evaluation.")
+    ratio: float = option(0.5, "Structured pruning ratio (Taylor, layers [4, L-2)); 0.5 carries the effect at "
+                               "this model size, 0.75 does not (docs/demo.md).")
+    align_steps: int | None = option(None, "Alignment steps on the Wikipedia sample (default 200; --quick 4).")
+    train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 30; --quick 3).")
+    eval_items: int | None = option(None, "Held-out GSM8K items and news documents evaluated (default 100; "
+                                           "--quick 8).")
+    quant: str = option("auto", "Base-model precision for training: nf4 (QLoRA), none (LoRA), or auto "
+                                "(nf4 when bitsandbytes is installed).", choices=("auto", "nf4", "none"))
+    endpoint: str | None = option(None, "Also publish to this Hub endpoint and pull the model back from it.")
+    repo_id: str = option("loram-demo/smollm2-135m-loram", "Hub repository for --endpoint.")
+    seq_len: int = option(256, "Tokens per training and evaluation sequence.")
+
+    def __post_init__(self):
+        if not 0 < self.ratio < 1:
+            raise LoramError(f"--ratio must lie in (0, 1), got {self.ratio}")
+        for name in ("align_steps", "train_steps", "eval_items"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LoramError(f"--{name.replace('_', '-')} must be >= 1")
+
+    def setting(self, name: str) -> int:
+        value = getattr(self, name, None)
+        return value if value is not None else DEFAULTS[name][1 if self.quick else 0]
+
+    @property
+    def resolved_quant(self) -> str:
+        if self.quant != "auto":
+            return self.quant
+        return "nf4" if importlib.util.find_spec("bitsandbytes") else "none"
+
+
+def _log(msg: str) -> None:
+    print(f"[loram demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _loram(*args) -> None:
+    """Run one `loram` command as a user would; its output (progress included) goes to stderr."""
+    cmd = [sys.executable, "-m", "loram", *map(str, args)]
+    _log("$ loram " + " ".join(map(str, args)))
+    proc = subprocess.run(cmd, stdout=sys.stderr)
+    if proc.returncode == 130:
+        raise KeyboardInterrupt
+    if proc.returncode != 0:
+        raise LoramError(f"`loram {args[0]}` failed (exit {proc.returncode}); see its message above. Completed "
+                         "stages are kept: re-run `loram demo` to continue")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the demo recipe top to bottom; returns the report as a dict and writes it to `cfg.out`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Run (or reuse) every stage, then write the report into `cfg.out`; returns the report."""
+    from loram.demo_report import write_report
     from loram.shared import assets
-    from loram.shared.perplexity import perplexity, text_windows
-    from loram.shared.runtime import configure_threads
+    from loram.stages import Stages
 
     started = time.time()
-    threads = configure_threads()
+    out = Path(cfg.out)
+    stages = Stages(out / "stages", log=_log)
     model_dir, data_dir = assets.model_dir(), assets.data_dir()
-    # A stage is reused when its inputs did not change: same options, same verified assets.
-    inputs = {"config": {k: v for k, v in cfg.to_dict().items() if k != "overwrite"},
-              "assets": [json.loads((d / assets.RECORD_FILE).read_text())["sha256"] for d in (model_dir, data_dir)]}
-    previous = Path(cfg.out) / "report.json"
-    if previous.is_file():
-        report = json.loads(previous.read_text())
-        if report.get("inputs") == inputs:
-            print(f"[loram demo] inputs unchanged: reusing {previous}", file=sys.stderr)
-            return report
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    n_windows = 8 if cfg.quick else 40
-    sets = {
-        "wiki-heldout": text_windows(tokenizer, assets.read_texts("wiki-heldout"), cfg.seq_len, n_windows),
-        "news": text_windows(tokenizer, assets.read_texts("news"), cfg.seq_len, n_windows),
+    asset_key = [json.loads((d / assets.RECORD_FILE).read_text())["sha256"] for d in (model_dir, data_dir)]
+    quant, seq_len, n_eval = cfg.resolved_quant, cfg.seq_len, cfg.setting("eval_items")
+    train_args = ["--data", "gsm8k-train", "--columns", GSM8K_COLUMNS, "--quant", quant,
+                  "--steps", cfg.setting("train_steps"), "--lr", "3e-4", "--batch", "4", "--seq-len", seq_len,
+                  "--save-every", 1000, "--overwrite"]
+    train_key = {"args": train_args}
+
+    prune = stages.run("prune", {"assets": asset_key, "ratio": cfg.ratio, "samples": cfg.setting("calib_samples")},
+                       lambda f: _prune(model_dir, f, cfg))
+    align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len},
+                       lambda f: _align(prune.folder / "pruned", f, cfg))
+    publish = stages.run("publish", {"align": align.key, "endpoint": cfg.endpoint, "repo_id": cfg.repo_id},
+                         lambda f: _publish(align.folder / "aligned", f, cfg))
+    pulled = _pull(publish, cfg)
+    runs = {
+        "train-loram": (pulled, {"publish": publish.key}),
+        "train-loram-unaligned": (prune.folder / "pruned", {"prune": prune.key}),
+        "train-lora": (model_dir, {"assets": asset_key}),
     }
-    rows = []
-    for name, windows in sets.items():
-        ppl = perplexity(model, windows, desc=f"original on {name}")
-        rows.append({"model": "original (no fine-tuning)", "data": name, "tokens": windows.numel(),
-                     "perplexity": round(ppl, 3)})
-    report = {"model": str(model_dir), "threads": threads, "results": rows, "inputs": inputs,
-              "wall_time_s": round(time.time() - started, 1), "config": cfg.to_dict()}
-    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        lines = ["# LoRAM demo report", "", "| model | data | tokens | perplexity |", "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['data']} | {r['tokens']} | {r['perplexity']} |" for r in rows]
-        (out / "report.md").write_text("\n".join(lines) + "\n")
-        cfg.save(out / "demo_config.yaml")
+    trained = {name: stages.run(name, {**key, **train_key}, lambda f, m=model: _train(m, f, train_args))
+               for name, (model, key) in runs.items()}
+    recovered = stages.run("recover", {n: trained[n].key for n in ("train-loram", "train-loram-unaligned")},
+                           lambda f: _recover(trained, f))
+    variants = {
+        "original, no fine-tuning": (model_dir, None),
+        "LoRAM (aligned): recovered adapter on the original": (model_dir, recovered.folder / "aligned"),
+        "LoRAM without alignment": (model_dir, recovered.folder / "unaligned"),
+        "pruned + its adapter (train small, infer small)": (pulled, trained["train-loram"].folder / "adapter"),
+        "pruned (aligned), no fine-tuning": (pulled, None),
+        "LoRA on the original (upper bound)": (model_dir, trained["train-lora"].folder / "adapter"),
+    }
+    evaluated = stages.run("evaluate", {"stages": [s.key for s in stages.done.values()], "items": n_eval,
+                                        "seq_len": seq_len},
+                           lambda f: _evaluate(variants, n_eval, seq_len))
+    report = {
+        "config": cfg.to_dict(), "quant": quant, "model": str(model_dir),
+        "stages": {n: {"seconds": s.seconds, "reused": s.reused, "folder": str(s.folder)} for n, s in stages.done.items()},
+        "prune": prune.result, "align": align.result, "publish": publish.result,
+        "training": {n: t.result for n, t in trained.items()}, "results": evaluated.result["rows"],
+    }
+    report["wall_time_s"] = round(time.time() - started, 1)
+    write_report(report, out, cfg)
     return report
+
+
+def _prune(model_dir: Path, folder: Path, cfg: DemoConfig) -> dict:
+    from loram.shared.accounting import plan_params
+
+    _loram("publish", "prune", model_dir, "--method", "taylor", "--ratio", cfg.ratio,
+           "--samples", cfg.setting("calib_samples"), "--out", folder / "pruned")
+    plan = plan_params(json.loads((model_dir / "config.json").read_text()), "structured", cfg.ratio)
+    return {"path": str(folder / "pruned"), "original_params": plan.original_params,
+            "pruned_params": plan.training_params, "reduction": round(plan.reduction, 3),
+            "reduction_4bit": round(plan.reduction_4bit, 3)}
+
+
+def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:
+    steps = cfg.setting("align_steps")
+    _loram("publish", "align", pruned, "--data", "wiki", "--steps", steps, "--seq-len", cfg.seq_len,
+           "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
+           "--eval-windows", 8 if cfg.quick else 40, "--eval-every", max(1, steps // 4), "--save-every", steps,
+           "--out", folder / "aligned")
+    report = json.loads((folder / "aligned" / "align_report.json").read_text())
+    return {"path": str(folder / "aligned"), "steps": steps, "losses": report.get("losses", []),
+            "perplexities": [{"step": e["step"], "perplexity": e["perplexity"]} for e in report.get("evals", [])],
+            "tokens": report.get("tokens_seen"), "seconds": report.get("wall_time_s")}
+
+
+def _publish(aligned: Path, folder: Path, cfg: DemoConfig) -> dict:
+    """A local folder repository (the files a Hub repository would hold, with its card); also the Hub."""
+    from loram.publisher.push import checkpoint_files
+    from loram.shared.manifest import Manifest, verify_files
+    from loram.shared.model_cards import pruned_card
+
+    manifest = Manifest.load(aligned)
+    verify_files(aligned)
+    repo = folder / "repo"
+    repo.mkdir()
+    for name, path in checkpoint_files(aligned, manifest).items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, repo / name)
+    (repo / "README.md").write_text(pruned_card(aligned, manifest, repo_id=cfg.repo_id))
+    result = {"folder": str(repo), "files": len(list(repo.iterdir()))}
+    if cfg.endpoint:
+        from loram.publisher.push import push
+
+        pushed = push(folder=aligned, repo_id=cfg.repo_id, endpoint=cfg.endpoint)
+        result["hub"] = {"repo_id": cfg.repo_id, "endpoint": cfg.endpoint, "commit": pushed.commit}
+    return result
+
+
+def _pull(publish, cfg: DemoConfig) -> Path:
+    """The published model as a consumer gets it: every file checked against the manifest."""
+    from loram.shared.manifest import verify_files
+
+    hub = publish.result.get("hub")
+    if hub:
+        from loram.shared.hub import resolve_model
+
+        _log(f"pulling {hub['repo_id']}@{hub['commit'][:10]} from {hub['endpoint']}")
+        return resolve_model(hub["repo_id"], hub["commit"], hub["endpoint"]).path
+    repo = Path(publish.result["folder"])
+    verify_files(repo)
+    _log(f"pulled {repo}: every file matches the manifest")
+    return repo
+
+
+def _train(model: Path, folder: Path, args: list) -> dict:
+    _loram("train", model, *args, "--out", folder / "adapter")
+    report = json.loads((folder / "adapter" / "training_report.json").read_text())
+    keep = ("losses", "tokens_per_second", "peak_memory_bytes", "wall_time_s", "trainable_params")
+    return {"model": str(model), **{k: report.get(k) for k in keep}}
+
+
+def _recover(trained: dict, folder: Path) -> dict:
+    from loram.recover import recover
+
+    for name, src in (("aligned", "train-loram"), ("unaligned", "train-loram-unaligned")):
+        _log(f"$ loram recover {trained[src].folder / 'adapter'} --out {folder / name}")
+        recover(adapter=str(trained[src].folder / "adapter"), out=folder / name)
+    return {"aligned": str(folder / "aligned"), "unaligned": str(folder / "unaligned")}
+
+
+def _evaluate(variants: dict, n: int, seq_len: int) -> dict:
+    """Response-token perplexity of every variant on both sets; each model is loaded once."""
+    from loram.evaluate import load_spec
+    from loram.shared.perplexity import dataset_perplexity
+    from loram.shared.records import load_records
+    from loram.shared.runtime import configure_threads
+    from loram.shared.sft_format import SFTCollator, parse_columns, tokenize_sft
+
+    configure_threads()
+    sets = {"gsm8k-heldout": (load_records("gsm8k-heldout"), parse_columns(GSM8K_COLUMNS)),
+            "news": (load_records("news"), None)}
+    rows = []
+    for name, (model_path, adapter) in variants.items():
+        model, tokenizer = load_spec(str(model_path), str(adapter) if adapter else None, False)
+        collator = SFTCollator.for_tokenizer(tokenizer)
+        for data, (records, columns) in sets.items():
+            examples = tokenize_sft(records.select(range(min(n, len(records)))), tokenizer, seq_len, columns)
+            ppl, tokens = dataset_perplexity(model, examples, collator, 4, desc=f"{name} on {data}")
+            rows.append({"variant": name, "data": data, "perplexity": round(ppl, 4), "tokens": tokens})
+            _log(f"{name} on {data}: perplexity {ppl:.3f} over {tokens:,} tokens")
+        del model
+    return {"rows": rows}

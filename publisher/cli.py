@@ -47,11 +47,17 @@ def _register() -> None:
 
     add_config_command(
         app, "prune", PruneConfig, _prune,
-        help="Prune a model (structured, GQA-aware) into a loadable checkpoint with its pruning manifest.",
+        help="Prune a model into a loadable checkpoint with its pruning manifest: structured and GQA-aware "
+             "(random, l1, l2, taylor; --ratio), or non-structured (magnitude, wanda, sparsegpt; --sparsity or "
+             "--nm), layer by layer.",
         examples=[
             "loram publish prune $(loram assets path model) --method taylor --ratio 0.5 --out smollm2-p50",
             "loram publish prune meta-llama/Llama-3.1-70B --ratio 0.85 --layers 4:78 --out llama70b-p85",
             "loram publish prune BASE --scores smollm2-p50/importance.safetensors --ratio 0.6 --out smollm2-p60",
+            "loram publish prune $(loram assets path model) --method sparsegpt --sparsity 0.5 --samples 32 "
+            "--seq-len 256 --out smollm2-sgpt50",
+            "loram publish prune $(loram assets path model) --method wanda --nm 2:4 --samples 32 --seq-len 256 "
+            "--out smollm2-w24",
         ],
     )
 

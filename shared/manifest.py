@@ -15,6 +15,7 @@ manifests are equal bytes.
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -243,9 +244,12 @@ def fingerprint_mismatches(expected: dict[str, str], model_dir: str | Path) -> l
 
 
 def _blob_sha256(path: Path) -> str:
-    target = path.resolve()
-    if path.is_symlink() and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
-        return target.name
+    """A cache snapshot's file links (one hop) to `blobs/<sha256>` for LFS files; use that name. Further
+    hops (shared Xet storage) are named by other hashes, so only the first link counts."""
+    if path.is_symlink():
+        name = Path(os.readlink(path)).name
+        if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+            return name
     return sha256_file(path)
 
 

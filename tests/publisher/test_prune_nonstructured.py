@@ -164,3 +164,17 @@ def test_command_prints_the_sparsity_table(base):
     bad = subprocess.run([LORAM, "publish", "prune", base / "base", "--method", "l2", "--sparsity", "0.5",
                           "--out", base / "cli2"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "takes --ratio" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["llama-mha", "mistral", "qwen2"])
+def test_every_family_prunes_layer_by_layer(tmp_path, kind):
+    save_tiny_checkpoint(tmp_path / "base", kind)
+    (tmp_path / "c.txt").write_text("abc def ghi jkl mno pqr stu vwx yz. " * 200)
+    result = prune(base=str(tmp_path / "base"), out=tmp_path / "out", method="sparsegpt", nm="2:4",
+                   calib=str(tmp_path / "c.txt"), samples=3, seq_len=24)
+    model = AutoModelForCausalLM.from_pretrained(result.out)
+    assert model.config.model_type == kind.split("-")[0]
+    for name, packed in Manifest.load(result.out, config=model.config).masks.items():
+        assert bool((model.get_submodule(name).weight[~packed.unpack()] == 0).all()), name
+    logits = model(torch.arange(1, 20).unsqueeze(0)).logits
+    assert bool(torch.isfinite(logits).all())

@@ -1,0 +1,112 @@
+"""Run every benchmark of the project and write one results table that describes the machine.
+
+    python benchmarks/run_all.py                 # everything (about an hour on a 2-core CPU)
+    python benchmarks/run_all.py --only prune_sparse recover_70b
+    python benchmarks/run_all.py --index-only    # rebuild the table from the existing results
+    make bench                                   # the same as the first line
+
+Each benchmark runs as its own process with its default settings and writes
+`benchmarks/results/<name>.{md,json}`; this script then writes `benchmarks/results/README.md` and
+`benchmarks/results/summary.json`: the machine, one row per benchmark (its command, wall time,
+status and headline figures), followed by every benchmark's own table. Benchmarks report ratios
+against a baseline run side by side, so figures from noisy machines stay comparable.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import RESULTS, machine
+
+HERE = Path(__file__).parent
+
+
+def _gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# name -> (script arguments, headline from its JSON)
+BENCHMARKS = {
+    "prune_taylor": ([], lambda d: f"Taylor prune {d['time_ratio']}x the time and {d['peak_ratio']}x the peak of one "
+                                   "forward+backward over the calibration"),
+    "prune_quality": ([], lambda d: "held-out PPL relative to dense: " + ", ".join(
+        f"{r['method']}{'' if r['seed'] in ('-', 0) else ' s' + str(r['seed'])} {r['relative']}x"
+        for r in d["rows"][1:])),
+    "prune_sparse": ([], lambda d: "; ".join(
+        f"{r['step']} {r['mean_layer_s']} s/layer ({r['time_vs_reference']}x ref), "
+        f"{r['beyond_weights_mib']} MiB beyond weights" for r in d["rows"])),
+    "prune_sparse_quality": ([], lambda d: "held-out PPL relative to dense: " + ", ".join(
+        f"{r['method']} {r['setting']} {r['relative']}x" for r in d["rows"])),
+    "align_throughput": ([], lambda d: json.dumps(d.get("headline", ""))[1:-1]),
+    "train_loram": ([], lambda d: f"`loram train` step time {d['overhead']['ratio']}x a plain peft + Trainer script; "
+                                  + ", ".join(f"{k} {v['tokens_per_second']} tok/s" for k, v in d["runs"].items())),
+    "recover_70b": ([], lambda d: f"recovery {d['time_ratio']}x a plain copy, peak {d['peak_over_output']}x the "
+                                  "output size"),
+    "qloram_70b": (["--scale", "full"] if _gpu() else ["--scale", "tiny"], lambda d: d["verdict"]),
+    "loram_effect": ([], lambda d: "; ".join(f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
+}
+
+
+def _result_name(name: str, args: list[str]) -> str:
+    return "qloram_70b_tiny" if name == "qloram_70b" and "tiny" in args else name
+
+
+def run(names: list[str]) -> dict[str, dict]:
+    status = {}
+    for name in names:
+        args, _ = BENCHMARKS[name]
+        cmd = [sys.executable, str(HERE / f"{name}.py"), *args]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=HERE)
+        status[name] = {"command": f"python benchmarks/{name}.py {' '.join(args)}".strip(),
+                        "wall_s": round(time.perf_counter() - started, 1), "ok": proc.returncode == 0}
+    return status
+
+
+def index(status: dict[str, dict]) -> None:
+    previous = RESULTS / "summary.json"
+    rows = json.loads(previous.read_text())["benchmarks"] if previous.is_file() else {}
+    rows.update(status)
+    lines = ["# Benchmark results", "", "Made by `python benchmarks/run_all.py` (`make bench`).", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), "",
+             "| benchmark | command | wall time (s) | status | headline |", "|---|---|---|---|---|"]
+    sections = []
+    for name, (args, headline) in BENCHMARKS.items():
+        result = RESULTS / f"{_result_name(name, args)}.json"
+        row = rows.get(name, {"command": f"python benchmarks/{name}.py {' '.join(args)}".strip(), "wall_s": None,
+                              "ok": None})
+        try:
+            row["headline"] = headline(json.loads(result.read_text())) if result.is_file() else "not run yet"
+        except (KeyError, TypeError, ValueError) as e:
+            row["headline"] = f"(results in an older format: {type(e).__name__})"
+        rows[name] = row
+        state = {True: "ok", False: "FAILED", None: "earlier run"}[row["ok"]]
+        lines.append(f"| [{name}]({_result_name(name, args)}.md) | `{row['command']}` | {row['wall_s'] or '-'} | "
+                     f"{state} | {row['headline']} |")
+        md = result.with_suffix(".md")
+        if md.is_file():
+            sections.append(md.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1))
+    (RESULTS / "README.md").write_text("\n".join(lines) + "\n\n" + "\n".join(sections))
+    previous.write_text(json.dumps({"machine": machine(), "benchmarks": rows}, indent=2) + "\n")
+    print(f"results table: {RESULTS / 'README.md'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="+", choices=tuple(BENCHMARKS), help="run just these benchmarks")
+    ap.add_argument("--index-only", action="store_true", help="only rebuild the table from existing results")
+    args = ap.parse_args()
+    status = {} if args.index_only else run(args.only or list(BENCHMARKS))
+    index(status)
+    if not all(s["ok"] for s in status.values()):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

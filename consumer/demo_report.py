@@ -1,0 +1,133 @@
+"""The demo's report: the result table, what it shows (method.md §8 points 1-3), plots, report.md.
+
+Point 1: PPL(original, no FT) > PPL(LoRAM) >= PPL(LoRA on the original), in-domain.
+Point 2: PPL(pruned + its adapter, no recovery) >> PPL(LoRAM).
+Point 3: alignment lowers LoRAM's PPL.
+Each is checked on the numbers of this run and stated plainly, holding or not.
+"""
+
+import json
+from pathlib import Path
+
+from loram.shared.outputs import atomic_file
+
+ORIGINAL = "original, no fine-tuning"
+LORAM = "LoRAM (aligned): recovered adapter on the original"
+UNALIGNED = "LoRAM without alignment"
+SMALL = "pruned + its adapter (train small, infer small)"
+PRUNED = "pruned (aligned), no fine-tuning"
+LORA = "LoRA on the original (upper bound)"
+DATA = {"gsm8k-heldout": "GSM8K held-out (in-domain)", "news": "news (out-of-domain)"}
+
+
+def pivot(report: dict) -> list[dict]:
+    """One row per variant: perplexity on each evaluation set."""
+    rows: dict[str, dict] = {}
+    for r in report["results"]:
+        rows.setdefault(r["variant"], {"variant": r["variant"]})[r["data"]] = r["perplexity"]
+    return list(rows.values())
+
+
+def verdicts(report: dict) -> list[tuple[str, bool, str]]:
+    ppl = {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
+    out = []
+    for data in DATA:
+        o, lm, lo = ppl[(ORIGINAL, data)], ppl[(LORAM, data)], ppl[(LORA, data)]
+        out.append((f"1 ({data})", o > lm >= lo,
+                    f"original {o:.3f} > LoRAM {lm:.3f} >= LoRA on the original {lo:.3f}"))
+    s, lm = ppl[(SMALL, "gsm8k-heldout")], ppl[(LORAM, "gsm8k-heldout")]
+    out.append(("2", s > 2 * lm, f"train small, infer small {s:.3f} >> LoRAM {lm:.3f} ({s / lm:.1f}x)"))
+    a, u = ppl[(LORAM, "gsm8k-heldout")], ppl[(UNALIGNED, "gsm8k-heldout")]
+    out.append(("3", a < u, f"LoRAM with alignment {a:.3f} < without {u:.3f}"))
+    return out
+
+
+def memory_lines(report: dict) -> list[str]:
+    p, t = report["prune"], report["training"]
+    mib = {k: (v.get("peak_memory_bytes") or 0) / 2**20 for k, v in t.items()}
+    params = {k: v.get("trainable_params") for k, v in t.items()}
+    return [
+        f"parameters: original {p['original_params']:,}, pruned {p['pruned_params']:,}: {p['reduction']:.2f}x fewer "
+        f"({p['reduction_4bit']:.2f}x counting 4-bit weights as 1/4, the paper's QLoRAM convention)",
+        f"peak training memory ({report['quant']}, process peak RSS on CPU): LoRAM {mib['train-loram']:,.0f} MiB vs "
+        f"LoRA on the original {mib['train-lora']:,.0f} MiB ({mib['train-loram'] / max(mib['train-lora'], 1):.2f}x); "
+        f"trainable LoRA parameters {params['train-loram']:,} vs {params['train-lora']:,}",
+    ]
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = {"train-loram": "LoRAM (aligned pruned model)", "train-loram-unaligned": "LoRAM (unaligned)",
+              "train-lora": "LoRA on the original"}
+    for key, label in labels.items():
+        losses = report["training"][key].get("losses") or []
+        ax.plot([x["step"] for x in losses], [x["loss"] for x in losses], label=label)
+    ax.set(xlabel="step", ylabel="training loss (response tokens)", title="LoRA training on GSM8K")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(out / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    names.append("loss.png")
+    rows = pivot(report)
+    fig, axes = plt.subplots(1, len(DATA), figsize=(11, 4.5))
+    for ax, (data, title) in zip(axes, DATA.items(), strict=True):
+        values = [r.get(data, float("nan")) for r in rows]
+        ax.barh(range(len(rows)), values, color=["#888", "#1f77b4", "#9ecae1", "#d62728", "#ff9896", "#2ca02c"][:len(rows)])
+        ax.set_yticks(range(len(rows)), [r["variant"] for r in rows] if data == "gsm8k-heldout" else [""] * len(rows),
+                      fontsize=8)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set(title=title, xlabel="perplexity (log scale, lower is better)")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+    fig.tight_layout()
+    with atomic_file(out / "perplexity.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    names.append("perplexity.png")
+    return names
+
+
+def render(report: dict, plots: list[str]) -> str:
+    cfg = report["config"]
+    lines = ["# LoRAM demo report", "",
+             f"SmolLM2-135M-Instruct, structured Taylor pruning at ratio {cfg['ratio']}, aligned on the Wikipedia "
+             f"sample for {report['align']['steps']} steps, {report['quant']} LoRA (r=8) on the GSM8K fine-tune "
+             f"split; response-token perplexity on held-out GSM8K and on news text. Wall time "
+             f"{report['wall_time_s']:.0f} s{' (--quick: a smoke run, numbers are not meaningful)' if cfg['quick'] else ''}.",
+             "", "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]
+    for r in pivot(report):
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{r.get(d, float('nan')):.3f}" for d in DATA) + " |")
+    lines += ["", "## What it shows (method.md §8)", ""]
+    for point, holds, text in verdicts(report):
+        lines.append(f"- Point {point}: {'holds' if holds else 'does NOT hold'}: {text}.")
+    lines += ["", "## Size and memory", "", *[f"- {line}" for line in memory_lines(report)]]
+    perplexities = report["align"].get("perplexities") or []
+    if perplexities:
+        first, last = perplexities[0], perplexities[-1]
+        lines.append(f"- alignment: held-out Wikipedia perplexity of the pruned model {first['perplexity']:.2f} "
+                     f"(step {first['step']}) -> {last['perplexity']:.2f} (step {last['step']})")
+    if plots:
+        lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots]]
+    lines += ["", "## Stages", "", "| stage | seconds | reused |", "|---|---|---|"]
+    lines += [f"| {n} | {s['seconds']} | {'yes' if s['reused'] else 'no'} |" for n, s in report["stages"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path, cfg) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(report, out)
+    with atomic_file(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    with atomic_file(out / "report.md") as tmp:
+        tmp.write_text(render(report, plots))
+    cfg.save(out / "demo_config.yaml")
