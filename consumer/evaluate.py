@@ -30,6 +30,7 @@ class EvalConfig(Config):
     shots: int = option(0, "Few-shot examples from gsm8k-train for --gsm8k.")
     max_new_tokens: int = option(256, "Generation length for --gsm8k.")
     ignore_fingerprint: bool = option(False, "Evaluate an adapter on a base whose fingerprint differs.")
+    endpoint: str | None = option(None, "Hub endpoint URL for Hub ids (default: huggingface.co or HF_ENDPOINT).")
     json: bool = option(False, "Print one JSON object instead of a table.")
 
     def __post_init__(self):
@@ -48,7 +49,7 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return name or rest, model, adapter or None
 
 
-def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool):
+def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoint: str | None = None):
     """(model ready for inference, tokenizer) for one spec."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,9 +60,9 @@ def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool):
     if adapter:
         from loram.merge import load_with_adapter
 
-        peft_model, _, source = load_with_adapter(adapter, model, ignore_fingerprint)
+        peft_model, _, source = load_with_adapter(adapter, model, ignore_fingerprint, endpoint=endpoint)
         return peft_model.eval(), AutoTokenizer.from_pretrained(source.path)
-    source = resolve_model(model)
+    source = resolve_model(model, endpoint=endpoint)
     return (AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval(),
             AutoTokenizer.from_pretrained(source.path))
 
@@ -83,7 +84,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
     rows = []
     for spec in cfg.models:
         name, model_id, adapter = parse_spec(spec)
-        model, tokenizer = load_spec(model_id, adapter, cfg.ignore_fingerprint)
+        model, tokenizer = load_spec(model_id, adapter, cfg.ignore_fingerprint, cfg.endpoint)
         data = tokenize_sft(records, tokenizer, cfg.seq_len, columns)
         ppl, tokens = dataset_perplexity(model, data, SFTCollator.for_tokenizer(tokenizer), cfg.batch,
                                          desc=f"perplexity {name}")

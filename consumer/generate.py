@@ -20,6 +20,7 @@ class GenerateConfig(Config):
     temperature: float = option(0.0, "0 for greedy decoding.")
     seed: int = option(0, "Seed for sampling.")
     ignore_fingerprint: bool = option(False, "Use an adapter whose recorded base fingerprint differs.")
+    endpoint: str | None = option(None, "Hub endpoint URL for Hub ids (default: huggingface.co or HF_ENDPOINT).")
 
 
 def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str:
@@ -32,7 +33,7 @@ def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str
     from loram.evaluate import load_spec
 
     cfg = config or GenerateConfig.resolve(**kwargs)
-    model, tokenizer = load_spec(cfg.model, cfg.adapter, cfg.ignore_fingerprint)
+    model, tokenizer = load_spec(cfg.model, cfg.adapter, cfg.ignore_fingerprint, cfg.endpoint)
     if tokenizer.chat_template:
         enc = tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)

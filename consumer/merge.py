@@ -30,6 +30,7 @@ class MergeConfig(Config):
                                     "adapter's base.")
     ignore_fingerprint: bool = option(False, "Merge even if the base differs from the recorded fingerprint.")
     max_shard_size: str = option("5GB", "Largest safetensors shard.")
+    endpoint: str | None = option(None, "Hub endpoint URL for Hub ids (default: huggingface.co or HF_ENDPOINT).")
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
 
@@ -48,7 +49,7 @@ def check_original(adapter_dir: Path, base_dir: Path, ignore: bool) -> None:
 
 
 def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_fingerprint: bool = False,
-                      dtype=None):
+                      dtype=None, endpoint: str | None = None):
     """(peft model = original + adapter, adapter folder, base folder), with the fingerprint check."""
     import torch
     from peft import PeftModel
@@ -57,10 +58,10 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
     import loram  # noqa: F401
     from loram.shared.hub import resolve_model
 
-    adapter_dir = resolve_model(adapter, required="adapter_config.json", kind="peft adapter").path
+    adapter_dir = resolve_model(adapter, endpoint=endpoint, required="adapter_config.json", kind="peft adapter").path
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     source = resolve_model(base or adapter_cfg["base_model_name_or_path"],
-                           None if base else adapter_cfg.get("revision"))
+                           None if base else adapter_cfg.get("revision"), endpoint)
     check_original(adapter_dir, source.path, ignore_fingerprint)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32)
     return PeftModel.from_pretrained(model, adapter_dir), adapter_dir, source
@@ -73,7 +74,8 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
 
     cfg = config or MergeConfig.resolve(**kwargs)
     dtype = getattr(torch, DTYPES[cfg.dtype])
-    model, adapter_dir, source = load_with_adapter(cfg.adapter, cfg.base, cfg.ignore_fingerprint, dtype)
+    model, adapter_dir, source = load_with_adapter(cfg.adapter, cfg.base, cfg.ignore_fingerprint, dtype,
+                                                   cfg.endpoint)
     merged = model.merge_and_unload()
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
         merged.save_pretrained(out, max_shard_size=cfg.max_shard_size)

@@ -98,6 +98,13 @@ def test_prune_push_pull_train_recover_push_then_vanilla_peft_loads_it(hub, tmp_
     resolved = [path for method, path, status in hub.requests if "/org/tiny/resolve/" in path and status == 200]
     assert any(f"/resolve/{original_sha}/model.safetensors" in p for p in resolved)  # the original, at its commit
 
+    # `loram eval` reaches both the adapter and its original through the same endpoint
+    from loram.evaluate import evaluate
+
+    rows = evaluate(models=["original=org/tiny", "loram=org/tiny+org/tiny-lora"], data=str(tmp_path / "qa.jsonl"),
+                    columns="prompt=question,response=answer", limit=4, seq_len=48, endpoint=hub.url)
+    assert [r["name"] for r in rows] == ["original", "loram"] and rows[0]["perplexity"] != rows[1]["perplexity"]
+
 
 CLI_SCRIPT = """
 import sys
