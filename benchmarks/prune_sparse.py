@@ -8,9 +8,11 @@ blocks of the Wikipedia split at 50% unstructured sparsity over all 30 layers:
   produces the next layer's inputs (which any layer-sequential method pays). SparseGPT's ratio to it
   is the price of its column-by-column Optimal Brain Surgeon update.
 Memory beyond the weights is the process's peak RSS minus its RSS right after loading the model
-and the calibration tokens; the expectation is one layer (fp32), the calibration activations (the
+(every weight page touched: safetensors weights are memory-mapped and count only once read) and
+the calibration tokens; the expectation is one layer (fp32), the calibration activations (the
 inputs and outputs of a layer, samples x seq_len x hidden x 4 bytes each), the layer's statistics,
-and the transient activations of one chunk of 8 samples inside the layer.
+the transient activations of one chunk of 8 samples inside the layer, and the masks (1 bit per
+weight).
 Usage: python benchmarks/prune_sparse.py [--samples 32 --seq-len 256]
 """
 
@@ -36,6 +38,8 @@ configure_threads()
 path = assets.model_dir()
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 calib = token_blocks(AutoTokenizer.from_pretrained(path), 'wiki', {samples}, {seq_len})
+for p in model.parameters():  # fault the (memory-mapped) weights in, so the baseline holds them
+    float(p.detach().sum())
 layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
 result = dict(layer_mib=round(layer_bytes / 2**20, 1), rss_after_load_mib=round(rss() / 2**20, 1))
 """
@@ -73,14 +77,18 @@ def main() -> None:
     runs = {"reference": run_measured(REFERENCE.format(**fmt))}
     for method in ("wanda", "sparsegpt"):
         runs[method] = run_measured(PRUNE.format(method=method, **fmt))
-    hidden, inter, heads_dim = 576, 1536, 576  # SmolLM2-135M
+    hidden, inter, heads_dim, kv_dim, heads, layers = 576, 1536, 576, 192, 9, 30  # SmolLM2-135M
     activations = 2 * args.samples * args.seq_len * hidden * 4
     stats = {"wanda": 4 * (2 * hidden + heads_dim + inter), "sparsegpt": 4 * (2 * hidden ** 2 + heads_dim ** 2 + inter ** 2)}
+    masks = layers * hidden * (2 * heads_dim + 2 * kv_dim + 3 * inter) // 8  # 1 bit per weight
+    chunk = 8 * args.seq_len  # tokens of one chunk run through the layer at a time
+    transient = 4 * chunk * (4 * inter + 4 * hidden) + 2 * 4 * 8 * heads * args.seq_len ** 2  # MLP, q/k/v/o, scores
     rows = []
     for name, r in runs.items():
         per = r["per_layer"]
         beyond = r["peak_rss_mib"] - r["rss_after_load_mib"]
-        expected = r["layer_mib"] + (activations + stats.get(name, stats["sparsegpt"])) / 2**20
+        expected = r["layer_mib"] + (activations + stats.get(name, stats["sparsegpt"]) + transient
+                                     + (masks if name != "reference" else 0)) / 2**20
         rows.append({"step": name, "seconds": r["seconds"], "mean_layer_s": round(sum(per) / len(per), 3),
                      "max_layer_s": max(per), "peak_rss_mib": r["peak_rss_mib"],
                      "rss_after_load_mib": r["rss_after_load_mib"], "beyond_weights_mib": round(beyond, 1),
@@ -90,7 +98,9 @@ def main() -> None:
              f"calibration {args.samples} x {args.seq_len} tokens", "",
              "Fresh process per row, fp32, CPU. `reference`: one Hessian accumulation + one Cholesky per Hessian + "
              "the forward that feeds the next layer, per layer. `beyond weights`: peak RSS minus RSS after loading "
-             "the model; `expected`: one layer + calibration inputs and outputs + the layer's statistics.", "",
+             "the model (weights resident); `expected`: one layer + calibration inputs and outputs + the layer's "
+             "statistics + the transient activations of one chunk of 8 samples inside the layer + the bit-packed "
+             "masks of all layers.", "",
              "| step | total (s) | mean per layer (s) | max per layer (s) | time vs reference | peak RSS (MiB) | "
              "beyond weights (MiB) | expected (MiB) |", "|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['step']} | {r['seconds']} | {r['mean_layer_s']} | {r['max_layer_s']} | {r['time_vs_reference']}x | "

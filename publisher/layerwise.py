@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from loram.publisher.sparsity import Target, magnitude_mask, sparsegpt_, wanda_mask
 from loram.shared.architectures import PRUNED_MODULES
+from loram.shared.manifest import PackedMask
 
 NONSTRUCTURED_CRITERIA = ("magnitude", "wanda", "sparsegpt")
 NEEDS_INPUTS = ("wanda", "sparsegpt")
@@ -36,7 +37,9 @@ _STATS_OF = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_a
 
 @dataclass
 class LayerwiseResult:
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # "model.layers.{i}.{path}" -> keep-mask
+    # "model.layers.{i}.{path}" -> keep-mask, bit-packed at once (a bool mask per weight would cost
+    # as many bytes as the model has weights)
+    masks: dict[str, PackedMask] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)  # layer -> wall time to calibrate and prune it
 
 
@@ -134,7 +137,7 @@ def prune_layerwise(model, layers: range, criterion: str, target: Target, calib:
                     weight.mul_(mask.to(weight.device, weight.dtype))
                 else:
                     mask = sparsegpt_(weight, stats[_STATS_OF[spec.path]], target)
-                result.masks[f"model.layers.{i}.{spec.path}"] = mask.cpu()
+                result.masks[f"model.layers.{i}.{spec.path}"] = PackedMask.of(mask)
             del stats
         if chunks is not None and i < last - 1:
             with torch.no_grad():

@@ -13,6 +13,7 @@ temporary folder that is renamed onto `--out` when complete.
 """
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,6 @@ from loram.shared.manifest import (
     Calibration,
     Manifest,
     Method,
-    PackedMask,
     fingerprint,
 )
 from loram.shared.outputs import atomic_output_dir, check_output_dir
@@ -218,13 +218,13 @@ def _nonstructured(cfg, model, tokenizer, stock_config, shape: Shape, layers: ra
         raise LoramError(f"out of memory on {device} while pruning one layer; use fewer --samples or a shorter "
                          "--seq-len") from e
     params = sum(p.numel() for p in model.parameters())
-    zeros = sum(int((~m).sum()) for m in done.masks.values())
+    zeros = sum(math.prod(m.shape) - m.kept for m in done.masks.values())
     manifest = Manifest(
         base=base, architecture=shape,
         method=Method(kind="non-structured", criterion=cfg.method, sparsity=target.sparsity,
                       nm=None if target.nm is None else list(target.nm), layers=[layers.start, layers.stop],
                       calibration=calibration, seed=cfg.seed),
-        masks={name: PackedMask.of(mask) for name, mask in done.masks.items()},
+        masks=done.masks,
     )
 
     def write(out: Path) -> None:

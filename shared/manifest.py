@@ -68,11 +68,14 @@ class PackedMask:
         return unpack_mask(self.bits, self.shape)
 
     @property
+    def kept(self) -> int:
+        """Number of weights kept (True in the mask)."""
+        return int(np.unpackbits(self.bits.cpu().numpy(), count=math.prod(self.shape)).sum())
+
+    @property
     def sparsity(self) -> float:
         """Fraction of weights pruned (False in the mask)."""
-        numel = math.prod(self.shape)
-        kept = int(np.unpackbits(self.bits.cpu().numpy(), count=numel).sum())
-        return round(1 - kept / numel, 6)
+        return round(1 - self.kept / math.prod(self.shape), 6)
 
 
 @dataclass
