@@ -49,9 +49,11 @@ def _param_for(field, hint) -> inspect.Parameter:
     if meta.get("argument"):
         info = typer.Argument(show_default=False, metavar=field.name.upper(), **kwargs)
     else:
-        names = [f"--{(meta.get('flag') or field.name).replace('_', '-')}"]
-        if tp is bool:
-            names = [f"{names[0]}/--no-{names[0][2:]}"]
+        flag = (meta.get("flag") or field.name).replace("_", "-")
+        names = [f"--{flag}"]
+        if tp is bool:  # `flag="on-name/off-name"` names both sides; otherwise --x/--no-x
+            on, _, off = flag.partition("/")
+            names = [f"--{on}/--{off or 'no-' + on}"]
         default = field.default if field.default is not inspect.Parameter.empty else None
         shown = default if default.__class__.__name__ != "_MISSING_TYPE" else None
         info = typer.Option(*names, show_default=str(shown) if shown not in (None, "") else False, **kwargs)

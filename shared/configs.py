@@ -21,7 +21,8 @@ REQUIRED = dataclasses.MISSING
 
 def option(default: Any = REQUIRED, help: str = "", *, argument: bool = False, choices=None, flag=None):
     """A config field with its one-line help. `argument=True` makes it positional on the CLI;
-    `choices` restricts a string; `flag` names the CLI flag when it differs from the field name."""
+    `choices` restricts a string; `flag` names the CLI flag when it differs from the field name (for a bool,
+    `"on-name/off-name"` names both switches, e.g. `"freeze-lm-head/train-lm-head"`)."""
     meta = {"help": help, "argument": argument, "choices": choices, "flag": flag}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)

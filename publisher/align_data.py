@@ -1,0 +1,185 @@
+"""Alignment data: text sources streamed, tokenized, packed into blocks of L tokens and mixed by weight.
+
+    --data wiki:1 --data corpus.jsonl:3   ->   one endless stream of {"input_ids": [L token ids]}
+
+Sources (`SOURCE[:WEIGHT]`, weight 1 when omitted):
+- a built-in split: `wiki`, `wiki-heldout`, `news` (the embedded Wikipedia sample and news corpus);
+- a `.txt` file (one document per paragraph, paragraphs separated by blank lines);
+- a `.jsonl` / `.json` / `.parquet` file, or a folder written by `Dataset.save_to_disk`: the `text` column.
+Files are read by the `datasets` library in streaming mode (a saved dataset is memory-mapped), so a large
+corpus is never loaded whole.
+
+Packing: each document is tokenized without special tokens and followed by a blank line ("\\n\\n", the
+separator calibration text uses too); documents are concatenated and cut into blocks of exactly L tokens
+(the partial block at the end of a pass is dropped). A block is one training sequence, labels = inputs.
+
+Mixing: each source's blocks repeat endlessly and `datasets.interleave_datasets` draws the source of every
+block with probabilities weight / sum(weights), seeded. The weights are therefore fractions of training
+tokens, whatever the sources' sizes: a small source is repeated, a large one is sampled. A seeded shuffle
+buffer of blocks then breaks up runs of consecutive blocks from one long document. The stream is a pure
+function of (sources, tokenizer, L, seed), which is what makes `--resume` exact: the Trainer re-reads and
+skips the blocks already trained on.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from loram.shared import assets
+from loram.shared.errors import LoramError
+from loram.shared.text_sources import TEXT_SPLITS
+
+SEPARATOR = "\n\n"
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TOKENIZE_BATCH = 64  # documents per tokenizer call
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `--data` entry: where the text is and its share of the training tokens (before normalizing)."""
+
+    name: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str) -> "Source":
+        """`SOURCE[:WEIGHT]`; a trailing `:x` that is not a number is part of the name only if that path exists."""
+        name, sep, tail = str(spec).rpartition(":")
+        if not sep:
+            return cls(str(spec))
+        try:
+            weight = float(tail)
+        except ValueError:
+            if Path(spec).exists():
+                return cls(str(spec))
+            raise LoramError(f"--data {spec}: weight {tail!r} is not a number; write SOURCE or SOURCE:WEIGHT") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise LoramError(f"--data {spec}: the weight must be a positive number, got {tail}")
+        if not name:
+            raise LoramError(f"--data {spec}: names no source; write SOURCE or SOURCE:WEIGHT")
+        return cls(name, weight)
+
+
+def probabilities(sources: list[Source]) -> list[float]:
+    total = sum(s.weight for s in sources)
+    return [s.weight / total for s in sources]
+
+
+def check_source(name: str) -> None:
+    """Refuse a source that is neither a built-in split, a supported file nor a saved dataset folder."""
+    if name in TEXT_SPLITS:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise LoramError(f"data source {name!r} is neither a file, a saved dataset folder nor a built-in "
+                         f"name ({', '.join(TEXT_SPLITS)})")
+    if path.suffix.lower() not in FILE_BUILDERS:
+        raise LoramError(f"data source {path} must be {', '.join(FILE_BUILDERS)} or a folder saved with "
+                         "Dataset.save_to_disk")
+
+
+def _text_dataset(name: str):
+    """The source's records as a streaming `datasets.IterableDataset` (or a memory-mapped saved dataset)."""
+    import datasets
+
+    from loram.shared.records import quiet_datasets
+
+    check_source(name)
+    path = assets.data_path(name) if name in TEXT_SPLITS else Path(name).expanduser()
+    with quiet_datasets():
+        if path.is_dir():
+            try:
+                saved = datasets.load_from_disk(str(path))
+            except Exception as e:  # FileNotFoundError for a plain folder; others for a broken one
+                raise LoramError(f"folder {path} is not a dataset saved with Dataset.save_to_disk") from e
+            if isinstance(saved, datasets.DatasetDict):
+                if "train" not in saved:
+                    raise LoramError(f"saved dataset {path} has no 'train' split (it has {', '.join(saved)})")
+                saved = saved["train"]
+            return saved.to_iterable_dataset()
+        builder = FILE_BUILDERS[path.suffix.lower()]
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
+
+
+def iter_texts(name: str) -> Iterator[str]:
+    """The documents of a source, in order, streamed."""
+    try:
+        for record in _text_dataset(name):
+            text = record.get("text")
+            if not isinstance(text, str):
+                raise LoramError(f"data source {name}: every record needs a string field 'text' "
+                                 f"(found {', '.join(record) or 'no fields'})")
+            if text.strip():
+                yield text
+    except LoramError:
+        raise
+    except Exception as e:  # the datasets readers raise many types; all mean "this file is unreadable"
+        raise LoramError(f"could not read data source {name} ({type(e).__name__}: {e})") from e
+
+
+def iter_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:
+    """One pass over a source as packed blocks {"input_ids": [seq_len ids]} (see the module docstring)."""
+    buffer: list[int] = []
+    docs = iter_texts(name)
+    while batch := list(islice(docs, TOKENIZE_BATCH)):
+        for ids in tokenizer([t + SEPARATOR for t in batch], add_special_tokens=False)["input_ids"]:
+            buffer.extend(ids)
+        start = 0
+        while len(buffer) - start >= seq_len:
+            yield {"input_ids": buffer[start:start + seq_len]}
+            start += seq_len
+        del buffer[:start]
+
+
+def _blocks_dataset(name: str, tokenizer, seq_len: int):
+    import datasets
+
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
+    return datasets.IterableDataset.from_generator(
+        iter_blocks, features=features, gen_kwargs={"name": name, "tokenizer": tokenizer, "seq_len": seq_len})
+
+
+def mixture(sources: list[Source], tokenizer, seq_len: int, seed: int = 0, shuffle_buffer: int = 1000):
+    """The endless, seeded training stream of packed blocks drawn from `sources` by weight.
+
+    Every source must hold at least one block of `seq_len` tokens; a source that does not (empty, or
+    too short) is refused here, before any training, with a one-line LoramError.
+    """
+    import datasets
+
+    from loram.shared.records import quiet_datasets
+
+    for s in sources:
+        with quiet_datasets():  # a broken file fails here, as one LoramError without datasets' own log line
+            first = next(iter_blocks(s.name, tokenizer, seq_len), None)
+        if first is None:
+            raise LoramError(f"data source {s.name} is empty or shorter than one block of --seq-len {seq_len} "
+                             "tokens; give more text or a shorter --seq-len")
+    streams = [_blocks_dataset(s.name, tokenizer, seq_len).repeat(None) for s in sources]
+    mixed = datasets.interleave_datasets(streams, probabilities=probabilities(sources), seed=seed,
+                                         stopping_strategy="first_exhausted")  # endless: no source runs out
+    return mixed.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else mixed
+
+
+def eval_blocks(name: str, tokenizer, seq_len: int, count: int) -> list[dict]:
+    """The first `count` packed blocks of a (held-out) source: a fixed evaluation set."""
+    from loram.shared.records import quiet_datasets
+
+    with quiet_datasets():
+        blocks = list(islice(iter_blocks(name, tokenizer, seq_len), count))
+    if not blocks:
+        raise LoramError(f"evaluation source {name} is empty or shorter than one block of --seq-len {seq_len} tokens")
+    return blocks
+
+
+def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Blocks -> {"input_ids", "labels"} LongTensors [batch, seq_len]; the model shifts labels itself."""
+    ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "labels": ids.clone()}

@@ -1,0 +1,129 @@
+"""The Trainer behind `loram publish align`: checkpoints that are pruned checkpoints, masks kept, optional KD.
+
+- `AlignTrainer` extends `SafeCheckpointTrainer` (pickle-free, atomic, exactly resumable checkpoints) so
+  that every `checkpoint-N` is also a loadable pruned checkpoint: the weights are written by
+  `save_pruned_checkpoint` (config with `auto_map`, `modeling_loram.py`, tokenizer) and, once every rank
+  has written its files, rank 0 adds the manifest carried forward with an alignment record for step N.
+- Distillation (optional, beyond the paper): with a teacher (the original model), the training loss is
+
+      loss = (1 - w) * CE(student, next token) + w * KL(softmax(teacher) || softmax(student))
+
+  at temperature 1, averaged over the same next-token positions as the LM loss. Evaluation reports
+  the LM loss alone, so held-out perplexity means the same with and without distillation.
+- `MaskKeeper` re-applies non-structured pruning masks after every optimizer step (method.md §3,
+  ours): AdamW moves pruned weights away from zero on the first step otherwise.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from loram.shared.checkpoints import SafeCheckpointTrainer
+from loram.shared.errors import LoramError
+from loram.shared.manifest import PackedMask
+from loram.shared.pruned_model import save_pruned_checkpoint
+
+
+class AlignTrainer(SafeCheckpointTrainer):
+    """`SafeCheckpointTrainer` whose checkpoints carry the pruning manifest; optional distillation.
+
+    `write_manifest(folder, step)` is called on rank 0 after every rank has written its part of a
+    checkpoint, before the checkpoint is renamed into place (so its sha256 list covers every file).
+    """
+
+    def __init__(self, *args, write_manifest: Callable[[Path, int], None], teacher=None, kd_weight: float = 0.0,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.write_manifest = write_manifest
+        self.teacher, self.kd_weight = teacher, kd_weight
+        self._parts = {"lm_loss": [], "kd_loss": []}  # per micro-batch, drained into each log line
+
+    # -- checkpoints --
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The weights as a pruned checkpoint (safetensors, auto_map, modeling file, tokenizer)."""
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_pruned_checkpoint(model, output_dir or self.args.output_dir, self.processing_class)
+
+    def _write_checkpoint(self, out: Path, run_dir: Path) -> None:
+        super()._write_checkpoint(out, run_dir)
+        self.accelerator.wait_for_everyone()  # every rank's rng_state_<i> is in `out` before it is hashed
+        if self.args.should_save:
+            self.write_manifest(out, self.state.global_step)
+
+    # -- loss --
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.teacher is not None and model.training:
+            kd_sum, positions = self._kd_sum(outputs.logits, inputs["input_ids"])
+            # Normalize the KL term exactly as the Trainer normalized the LM loss: by the number of target
+            # tokens of the whole accumulated (and, across ranks, gathered) batch when it is known.
+            scale = 1.0 / positions
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                scale = 1.0 / float(num_items_in_batch)
+                if self.args.average_tokens_across_devices:
+                    scale *= self.accelerator.num_processes
+            kd = kd_sum * scale
+            self._parts["lm_loss"].append(loss.detach().float() / (scale * positions))
+            self._parts["kd_loss"].append(kd.detach().float() / (scale * positions))
+            loss = (1.0 - self.kd_weight) * loss + self.kd_weight * kd
+        return (loss, outputs) if return_outputs else loss
+
+    def _kd_sum(self, student_logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Sum over positions [b, t-1] of KL(teacher || student) on the vocabulary, and the position count."""
+        if next(self.teacher.parameters()).device != student_logits.device:
+            self.teacher.to(student_logits.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids).logits[:, :-1]     # [b, t-1, vocab]
+        student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)         # [b, t-1, vocab]
+        teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+        kl = F.kl_div(student, teacher, log_target=True, reduction="sum")       # sum p_t (log p_t - log p_s)
+        return kl, student.shape[0] * student.shape[1]
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Add this rank's mean LM and KD losses since the last log line (distillation only)."""
+        if "loss" in logs and self._parts["kd_loss"]:
+            for key, values in self._parts.items():
+                logs[key] = round(torch.stack(values).mean().item(), 6)
+                values.clear()
+        super().log(logs, *args, **kwargs)
+
+
+class MaskKeeper(TrainerCallback):
+    """Zero the pruned weights of a non-structured model at the start and after every optimizer step.
+
+    Holds one bool tensor per masked weight (1 byte per weight, next to 16 bytes of fp32 weight,
+    gradient and Adam state), on the weight's device.
+    """
+
+    def __init__(self, model, masks: dict[str, PackedMask]):
+        self.pruned: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        for name, packed in sorted(masks.items()):
+            try:
+                weight = model.get_submodule(name).weight
+            except AttributeError as e:
+                raise LoramError(f"mask {name}: the model has no such module with a weight") from e
+            if tuple(weight.shape) != tuple(packed.shape):
+                raise LoramError(f"mask {name}: shape {list(packed.shape)} does not match the weight "
+                                 f"{list(weight.shape)}")
+            self.pruned.append((weight, ~packed.unpack()))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for i, (weight, pruned) in enumerate(self.pruned):
+            if pruned.device != weight.device:
+                pruned = pruned.to(weight.device)
+                self.pruned[i] = (weight, pruned)
+            weight.masked_fill_(pruned, 0.0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.apply()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.apply()

@@ -1,0 +1,285 @@
+"""`loram publish align` on tiny pruned models: outputs, frozen lm_head, masks kept, resume, mixing, errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from tiny_models import save_tiny_checkpoint, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import loram  # noqa: F401  (registers the pruned model types)
+from loram.publisher.align import AlignConfig, align
+from loram.publisher.align_data import Source, eval_blocks, iter_texts, mixture
+from loram.publisher.prune import prune
+from loram.shared.architectures import LINEAR_NAMES, Shape
+from loram.shared.errors import LoramError
+from loram.shared.manifest import BaseModelInfo, Manifest, Method, PackedMask, verify_files
+
+LORAM = str(Path(sys.executable).parent / "loram")
+TEXT = "LoRAM trains a low-rank adapter on a pruned model, then recovers it for the original model. " * 150
+PROJECTIONS = [f"{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}" for n in LINEAR_NAMES]
+
+
+def _nonstructured_checkpoint(folder: Path, kind: str = "llama-mha", layers=(1, 5)) -> dict[str, torch.Tensor]:
+    """A tiny model with half of each projection's weights zeroed by magnitude in `layers`, and its manifest
+    (the format the non-structured pruner writes); returns the kept masks."""
+    model = save_tiny_checkpoint(folder, kind)
+    masks = {}
+    with torch.no_grad():
+        for i in range(*layers):
+            for path in PROJECTIONS:
+                name = f"model.layers.{i}.{path}"
+                weight = model.get_submodule(name).weight
+                keep = weight.abs() > weight.abs().flatten().median()
+                weight.mul_(keep)
+                masks[name] = keep
+    model.save_pretrained(folder)
+    Manifest(base=BaseModelInfo("tiny-dense"), architecture=Shape.of(model.config),
+             method=Method(kind="non-structured", criterion="magnitude", sparsity=0.5, layers=list(layers)),
+             masks={n: PackedMask.of(m) for n, m in masks.items()}).save(folder)
+    return masks
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    save_tiny_checkpoint(root / "base", "llama-gqa")  # tied embeddings
+    prune(base=str(root / "base"), out=root / "pruned", method="l2", ratio=0.5, layers="1:5")
+    save_tiny_checkpoint(root / "base-untied", "llama-mha")
+    prune(base=str(root / "base-untied"), out=root / "pruned-untied", method="l2", ratio=0.5, layers="1:5")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def _align(root, out, **kwargs):
+    args = dict(pruned=str(root / "pruned"), data=[str(root / "text.txt")], steps=6, seq_len=32, batch=4, lr=1e-3,
+                save_every=3, out=root / out)
+    return align(AlignConfig(**{**args, **kwargs}))
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_output_and_every_checkpoint_are_pruned_checkpoints_with_an_alignment_record(root):
+    result = _align(root, "a", eval_data=str(root / "text.txt"), eval_windows=4, eval_every=3)
+    out = result.out
+    before, after = _state(root / "pruned"), _state(out)
+    # the aligned model keeps the pruned shapes and trains every weight but the (tied) lm_head
+    assert after.keys() == before.keys() and all(after[k].shape == before[k].shape for k in after)
+    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # tied: frozen too
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert "model.layers.2.self_attn.q_proj.weight" in changed and "model.norm.weight" in changed
+    assert result.report["frozen"] == ["model.embed_tokens.weight", "lm_head.weight"]
+
+    for folder, steps, complete in [(out, 6, True), (out / "checkpoints" / "checkpoint-3", 3, False)]:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert model.config.model_type == "loram_llama"
+        manifest = Manifest.load(folder, model.config)
+        verify_files(folder)  # the sha256 list covers every file, checkpoint state included
+        record = manifest.alignment[-1]
+        assert (record["steps"], record["complete"], record["tokens"]) == (steps, complete, steps * 4 * 32)
+        assert record["data"] == [{"source": str(root / "text.txt"), "weight": 1.0}]
+        assert (record["lr"], record["seq_len"], record["global_batch"], record["lm_head"]) == (1e-3, 32, 4, "frozen")
+        assert record["eval"]["step"] == steps and record["eval"]["blocks"] == 4
+    assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in out.rglob("*"))
+
+    report = json.loads((out / "align_report.json").read_text())
+    assert [r["step"] for r in report["losses"]] == [1, 2, 3, 4, 5, 6]
+    assert report["losses"][-1]["loss"] < report["losses"][0]["loss"]  # it learns
+    assert [e["step"] for e in report["evals"]] == [0, 3, 6]
+    assert report["evals"][-1]["perplexity"] < report["evals"][0]["perplexity"]
+    assert result.perplexities == [(e["step"], e["perplexity"]) for e in report["evals"]]
+    assert report["record"]["eval"]["perplexity"] == report["evals"][-1]["perplexity"]
+    assert report["tokens_seen"] == 6 * 4 * 32 and report["tokens_per_second"] > 0
+    assert report["peak_memory_bytes"] > 2**20 and report["wall_time_s"] > 0
+    assert report["config"]["data"] == [str(root / "text.txt")]
+    assert AlignConfig.resolve(out / "align_config.yaml") == AlignConfig.resolve(**report["config"])
+    # the manifest is carried forward: same plan, one more record
+    original = Manifest.load(root / "pruned")
+    aligned = Manifest.load(out)
+    assert aligned.pruned_layers == original.pruned_layers and len(aligned.alignment) == len(original.alignment) + 1
+    assert all(torch.equal(aligned.kept_mlp_channels[i], original.kept_mlp_channels[i]) for i in original.pruned_layers)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_untied_model_freezes_only_lm_head(root, freeze):
+    result = _align(root, f"untied-{freeze}", pruned=str(root / "pruned-untied"), steps=2, freeze_lm_head=freeze)
+    before, after = _state(root / "pruned-untied"), _state(result.out)
+    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"]) == freeze
+    assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert result.report["frozen"] == (["lm_head.weight"] if freeze else [])
+    assert Manifest.load(result.out).alignment[-1]["lm_head"] == ("frozen" if freeze else "trained")
+
+
+def test_nonstructured_masks_keep_their_zeros(root, monkeypatch):
+    masks = _nonstructured_checkpoint(root / "sparse")
+    dense = _state(root / "sparse")
+    result = _align(root, "sparse-out", pruned=str(root / "sparse"), steps=5, lr=1e-2, save_every=2)
+    for folder in (result.out, result.out / "checkpoints" / "checkpoint-4"):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert model.config.model_type == "llama"  # the stock architecture, zeros in the weights
+        manifest = Manifest.load(folder, model.config)
+        assert manifest.method.kind == "non-structured" and manifest.masks.keys() == masks.keys()
+        for name, keep in masks.items():
+            weight = model.get_submodule(name).weight
+            assert torch.equal(weight == 0, ~keep), name  # the same zeros, no new ones
+            assert not torch.equal(weight, dense[f"{name}.weight"]), name  # the kept weights did train
+    # Without re-applying, the same run fills the zeros in: the check above is not vacuous.
+    from loram.publisher.align_trainer import MaskKeeper
+
+    monkeypatch.setattr(MaskKeeper, "apply", lambda self: None)
+    leaky = _align(root, "sparse-leaky", pruned=str(root / "sparse"), steps=2, lr=1e-2)
+    weight = AutoModelForCausalLM.from_pretrained(leaky.out).get_submodule("model.layers.1.mlp.up_proj").weight
+    assert int((weight == 0).sum()) < int((~masks["model.layers.1.mlp.up_proj"]).sum())
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(root):
+    text = dict(eval_data=str(root / "text.txt"), eval_windows=2, eval_every=3)
+    full = _align(root, "full", **text)
+    # An interrupted run: what existed after step 3 (checkpoint-3), nothing later.
+    (root / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full.out / "checkpoints" / "checkpoint-3", root / "cut" / "checkpoints" / "checkpoint-3")
+    resumed = _align(root, "cut", resume=True, **text)
+    assert resumed.steps == 6 and resumed.losses == full.losses
+    assert resumed.perplexities == full.perplexities
+    a, b = _state(full.out), _state(resumed.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = Manifest.load(resumed.out).alignment[-1]
+    assert record["steps"] == 6 and record["tokens"] == 6 * 4 * 32
+
+
+def test_distillation_adds_a_kl_term_that_is_zero_against_itself(root):
+    # Teacher = the pruned model itself: KL(p || p) = 0 at the first step, and the LM part is the plain loss.
+    plain = _align(root, "kd-none", steps=1)
+    same = _align(root, "kd-self", steps=1, distill_from=str(root / "pruned"), kd_weight=0.5)
+    first = same.report["losses"][0]
+    assert first["kd_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert first["lm_loss"] == pytest.approx(plain.losses[0], rel=1e-5)
+    assert first["loss"] == pytest.approx(0.5 * plain.losses[0], rel=1e-5)
+    # Teacher = the original (dense) model, pure distillation: the KL term is what gets minimized.
+    kd = _align(root, "kd", steps=4, distill_from=str(root / "base"), kd_weight=1.0)
+    rows = kd.report["losses"]
+    assert all(r["kd_loss"] > 0 for r in rows) and rows[-1]["kd_loss"] < rows[0]["kd_loss"]
+    assert all(r["loss"] == pytest.approx(r["kd_loss"], rel=1e-4) for r in rows)
+    assert Manifest.load(kd.out).alignment[-1]["distill"] == {"from": str(root / "base"), "kd_weight": 1.0}
+
+
+def test_sources_are_streamed_from_every_supported_form(tmp_path):
+    docs = [f"Document number {i} talks about pruning." for i in range(20)]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "a.parquet"))
+    (tmp_path / "a.json").write_text(json.dumps([{"text": d} for d in docs]))
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
+    for name in ("a.txt", "a.jsonl", "a.json", "a.parquet", "saved"):
+        assert list(iter_texts(str(tmp_path / name))) == docs, name
+    tok = tiny_tokenizer()
+    blocks = eval_blocks(str(tmp_path / "a.jsonl"), tok, 16, 5)
+    assert len(blocks) == 5 and all(len(b["input_ids"]) == 16 for b in blocks)
+    joined = "".join(d + "\n\n" for d in docs)
+    packed = sum((b["input_ids"] for b in blocks), [])
+    assert packed == tok(joined, add_special_tokens=False)["input_ids"][:80]  # packed across documents
+    stream = mixture([Source(str(tmp_path / "a.parquet"))], tok, 16)
+    assert isinstance(stream, datasets.IterableDataset)  # never materialized
+    assert len(list(islice(stream, 500))) == 500  # endless: a small source repeats
+
+
+def test_sources_are_mixed_by_weight(tmp_path):
+    (tmp_path / "lower.txt").write_text("only lower case letters here. " * 400)
+    (tmp_path / "upper.jsonl").write_text(json.dumps({"text": "ONLY UPPER CASE LETTERS HERE. " * 400}) + "\n")
+    sources = [Source.parse(f"{tmp_path / 'lower.txt'}:1"), Source.parse(f"{tmp_path / 'upper.jsonl'}:3")]
+    tok = tiny_tokenizer()
+    blocks = list(islice(mixture(sources, tok, 8, seed=1), 1500))
+    upper = sum(any(c.isupper() for c in tok.decode(b["input_ids"])) for b in blocks) / len(blocks)
+    assert upper == pytest.approx(0.75, abs=0.035)
+    again = list(islice(mixture(sources, tok, 8, seed=1), 50))
+    assert again == blocks[:50]  # seeded: the same stream every time (what makes resume exact)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("text.txt:0", "weight must be a positive number"),
+    ("text.txt:-2", "weight must be a positive number"),
+    ("text.txt:abc", "weight 'abc' is not a number"),
+    ("empty.txt", "empty or shorter than one block"),
+    ("missing.jsonl", "neither a file"),
+    ("text.csv", "must be .txt, .jsonl, .json, .parquet"),
+    ("titles.jsonl", "every record needs a string field 'text' .found title."),
+    ("broken.jsonl", "could not read data source .*broken.jsonl"),
+])
+def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
+    (root / "empty.txt").write_text("")
+    (root / "text.csv").write_text("text\nhello\n")
+    (root / "titles.jsonl").write_text(json.dumps({"title": "no text"}) + "\n")
+    (root / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(LoramError, match=message):
+        _align(root, "bad", data=[str(root / spec)])
+    assert not (root / "bad").exists()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"seq_len": 129}, r"--seq-len 129 exceeds the model's max_position_embeddings \(128\)"),
+    ({"pruned": "base"}, "not a LoRAM pruned checkpoint .no loram_manifest.json"),
+    ({"data": []}, "--data: give at least one source"),
+    ({"steps": 0}, "--steps must be >= 1"),
+    ({"kd_weight": 0.0}, r"--kd-weight must lie in \(0, 1\]"),
+    ({"eval_data": "nowhere.txt"}, "neither a file"),
+])
+def test_bad_input_is_a_clear_error(root, kwargs, message):
+    if "pruned" in kwargs:
+        kwargs["pruned"] = str(root / kwargs["pruned"])
+    with pytest.raises(LoramError, match=message):
+        _align(root, "bad2", **kwargs)
+    assert not (root / "bad2").exists()
+
+
+def test_existing_output_needs_resume_or_overwrite(root):
+    (root / "exists").mkdir()
+    (root / "exists" / "x").write_text("x")
+    with pytest.raises(LoramError, match="already exists.*--resume.*--overwrite"):
+        _align(root, "exists")
+    with pytest.raises(LoramError, match="no complete checkpoint"):
+        _align(root, "exists", resume=True)
+    result = _align(root, "exists", overwrite=True, steps=1)
+    assert not (result.out / "x").exists() and Manifest.load(result.out).alignment[-1]["steps"] == 1
+
+
+def test_cli_mixes_sources_from_repeated_flags_and_reports_one_line_errors(root):
+    (root / "more.jsonl").write_text(json.dumps({"text": TEXT.upper()}) + "\n")
+    cmd = [LORAM, "publish", "align", str(root / "pruned"), "--data", f"{root / 'text.txt'}:1",
+           "--data", f"{root / 'more.jsonl'}:3", "--steps", "2", "--seq-len", "32", "--train-lm-head",
+           "--out", str(root / "cli")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "aligned 2 steps (256 tokens)" in proc.stdout and "aligned pruned checkpoint" in proc.stdout
+    assert "aligning" in proc.stderr  # the progress bar
+    record = Manifest.load(root / "cli").alignment[-1]
+    assert [d["weight"] for d in record["data"]] == [0.25, 0.75] and record["lm_head"] == "trained"
+    from typer.testing import CliRunner
+
+    from loram.cli import app
+
+    bad = CliRunner().invoke(app, cmd[1:-2] + ["--out", str(root / "cli-bad"), "--seq-len", "1000"])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip().splitlines()[-1] == "error: --seq-len 1000 exceeds the model's max_position_embeddings (128)"
+    assert not (root / "cli-bad").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_alignment_lowers_held_out_perplexity(tmp_path):
+    from loram.shared import assets
+
+    prune(base=str(assets.model_dir()), out=tmp_path / "p50", method="l2", ratio=0.5)
+    result = align(pruned=str(tmp_path / "p50"), data=["wiki"], steps=4, seq_len=64, batch=2, lr=2e-4,
+                   eval_data="wiki-heldout", eval_windows=4, eval_every=4, out=tmp_path / "aligned")
+    (start, before), (end, after) = result.perplexities[0], result.perplexities[-1]
+    assert (start, end) == (0, 4) and after < before
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "aligned")
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)  # still tied, and frozen
