@@ -26,10 +26,10 @@ from loram.shared.errors import LoramError
 GSM8K_COLUMNS = "prompt=question,response=answer"
 # (full, --quick) defaults; docs/demo.md explains them.
 DEFAULTS = {
-    "calib_samples": (32, 8),
-    "align_steps": (200, 4),
-    "train_steps": (30, 3),
-    "eval_items": (100, 8),
+    "calib_samples": (32, 4),
+    "align_steps": (100, 2),
+    "train_steps": (20, 2),
+    "eval_items": (60, 6),
 }
 
 
@@ -39,10 +39,10 @@ class DemoConfig(Config):
     quick: bool = option(False, "A smoke run of a few minutes: tiny alignment, training and evaluation.")
     ratio: float = option(0.5, "Structured pruning ratio (Taylor, layers [4, L-2)); 0.5 carries the effect at "
                                "this model size, 0.75 does not (docs/demo.md).")
-    align_steps: int | None = option(None, "Alignment steps on the Wikipedia sample (default 200; --quick 4).")
-    train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 30; --quick 3).")
-    eval_items: int | None = option(None, "Held-out GSM8K items and news documents evaluated (default 100; "
-                                           "--quick 8).")
+    align_steps: int | None = option(None, "Alignment steps on the Wikipedia sample (default 100; --quick 2).")
+    train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 20; --quick 2).")
+    eval_items: int | None = option(None, "Held-out GSM8K items and news documents evaluated (default 60; "
+                                           "--quick 6).")
     quant: str = option("auto", "Base-model precision for training: nf4 (QLoRA), none (LoRA), or auto "
                                 "(nf4 when bitsandbytes is installed).", choices=("auto", "nf4", "none"))
     endpoint: str | None = option(None, "Also publish to this Hub endpoint and pull the model back from it.")
@@ -154,7 +154,7 @@ def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:
     steps = cfg.setting("align_steps")
     _loram("publish", "align", pruned, "--data", "wiki", "--steps", steps, "--seq-len", cfg.seq_len,
            "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
-           "--eval-windows", 8 if cfg.quick else 40, "--eval-every", max(1, steps // 4), "--save-every", steps,
+           "--eval-windows", 4 if cfg.quick else 40, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")
     report = json.loads((folder / "aligned" / "align_report.json").read_text())
     return {"path": str(folder / "aligned"), "steps": steps, "losses": report.get("losses", []),
