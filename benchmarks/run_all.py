@@ -49,7 +49,12 @@ BENCHMARKS = {
                                   "output size"),
     "qloram_70b": (["--scale", "full"] if _gpu() else ["--scale", "tiny"], lambda d: d["verdict"]),
     "loram_effect": ([], lambda d: "; ".join(f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
+    "align_loram_effect": (["--aligned", "--no-full-lora"], lambda d: "; ".join(
+        f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
 }
+BENCHMARKS["demo"] = ([], lambda d: "; ".join(f"loram demo{' --quick' if k == 'quick' else ''}: {r['wall_s']:.0f} s"
+                                              for k, r in d["runs"].items()))
+SCRIPTS = {"align_loram_effect": "loram_effect", "demo": "demo_time"}  # benchmarks run by another benchmark's script
 
 
 def _result_name(name: str, args: list[str]) -> str:
@@ -60,11 +65,11 @@ def run(names: list[str]) -> dict[str, dict]:
     status = {}
     for name in names:
         args, _ = BENCHMARKS[name]
-        cmd = [sys.executable, str(HERE / f"{name}.py"), *args]
+        cmd = [sys.executable, str(HERE / f"{SCRIPTS.get(name, name)}.py"), *args]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.perf_counter()
         proc = subprocess.run(cmd, cwd=HERE)
-        status[name] = {"command": f"python benchmarks/{name}.py {' '.join(args)}".strip(),
+        status[name] = {"command": f"python benchmarks/{SCRIPTS.get(name, name)}.py {' '.join(args)}".strip(),
                         "wall_s": round(time.perf_counter() - started, 1), "ok": proc.returncode == 0}
     return status
 
@@ -79,8 +84,8 @@ def index(status: dict[str, dict]) -> None:
     sections = []
     for name, (args, headline) in BENCHMARKS.items():
         result = RESULTS / f"{_result_name(name, args)}.json"
-        row = rows.get(name, {"command": f"python benchmarks/{name}.py {' '.join(args)}".strip(), "wall_s": None,
-                              "ok": None})
+        row = rows.get(name, {"command": f"python benchmarks/{SCRIPTS.get(name, name)}.py {' '.join(args)}".strip(),
+                              "wall_s": None, "ok": None})
         try:
             row["headline"] = headline(json.loads(result.read_text())) if result.is_file() else "not run yet"
         except (KeyError, TypeError, ValueError) as e:

@@ -27,9 +27,9 @@ GSM8K_COLUMNS = "prompt=question,response=answer"
 # (full, --quick) defaults; docs/demo.md explains them.
 DEFAULTS = {
     "calib_samples": (32, 4),
-    "align_steps": (100, 2),
-    "train_steps": (20, 2),
-    "eval_items": (60, 6),
+    "align_steps": (40, 2),
+    "train_steps": (15, 2),
+    "eval_items": (32, 6),
 }
 
 
@@ -39,10 +39,10 @@ class DemoConfig(Config):
     quick: bool = option(False, "A smoke run of a few minutes: tiny alignment, training and evaluation.")
     ratio: float = option(0.5, "Structured pruning ratio (Taylor, layers [4, L-2)); 0.5 carries the effect at "
                                "this model size, 0.75 does not (docs/demo.md).")
-    align_steps: int | None = option(None, "Alignment steps on the Wikipedia sample (default 100; --quick 2).")
-    train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 20; --quick 2).")
-    eval_items: int | None = option(None, "Held-out GSM8K items and news documents evaluated (default 60; "
-                                           "--quick 6).")
+    align_steps: int | None = option(None, "Alignment steps on the Wikipedia sample (default 40; --quick 2).")
+    train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 15; --quick 2).")
+    eval_items: int | None = option(None, "Held-out GSM8K items evaluated, and half as many news documents "
+                                           "(default 32; --quick 6).")
     quant: str = option("auto", "Base-model precision for training: nf4 (QLoRA), none (LoRA), or auto "
                                 "(nf4 when bitsandbytes is installed).", choices=("auto", "nf4", "none"))
     endpoint: str | None = option(None, "Also publish to this Hub endpoint and pull the model back from it.")
@@ -154,7 +154,7 @@ def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:
     steps = cfg.setting("align_steps")
     _loram("publish", "align", pruned, "--data", "wiki", "--steps", steps, "--seq-len", cfg.seq_len,
            "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
-           "--eval-windows", 4 if cfg.quick else 40, "--eval-every", max(1, steps // 2), "--save-every", steps,
+           "--eval-windows", 4 if cfg.quick else 16, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")
     report = json.loads((folder / "aligned" / "align_report.json").read_text())
     return {"path": str(folder / "aligned"), "steps": steps, "losses": report.get("losses", []),
@@ -226,14 +226,14 @@ def _evaluate(variants: dict, n: int, seq_len: int) -> dict:
     from loram.shared.sft_format import SFTCollator, parse_columns, tokenize_sft
 
     configure_threads()
-    sets = {"gsm8k-heldout": (load_records("gsm8k-heldout"), parse_columns(GSM8K_COLUMNS)),
-            "news": (load_records("news"), None)}
+    sets = {"gsm8k-heldout": (load_records("gsm8k-heldout"), parse_columns(GSM8K_COLUMNS), n),
+            "news": (load_records("news"), None, max(1, n // 2))}
     rows = []
     for name, (model_path, adapter) in variants.items():
         model, tokenizer = load_spec(str(model_path), str(adapter) if adapter else None, False)
         collator = SFTCollator.for_tokenizer(tokenizer)
-        for data, (records, columns) in sets.items():
-            examples = tokenize_sft(records.select(range(min(n, len(records)))), tokenizer, seq_len, columns)
+        for data, (records, columns, count) in sets.items():
+            examples = tokenize_sft(records.select(range(min(count, len(records)))), tokenizer, seq_len, columns)
             ppl, tokens = dataset_perplexity(model, examples, collator, 4, desc=f"{name} on {data}")
             rows.append({"variant": name, "data": data, "perplexity": round(ppl, 4), "tokens": tokens})
             _log(f"{name} on {data}: perplexity {ppl:.3f} over {tokens:,} tokens")

@@ -33,12 +33,13 @@ def verdicts(report: dict) -> list[tuple[str, bool, str]]:
     out = []
     for data in DATA:
         o, lm, lo = ppl[(ORIGINAL, data)], ppl[(LORAM, data)], ppl[(LORA, data)]
-        out.append((f"1 ({data})", o > lm >= lo,
-                    f"original {o:.3f} > LoRAM {lm:.3f} >= LoRA on the original {lo:.3f}"))
+        out.append((f"1 ({data})", o > lm >= lo, f"original {o:.3f} {'>' if o > lm else '<='} LoRAM {lm:.3f} "
+                                                 f"{'>=' if lm >= lo else '<'} LoRA on the original {lo:.3f}"))
     s, lm = ppl[(SMALL, "gsm8k-heldout")], ppl[(LORAM, "gsm8k-heldout")]
-    out.append(("2", s > 2 * lm, f"train small, infer small {s:.3f} >> LoRAM {lm:.3f} ({s / lm:.1f}x)"))
+    out.append(("2", s > 2 * lm, f"train small, infer small {s:.3f} {'>>' if s > 2 * lm else 'is not >>'} LoRAM "
+                                 f"{lm:.3f} ({s / lm:.1f}x)"))
     a, u = ppl[(LORAM, "gsm8k-heldout")], ppl[(UNALIGNED, "gsm8k-heldout")]
-    out.append(("3", a < u, f"LoRAM with alignment {a:.3f} < without {u:.3f}"))
+    out.append(("3", a < u, f"LoRAM with alignment {a:.3f} {'<' if a < u else '>='} without {u:.3f}"))
     return out
 
 
