@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from loram.demo_report import LORA, LORAM, ORIGINAL, PRUNED, SMALL, UNALIGNED, render, verdicts
+from loram.shared.errors import LoramError
 from loram.stages import RECORD, Stages
 
 LORAM_CLI = str(Path(sys.executable).parent / "loram")
@@ -98,3 +99,36 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stderr.count("inputs unchanged: reusing") == 6 and "[recover] running" in resumed.stderr
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+
+
+@pytest.mark.parametrize("hub", ["regular"], indirect=True)
+def test_publish_stage_writes_a_verified_folder_repository_and_the_hub_copy_pulls_back(hub, tmp_path):
+    from tiny_models import save_tiny_checkpoint
+
+    from loram.demo import DemoConfig, _publish, _pull
+    from loram.publisher.prune import prune
+    from loram.shared.model_cards import card_metadata
+
+    save_tiny_checkpoint(tmp_path / "base", "llama-gqa")
+    pruned = prune(base=str(tmp_path / "base"), out=tmp_path / "pruned", method="l2", ratio=0.5, layers="1:5").out
+    cfg = DemoConfig(out=tmp_path / "demo", endpoint=hub.url, repo_id="demo/tiny-loram")
+    stage_dir = tmp_path / "stage"
+    stage_dir.mkdir()
+    result = _publish(pruned, stage_dir, cfg)
+    repo = Path(result["folder"])
+    card = card_metadata((repo / "README.md").read_text())
+    assert card["library_name"] == "transformers" and card["loram"]["method"]["criterion"] == "l2"
+    assert result["hub"]["repo_id"] == "demo/tiny-loram" and len(result["hub"]["commit"]) == 40
+
+    class Done:  # what Stages.run returns, as far as _pull reads it
+        pass
+
+    done = Done()
+    done.result = result
+    pulled = _pull(done, cfg)  # from the endpoint, at the pushed commit, verified
+    assert (pulled / "loram_manifest.json").read_bytes() == (pruned / "loram_manifest.json").read_bytes()
+    done.result = {k: v for k, v in result.items() if k != "hub"}
+    assert _pull(done, cfg) == repo  # the local folder repository, verified
+    (repo / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(LoramError, match="model.safetensors"):
+        _pull(done, cfg)
