@@ -109,8 +109,12 @@ def render(report: dict, plots: list[str]) -> str:
     for r in pivot(report):
         lines.append(f"| {r['variant']} | " + " | ".join(f"{r.get(d, float('nan')):.3f}" for d in DATA) + " |")
     lines += ["", "## What it shows (method.md §8)", ""]
-    for point, holds, text in verdicts(report):
+    checks = verdicts(report)
+    for point, holds, text in checks:
         lines.append(f"- Point {point}: {'holds' if holds else 'does NOT hold'}: {text}.")
+    if not all(holds for _, holds, _ in checks):
+        lines.append("- Why a point can fail at this scale and these settings, and longer runs where it holds: "
+                     "docs/demo.md of the LoRAM repository.")
     lines += ["", "## Size and memory", "", *[f"- {line}" for line in memory_lines(report)]]
     perplexities = report["align"].get("perplexities") or []
     if perplexities:
