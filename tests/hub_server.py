@@ -233,6 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
               content_length: int | None = None) -> None:
         if isinstance(body, dict | list):
             body, headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+        # Logged before answering: once the client has the answer, the log already holds it.
+        self.hub.requests.append((self.command, self.path, status))
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -240,7 +242,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.hub.requests.append((self.command, self.path, status))
 
     def _authorized(self) -> bool:
         auth = self.headers.get("Authorization")
