@@ -17,7 +17,6 @@ outputs, [samples, seq_len, hidden] each) and the statistics of one layer.
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -110,16 +109,13 @@ def _collect(layer, chunks, criterion: str) -> dict[str, torch.Tensor]:
 
 
 def prune_layerwise(model, layers: range, criterion: str, target: Target, calib: torch.Tensor | None = None,
-                    device: str | torch.device = "cpu", batch: int = 8,
-                    progress: Callable | None = None) -> LayerwiseResult:
+                    device: str | torch.device = "cpu", batch: int = 8) -> LayerwiseResult:
     """Zero weights of the seven projections of every layer in `layers` in place; see the module docstring."""
     device = torch.device(device)
     decoder_layers = model.model.layers
     result = LayerwiseResult()
     chunks = capture_layer_inputs(model, calib, device, batch) if criterion in NEEDS_INPUTS else None
-    last = layers.stop if chunks is not None else 0
-    bar = tqdm(range(max(last, layers.stop)), desc=f"{criterion} pruning", unit="layer", leave=False)
-    for i in bar:
+    for i in tqdm(range(layers.stop), desc=f"{criterion} pruning", unit="layer", leave=False):
         started = time.perf_counter()
         layer = decoder_layers[i]
         if device.type != "cpu":
@@ -129,17 +125,15 @@ def prune_layerwise(model, layers: range, criterion: str, target: Target, calib:
             for spec in PRUNED_MODULES:
                 linear = layer.get_submodule(spec.path)
                 weight = linear.weight.data
-                if criterion == "magnitude":
-                    mask = magnitude_mask(weight, target)
-                    weight.mul_(mask.to(weight.device, weight.dtype))
-                elif criterion == "wanda":
-                    mask = wanda_mask(weight, stats[_STATS_OF[spec.path]], target)
-                    weight.mul_(mask.to(weight.device, weight.dtype))
-                else:
+                if criterion == "sparsegpt":  # zeroes and updates the weight itself
                     mask = sparsegpt_(weight, stats[_STATS_OF[spec.path]], target)
+                else:
+                    mask = (magnitude_mask(weight, target) if criterion == "magnitude"
+                            else wanda_mask(weight, stats[_STATS_OF[spec.path]], target))
+                    weight.mul_(mask.to(weight.device, weight.dtype))
                 result.masks[f"model.layers.{i}.{spec.path}"] = PackedMask.of(mask)
             del stats
-        if chunks is not None and i < last - 1:
+        if chunks is not None and i < layers.stop - 1:  # the next layer's inputs
             with torch.no_grad():
                 outs = _run(layer, chunks)
             chunks = [(out, kwargs) for out, (_, kwargs) in zip(outs, chunks, strict=True)]
@@ -147,6 +141,4 @@ def prune_layerwise(model, layers: range, criterion: str, target: Target, calib:
             layer.to("cpu")
         if i in layers:
             result.seconds[i] = time.perf_counter() - started
-        if progress is not None:
-            progress(i)
     return result
