@@ -219,22 +219,16 @@ def _recover(trained: dict, folder: Path) -> dict:
 
 def _evaluate(variants: dict, n: int, seq_len: int) -> dict:
     """Response-token perplexity of every variant on both sets; each model is loaded once."""
-    from loram.evaluate import load_spec
-    from loram.shared.perplexity import dataset_perplexity
-    from loram.shared.records import load_records
+    from loram.evaluate import eval_set, load_spec, response_perplexity
     from loram.shared.runtime import configure_threads
-    from loram.shared.sft_format import SFTCollator, parse_columns, tokenize_sft
 
     configure_threads()
-    sets = {"gsm8k-heldout": (load_records("gsm8k-heldout"), parse_columns(GSM8K_COLUMNS), n),
-            "news": (load_records("news"), None, max(1, n // 2))}
+    sets = {"gsm8k-heldout": eval_set("gsm8k-heldout", n), "news": eval_set("news", max(1, n // 2))}
     rows = []
     for name, (model_path, adapter) in variants.items():
         model, tokenizer = load_spec(str(model_path), str(adapter) if adapter else None, False)
-        collator = SFTCollator.for_tokenizer(tokenizer)
-        for data, (records, columns, count) in sets.items():
-            examples = tokenize_sft(records.select(range(min(count, len(records)))), tokenizer, seq_len, columns)
-            ppl, tokens = dataset_perplexity(model, examples, collator, 4, desc=f"{name} on {data}")
+        for data, (records, columns) in sets.items():
+            ppl, tokens = response_perplexity(model, tokenizer, records, columns, seq_len, 4, f"{name} on {data}")
             rows.append({"variant": name, "data": data, "perplexity": round(ppl, 4), "tokens": tokens})
             _log(f"{name} on {data}: perplexity {ppl:.3f} over {tokens:,} tokens")
         del model

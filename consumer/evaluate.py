@@ -67,27 +67,42 @@ def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoin
             AutoTokenizer.from_pretrained(source.path))
 
 
+def eval_set(data: str, limit: int | None = None, columns: str | None = None):
+    """(records, parsed column mapping) of an evaluation set: its first `limit` records; the built-in
+    GSM8K splits map question/answer automatically."""
+    from loram.shared.records import load_records
+    from loram.shared.sft_format import parse_columns
+
+    records = load_records(data)
+    if limit:
+        records = records.select(range(min(limit, len(records))))
+    columns = columns or ("prompt=question,response=answer" if str(data).startswith("gsm8k-") else None)
+    return records, parse_columns(columns) if columns else None
+
+
+def response_perplexity(model, tokenizer, records, columns, seq_len: int, batch: int, desc: str) -> tuple[float, int]:
+    """exp(mean NLL over response tokens) of `records` (every token of plain-text records), and the token count."""
+    from loram.shared.perplexity import dataset_perplexity
+    from loram.shared.sft_format import SFTCollator, tokenize_sft
+
+    data = tokenize_sft(records, tokenizer, seq_len, columns)
+    return dataset_perplexity(model, data, SFTCollator.for_tokenizer(tokenizer), batch, desc=desc)
+
+
 def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
     """One row per model: name, model, adapter, perplexity, tokens (and gsm8k_accuracy)."""
-    from loram.shared.perplexity import dataset_perplexity
     from loram.shared.records import load_records
     from loram.shared.runtime import configure_threads
-    from loram.shared.sft_format import SFTCollator, parse_columns, tokenize_sft
 
     cfg = config or EvalConfig.resolve(**kwargs)
     configure_threads()
-    records = load_records(cfg.data)
-    if cfg.limit:
-        records = records.select(range(min(cfg.limit, len(records))))
-    columns = cfg.columns or ("prompt=question,response=answer" if str(cfg.data).startswith("gsm8k-") else None)
-    columns = parse_columns(columns) if columns else None
+    records, columns = eval_set(cfg.data, cfg.limit, cfg.columns)
     rows = []
     for spec in cfg.models:
         name, model_id, adapter = parse_spec(spec)
         model, tokenizer = load_spec(model_id, adapter, cfg.ignore_fingerprint, cfg.endpoint)
-        data = tokenize_sft(records, tokenizer, cfg.seq_len, columns)
-        ppl, tokens = dataset_perplexity(model, data, SFTCollator.for_tokenizer(tokenizer), cfg.batch,
-                                         desc=f"perplexity {name}")
+        ppl, tokens = response_perplexity(model, tokenizer, records, columns, cfg.seq_len, cfg.batch,
+                                          f"perplexity {name}")
         row = {"name": name, "model": model_id, "adapter": adapter, "perplexity": round(ppl, 4), "tokens": tokens}
         if cfg.gsm8k:
             from loram.gsm8k import accuracy
