@@ -24,7 +24,7 @@ from loram.recover import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR
 from loram.shared.cli_support import add_config_command
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import ModelSource, PushResult, looks_like_repo_id, pull_repo, push_files
+from loram.shared.hub import ModelSource, PushOptions, PushResult, looks_like_repo_id, pull_repo
 from loram.shared.model_cards import adapter_card
 from loram.shared.outputs import atomic_output_dir, check_output_dir
 
@@ -40,14 +40,8 @@ class PullConfig(Config):
 
 
 @dataclass
-class PushConfig(Config):
+class PushConfig(PushOptions):
     folder: Path = option(help="A recovered adapter folder (the output of `loram recover`).", argument=True)
-    repo_id: str = option(help="Hub repository ORG/NAME (created when missing).")
-    revision: str | None = option(None, "Branch to commit to (created from main when missing); default main.")
-    tag: str | None = option(None, "Tag the pushed commit, e.g. v1 (an existing tag is never moved).")
-    private: bool = option(False, "Create the repository as private (no effect on an existing one).")
-    message: str | None = option(None, "Commit message (default: names the original model).")
-    endpoint: str | None = option(None, "Hub endpoint URL (default: huggingface.co or HF_ENDPOINT).")
 
 
 def pull(config: PullConfig | None = None, **kwargs) -> ModelSource:
@@ -85,9 +79,7 @@ def push(config: PushConfig | None = None, **kwargs) -> PushResult:
     files: dict[str, Path | bytes] = {p.name: p for p in sorted(folder.iterdir())
                                       if p.is_file() and not p.name.startswith(".") and p.name != "README.md"}
     files["README.md"] = adapter_card(sidecar, adapter_config, repo_id=cfg.repo_id).encode()
-    message = cfg.message or f"LoRAM adapter for {base} (trained on {sidecar['pruned_model']['id']})"
-    return push_files(cfg.repo_id, files, branch=cfg.revision, tag=cfg.tag, private=cfg.private,
-                      endpoint=cfg.endpoint, message=message)
+    return cfg.push(files, f"LoRAM adapter for {base} (trained on {sidecar['pruned_model']['id']})")
 
 
 def _pull(cfg: PullConfig) -> None:

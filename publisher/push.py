@@ -12,25 +12,19 @@ it. Files the branch held but the checkpoint does not are deleted; identical con
 from dataclasses import dataclass
 from pathlib import Path
 
-from loram.shared.configs import Config, option
+from loram.shared.configs import option
 from loram.shared.errors import LoramError
-from loram.shared.hub import PushResult, looks_like_repo_id, push_files
+from loram.shared.hub import PushOptions, PushResult, looks_like_repo_id
 from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, Manifest, verify_files
 from loram.shared.model_cards import card_metadata, pruned_card
 
 
 @dataclass
-class PushConfig(Config):
+class PushConfig(PushOptions):
     folder: Path = option(help="The pruned (or aligned) checkpoint folder to publish.", argument=True)
-    repo_id: str = option(help="Hub repository ORG/NAME (created when missing).")
-    revision: str | None = option(None, "Branch to commit to (created from main when missing); default main.")
-    tag: str | None = option(None, "Tag the pushed commit, e.g. v1 (an existing tag is never moved).")
-    private: bool = option(False, "Create the repository as private (no effect on an existing one).")
     base_model: str | None = option(None, "Hub id of the original model for the card, when the manifest names a "
                                           "local folder.")
     license: str | None = option(None, "License for the card (default: the base model card's, when readable).")
-    message: str | None = option(None, "Commit message (default: names the method and the base model).")
-    endpoint: str | None = option(None, "Hub endpoint URL (default: huggingface.co or HF_ENDPOINT).")
 
     def __post_init__(self):
         if self.base_model is not None and not looks_like_repo_id(self.base_model):
@@ -55,10 +49,8 @@ def push(config: PushConfig | None = None, **kwargs) -> PushResult:
     license = cfg.license or _base_license(manifest, cfg.endpoint)
     card = pruned_card(folder, manifest, repo_id=cfg.repo_id, base_model=cfg.base_model, license=license)
     files: dict[str, Path | bytes] = {**checkpoint_files(folder, manifest), "README.md": card.encode()}
-    message = cfg.message or (f"LoRAM {manifest.method.kind} pruning ({manifest.method.criterion}) of "
-                              f"{cfg.base_model or manifest.base.id}")
-    return push_files(cfg.repo_id, files, branch=cfg.revision, tag=cfg.tag, private=cfg.private,
-                      endpoint=cfg.endpoint, message=message)
+    return cfg.push(files, f"LoRAM {manifest.method.kind} pruning ({manifest.method.criterion}) of "
+                           f"{cfg.base_model or manifest.base.id}")
 
 
 def _base_license(manifest: Manifest, endpoint: str | None) -> str | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loram.shared.assets import sha256_file
+from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS
 from loram.shared.outputs import atomic_file
@@ -43,6 +44,23 @@ class ModelSource:
     path: Path
     id: str  # the local path or the Hub repo id the user named
     revision: str | None  # the commit sha for Hub models, None for local folders
+
+
+@dataclass
+class PushOptions(Config):
+    """What every push command takes (`loram publish push`, `loram push`); subclasses name the folder."""
+
+    folder: Path = option(help="The folder to publish.", argument=True)
+    repo_id: str = option(help="Hub repository ORG/NAME (created when missing).")
+    revision: str | None = option(None, "Branch to commit to (created from main when missing); default main.")
+    tag: str | None = option(None, "Tag the pushed commit, e.g. v1 (an existing tag is never moved).")
+    private: bool = option(False, "Create the repository as private (no effect on an existing one).")
+    message: str | None = option(None, "Commit message (default: names what is published and its base model).")
+    endpoint: str | None = option(None, "Hub endpoint URL (default: huggingface.co or HF_ENDPOINT).")
+
+    def push(self, files: dict[str, "Path | bytes"], default_message: str) -> "PushResult":
+        return push_files(self.repo_id, files, branch=self.revision, tag=self.tag, private=self.private,
+                          endpoint=self.endpoint, message=self.message or default_message)
 
 
 @dataclass(frozen=True)
