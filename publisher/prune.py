@@ -112,10 +112,14 @@ class PruneConfig(Config):
         return Target(self.sparsity, None if self.nm is None else parse_nm(self.nm))
 
     @property
+    def base_ratio(self) -> float:
+        """--ratio, or the structured default 0.5."""
+        return 0.5 if self.ratio is None else self.ratio
+
+    @property
     def ratios(self) -> tuple[float, float]:
-        ratio = 0.5 if self.ratio is None else self.ratio
-        return (ratio if self.attn_ratio is None else self.attn_ratio,
-                ratio if self.mlp_ratio is None else self.mlp_ratio)
+        return (self.base_ratio if self.attn_ratio is None else self.attn_ratio,
+                self.base_ratio if self.mlp_ratio is None else self.mlp_ratio)
 
     @property
     def calibration_size(self) -> tuple[int, int]:
@@ -189,7 +193,7 @@ def _structured(cfg, model, tokenizer, stock_config, shape: Shape, layers: range
                                                                for i, u in kept.items()}))
     manifest = Manifest(
         base=base, architecture=shape,
-        method=Method(kind="structured", criterion=cfg.method, ratio=cfg.ratios[0] if cfg.ratio is None else cfg.ratio,
+        method=Method(kind="structured", criterion=cfg.method, ratio=cfg.base_ratio,
                       attn_ratio=attn_ratio, mlp_ratio=mlp_ratio, layers=[layers.start, layers.stop],
                       calibration=calibration, seed=cfg.seed),
         kept_kv_heads={i: u.kv_heads for i, u in kept.items()},

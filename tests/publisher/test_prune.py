@@ -162,6 +162,10 @@ def test_separate_attention_and_mlp_ratios(tmp_path):
     result = _prune(tmp_path, tmp_path / "base", "p2", method="l2", ratio=0.5, attn_ratio=0.0, mlp_ratio=0.75,
                     layers="-5:-1")
     assert result.kept == {i: (2, 10) for i in (1, 2, 3, 4)}
+    # without --ratio the manifest records the default 0.5 next to the explicit per-part ratios
+    result = _prune(tmp_path, tmp_path / "base", "p3", method="l2", attn_ratio=0.25, mlp_ratio=0.75, layers="1:5")
+    method = Manifest.load(result.out).method
+    assert (method.ratio, method.attn_ratio, method.mlp_ratio) == (0.5, 0.25, 0.75)
 
 
 @pytest.mark.parametrize("method", ["random", "taylor"])
