@@ -62,6 +62,11 @@ class DemoConfig(Config):
         return value if value is not None else DEFAULTS[name][1 if self.quick else 0]
 
     @property
+    def align_eval_windows(self) -> int:
+        """Held-out Wikipedia blocks the alignment stage evaluates."""
+        return 4 if self.quick else 16
+
+    @property
     def resolved_quant(self) -> str:
         if self.quant != "auto":
             return self.quant
@@ -103,7 +108,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     prune = stages.run("prune", {"assets": asset_key, "ratio": cfg.ratio, "samples": cfg.setting("calib_samples")},
                        lambda f: _prune(model_dir, f, cfg))
-    align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len},
+    align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len,
+                                 "eval_windows": cfg.align_eval_windows},
                        lambda f: _align(prune.folder / "pruned", f, cfg))
     publish = stages.run("publish", {"align": align.key, "endpoint": cfg.endpoint, "repo_id": cfg.repo_id},
                          lambda f: _publish(align.folder / "aligned", f, cfg))
@@ -154,7 +160,7 @@ def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:
     steps = cfg.setting("align_steps")
     _loram("publish", "align", pruned, "--data", "wiki", "--steps", steps, "--seq-len", cfg.seq_len,
            "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
-           "--eval-windows", 4 if cfg.quick else 16, "--eval-every", max(1, steps // 2), "--save-every", steps,
+           "--eval-windows", cfg.align_eval_windows, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")
     report = json.loads((folder / "aligned" / "align_report.json").read_text())
     return {"path": str(folder / "aligned"), "steps": steps, "losses": report.get("losses", []),
