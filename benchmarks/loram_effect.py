@@ -38,9 +38,11 @@ def wiki_perplexity(models: dict[str, str], windows: int = 80) -> dict[str, floa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import loram  # noqa: F401
+    import loram
+
+    loram.register()
+    from loram.perplexity import perplexity, text_windows
     from loram.shared import assets
-    from loram.shared.perplexity import perplexity, text_windows
     from loram.shared.runtime import configure_threads
 
     configure_threads()

@@ -15,9 +15,11 @@ import torch
 from _common import machine, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import loram  # noqa: F401
+import loram
+from loram.perplexity import perplexity, text_windows
 from loram.shared import assets
-from loram.shared.perplexity import perplexity, text_windows
+
+loram.register()  # pruned checkpoints load with the Auto classes
 
 LORAM = str(Path(sys.executable).parent / "loram")
 

@@ -25,7 +25,7 @@ import time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from loram.shared import assets
 from loram.shared.runtime import configure_threads
-from loram.shared.text_sources import token_blocks
+from loram.publisher.calibration import token_blocks
 from loram.publisher.layerwise import prune_layerwise, capture_layer_inputs, _collect, _run
 from loram.publisher.sparsity import Target, damped_inverse_factor
 

@@ -18,8 +18,8 @@ import torch
 from _common import machine, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loram.perplexity import perplexity, text_windows
 from loram.shared import assets
-from loram.shared.perplexity import perplexity, text_windows
 
 LORAM = str(Path(sys.executable).parent / "loram")
 # small-scale.md: reference implementations, PPL relative to the dense model

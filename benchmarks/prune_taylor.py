@@ -27,7 +27,7 @@ result['weights_mib'] = round(sum(p.numel() * p.element_size() for p in model.pa
 """
 
 REFERENCE = SETUP + """
-from loram.shared.text_sources import token_blocks
+from loram.publisher.calibration import token_blocks
 from loram.publisher.importance.taylor import MICRO_BATCH
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 calib = token_blocks(AutoTokenizer.from_pretrained(path), 'wiki', {samples}, {seq_len})

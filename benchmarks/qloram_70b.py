@@ -3,7 +3,7 @@
 The paper's claim (method.md §5, §7): LoRA training of LLaMA-3.1-70B structurally pruned at p=0.85
 (16 q / 2 KV heads and 4,300 MLP channels in layers [4, 78)), with NF4 base weights, fits a 20 GB GPU.
 This script builds that model with random weights, runs `--steps` QLoRAM steps and writes the measured
-peak next to `loram.shared.memory_plan.plan_memory` for the same settings, with a "fits 20 GiB" verdict.
+peak next to `loram.memory_plan.plan_memory` for the same settings, with a "fits 20 GiB" verdict.
 
     GPU, the claim (one call; ~1-2 min expected on an H200 or A100 80GB, see "Time" below):
         python benchmarks/qloram_70b.py --scale full --device cuda
@@ -155,8 +155,8 @@ def random_linear4bit(linear, dtype, device, generator, std: float, chunk_elems:
 
 def build_model(config, device: torch.device, dtype: torch.dtype, seed: int, chunk_elems: int, log):
     """The LoRAM causal LM of `config` with random weights: decoder linears NF4, the rest in `dtype`."""
+    from loram.loading import disable_cpu_packed_4bit
     from loram.shared.architectures import PRUNED_MODULES
-    from loram.shared.loading import disable_cpu_packed_4bit
     from loram.shared.modeling_loram import LoramLlamaForCausalLM
 
     with torch.device("meta"):
@@ -315,10 +315,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from loram.shared.accounting import nf4_bytes, plan_params
+    from loram.accounting import nf4_bytes, plan_params
+    from loram.loading import compute_dtype
+    from loram.memory_plan import TARGETS, plan_memory
     from loram.shared.architectures import LINEAR_NAMES
-    from loram.shared.loading import compute_dtype
-    from loram.shared.memory_plan import TARGETS, plan_memory
     from loram.shared.runtime import configure_threads
 
     args = parse_args(argv)

@@ -31,8 +31,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, TrainerCallback
 import loram
 from loram.shared.records import load_records
-from loram.shared.sft_format import SFTCollator, parse_columns, tokenize_sft
+from loram.sft_format import SFTCollator, parse_columns, tokenize_sft
 from loram.shared.runtime import configure_threads
+loram.register()
 configure_threads()
 tok = AutoTokenizer.from_pretrained({model!r})
 data = tokenize_sft(load_records('gsm8k-train'), tok, 256, parse_columns('prompt=question,response=answer'))

@@ -2,17 +2,28 @@
 
     import loram
     model_dir = loram.assets.model_dir()          # the embedded SmolLM2-135M-Instruct
+    loram.register()                              # let transformers' Auto classes load pruned checkpoints
 
-`import loram` never imports the publisher toolkit (`loram.publisher`).
+`import loram` is light: it imports neither the publisher toolkit (`loram.publisher`) nor transformers'
+model code. The project's own loaders register the LoRAM model types themselves; call `loram.register()`
+before `AutoModelForCausalLM.from_pretrained(pruned_dir)` in your own code.
 """
+
+from importlib import metadata
 
 from loram.shared import assets
 from loram.shared.errors import LoramError
-from loram.shared.modeling_loram import register as _register_model_types
 
-# The Auto classes learn loram_llama / loram_mistral / loram_qwen2, so pruned checkpoints load with
-# AutoModelForCausalLM.from_pretrained and never need trust_remote_code on the SDK's path.
-_register_model_types()
 
-__version__ = "0.1.0"
-__all__ = ["LoramError", "__version__", "assets"]
+def register() -> None:
+    """Make transformers' Auto classes know loram_llama / loram_mistral / loram_qwen2 (no remote code)."""
+    from loram.shared.pruned_model import register as _register
+
+    _register()
+
+
+try:
+    __version__ = metadata.version("loram")  # one version: pyproject.toml's
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+__all__ = ["LoramError", "__version__", "assets", "register"]

@@ -146,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _prune(model_dir: Path, folder: Path, cfg: DemoConfig) -> dict:
-    from loram.shared.accounting import plan_params
+    from loram.accounting import plan_params
 
     _loram("publish", "prune", model_dir, "--method", "taylor", "--ratio", cfg.ratio,
            "--samples", cfg.setting("calib_samples"), "--out", folder / "pruned")

@@ -52,10 +52,10 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
 def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoint: str | None = None):
     """(model ready for inference, tokenizer) for one spec."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    import loram  # noqa: F401
     from loram.shared.hub import resolve_model
+    from loram.shared.pruned_model import from_pretrained
 
     if adapter:
         from loram.merge import load_with_adapter
@@ -63,15 +63,15 @@ def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoin
         peft_model, _, source = load_with_adapter(adapter, model, ignore_fingerprint, endpoint=endpoint)
         return peft_model.eval(), AutoTokenizer.from_pretrained(source.path)
     source = resolve_model(model, endpoint=endpoint)
-    return (AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval(),
+    return (from_pretrained(source.path, dtype=torch.float32).eval(),
             AutoTokenizer.from_pretrained(source.path))
 
 
 def eval_set(data: str, limit: int | None = None, columns: str | None = None):
     """(records, parsed column mapping) of an evaluation set: its first `limit` records; the built-in
     GSM8K splits map question/answer automatically."""
+    from loram.sft_format import parse_columns
     from loram.shared.records import load_records
-    from loram.shared.sft_format import parse_columns
 
     records = load_records(data)
     if limit:
@@ -82,8 +82,8 @@ def eval_set(data: str, limit: int | None = None, columns: str | None = None):
 
 def response_perplexity(model, tokenizer, records, columns, seq_len: int, batch: int, desc: str) -> tuple[float, int]:
     """exp(mean NLL over response tokens) of `records` (every token of plain-text records), and the token count."""
-    from loram.shared.perplexity import dataset_perplexity
-    from loram.shared.sft_format import SFTCollator, tokenize_sft
+    from loram.perplexity import dataset_perplexity
+    from loram.sft_format import SFTCollator, tokenize_sft
 
     data = tokenize_sft(records, tokenizer, seq_len, columns)
     return dataset_perplexity(model, data, SFTCollator.for_tokenizer(tokenizer), batch, desc=desc)

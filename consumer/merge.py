@@ -53,17 +53,16 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
     """(peft model = original + adapter, adapter folder, base folder), with the fingerprint check."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    import loram  # noqa: F401
     from loram.shared.hub import resolve_model
+    from loram.shared.pruned_model import from_pretrained
 
     adapter_dir = resolve_model(adapter, endpoint=endpoint, required="adapter_config.json", kind="peft adapter").path
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     source = resolve_model(base or adapter_cfg["base_model_name_or_path"],
                            None if base else adapter_cfg.get("revision"), endpoint)
     check_original(adapter_dir, source.path, ignore_fingerprint)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32)
+    model = from_pretrained(source.path, dtype=dtype or torch.float32)
     return PeftModel.from_pretrained(model, adapter_dir), adapter_dir, source
 
 

@@ -7,8 +7,8 @@
                gradient_checkpointing=True, budget="20GiB")
     m.total_bytes, m.fits                                      # ~15.3 GiB, True (docs/memory.md)
 
-The counting lives in `loram.shared.accounting` (method.md §7) and the training-memory estimate in
-`loram.shared.memory_plan`; this module only finds the config (a checkpoint directory, a bare
+The counting lives in `loram.accounting` (method.md §7) and the training-memory estimate in
+`loram.memory_plan`; this module only finds the config (a checkpoint directory, a bare
 config.json, or a Hub repo id) and prints the result. The memory section is always printed (with the
 training options' defaults, those of `loram train`). A LoRAM pruned checkpoint is planned as it is:
 training holds exactly that model, so the pruning options do not apply to it.
@@ -20,12 +20,8 @@ from pathlib import Path
 
 import typer
 
-from loram.shared.accounting import METHODS, ParamPlan, check_fraction, gib, plan_params
-from loram.shared.architectures import PRUNED_TO_STOCK
-from loram.shared.cli_support import add_config_command, print_table
-from loram.shared.configs import Config, option
-from loram.shared.errors import LoramError
-from loram.shared.memory_plan import (
+from loram.accounting import METHODS, ParamPlan, check_fraction, gib, plan_params
+from loram.memory_plan import (
     DEVICES,
     DTYPE_BYTES,
     OPTIMIZERS,
@@ -39,6 +35,10 @@ from loram.shared.memory_plan import (
     plan_memory,
     training_config,
 )
+from loram.shared.architectures import PRUNED_TO_STOCK
+from loram.shared.cli_support import add_config_command, print_table
+from loram.shared.configs import Config, option
+from loram.shared.errors import LoramError
 from loram.shared.pruned_model import is_pruned_config
 
 

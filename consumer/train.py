@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loram.loading import QUANTS
 from loram.shared.architectures import LINEAR_NAMES
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.loading import QUANTS
 
 CHECKPOINTS = "checkpoints"
 REPORT = "training_report.json"
@@ -119,13 +119,13 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
 
+    from loram.loading import load_causal_lm
+    from loram.sft_format import SFTCollator, format_name, parse_columns, tokenize_sft
     from loram.shared.checkpoints import SafeCheckpointTrainer
     from loram.shared.hub import resolve_model
-    from loram.shared.loading import load_causal_lm
     from loram.shared.progress import TrainingProgress, peak_memory_bytes
     from loram.shared.records import load_records
     from loram.shared.runtime import configure_threads
-    from loram.shared.sft_format import SFTCollator, format_name, parse_columns, tokenize_sft
 
     cfg = config or TrainConfig.resolve(**kwargs)
     resume_from = _prepare_out(cfg)

@@ -135,20 +135,14 @@ def _prepare_out(cfg: AlignConfig) -> Path | None:
 def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     """Align a pruned checkpoint as configured (see the module docstring); returns an AlignResult."""
     import torch
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        PrinterCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
 
-    import loram  # noqa: F401  (registers the pruned model types)
     from loram.publisher.align_data import collate_blocks, eval_blocks, mixture
     from loram.publisher.align_trainer import AlignTrainer, MaskKeeper
     from loram.shared.hub import resolve_model
     from loram.shared.manifest import MANIFEST_JSON, Manifest
     from loram.shared.progress import TrainingProgress, peak_memory_bytes
+    from loram.shared.pruned_model import from_pretrained, load_config
     from loram.shared.runtime import configure_threads
 
     cfg = config or AlignConfig.resolve(**kwargs)
@@ -159,7 +153,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     if not (source.path / MANIFEST_JSON).is_file():
         raise LoramError(f"{cfg.pruned} is not a LoRAM pruned checkpoint (no {MANIFEST_JSON}); prune it first "
                          "with `loram publish prune`")
-    model_config = AutoConfig.from_pretrained(source.path)
+    model_config = load_config(source.path)
     manifest = Manifest.load(source.path, model_config)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     if max_positions is not None and cfg.seq_len > max_positions:
@@ -174,7 +168,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     train_set = mixture(cfg.sources, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_buffer)
     eval_set = eval_blocks(cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_windows) if cfg.eval_data else None
     teacher = _load_teacher(cfg, manifest, model_config) if cfg.distill_from else None
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    model = from_pretrained(source.path, dtype=torch.float32)
     frozen = _freeze_lm_head(model) if cfg.freeze_lm_head else []
     keeper = MaskKeeper(model, manifest.masks) if manifest.masks else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -241,12 +235,12 @@ def _freeze_lm_head(model) -> list[str]:
 def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     """The original model for distillation, frozen, in fp32 (same vocabulary as the pruned model)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from loram.shared.hub import resolve_model
+    from loram.shared.pruned_model import from_pretrained
 
     source = resolve_model(cfg.distill_from)
-    teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    teacher = from_pretrained(source.path, dtype=torch.float32)
     if teacher.config.vocab_size != pruned_config.vocab_size:
         raise LoramError(f"--distill-from {cfg.distill_from} has a vocabulary of {teacher.config.vocab_size}, the "
                          f"pruned model {pruned_config.vocab_size}; distill from the original model")

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from loram.publisher.calibration import TEXT_SPLITS
 from loram.shared import assets
 from loram.shared.errors import LoramError
-from loram.shared.text_sources import TEXT_SPLITS
 
 SEPARATOR = "\n\n"
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

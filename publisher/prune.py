@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import loram  # noqa: F401  (registers the pruned model types with the Auto classes)
+from loram.publisher.calibration import token_blocks
 from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, LayerScores, get_criterion
 from loram.publisher.layerwise import NEEDS_INPUTS, NONSTRUCTURED_CRITERIA, prune_layerwise
 from loram.publisher.sparsity import Target, parse_nm
@@ -42,9 +42,14 @@ from loram.shared.manifest import (
     fingerprint,
 )
 from loram.shared.outputs import atomic_output_dir, check_output_dir
-from loram.shared.pruned_model import build_pruned_config, is_pruned_config, save_pruned_checkpoint
+from loram.shared.pruned_model import (
+    build_pruned_config,
+    from_pretrained,
+    is_pruned_config,
+    load_config,
+    save_pruned_checkpoint,
+)
 from loram.shared.runtime import configure_threads
-from loram.shared.text_sources import token_blocks
 
 SCORES_FILE = "importance.safetensors"
 
@@ -155,7 +160,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     configure_threads()
     check_output_dir(cfg.out, cfg.overwrite)  # fail before any heavy work
     source = resolve_model(cfg.base, cfg.revision, cfg.endpoint)
-    stock_config = AutoConfig.from_pretrained(source.path)
+    stock_config = load_config(source.path)
     if is_pruned_config(stock_config) or (source.path / MANIFEST_JSON).is_file():
         raise LoramError(f"{cfg.base} is already a LoRAM pruned checkpoint; prune the original model instead")
     family_of(stock_config)
@@ -167,7 +172,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
         start, stop = parse_layer_range(cfg.layers or ":", shape.num_layers)
         _check_widths(cfg.target, shape)
     _log(f"loading {source.id}")
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto")
+    model = from_pretrained(source.path, dtype="auto")
     tokenizer = _tokenizer_or_none(source.path)
     base = BaseModelInfo(source.id, source.revision, fingerprint(source.path))
     run = _structured if cfg.structured else _nonstructured

@@ -27,10 +27,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loram.shared.assets import sha256_file
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS
+from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, sha256_file
 from loram.shared.outputs import atomic_file
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -13,6 +13,7 @@ derived (`Manifest.kept_indices`). JSON is written with sorted keys and fixed in
 manifests are equal bytes.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index
-from loram.shared.assets import sha256_file  # noqa: F401  (re-exported: one hashing helper)
 from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_file
 
@@ -39,6 +39,15 @@ MANIFEST_TENSORS = "loram_manifest.safetensors"
 KINDS = ("structured", "non-structured")
 # Documentation the Hub lets anyone edit is not part of what `files` guarantees.
 _NOT_HASHED = {MANIFEST_JSON, MANIFEST_TENSORS, "README.md"}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (the one hashing helper of the project: integrity lives here)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

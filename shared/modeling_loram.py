@@ -213,8 +213,15 @@ def auto_map(model_type: str) -> dict[str, str]:
     return {cls._auto_class: f"{module}.{cls.__name__}" for cls in MODEL_CLASSES[model_type]}
 
 
+_registered = False
+
+
 def register() -> None:
-    """Make AutoConfig / AutoModel / AutoModelForCausalLM know the LoRAM types (idempotent)."""
+    """Make AutoConfig / AutoModel / AutoModelForCausalLM know the LoRAM types (idempotent, cheap to repeat)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     for config_class, model_class, lm_class in MODEL_CLASSES.values():
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)

@@ -17,11 +17,32 @@ from loram.shared.architectures import PRUNED_TO_STOCK, Shape, family_of
 from loram.shared.errors import LoramError
 from loram.shared.modeling_loram import MODEL_CLASSES, register
 
-__all__ = ["build_pruned_config", "is_pruned_config", "layer_sizes", "register", "save_pruned_checkpoint"]
+__all__ = ["build_pruned_config", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "register",
+           "save_pruned_checkpoint"]
 
 # Keys of a stock config dict that must not be copied into the pruned type's config.
 _NOT_COPIED = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # the Hub's customary shard size; many tools download shards in parallel
+
+
+def from_pretrained(path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` for stock and LoRAM checkpoints alike.
+
+    The one model loader of the project: it registers the LoRAM types first (explicitly, not as a side
+    effect of an import), so a pruned checkpoint never needs `trust_remote_code`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    register()
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_config(path, **kwargs) -> PreTrainedConfig:
+    """`AutoConfig.from_pretrained` for stock and LoRAM checkpoints alike (registers the LoRAM types first)."""
+    from transformers import AutoConfig
+
+    register()
+    return AutoConfig.from_pretrained(path, **kwargs)
 
 
 def is_pruned_config(config) -> bool:

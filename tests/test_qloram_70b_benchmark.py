@@ -14,7 +14,7 @@ pytest.importorskip("bitsandbytes")
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import qloram_70b  # noqa: E402
 
-from loram.shared.accounting import plan_params  # noqa: E402
+from loram.accounting import plan_params  # noqa: E402
 
 RESULT_KEYS = {"machine", "settings", "device", "compute_dtype", "shape", "params", "build", "steps", "losses",
                "loss_finite", "lora_grads_nonzero", "measured", "plan", "plan_total_bytes",

@@ -12,7 +12,7 @@ from peft import PeftModel
 from tiny_models import save_tiny_checkpoint, tiny_batch
 from transformers import AutoModelForCausalLM
 
-import loram  # noqa: F401
+import loram
 from loram.evaluate import evaluate, parse_spec
 from loram.generate import generate
 from loram.gsm8k import extract_answer
@@ -22,6 +22,8 @@ from loram.shared.errors import LoramError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_recover import _adapter_on_pruned  # noqa: E402
+
+loram.register()  # pruned checkpoints load with the Auto classes
 
 LORAM = str(Path(sys.executable).parent / "loram")
 
@@ -78,8 +80,8 @@ def test_eval_compares_models_and_matches_a_manual_perplexity(recovered):
     # manual: exp(mean NLL over the response tokens) with the stock model's loss
     from transformers import AutoTokenizer
 
+    from loram.sft_format import tokenize_sft
     from loram.shared.records import load_records
-    from loram.shared.sft_format import tokenize_sft
 
     tok = AutoTokenizer.from_pretrained(recovered / "base")
     model = AutoModelForCausalLM.from_pretrained(recovered / "base").eval()

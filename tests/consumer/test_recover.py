@@ -11,12 +11,14 @@ from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny_checkpoint, tiny_batch
 from transformers import AutoModelForCausalLM
 
-import loram  # noqa: F401
+import loram
 from loram.publisher.prune import prune
 from loram.publisher.structured import KeptUnits, zero_pruned_contributions_
 from loram.recover import RecoverConfig, recover
 from loram.shared.errors import LoramError
 from loram.shared.manifest import Manifest
+
+loram.register()  # pruned checkpoints load with the Auto classes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 from tiny_models import save_tiny_checkpoint
 
-import loram  # noqa: F401
+import loram
 from loram.publisher.prune import prune
 from loram.shared.errors import LoramError
 from loram.train import TrainConfig, train
+
+loram.register()  # pruned checkpoints load with the Auto classes
 
 LORAM = str(Path(sys.executable).parent / "loram")
 QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}. #### {a + b}"}
@@ -81,7 +83,7 @@ def test_nf4_after_evaluation_every_lora_matrix_still_gets_a_gradient(pruned):
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
-    from loram.shared.loading import load_causal_lm
+    from loram.loading import load_causal_lm
 
     model = load_causal_lm(pruned / "pruned", "nf4")
     import bitsandbytes as bnb

@@ -13,13 +13,15 @@ import torch
 from tiny_models import save_tiny_checkpoint, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-import loram  # noqa: F401  (registers the pruned model types)
+import loram
 from loram.publisher.align import AlignConfig, align
 from loram.publisher.align_data import Source, eval_blocks, iter_texts, mixture
 from loram.publisher.prune import prune
 from loram.shared.architectures import LINEAR_NAMES, Shape
 from loram.shared.errors import LoramError
 from loram.shared.manifest import BaseModelInfo, Manifest, Method, PackedMask, verify_files
+
+loram.register()  # pruned checkpoints load with the Auto classes
 
 LORAM = str(Path(sys.executable).parent / "loram")
 TEXT = "LoRAM trains a low-rank adapter on a pruned model, then recovers it for the original model. " * 150

@@ -12,10 +12,12 @@ import torch
 from tiny_models import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
-import loram  # noqa: F401
+import loram
 from loram.publisher.align import align
 from loram.publisher.prune import prune
 from loram.shared.manifest import Manifest, verify_files
+
+loram.register()  # pruned checkpoints load with the Auto classes
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TEXT = "Alignment is a short continual pre-training of the pruned model on general text. " * 150

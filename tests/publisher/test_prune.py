@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 from tiny_models import KINDS, save_tiny_checkpoint, tiny_batch
 from transformers import AutoModelForCausalLM
 
-import loram  # noqa: F401  (registers the pruned model types)
+import loram
 from loram.publisher.prune import SCORES_FILE, PruneConfig, prune
 from loram.publisher.structured import KeptUnits, zero_pruned_contributions_
 from loram.shared.errors import LoramError
 from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, Manifest
 from loram.shared.pruned_model import save_pruned_checkpoint
+
+loram.register()  # pruned checkpoints load with the Auto classes
 
 CALIB_TEXT = ("LoRAM trains a low-rank adapter on a pruned model and recovers it for the original. " * 60)
 
@@ -123,7 +125,7 @@ def test_taylor_importance_equals_brute_force(tmp_path, calib_file, kind):
     scores = load_file(str(result.out / SCORES_FILE))
     from transformers import AutoTokenizer
 
-    from loram.shared.text_sources import token_blocks
+    from loram.publisher.calibration import token_blocks
 
     calib = token_blocks(AutoTokenizer.from_pretrained(tmp_path / "base"), str(calib_file), 6, 24)
     for layer in (2, 3):

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loram.publisher.calibration import token_blocks
 from loram.publisher.prune import prune
 from loram.publisher.sparsity import Target, wanda_mask
 from loram.shared.errors import LoramError
 from loram.shared.manifest import Manifest
-from loram.shared.text_sources import token_blocks
 
 LORAM = str(Path(sys.executable).parent / "loram")
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

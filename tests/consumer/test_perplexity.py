@@ -3,7 +3,7 @@ import math
 import torch
 from tiny_models import tiny_batch, tiny_model
 
-from loram.shared.perplexity import IGNORE, nll_sum, perplexity
+from loram.perplexity import IGNORE, nll_sum, perplexity
 
 
 def test_labelled_positions_only_equals_full_forward_loss():

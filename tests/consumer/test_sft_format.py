@@ -11,9 +11,8 @@ import torch
 from datasets import Dataset
 from tiny_models import tiny_model, tiny_tokenizer
 
-from loram.shared.errors import LoramError
-from loram.shared.perplexity import IGNORE, nll_sum
-from loram.shared.sft_format import (
+from loram.perplexity import IGNORE, nll_sum
+from loram.sft_format import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
     SFTCollator,
@@ -22,6 +21,7 @@ from loram.shared.sft_format import (
     parse_columns,
     tokenize_sft,
 )
+from loram.shared.errors import LoramError
 
 # a chat template for the tiny tokenizer: "[role]content</s>\n" per turn, "[assistant]" as generation prompt
 TINY_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}</s>\n{% endfor %}"
@@ -100,7 +100,7 @@ def test_train_on_prompt_labels_everything(tok, chat_tok):
 
 
 def test_a_tokenizer_that_adds_bos_gets_it_in_front_and_unlabelled(tok, monkeypatch):
-    monkeypatch.setattr("loram.shared.sft_format._adds_bos", lambda tokenizer: True)
+    monkeypatch.setattr("loram.sft_format._adds_bos", lambda tokenizer: True)
     ex = one([{"prompt": "Q?", "response": "A."}], tok)
     assert ex["input_ids"][0] == tok.bos_token_id and ex["labels"][0] == IGNORE
     assert labelled(tok, ex) == "A.</s>"

@@ -54,10 +54,9 @@ def disable_cpu_packed_4bit(model) -> int:
 
 
 def load_causal_lm(path, quant: str = "none", dtype: torch.dtype | None = None):
-    """Load `path` (after `import loram`, pruned checkpoints too) with the requested quantization."""
-    from transformers import AutoModelForCausalLM
+    """Load `path` (stock or pruned) with the requested quantization."""
+    from loram.shared.pruned_model import from_pretrained
 
-    import loram  # noqa: F401  (registers the pruned model types)
 
     qconfig = quantization_config(quant)
     dtype = dtype or (compute_dtype() if qconfig is not None or torch.cuda.is_available() else torch.float32)
@@ -67,7 +66,7 @@ def load_causal_lm(path, quant: str = "none", dtype: torch.dtype | None = None):
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     elif torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = from_pretrained(path, **kwargs)
     if quant == "nf4":
         disable_cpu_packed_4bit(model)
     return model

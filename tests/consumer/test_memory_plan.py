@@ -12,11 +12,9 @@ import torch
 from tiny_models import KINDS, tiny_config, tiny_model
 from typer.testing import CliRunner
 
+from loram.accounting import plan_params
 from loram.cli import app
-from loram.plan import memory
-from loram.shared.accounting import plan_params
-from loram.shared.errors import LoramError
-from loram.shared.memory_plan import (
+from loram.memory_plan import (
     OVERHEAD_BYTES,
     GiB,
     MiB,
@@ -27,6 +25,8 @@ from loram.shared.memory_plan import (
     plan_memory,
     training_config,
 )
+from loram.plan import memory
+from loram.shared.errors import LoramError
 from loram.shared.pruned_model import build_pruned_config
 
 runner = CliRunner()
@@ -255,7 +255,9 @@ import torch, transformers, peft  # noqa: E401
 case = json.loads(sys.argv[2])
 if not case.get("baseline"):
     import bitsandbytes as bnb
-    import loram  # noqa: F401  (registers the pruned model types)
+    import loram
+
+    loram.register()
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

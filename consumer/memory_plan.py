@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from loram.shared.accounting import ParamPlan, nf4_bytes, stock_config
+from loram.accounting import ParamPlan, nf4_bytes, stock_config
 from loram.shared.architectures import LINEAR_NAMES, PRUNED_MODULES, Shape, family_of
 from loram.shared.errors import LoramError
 from loram.shared.pruned_model import build_pruned_config, is_pruned_config
