@@ -1,4 +1,4 @@
-"""The LoRAM effect on SmolLM2-135M, run with the CLI as a user would (method.md §8 points 1-3).
+"""The LoRAM effect on SmolLM2-135M, run with the CLI as a user would (docs/method.md §8 points 1-3).
 
 prune (taylor, 0.5) -> train LoRA on the pruned model -> recover -> evaluate on held-out GSM8K
 (response-token perplexity), next to the original without fine-tuning, the pruned model with and

@@ -2,7 +2,7 @@
 
 Runs `loram publish prune` as a user would (every layer, seven projections) with magnitude, Wanda
 and SparseGPT at 50% unstructured and at 2:4, calibration 32 x 256 tokens of the Wikipedia split
-(small-scale.md's reference setting), then measures perplexity on 80 windows of 256 tokens of the
+(the reference setting of docs/method.md §9), then measures perplexity on 80 windows of 256 tokens of the
 held-out split, no fine-tuning.
 Usage: python benchmarks/prune_sparse_quality.py [--samples 32 --seq-len 256 --windows 80]
 """
@@ -22,7 +22,7 @@ from loram.perplexity import perplexity, text_windows
 from loram.shared import assets
 
 LORAM = str(Path(sys.executable).parent / "loram")
-# small-scale.md: reference implementations, PPL relative to the dense model
+# docs/method.md §9: reference implementations, PPL relative to the dense model
 REFERENCE = {("magnitude", "50%"): 16.0, ("wanda", "50%"): 2.2, ("sparsegpt", "50%"): 2.0,
              ("wanda", "2:4"): 7.3, ("sparsegpt", "2:4"): 3.8}
 
@@ -62,7 +62,7 @@ def main() -> None:
     table = [f"# Non-structured pruning quality, SmolLM2-135M, every layer, calibration {args.samples} x "
              f"{args.seq_len} Wikipedia tokens", "",
              f"Held-out Wikipedia perplexity ({args.windows} x 256 tokens), no fine-tuning; dense model {dense}. "
-             "Reference: small-scale.md (public reference implementations, same data). Command per row: "
+             "Reference: docs/method.md §9 (public reference implementations, same data). Command per row: "
              f"`loram publish prune $(loram assets path model) --method M (--sparsity 0.5 | --nm 2:4) --samples "
              f"{args.samples} --seq-len {args.seq_len} --out DIR`.", "",
              "| method | setting | non-zero parameters | perplexity | relative to dense | reference | prune time (s) |",

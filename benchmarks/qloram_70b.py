@@ -1,6 +1,6 @@
 """QLoRAM on LLaMA-3.1-70B pruned at 0.85: measured peak memory of a few training steps, against the plan.
 
-The paper's claim (method.md §5, §7): LoRA training of LLaMA-3.1-70B structurally pruned at p=0.85
+The paper's claim (docs/method.md §5, §7): LoRA training of LLaMA-3.1-70B structurally pruned at p=0.85
 (16 q / 2 KV heads and 4,300 MLP channels in layers [4, 78)), with NF4 base weights, fits a 20 GB GPU.
 This script builds that model with random weights, runs `--steps` QLoRAM steps and writes the measured
 peak next to `loram.memory_plan.plan_memory` for the same settings, with a "fits 20 GiB" verdict.
@@ -295,7 +295,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=int, default=16)
-    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (method.md §5's reference)")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (docs/method.md §5's reference)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")

@@ -1,11 +1,11 @@
-"""Parameter and memory accounting: what the original holds, and what LoRAM training holds (method.md §7).
+"""Parameter and memory accounting: what the original holds, and what LoRAM training holds (docs/method.md §7).
 
 Counts come from shapes only: the stock model is instantiated on the meta device (no weights are read
 or allocated; a 70B model takes under a second), so the numbers are exact for any supported config.
 
     original_params = sum of numel over the stock model's parameters (tied embeddings counted once)
 
-Structured pruning (method.md §2) removes, in every layer of the pruned range and for every entry of
+Structured pruning (docs/method.md §2) removes, in every layer of the pruned range and for every entry of
 `PRUNED_MODULES`, a slice of the module's weight (and of its bias when the rows go):
 
     axis "out" (rows):     removed = units * width * (in_features + has_bias)
@@ -17,7 +17,7 @@ Structured pruning (method.md §2) removes, in every layer of the pruned range a
     reduction_4bit  = original_params / (training_params / 4)     (the paper: a 4-bit parameter is 1/4)
     HBM GiB         = params * 2 / 2^30                            (the paper's 16-bit count)
 
-Non-structured pruning (method.md §3) keeps every shape, so `training_params == original_params`; it
+Non-structured pruning (docs/method.md §3) keeps every shape, so `training_params == original_params`; it
 zeroes `int(numel * s)` entries of each decoder linear weight in the range (biases are kept), which
 `nonzero_params` reports. N:M at N/M gives the same count.
 
@@ -41,8 +41,8 @@ from loram.shared.architectures import (
     parse_layer_range,
 )
 from loram.shared.errors import LoramError
+from loram.shared.manifest import KINDS
 
-METHODS = ("structured", "non-structured")
 NF4_BLOCK = 64  # bitsandbytes' 4-bit blocksize (QLoRA and transformers' default)
 NESTED_BLOCK = 256  # double quantization: blocks of first-level absmax values
 NF4_CODE_BYTES = 16 * 4  # the 16-entry fp32 NF4 code table each quantization state holds
@@ -88,7 +88,7 @@ class ParamPlan:
     """Parameter and memory counts of one pruning plan; `to_dict()` is the JSON of `loram plan --json`."""
 
     model_type: str
-    method: str
+    kind: str  # "structured" or "non-structured"
     attn_ratio: float | None
     mlp_ratio: float | None
     sparsity: float | None
@@ -130,7 +130,7 @@ class ParamPlan:
         start, stop = self.layer_range
         return {
             "model_type": self.model_type,
-            "method": self.method,
+            "kind": self.kind,
             "attn_ratio": self.attn_ratio,
             "mlp_ratio": self.mlp_ratio,
             "sparsity": self.sparsity,
@@ -176,7 +176,7 @@ def stock_config(config):
     return config
 
 
-def plan_params(config, method: str = "structured", ratio: float | None = None, *,
+def plan_params(config, kind: str = "structured", ratio: float | None = None, *,
                 attn_ratio: float | None = None, mlp_ratio: float | None = None,
                 layers: str | None = None, sparsity: float | None = None) -> ParamPlan:
     """Count the original and the training model for one plan.
@@ -188,11 +188,11 @@ def plan_params(config, method: str = "structured", ratio: float | None = None, 
     """
     from transformers import AutoModelForCausalLM
 
-    if method not in METHODS:
-        raise LoramError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if kind not in KINDS:
+        raise LoramError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     config = stock_config(config)
     shape = Shape.of(config)
-    structured = method == "structured"
+    structured = kind == "structured"
     if structured:
         if sparsity is not None:
             raise LoramError("sparsity applies to the non-structured method; use ratio/attn_ratio/mlp_ratio")
@@ -233,7 +233,7 @@ def plan_params(config, method: str = "structured", ratio: float | None = None, 
         _count_layer(i, layer, shape, True, kv, channels, 0.0 if structured else sparsity) if start <= i < stop
         else dense[i] for i, layer in enumerate(decoder_layers))
     return ParamPlan(
-        model_type=config.model_type, method=method, attn_ratio=attn_ratio, mlp_ratio=mlp_ratio,
+        model_type=config.model_type, kind=kind, attn_ratio=attn_ratio, mlp_ratio=mlp_ratio,
         sparsity=sparsity, shape=shape, layer_range=(start, stop),
         kept_q_heads=kv * shape.group_size, kept_kv_heads=kv, kept_channels=channels, per_layer=counts,
         original_params=original,
@@ -247,8 +247,6 @@ def plan_params(config, method: str = "structured", ratio: float | None = None, 
 def _count_layer(index: int, layer: torch.nn.Module, shape: Shape, in_range: bool, kv: int, channels: int,
                  sparsity: float) -> LayerCount:
     """Count one decoder layer keeping `kv` KV groups and `channels` MLP channels, `sparsity` zeroed."""
-    full = {"q": shape.num_heads * shape.head_dim, "kv": shape.num_kv_heads * shape.head_dim,
-            "mlp": shape.intermediate}
     kept = {"q": kv * shape.group_size * shape.head_dim, "kv": kv * shape.head_dim, "mlp": channels}
     table = {m.path: m for m in PRUNED_MODULES}
     params = sum(p.numel() for p in layer.parameters())
@@ -260,10 +258,10 @@ def _count_layer(index: int, layer: torch.nn.Module, shape: Shape, in_range: boo
         if path in table:
             entry = table[path]
             side = rows if entry.axis == "out" else cols
-            if side != full[entry.unit]:
+            if side != shape.width(entry.unit):
                 raise LoramError(f"layer {index} {path}: {entry.axis} size {side} does not match the config "
-                                 f"({full[entry.unit]}); the config is inconsistent")
-            removed = full[entry.unit] - kept[entry.unit]
+                                 f"({shape.width(entry.unit)}); the config is inconsistent")
+            removed = shape.width(entry.unit) - kept[entry.unit]
             if entry.axis == "out":  # rows go, with their bias entries
                 rows -= removed
                 params -= removed * (cols + (module.bias is not None))

@@ -29,7 +29,7 @@ DEFAULTS = {
     "calib_samples": (32, 4),
     "align_steps": (40, 2),
     "train_steps": (15, 2),
-    "eval_items": (32, 6),
+    "eval_limit": (32, 6),
 }
 
 
@@ -41,7 +41,7 @@ class DemoConfig(Config):
                                "this model size, 0.75 does not (docs/demo.md).")
     align_steps: int | None = option(None, "Alignment steps on the Wikipedia sample (default 40; --quick 2).")
     train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 15; --quick 2).")
-    eval_items: int | None = option(None, "Held-out GSM8K items evaluated, and half as many news documents "
+    eval_limit: int | None = option(None, "Held-out GSM8K items evaluated, and half as many news documents "
                                            "(default 32; --quick 6).")
     quant: str = option("auto", "Base-model precision for training: nf4 (QLoRA), none (LoRA), or auto "
                                 "(nf4 when bitsandbytes is installed).", choices=("auto", "nf4", "none"))
@@ -49,10 +49,10 @@ class DemoConfig(Config):
     repo_id: str = option("loram-demo/smollm2-135m-loram", "Hub repository for --endpoint.")
     seq_len: int = option(256, "Tokens per training and evaluation sequence.")
 
-    def __post_init__(self):
+    def check(self):
         if not 0 < self.ratio < 1:
             raise LoramError(f"--ratio must lie in (0, 1), got {self.ratio}")
-        for name in ("align_steps", "train_steps", "eval_items"):
+        for name in ("align_steps", "train_steps", "eval_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LoramError(f"--{name.replace('_', '-')} must be >= 1")
@@ -62,7 +62,7 @@ class DemoConfig(Config):
         return value if value is not None else DEFAULTS[name][1 if self.quick else 0]
 
     @property
-    def align_eval_windows(self) -> int:
+    def align_eval_limit(self) -> int:
         """Held-out Wikipedia blocks the alignment stage evaluates."""
         return 4 if self.quick else 16
 
@@ -100,7 +100,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages = Stages(out / "stages", log=_log)
     model_dir, data_dir = assets.model_dir(), assets.data_dir()
     asset_key = [json.loads((d / assets.RECORD_FILE).read_text())["sha256"] for d in (model_dir, data_dir)]
-    quant, seq_len, n_eval = cfg.resolved_quant, cfg.seq_len, cfg.setting("eval_items")
+    quant, seq_len, n_eval = cfg.resolved_quant, cfg.seq_len, cfg.setting("eval_limit")
     train_args = ["--data", "gsm8k-train", "--columns", GSM8K_COLUMNS, "--quant", quant,
                   "--steps", cfg.setting("train_steps"), "--lr", "3e-4", "--batch", "4", "--seq-len", seq_len,
                   "--save-every", 1000, "--overwrite"]
@@ -109,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     prune = stages.run("prune", {"assets": asset_key, "ratio": cfg.ratio, "samples": cfg.setting("calib_samples")},
                        lambda f: _prune(model_dir, f, cfg))
     align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len,
-                                 "eval_windows": cfg.align_eval_windows},
+                                 "eval_limit": cfg.align_eval_limit},
                        lambda f: _align(prune.folder / "pruned", f, cfg))
     publish = stages.run("publish", {"align": align.key, "endpoint": cfg.endpoint, "repo_id": cfg.repo_id},
                          lambda f: _publish(align.folder / "aligned", f, cfg))
@@ -160,7 +160,7 @@ def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:
     steps = cfg.setting("align_steps")
     _loram("publish", "align", pruned, "--data", "wiki", "--steps", steps, "--seq-len", cfg.seq_len,
            "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
-           "--eval-windows", cfg.align_eval_windows, "--eval-every", max(1, steps // 2), "--save-every", steps,
+           "--eval-limit", cfg.align_eval_limit, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")
     report = json.loads((folder / "aligned" / "align_report.json").read_text())
     return {"path": str(folder / "aligned"), "steps": steps, "losses": report.get("losses", []),

@@ -1,4 +1,4 @@
-"""The demo's report: the result table, what it shows (method.md §8 points 1-3), plots, report.md.
+"""The demo's report: the result table, what it shows (docs/method.md §8 points 1-3), plots, report.md.
 
 Point 1: PPL(original, no FT) > PPL(LoRAM) >= PPL(LoRA on the original), in-domain.
 Point 2: PPL(pruned + its adapter, no recovery) >> PPL(LoRAM).
@@ -108,7 +108,7 @@ def render(report: dict, plots: list[str]) -> str:
              "", "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]
     for r in pivot(report):
         lines.append(f"| {r['variant']} | " + " | ".join(f"{r.get(d, float('nan')):.3f}" for d in DATA) + " |")
-    lines += ["", "## What it shows (method.md §8)", ""]
+    lines += ["", "## What it shows (docs/method.md §8)", ""]
     checks = verdicts(report)
     for point, holds, text in checks:
         lines.append(f"- Point {point}: {'holds' if holds else 'does NOT hold'}: {text}.")

@@ -4,7 +4,7 @@
 
 Each model spec is `MODEL`, `MODEL+ADAPTER` or `NAME=MODEL[+ADAPTER]`; MODEL is an original,
 pruned or merged checkpoint (folder or Hub id), ADAPTER a peft adapter folder. Perplexity is
-exp(mean NLL over response tokens) with the prompt masked (method.md §8); plain-text data (`text`
+exp(mean NLL over response tokens) with the prompt masked (docs/method.md §8); plain-text data (`text`
 records such as the built-in `news` split) is scored on every token.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.shared.hub import endpoint_option, revision_option
 
 
 @dataclass
@@ -30,10 +31,11 @@ class EvalConfig(Config):
     shots: int = option(0, "Few-shot examples from gsm8k-train for --gsm8k.")
     max_new_tokens: int = option(256, "Generation length for --gsm8k.")
     ignore_fingerprint: bool = option(False, "Evaluate an adapter on a base whose fingerprint differs.")
-    endpoint: str | None = option(None, "Hub endpoint URL for Hub ids (default: huggingface.co or HF_ENDPOINT).")
+    revision: str | None = revision_option("each MODEL")
+    endpoint: str | None = endpoint_option()
     json: bool = option(False, "Print one JSON object instead of a table.")
 
-    def __post_init__(self):
+    def check(self):
         if not self.models:
             raise LoramError("name at least one model to evaluate")
         if self.limit is not None and self.limit < 1:
@@ -49,7 +51,8 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return name or rest, model, adapter or None
 
 
-def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoint: str | None = None):
+def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoint: str | None = None,
+              revision: str | None = None):
     """(model ready for inference, tokenizer) for one spec."""
     import torch
     from transformers import AutoTokenizer
@@ -60,9 +63,10 @@ def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoin
     if adapter:
         from loram.merge import load_with_adapter
 
-        peft_model, _, source = load_with_adapter(adapter, model, ignore_fingerprint, endpoint=endpoint)
+        peft_model, _, source = load_with_adapter(adapter, model, ignore_fingerprint, endpoint=endpoint,
+                                                  base_revision=revision)
         return peft_model.eval(), AutoTokenizer.from_pretrained(source.path)
-    source = resolve_model(model, endpoint=endpoint)
+    source = resolve_model(model, revision, endpoint)
     return (from_pretrained(source.path, dtype=torch.float32).eval(),
             AutoTokenizer.from_pretrained(source.path))
 
@@ -100,7 +104,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
     rows = []
     for spec in cfg.models:
         name, model_id, adapter = parse_spec(spec)
-        model, tokenizer = load_spec(model_id, adapter, cfg.ignore_fingerprint, cfg.endpoint)
+        model, tokenizer = load_spec(model_id, adapter, cfg.ignore_fingerprint, cfg.endpoint, cfg.revision)
         ppl, tokens = response_perplexity(model, tokenizer, records, columns, cfg.seq_len, cfg.batch,
                                           f"perplexity {name}")
         row = {"name": name, "model": model_id, "adapter": adapter, "perplexity": round(ppl, 4), "tokens": tokens}

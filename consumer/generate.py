@@ -9,6 +9,7 @@ generation prompt), otherwise it is used as is. Tokens are printed as they are g
 from dataclasses import dataclass
 
 from loram.shared.configs import Config, option
+from loram.shared.hub import endpoint_option, revision_option
 
 
 @dataclass
@@ -20,7 +21,8 @@ class GenerateConfig(Config):
     temperature: float = option(0.0, "0 for greedy decoding.")
     seed: int = option(0, "Seed for sampling.")
     ignore_fingerprint: bool = option(False, "Use an adapter whose recorded base fingerprint differs.")
-    endpoint: str | None = option(None, "Hub endpoint URL for Hub ids (default: huggingface.co or HF_ENDPOINT).")
+    revision: str | None = revision_option("MODEL")
+    endpoint: str | None = endpoint_option()
 
 
 def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str:
@@ -33,7 +35,7 @@ def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str
     from loram.evaluate import load_spec
 
     cfg = config or GenerateConfig.resolve(**kwargs)
-    model, tokenizer = load_spec(cfg.model, cfg.adapter, cfg.ignore_fingerprint, cfg.endpoint)
+    model, tokenizer = load_spec(cfg.model, cfg.adapter, cfg.ignore_fingerprint, cfg.endpoint, cfg.revision)
     if tokenizer.chat_template:
         enc = tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
@@ -48,6 +50,6 @@ def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str
     torch.manual_seed(cfg.seed)
     sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else {"do_sample": False}
     out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, streamer=_Streamer(tokenizer, skip_prompt=True,
-                         skip_special_tokens=True), pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                         skip_special_tokens=True), pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
                          **sampling)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -24,7 +24,15 @@ from loram.recover import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR
 from loram.shared.cli_support import add_config_command
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import ModelSource, PushOptions, PushResult, looks_like_repo_id, pull_repo
+from loram.shared.hub import (
+    ModelSource,
+    PushOptions,
+    PushResult,
+    endpoint_option,
+    looks_like_repo_id,
+    pull_repo,
+    revision_option,
+)
 from loram.shared.model_cards import adapter_card
 from loram.shared.outputs import atomic_output_dir, check_output_dir
 
@@ -33,9 +41,9 @@ from loram.shared.outputs import atomic_output_dir, check_output_dir
 class PullConfig(Config):
     repo_id: str = option(help="Hub repository ORG/NAME: a pruned checkpoint, an adapter or any model.",
                           argument=True)
-    revision: str | None = option(None, "Branch, tag or commit sha; default main.")
+    revision: str | None = revision_option("REPO_ID")
     out: Path | None = option(None, "Also copy the verified files into this folder (default: the Hub cache only).")
-    endpoint: str | None = option(None, "Hub endpoint URL (default: huggingface.co or HF_ENDPOINT).")
+    endpoint: str | None = endpoint_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
 

@@ -1,9 +1,9 @@
 """Load a causal LM for training or evaluation: full precision, 8-bit or 4-bit (QLoRA).
 
-QLoRA settings (method.md §5): NF4, double quantization, bf16 compute where the device supports
+QLoRA settings (docs/method.md §5): NF4, double quantization, bf16 compute where the device supports
 it (CUDA with bf16), fp32 compute otherwise (CPU bf16 matmuls are slow on most CPUs).
 
-CPU pitfall (assets.md): on CPUs with AVX512-BF16, bitsandbytes runs a 4-bit layer in eval mode
+CPU pitfall (docs/consumer.md, Precision): on CPUs with AVX512-BF16, bitsandbytes runs a 4-bit layer in eval mode
 without gradients through a packed-weight kernel that crashes when out_features is not a multiple
 of 32 and permanently repacks the weight, after which LoRA layers behind it get no gradient. We
 switch that path off on every `Linear4bit` right after loading.

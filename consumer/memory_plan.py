@@ -45,15 +45,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from loram.accounting import ParamPlan, nf4_bytes, stock_config
-from loram.shared.architectures import LINEAR_NAMES, PRUNED_MODULES, Shape, family_of
+from loram.loading import QUANTS
+from loram.shared import architectures
+from loram.shared.architectures import PRUNED_MODULES, Shape, family_of
 from loram.shared.errors import LoramError
 from loram.shared.pruned_model import build_pruned_config, is_pruned_config
 
-QUANTS = ("none", "int8", "nf4")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TARGETS = tuple(name.removesuffix("_proj") for name in LINEAR_NAMES)  # q, k, v, o, gate, up, down
+TARGETS = tuple(m.short for m in PRUNED_MODULES)  # q, k, v, o, gate, up, down
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype), whatever the base dtype
 # LoRA dropout keeps a mask per element: bool on GPU (fused native_dropout), a float noise tensor on CPU.
 DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": ADAPTER_BYTES}
@@ -69,7 +70,7 @@ OVERHEAD_BYTES = {"cuda": 1 * GiB, "cpu": 390 * MiB}
 # allocator's fragmentation (an assumption).
 SLACK = {"cuda": 0.1, "cpu": 0.6}
 # Which LoRA targets read the same input tensor (a shared fp32 input is saved once).
-INPUT_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+INPUT_GROUPS = tuple(tuple(m.short for m in group) for group in architectures.INPUT_GROUPS)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
@@ -88,13 +89,7 @@ def parse_bytes(text: str | int | None) -> int | None:
 
 def parse_targets(targets) -> tuple[str, ...]:
     """"q,k,v" or ["q_proj", "v"] -> ("q", "k", "v"): short names in the canonical order."""
-    names = targets.split(",") if isinstance(targets, str) else list(targets)
-    names = [str(n).strip().removesuffix("_proj") for n in names if str(n).strip()]
-    unknown = [n for n in names if n not in TARGETS]
-    if unknown or not names:
-        raise LoramError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {','.join(TARGETS)}")
-    return tuple(t for t in TARGETS if t in names)
+    return tuple(name.removesuffix("_proj") for name in architectures.parse_targets(targets))
 
 
 def config_dtype(config) -> str:
@@ -162,7 +157,7 @@ class MemoryPlan:
 def training_config(config, plan: ParamPlan | None = None):
     """The config of the model training holds: a LoRAM pruned config as it is; a stock config (object or
     dict) pruned as the structured `plan` says, or as it is (no plan, non-structured: shapes are kept)."""
-    if is_pruned_config(config) or plan is None or plan.method != "structured":
+    if is_pruned_config(config) or plan is None or plan.kind != "structured":
         return config
     kept = {c.layer: (c.kv_heads, c.channels) for c in plan.per_layer if c.pruned}
     return build_pruned_config(stock_config(config), kept)
@@ -243,11 +238,18 @@ def check_options(*, quant="none", rank=8, lora_dropout=0.0, batch=1, seq_len=1,
                                  ("device", device, DEVICES)):
         if value not in choices:
             raise LoramError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    for name, value in (("rank", rank), ("batch", batch), ("seq_len", seq_len)):
+    check_lora_options(rank=rank, dropout=lora_dropout)
+    for name, value in (("batch", batch), ("seq-len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise LoramError(f"{name} must be a whole number >= 1, got {value!r}")
-    if not 0 <= lora_dropout < 1:
-        raise LoramError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+            raise LoramError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
+def check_lora_options(*, rank: int, dropout: float) -> None:
+    """The LoRA options `loram train` and `loram plan` share: rank >= 1, dropout in [0, 1)."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise LoramError(f"--rank must be a whole number >= 1, got {rank!r}")
+    if not 0 <= dropout < 1:
+        raise LoramError(f"--dropout must lie in [0, 1), got {dropout}")
 
 
 def layer_activations(d: LayerDims, targets: tuple[str, ...], rank: int, b: int, mask: int = 0) -> int:

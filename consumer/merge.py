@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.shared.hub import endpoint_option, revision_option
 from loram.shared.outputs import atomic_output_dir
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -30,7 +31,8 @@ class MergeConfig(Config):
                                     "adapter's base.")
     ignore_fingerprint: bool = option(False, "Merge even if the base differs from the recorded fingerprint.")
     max_shard_size: str = option("5GB", "Largest safetensors shard.")
-    endpoint: str | None = option(None, "Hub endpoint URL for Hub ids (default: huggingface.co or HF_ENDPOINT).")
+    revision: str | None = revision_option("ADAPTER")
+    endpoint: str | None = endpoint_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
 
@@ -49,18 +51,22 @@ def check_original(adapter_dir: Path, base_dir: Path, ignore: bool) -> None:
 
 
 def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_fingerprint: bool = False,
-                      dtype=None, endpoint: str | None = None):
-    """(peft model = original + adapter, adapter folder, base folder), with the fingerprint check."""
+                      dtype=None, endpoint: str | None = None, *, adapter_revision: str | None = None,
+                      base_revision: str | None = None):
+    """(peft model = original + adapter, adapter folder, base source), with the fingerprint check.
+
+    The base is `base` at `base_revision` when given, else the adapter's recorded base at its revision."""
     import torch
     from peft import PeftModel
 
     from loram.shared.hub import resolve_model
     from loram.shared.pruned_model import from_pretrained
 
-    adapter_dir = resolve_model(adapter, endpoint=endpoint, required="adapter_config.json", kind="peft adapter").path
+    adapter_dir = resolve_model(adapter, adapter_revision, endpoint, required="adapter_config.json",
+                                kind="peft adapter").path
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     source = resolve_model(base or adapter_cfg["base_model_name_or_path"],
-                           None if base else adapter_cfg.get("revision"), endpoint)
+                           base_revision if base else adapter_cfg.get("revision"), endpoint)
     check_original(adapter_dir, source.path, ignore_fingerprint)
     model = from_pretrained(source.path, dtype=dtype or torch.float32)
     return PeftModel.from_pretrained(model, adapter_dir), adapter_dir, source
@@ -74,7 +80,7 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     cfg = config or MergeConfig.resolve(**kwargs)
     dtype = getattr(torch, DTYPES[cfg.dtype])
     model, adapter_dir, source = load_with_adapter(cfg.adapter, cfg.base, cfg.ignore_fingerprint, dtype,
-                                                   cfg.endpoint)
+                                                   cfg.endpoint, adapter_revision=cfg.revision)
     merged = model.merge_and_unload()
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
         merged.save_pretrained(out, max_shard_size=cfg.max_shard_size)

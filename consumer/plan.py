@@ -7,7 +7,7 @@
                gradient_checkpointing=True, budget="20GiB")
     m.total_bytes, m.fits                                      # ~15.3 GiB, True (docs/memory.md)
 
-The counting lives in `loram.accounting` (method.md §7) and the training-memory estimate in
+The counting lives in `loram.accounting` (docs/method.md §7) and the training-memory estimate in
 `loram.memory_plan`; this module only finds the config (a checkpoint directory, a bare
 config.json, or a Hub repo id) and prints the result. The memory section is always printed (with the
 training options' defaults, those of `loram train`). A LoRAM pruned checkpoint is planned as it is:
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-from loram.accounting import METHODS, ParamPlan, check_fraction, gib, plan_params
+from loram.accounting import ParamPlan, check_fraction, gib, plan_params
 from loram.memory_plan import (
     DEVICES,
     DTYPE_BYTES,
@@ -35,10 +35,12 @@ from loram.memory_plan import (
     plan_memory,
     training_config,
 )
-from loram.shared.architectures import PRUNED_TO_STOCK
+from loram.shared.architectures import DEFAULT_RATIO, PRUNED_TO_STOCK
 from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.shared.hub import revision_option
+from loram.shared.manifest import KINDS
 from loram.shared.pruned_model import is_pruned_config
 
 
@@ -48,14 +50,17 @@ class PlanConfig(Config):
 
     model: str = option(help="Checkpoint directory, config.json file, or Hub repo id (only config.json is read).",
                         argument=True)
-    revision: str | None = option(None, "Hub branch, tag or commit (Hub repo ids only).")
-    method: str = option("structured", f"Pruning method: {' or '.join(METHODS)}.")
-    ratio: float = option(0.85, "Pruning ratio p: default of --attn-ratio/--mlp-ratio, or of --sparsity.")
-    attn_ratio: float | None = option(None, "Structured: ratio of KV groups to prune (default --ratio).")
-    mlp_ratio: float | None = option(None, "Structured: ratio of MLP channels to prune (default --ratio).")
+    revision: str | None = revision_option("MODEL")
+    kind: str = option("structured", "Pruning kind (`loram publish prune --method` picks a criterion of one).",
+                       choices=KINDS)
+    ratio: float | None = option(None, "Structured: pruning ratio p in [0, 1) for attention and MLP alike "
+                                       "(default 0.5).")
+    attn_ratio: float | None = option(None, "Structured: pruning ratio for attention (KV groups); default --ratio.")
+    mlp_ratio: float | None = option(None, "Structured: pruning ratio for MLP channels; default --ratio.")
     layers: str | None = option(None, "Pruned layers, half-open A:B (e.g. 4:-2). Default: 4:-2 structured, "
                                       "all layers non-structured.")
-    sparsity: float | None = option(None, "Non-structured: fraction of each linear weight zeroed (default --ratio).")
+    sparsity: float | None = option(None, "Non-structured: fraction of each linear weight zeroed, in (0, 1) "
+                                          "(N:M counts as N/M).")
     # Training options of the memory estimate (docs/memory.md); defaults are those of `loram train`.
     quant: str = option("none", "Base weights in training: none (the dtype), int8, or nf4 (QLoRA).", choices=QUANTS)
     rank: int = option(8, "LoRA rank r.")
@@ -71,9 +76,17 @@ class PlanConfig(Config):
     budget: str | None = option(None, "Memory to fit in, e.g. 20GiB, 512MiB, 24GB: prints whether the estimate fits.")
     json: bool = option(False, "Print one JSON object instead of the table.")
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise LoramError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+    def check(self):
+        if self.kind == "structured" and self.sparsity is not None:
+            raise LoramError("--sparsity applies to --kind non-structured; structured plans take --ratio")
+        if self.kind == "non-structured":
+            if self.ratio is not None or self.attn_ratio is not None or self.mlp_ratio is not None:
+                raise LoramError("--ratio/--attn-ratio/--mlp-ratio apply to --kind structured; "
+                                 "non-structured plans take --sparsity")
+            if self.sparsity is None:
+                raise LoramError("--kind non-structured needs --sparsity S, e.g. --sparsity 0.5")
+        elif self.ratio is None:
+            self.ratio = DEFAULT_RATIO
         for name in ("ratio", "attn_ratio", "mlp_ratio", "sparsity"):
             check_fraction(name, getattr(self, name))
         check_options(quant=self.quant, rank=self.rank, lora_dropout=self.dropout, batch=self.batch,
@@ -145,7 +158,7 @@ def _config(config, kwargs) -> PlanConfig:
 
 
 def _param_plan(values: dict, config: PlanConfig) -> ParamPlan:
-    return plan_params(values, config.method, config.ratio, attn_ratio=config.attn_ratio,
+    return plan_params(values, config.kind, config.ratio, attn_ratio=config.attn_ratio,
                        mlp_ratio=config.mlp_ratio, layers=config.layers, sparsity=config.sparsity)
 
 
@@ -172,12 +185,12 @@ def table_rows(p: ParamPlan) -> list[dict]:
         return f"{v:,}"
 
     rows = []
-    if p.method == "structured":
+    if p.kind == "structured":
         rows += [row("q heads / pruned layer", p.shape.num_heads, p.kept_q_heads),
                  row("kv heads / pruned layer", p.shape.num_kv_heads, p.kept_kv_heads),
                  row("MLP channels / pruned layer", p.shape.intermediate, p.kept_channels)]
     rows += [row("parameters", n(p.original_params), n(p.training_params), f"{p.reduction:.2f}x")]
-    if p.method == "non-structured":
+    if p.kind == "non-structured":
         rows.append(row("non-zero parameters", n(p.original_params), n(p.nonzero_params),
                         f"{p.original_params / p.nonzero_params:.2f}x"))
     rows += [
@@ -233,9 +246,9 @@ def _run(cfg: PlanConfig) -> None:
                       "reduction": f"{original / m.training_params:.2f}x"}])
     else:
         start, stop = p.layer_range
-        how = (f"attn ratio {p.attn_ratio}, mlp ratio {p.mlp_ratio}" if p.method == "structured"
+        how = (f"attn ratio {p.attn_ratio}, mlp ratio {p.mlp_ratio}" if p.kind == "structured"
                else f"sparsity {p.sparsity}")
-        typer.echo(f"{cfg.model}: {p.model_type}, {p.shape.num_layers} layers; {p.method} ({how}) "
+        typer.echo(f"{cfg.model}: {p.model_type}, {p.shape.num_layers} layers; {p.kind} ({how}) "
                    f"on layers [{start}, {stop})\n")
         print_table(table_rows(p))
     weights = f"{m.quant} weights" if m.quant != "none" else f"{m.dtype} weights"
@@ -259,5 +272,5 @@ def register(app: typer.Typer) -> None:
                   "--gradient-checkpointing --budget 20GiB",
                   "loram plan ./pruned-checkpoint --device cpu --batch 2 --seq-len 256 --json",
                   "loram plan ./Llama-2-13b-hf --attn-ratio 0.65 --mlp-ratio 0.65 --layers 4:-2 --json",
-                  "loram plan config.json --method non-structured --sparsity 0.55"],
+                  "loram plan config.json --kind non-structured --sparsity 0.55"],
     )

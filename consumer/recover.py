@@ -3,7 +3,7 @@
     loram recover adapter-p50/ --out adapter-recovered/
 
 Linear `y = x W^T` with `W` of shape [out, in]; LoRA adds `(alpha/r) B A` with A [r, in], B [out, r].
-On a pruned module with kept output rows O and kept input columns I (method.md §6):
+On a pruned module with kept output rows O and kept input columns I (docs/method.md §6):
 
     A^R = zeros(r, in_full);  A^R[:, I] = A^P          (only when columns were pruned: o, down)
     B^R = zeros(out_full, r); B^R[O, :] = B^P          (only when rows were pruned: q, k, v, gate, up)
@@ -26,10 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loram import __version__
-from loram.shared.architectures import PRUNED_MODULES
+from loram.shared.architectures import layer_module
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import resolve_model
+from loram.shared.hub import endpoint_option, resolve_model, revision_option
 from loram.shared.manifest import Manifest, sha256_file
 from loram.shared.model_cards import adapter_card
 from loram.shared.outputs import atomic_output_dir
@@ -37,8 +37,8 @@ from loram.shared.outputs import atomic_output_dir
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "loram_recovery.json"
-# base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight
-_KEY = re.compile(r"\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+# base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}[.adapter].weight
+_LORA = re.compile(r"\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass
@@ -52,8 +52,8 @@ class RecoverConfig(Config):
                                         "or Hub id) instead of the manifest's; its fingerprint must match.")
     ignore_fingerprint: bool = option(False, "Accept an --original whose config/weights differ from the manifest's "
                                              "fingerprint (you are on your own).")
-    revision: str | None = option(None, "Hub revision of ADAPTER.")
-    endpoint: str | None = option(None, "Hub endpoint URL.")
+    revision: str | None = revision_option("ADAPTER")
+    endpoint: str | None = endpoint_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
 
@@ -116,20 +116,16 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
         raise LoramError(f"{folder} has no {ADAPTER_WEIGHTS}")
     pruned_dir, manifest = pruned_manifest(adapter_config, cfg.endpoint)
     arch = manifest.architecture
-    specs = {m.path: m for m in PRUNED_MODULES}
-    full_size = {"q": arch.num_heads * arch.head_dim, "kv": arch.num_kv_heads * arch.head_dim,
-                 "mlp": arch.intermediate}
     gen = torch.Generator().manual_seed(cfg.seed)
     tensors, expanded = {}, 0
     with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
         for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             tensor = f.get_tensor(name)
-            match = _KEY.search(name)
-            if match and manifest.method.kind == "structured" and match.group(2) in specs:
-                layer, path, which = int(match.group(1)), match.group(2), match.group(3)
-                spec = specs[path]
-                rows, cols = manifest.kept_indices(layer, path)
-                new = expand(tensor, which, rows, cols, full_size[spec.unit], cfg.fill, gen, name)
+            lora, found = _LORA.search(name), layer_module(name)
+            if lora and found and manifest.method.kind == "structured":
+                (layer, module), which = found, lora.group(1)
+                rows, cols = manifest.kept_indices(layer, module.path)
+                new = expand(tensor, which, rows, cols, arch.width(module.unit), cfg.fill, gen, name)
                 expanded += new is not tensor
                 tensor = new
             tensors[name] = tensor.contiguous()

@@ -16,19 +16,20 @@ Output folder:
 """
 
 import json
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loram.loading import QUANTS
-from loram.shared.architectures import LINEAR_NAMES
+from loram.memory_plan import check_lora_options
+from loram.shared.architectures import LINEAR_NAMES, parse_targets
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.shared.hub import endpoint_option, revision_option
 
-CHECKPOINTS = "checkpoints"
 REPORT = "training_report.json"
+CONFIG = "train_config.yaml"
+ADAPTER_CONFIG = "adapter_config.json"  # written last: a folder with it is a complete adapter
 
 
 @dataclass
@@ -58,15 +59,16 @@ class TrainConfig(Config):
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     seed: int = option(0, "Seed for LoRA init, dropout and data order.")
-    revision: str | None = option(None, "Hub revision of MODEL.")
-    endpoint: str | None = option(None, "Hub endpoint URL.")
+    revision: str | None = revision_option("MODEL")
+    endpoint: str | None = endpoint_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
-    def __post_init__(self):
-        self.targets = [t.strip() for item in self.targets for t in str(item).split(",") if t.strip()]
-        checks = [(self.rank >= 1, "--rank must be >= 1"), (0 <= self.dropout < 1, "--dropout must lie in [0, 1)"),
-                  (self.batch >= 1 and self.grad_accum >= 1, "--batch and --grad-accum must be >= 1"),
-                  (self.lr > 0, "--lr must be > 0"), (self.seq_len >= 2, "--seq-len must be >= 2"),
+    def check(self):
+        self.targets = list(parse_targets(self.targets))  # "q,v" and "q_proj,v_proj" alike
+        check_lora_options(rank=self.rank, dropout=self.dropout)
+        checks = [(self.batch >= 1 and self.grad_accum >= 1, "--batch and --grad-accum must be >= 1"),
+                  (self.lr > 0, "--lr must be > 0"), (self.warmup >= 0, "--warmup must be >= 0"),
+                  (self.seq_len >= 2, "--seq-len must be >= 2"),
                   (self.steps is None or self.steps >= 1, "--steps must be >= 1"), (self.epochs > 0, "--epochs must be > 0"),
                   (self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1"),
                   (bool(self.targets), "--targets must name at least one module")]
@@ -90,46 +92,24 @@ class TrainResult:
     report: dict = field(repr=False)
 
 
-def _log(msg: str) -> None:
-    print(f"[loram train] {msg}", file=sys.stderr, flush=True)
-
-
-def _prepare_out(cfg: TrainConfig) -> Path | None:
-    """Check the output folder; returns the checkpoint to resume from (or None)."""
-    from loram.shared.checkpoints import latest_checkpoint
-
-    out = Path(cfg.out)
-    exists = out.exists() and any(out.iterdir())
-    if cfg.resume:
-        checkpoint = latest_checkpoint(out / CHECKPOINTS) if exists else None
-        if checkpoint is None:
-            raise LoramError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}; run without --resume")
-        return checkpoint
-    if exists:
-        if not cfg.overwrite:
-            raise LoramError(f"output directory {out} already exists; choose another --out, pass --resume to "
-                             "continue its training, or --overwrite to replace it")
-        shutil.rmtree(out)
-    return None
-
-
 def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     """Train a LoRA adapter as configured (see the module docstring); returns a TrainResult."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
+    from transformers import AutoTokenizer
 
     from loram.loading import load_causal_lm
     from loram.sft_format import SFTCollator, format_name, parse_columns, tokenize_sft
+    from loram.shared import training
     from loram.shared.checkpoints import SafeCheckpointTrainer
     from loram.shared.hub import resolve_model
-    from loram.shared.progress import TrainingProgress, peak_memory_bytes
+    from loram.shared.progress import TrainingProgress
     from loram.shared.records import load_records
     from loram.shared.runtime import configure_threads
 
     cfg = config or TrainConfig.resolve(**kwargs)
-    resume_from = _prepare_out(cfg)
     started = time.time()
+    folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     configure_threads()
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
@@ -153,36 +133,37 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _log(f"training {trainable:,} LoRA parameters on {source.id} ({cfg.quant})")
 
-    out = Path(cfg.out)
-    args = TrainingArguments(
-        output_dir=str(out / CHECKPOINTS), max_steps=cfg.steps or -1, num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch, per_device_eval_batch_size=cfg.batch,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, warmup_steps=cfg.warmup,
-        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=1, seed=cfg.seed, data_seed=cfg.seed,
-        eval_strategy="steps" if eval_set is not None else "no", eval_steps=cfg.eval_every,
-        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=model.dtype == torch.bfloat16 or (cfg.quant != "none" and torch.cuda.is_available()),
-        use_cpu=not torch.cuda.is_available(), report_to=[], disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-    )
+    args = training.training_arguments(
+        folder, max_steps=cfg.steps, epochs=cfg.epochs, batch=cfg.batch, grad_accum=cfg.grad_accum, lr=cfg.lr,
+        warmup=cfg.warmup, seed=cfg.seed, evaluate=eval_set is not None, eval_every=cfg.eval_every,
+        save_every=cfg.save_every, keep_checkpoints=2, gradient_checkpointing=cfg.gradient_checkpointing,
+        include_num_input_tokens_seen="non_padding")
     progress = TrainingProgress()
     trainer = SafeCheckpointTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                     data_collator=SFTCollator.for_tokenizer(tokenizer), callbacks=[progress])
-    trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if eval_set is not None:
-        trainer.evaluate()
+    training.begin(folder, trainer)
+    training.run(trainer, folder)
 
     # The adapter's base is the pruned checkpoint as the user named it (Hub id or folder) at its revision.
     model.peft_config["default"].base_model_name_or_path = source.id
     model.peft_config["default"].revision = source.revision
-    report = _report(cfg, source, trainer.state, progress, trainable, time.time() - started, peak_memory_bytes())
-    _save_adapter(model, out, report, cfg)
-    return TrainResult(out, trainer.state.global_step, [r["loss"] for r in report["losses"]],
-                       [r["eval_loss"] for r in report["eval_losses"]], report["tokens_per_second"],
+    report = training.training_report(cfg, source, trainer, progress, trainable=trainable, started=started)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, save_embedding_layers=False)  # base weights never travel in the adapter
+        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        cfg.save(tmp / CONFIG)
+
+    training.finish(folder, trainer, write, last=ADAPTER_CONFIG)
+    return TrainResult(folder.out, trainer.state.global_step, [r["loss"] for r in report["losses"]],
+                       [e["eval_loss"] for e in report["evals"]], report["tokens_per_second"],
                        report["peak_memory_bytes"], report["wall_time_s"], trainable, report)
+
+
+def _log(msg: str) -> None:
+    from loram.shared.training import log
+
+    log("loram train", msg)
 
 
 def _check_targets(model, cfg: TrainConfig) -> None:
@@ -191,31 +172,3 @@ def _check_targets(model, cfg: TrainConfig) -> None:
     if unknown:
         raise LoramError(f"--targets {', '.join(unknown)} not found in the model; "
                          f"its linear layers are {', '.join(LINEAR_NAMES)} (and lm_head via --lm-head)")
-
-
-def _report(cfg: TrainConfig, source, state, progress, trainable: int, seconds: float, peak: int) -> dict:
-    losses = [{"step": r["step"], "loss": r["loss"], "lr": r.get("learning_rate")}
-              for r in state.log_history if "loss" in r]
-    evals = [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in state.log_history if "eval_loss" in r]
-    return {
-        "config": cfg.to_dict(), "model": {"id": source.id, "revision": source.revision},
-        "steps": state.global_step, "trainable_params": trainable, "losses": losses, "eval_losses": evals,
-        "tokens_seen": int(state.num_input_tokens_seen), "tokens_per_second": round(progress.tokens_per_second, 1),
-        "step_seconds": progress.step_seconds,
-        "peak_memory_bytes": peak, "peak_memory_kind": progress.memory_kind, "wall_time_s": round(seconds, 2),
-    }
-
-
-def _save_adapter(model, out: Path, report: dict, cfg: TrainConfig) -> None:
-    """Write adapter + report + config into a temporary folder, then move the files into `out`."""
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-    try:
-        model.save_pretrained(tmp, save_embedding_layers=False)  # base weights never travel in the adapter
-        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        cfg.save(tmp / "train_config.yaml")
-        for f in tmp.iterdir():
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""`loram publish align`: continual pre-training of a pruned model on a data mixture (method.md §4).
+"""`loram publish align`: continual pre-training of a pruned model on a data mixture (docs/method.md §4).
 
     loram publish align PRUNED --data wiki:1 --data corpus.jsonl:3 --steps 400 --seq-len 512 --out aligned/
 
@@ -24,11 +24,6 @@ Output folder (written by rank 0 only):
 """
 
 import json
-import math
-import os
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +31,10 @@ from pathlib import Path
 from loram.publisher.align_data import Source, check_source, probabilities
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.shared.hub import endpoint_option, revision_option
 
-CHECKPOINTS = "checkpoints"
 REPORT = "align_report.json"
+CONFIG = "align_config.yaml"
 
 
 @dataclass
@@ -58,7 +54,7 @@ class AlignConfig(Config):
                                         "shared embedding matrix.", flag="freeze-lm-head/train-lm-head")
     eval_data: str | None = option(None, "Held-out text evaluated periodically (same forms as --data, no "
                                          "weight), e.g. wiki-heldout.")
-    eval_windows: int = option(80, "Held-out blocks of --seq-len tokens (the first N of --eval-data).")
+    eval_limit: int = option(80, "Held-out blocks of --seq-len tokens (the first N of --eval-data).")
     eval_every: int = option(50, "Evaluate held-out perplexity every N steps (with --eval-data).")
     save_every: int = option(200, "Write a checkpoint every N steps (each one a loadable pruned checkpoint).")
     keep_checkpoints: int = option(2, "Keep the newest N checkpoints (0 keeps all).")
@@ -69,18 +65,18 @@ class AlignConfig(Config):
     shuffle_buffer: int = option(1000, "Blocks in the seeded shuffle buffer of the training stream (0: off).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     seed: int = option(0, "Seed for data mixing, shuffling and training.")
-    revision: str | None = option(None, "Hub revision of PRUNED.")
-    endpoint: str | None = option(None, "Hub endpoint URL.")
+    revision: str | None = revision_option("PRUNED")
+    endpoint: str | None = endpoint_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
-    def __post_init__(self):
+    def check(self):
         if not self.data:
             raise LoramError("--data: give at least one source, e.g. --data wiki")
         self.sources  # noqa: B018  (parses every SOURCE[:WEIGHT]; raises on a bad one)
         checks = [(self.steps >= 1, "--steps must be >= 1"), (self.seq_len >= 2, "--seq-len must be >= 2"),
                   (self.lr > 0, "--lr must be > 0"), (self.warmup >= 0, "--warmup must be >= 0"),
                   (self.batch >= 1 and self.grad_accum >= 1, "--batch and --grad-accum must be >= 1"),
-                  (self.eval_windows >= 1, "--eval-windows must be >= 1"),
+                  (self.eval_limit >= 1, "--eval-limit must be >= 1"),
                   (self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1"),
                   (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
                   (0 < self.kd_weight <= 1, "--kd-weight must lie in (0, 1]"),
@@ -109,45 +105,23 @@ class AlignResult:
     main: bool = True  # False on the other ranks of a distributed run (they write nothing)
 
 
-def _log(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[loram align] {msg}", file=sys.stderr, flush=True)
-
-
-def _prepare_out(cfg: AlignConfig) -> Path | None:
-    """Check the output folder (only rank 0 removes anything); returns the checkpoint to resume from."""
-    from loram.shared.checkpoints import latest_checkpoint
-
-    out = Path(cfg.out)
-    if cfg.resume:
-        checkpoint = latest_checkpoint(out / CHECKPOINTS)
-        if checkpoint is None:
-            raise LoramError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}; run without --resume")
-        return checkpoint
-    if out.exists() and not out.is_dir():
-        raise LoramError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise LoramError(f"output directory {out} already exists; choose another --out, pass --resume to "
-                         "continue its alignment, or --overwrite to replace it")
-    return None
-
-
 def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     """Align a pruned checkpoint as configured (see the module docstring); returns an AlignResult."""
     import torch
-    from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
+    from transformers import AutoTokenizer
 
     from loram.publisher.align_data import collate_blocks, eval_blocks, mixture
     from loram.publisher.align_trainer import AlignTrainer, MaskKeeper
+    from loram.shared import training
     from loram.shared.hub import resolve_model
     from loram.shared.manifest import MANIFEST_JSON, Manifest
-    from loram.shared.progress import TrainingProgress, peak_memory_bytes
+    from loram.shared.progress import TrainingProgress
     from loram.shared.pruned_model import from_pretrained, load_config
     from loram.shared.runtime import configure_threads
 
     cfg = config or AlignConfig.resolve(**kwargs)
     started = time.time()
-    resume_from = _prepare_out(cfg)
+    folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, what="alignment")
     configure_threads()
     source = resolve_model(cfg.pruned, cfg.revision, cfg.endpoint)
     if not (source.path / MANIFEST_JSON).is_file():
@@ -166,7 +140,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
         raise LoramError(f"{cfg.pruned} has no tokenizer; alignment needs one to read text") from e
 
     train_set = mixture(cfg.sources, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_buffer)
-    eval_set = eval_blocks(cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_windows) if cfg.eval_data else None
+    eval_set = eval_blocks(cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_limit) if cfg.eval_data else None
     teacher = _load_teacher(cfg, manifest, model_config) if cfg.distill_from else None
     model = from_pretrained(source.path, dtype=torch.float32)
     frozen = _freeze_lm_head(model) if cfg.freeze_lm_head else []
@@ -177,50 +151,45 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
          + (f"; frozen: {', '.join(frozen)}" if frozen else "")
          + (f"; re-applying {len(manifest.masks)} masks after every step" if keeper else ""))
 
-    out = Path(cfg.out)
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    args = TrainingArguments(
-        output_dir=str(out / CHECKPOINTS), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch,
-        per_device_eval_batch_size=cfg.batch, gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr,
-        warmup_steps=cfg.warmup, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=1, seed=cfg.seed,
-        data_seed=cfg.seed, eval_strategy="steps" if eval_set else "no", eval_steps=cfg.eval_every,
-        eval_on_start=bool(eval_set) and resume_from is None, prediction_loss_only=True,
-        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=cfg.keep_checkpoints or None,
-        activation_checkpointing=cfg.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to=[], disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, include_num_input_tokens_seen="all",
-        ddp_find_unused_parameters=False,
-    )
-    main = args.process_index == 0
-    progress = TrainingProgress("aligning") if main else None
+    args = training.training_arguments(
+        folder, max_steps=cfg.steps, batch=cfg.batch, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup=cfg.warmup,
+        seed=cfg.seed, evaluate=eval_set is not None, eval_every=cfg.eval_every, save_every=cfg.save_every,
+        keep_checkpoints=cfg.keep_checkpoints, gradient_checkpointing=cfg.gradient_checkpointing,
+        eval_on_start=eval_set is not None and folder.resume_from is None, prediction_loss_only=True,
+        include_num_input_tokens_seen="all", ddp_find_unused_parameters=False)
+    progress = TrainingProgress("aligning") if args.process_index == 0 else None
 
-    def write_checkpoint_manifest(folder: Path, step: int) -> None:
-        _carry_manifest(manifest, _record(cfg, source, trainer, final=False)).save(folder)
+    def write_checkpoint_manifest(checkpoint: Path, step: int) -> None:
+        _carry_manifest(manifest, _record(cfg, source, trainer, final=False)).save(checkpoint)
 
     trainer = AlignTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_blocks,
         processing_class=tokenizer, callbacks=[c for c in (progress, keeper) if c is not None],
         write_manifest=write_checkpoint_manifest, teacher=teacher, kd_weight=cfg.kd_weight)
-    trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
-    if cfg.overwrite and out.exists():  # only now that every input has been checked
-        trainer.accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(out)
-        trainer.accelerator.wait_for_everyone()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if eval_set and not any(r.get("step") == trainer.state.global_step and "eval_loss" in r
-                            for r in trainer.state.log_history):
-        trainer.evaluate()
+    training.begin(folder, trainer)
+    training.run(trainer, folder)
 
     record = _record(cfg, source, trainer, final=True)
-    peaks = trainer.accelerator.gather(torch.tensor([peak_memory_bytes()], device=args.device)).tolist()
-    report = _report(cfg, source, trainer, progress, record, trainable, frozen, time.time() - started, peaks)
-    if main:
-        _write_final(trainer, out, _carry_manifest(manifest, record), report, cfg)
-    trainer.accelerator.wait_for_everyone()
-    return AlignResult(out, trainer.state.global_step, [r["loss"] for r in report["losses"]],
+    report = training.training_report(cfg, source, trainer, progress, trainable=trainable, started=started,
+                                      record=record, frozen=frozen)
+
+    def write(tmp: Path) -> None:
+        trainer.save_model(str(tmp))
+        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        cfg.save(tmp / CONFIG)
+        _carry_manifest(manifest, record).save(tmp)
+
+    training.finish(folder, trainer, write, last=MANIFEST_JSON)  # a loadable folder only at the very end
+    return AlignResult(folder.out, trainer.state.global_step, [r["loss"] for r in report["losses"]],
                        [(e["step"], e["perplexity"]) for e in report["evals"]], report["tokens_seen"],
-                       report["tokens_per_second"], report["peak_memory_bytes"], report["wall_time_s"], report, main)
+                       report["tokens_per_second"], report["peak_memory_bytes"], report["wall_time_s"], report,
+                       training.is_main(trainer))
+
+
+def _log(msg: str) -> None:
+    from loram.shared.training import log
+
+    log("loram align", msg)
 
 
 def _freeze_lm_head(model) -> list[str]:
@@ -239,7 +208,7 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     from loram.shared.hub import resolve_model
     from loram.shared.pruned_model import from_pretrained
 
-    source = resolve_model(cfg.distill_from)
+    source = resolve_model(cfg.distill_from, endpoint=cfg.endpoint)
     teacher = from_pretrained(source.path, dtype=torch.float32)
     if teacher.config.vocab_size != pruned_config.vocab_size:
         raise LoramError(f"--distill-from {cfg.distill_from} has a vocabulary of {teacher.config.vocab_size}, the "
@@ -251,14 +220,11 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     return teacher.requires_grad_(False).eval()
 
 
-def _perplexities(state) -> list[dict]:
-    return [{"step": r["step"], "eval_loss": r["eval_loss"], "perplexity": round(math.exp(r["eval_loss"]), 4)}
-            for r in state.log_history if "eval_loss" in r]
-
-
 def _record(cfg: AlignConfig, source, trainer, final: bool) -> dict:
     """The alignment record appended to the manifest (of a checkpoint, or of the final output)."""
-    state, evals = trainer.state, _perplexities(trainer.state)
+    from loram.shared.training import evaluations
+
+    state, evals = trainer.state, evaluations(trainer.state)
     record = {
         "tool": "loram publish align", "model": {"id": source.id, "revision": source.revision},
         "data": [{"source": s.name, "weight": round(p, 6)}
@@ -272,7 +238,7 @@ def _record(cfg: AlignConfig, source, trainer, final: bool) -> dict:
         "eval": None,
     }
     if cfg.eval_data and evals:
-        record["eval"] = {"source": cfg.eval_data, "blocks": cfg.eval_windows, "step": evals[-1]["step"],
+        record["eval"] = {"source": cfg.eval_data, "blocks": cfg.eval_limit, "step": evals[-1]["step"],
                           "perplexity": evals[-1]["perplexity"], "perplexity_at_start": evals[0]["perplexity"]}
     return record
 
@@ -284,39 +250,3 @@ def _carry_manifest(manifest, record: dict):
     return Manifest(base=manifest.base, architecture=manifest.architecture, method=manifest.method,
                     kept_kv_heads=manifest.kept_kv_heads, kept_mlp_channels=manifest.kept_mlp_channels,
                     masks=manifest.masks, alignment=[*manifest.alignment, record])
-
-
-def _report(cfg, source, trainer, progress, record, trainable, frozen, seconds, peaks: list[int]) -> dict:
-    """What `align_report.json` holds; memory is this rank's peak, and every rank's in rank order."""
-    state = trainer.state
-    keys = ("loss", "learning_rate", "grad_norm", "lm_loss", "kd_loss")
-    losses = [{"step": r["step"], **{k: r[k] for k in keys if k in r}} for r in state.log_history if "loss" in r]
-    return {
-        "config": cfg.to_dict(), "model": {"id": source.id, "revision": source.revision}, "record": record,
-        "world_size": trainer.args.world_size, "steps": state.global_step, "trainable_params": trainable,
-        "frozen": frozen, "losses": losses, "evals": _perplexities(state),
-        "tokens_seen": int(state.num_input_tokens_seen),
-        "tokens_per_second": round(progress.tokens_per_second, 1) if progress else None,
-        "step_seconds": progress.step_seconds if progress else [],
-        "peak_memory_bytes": peaks[trainer.args.process_index], "peak_memory_bytes_per_rank": peaks,
-        "peak_memory_kind": progress.memory_kind if progress else None,
-        "wall_time_s": round(seconds, 2),
-    }
-
-
-def _write_final(trainer, out: Path, manifest, report: dict, cfg: AlignConfig) -> None:
-    """Checkpoint + report + config + manifest into a hidden folder, then moved into `out`, manifest last."""
-    from loram.shared.manifest import MANIFEST_JSON
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-    try:
-        trainer.save_model(str(tmp))
-        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        cfg.save(tmp / "align_config.yaml")
-        manifest.save(tmp)
-        files = sorted(tmp.iterdir(), key=lambda f: f.name == MANIFEST_JSON)  # a loadable folder only at the end
-        for f in files:
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

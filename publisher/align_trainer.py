@@ -10,7 +10,7 @@
 
   at temperature 1, averaged over the same next-token positions as the LM loss. Evaluation reports
   the LM loss alone, so held-out perplexity means the same with and without distillation.
-- `MaskKeeper` re-applies non-structured pruning masks after every optimizer step (method.md §3,
+- `MaskKeeper` re-applies non-structured pruning masks after every optimizer step (docs/method.md §3,
   ours): AdamW moves pruned weights away from zero on the first step otherwise.
 """
 

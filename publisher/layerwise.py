@@ -23,15 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from loram.publisher.sparsity import Target, magnitude_mask, sparsegpt_, wanda_mask
-from loram.shared.architectures import PRUNED_MODULES
+from loram.shared.architectures import INPUT_GROUPS, PRUNED_MODULES
 from loram.shared.manifest import PackedMask
 
 NONSTRUCTURED_CRITERIA = ("magnitude", "wanda", "sparsegpt")
 NEEDS_INPUTS = ("wanda", "sparsegpt")
-# Linears whose input statistics are collected; the others reuse them (same input tensor).
-_STATS_OF = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
-             "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
-             "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+# Input statistics are collected on the first linear of each group that reads one tensor; the others reuse them.
+_STATS_OF = {m.path: group[0].path for group in INPUT_GROUPS for m in group}
 
 
 @dataclass

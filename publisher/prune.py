@@ -29,10 +29,10 @@ from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, L
 from loram.publisher.layerwise import NEEDS_INPUTS, NONSTRUCTURED_CRITERIA, prune_layerwise
 from loram.publisher.sparsity import Target, parse_nm
 from loram.publisher.structured import select_kept, slice_layers_
-from loram.shared.architectures import PRUNED_MODULES, Shape, family_of, parse_layer_range
+from loram.shared.architectures import DEFAULT_RATIO, PRUNED_MODULES, Shape, family_of, parse_layer_range
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import resolve_model
+from loram.shared.hub import endpoint_option, resolve_model, revision_option
 from loram.shared.manifest import (
     MANIFEST_JSON,
     BaseModelInfo,
@@ -54,7 +54,7 @@ from loram.shared.runtime import configure_threads
 SCORES_FILE = "importance.safetensors"
 
 
-# Calibration defaults (samples x tokens): Taylor as measured in small-scale.md; Wanda and SparseGPT
+# Calibration defaults (samples x tokens): Taylor as measured in docs/method.md §9; Wanda and SparseGPT
 # as their reference implementations (128 x 2048). On a CPU, `--samples 32 --seq-len 256` is enough.
 CALIBRATION_DEFAULTS = {"taylor": (32, 128), "wanda": (128, 2048), "sparsegpt": (128, 2048)}
 METHODS = STRUCTURED_CRITERIA + NONSTRUCTURED_CRITERIA
@@ -82,11 +82,11 @@ class PruneConfig(Config):
     seed: int = option(0, "Seed (random criterion; any sampling).")
     scores: Path | None = option(None, "Re-prune from saved importance scores (importance.safetensors) "
                                        "instead of recalibrating.")
-    revision: str | None = option(None, "Hub revision (branch, tag or commit) of BASE.")
-    endpoint: str | None = option(None, "Hub endpoint URL (default: huggingface.co or HF_ENDPOINT).")
+    revision: str | None = revision_option("BASE")
+    endpoint: str | None = endpoint_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
-    def __post_init__(self):
+    def check(self):
         given = [f"--{n.replace('_', '-')}" for n in ("ratio", "attn_ratio", "mlp_ratio", "scores")
                  if getattr(self, n) is not None]
         if self.structured:
@@ -119,7 +119,7 @@ class PruneConfig(Config):
     @property
     def base_ratio(self) -> float:
         """--ratio, or the structured default 0.5."""
-        return 0.5 if self.ratio is None else self.ratio
+        return DEFAULT_RATIO if self.ratio is None else self.ratio
 
     @property
     def ratios(self) -> tuple[float, float]:

@@ -5,7 +5,7 @@
 - `magnitude`: score |W_ij|.
 - `wanda`: score |W_ij| * ||X_j||_2, X_j being input feature j over all calibration tokens; the
   scores are compared within each output row, and no weight changes.
-- `sparsegpt`: the Optimal Brain Surgeon update of SparseGPT (method.md §3): with the damped
+- `sparsegpt`: the Optimal Brain Surgeon update of SparseGPT (docs/method.md §3): with the damped
   Hessian H = 2/n X^T X and U the upper Cholesky factor of H^-1, columns are visited left to right in
   blocks; a weight is pruned when w^2 / U_jj^2 is among the smallest, and the error it leaves is
   spread over the columns not yet visited, so the surviving weights change.

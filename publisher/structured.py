@@ -1,6 +1,6 @@
 """Structured pruning: choose the kept units from importance scores and slice the layers in place.
 
-Per pruned layer i (method.md §2): keep the top-scoring KV groups and MLP channels, by the paper's
+Per pruned layer i (docs/method.md §2): keep the top-scoring KV groups and MLP channels, by the paper's
 rounding rules, with the kept indices sorted. Slicing follows `PRUNED_MODULES`: q/k/v rows (and
 their biases) and o columns of whole KV groups; gate/up rows and down columns of channels. Each
 module is replaced by its slice one at a time, so peak memory is the model plus one module.

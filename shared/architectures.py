@@ -9,10 +9,13 @@ Structured pruning removes, per decoder layer, two coupled groups of units:
 - `mlp`: intermediate channels, one row or column each.
 
 Each entry of `PRUNED_MODULES` says: module path inside the decoder layer, group, which side of its
-weight (`out` = rows of `W[out, in]`, `in` = columns) shrinks, and whether the unit is a query head
-("q": G heads per KV group), a KV head ("kv") or an MLP channel ("mlp").
+weight (`out` = rows of `W[out, in]`, `in` = columns) shrinks, whether the unit is a query head
+("q": G heads per KV group), a KV head ("kv") or an MLP channel ("mlp"), and which tensor the module
+reads: linears that read the same tensor (q/k/v the normed hidden state, gate/up the normed
+post-attention state) share input statistics in calibration and a saved input in LoRA's backward.
 """
 
+import re
 from dataclasses import dataclass
 
 from loram.shared.errors import LoramError
@@ -24,19 +27,62 @@ class PrunedModule:
     group: str  # "attn" or "mlp"
     axis: str  # "out" (rows of W, and bias) or "in" (columns of W)
     unit: str  # "q", "kv" or "mlp"
+    reads: str  # the input tensor: "attn_in", "attn_out", "mlp_in" or "mlp_hidden"
+
+    @property
+    def name(self) -> str:
+        """The module's own name, e.g. "q_proj" (peft's target_modules, LoRA keys)."""
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def short(self) -> str:
+        """The short target name, e.g. "q"."""
+        return self.name.removesuffix("_proj")
 
 
 PRUNED_MODULES: tuple[PrunedModule, ...] = (
-    PrunedModule("self_attn.q_proj", "attn", "out", "q"),
-    PrunedModule("self_attn.k_proj", "attn", "out", "kv"),
-    PrunedModule("self_attn.v_proj", "attn", "out", "kv"),
-    PrunedModule("self_attn.o_proj", "attn", "in", "q"),
-    PrunedModule("mlp.gate_proj", "mlp", "out", "mlp"),
-    PrunedModule("mlp.up_proj", "mlp", "out", "mlp"),
-    PrunedModule("mlp.down_proj", "mlp", "in", "mlp"),
+    PrunedModule("self_attn.q_proj", "attn", "out", "q", "attn_in"),
+    PrunedModule("self_attn.k_proj", "attn", "out", "kv", "attn_in"),
+    PrunedModule("self_attn.v_proj", "attn", "out", "kv", "attn_in"),
+    PrunedModule("self_attn.o_proj", "attn", "in", "q", "attn_out"),
+    PrunedModule("mlp.gate_proj", "mlp", "out", "mlp", "mlp_in"),
+    PrunedModule("mlp.up_proj", "mlp", "out", "mlp", "mlp_in"),
+    PrunedModule("mlp.down_proj", "mlp", "in", "mlp", "mlp_hidden"),
 )
 # The seven linear projections of a decoder layer (LoRA's default targets, non-structured pruning's scope).
-LINEAR_NAMES: tuple[str, ...] = tuple(m.path.rsplit(".", 1)[-1] for m in PRUNED_MODULES)
+LINEAR_NAMES: tuple[str, ...] = tuple(m.name for m in PRUNED_MODULES)
+# Modules that read the same input tensor, in table order: (q, k, v), (o,), (gate, up), (down,).
+INPUT_GROUPS: tuple[tuple[PrunedModule, ...], ...] = tuple(
+    tuple(m for m in PRUNED_MODULES if m.reads == reads) for reads in dict.fromkeys(m.reads for m in PRUNED_MODULES))
+
+
+# A parameter or module name inside a decoder layer, e.g. "base_model.model.model.layers.3.mlp.up_proj.lora_B.weight".
+LAYER_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(" + "|".join(re.escape(m.path) for m in PRUNED_MODULES) + r")(?=\.|$)")
+_BY_PATH = {m.path: m for m in PRUNED_MODULES}
+
+
+def layer_module(name: str) -> tuple[int, PrunedModule] | None:
+    """(layer index, table entry) of the projection a dotted name lies in, or None."""
+    match = LAYER_MODULE.search(name)
+    return (int(match.group(1)), _BY_PATH[match.group(2)]) if match else None
+
+
+def parse_targets(targets) -> tuple[str, ...]:
+    """LoRA targets from "q,v", "q_proj,v_proj" or a list of either -> module names in table order.
+
+    >>> parse_targets("v,q_proj")
+    ('q_proj', 'v_proj')
+    """
+    items = [targets] if isinstance(targets, str) else list(targets)
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    by_name = {**{m.short: m.name for m in PRUNED_MODULES}, **{m.name: m.name for m in PRUNED_MODULES}}
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise LoramError(f"--targets: unknown module(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{','.join(m.short for m in PRUNED_MODULES)} (or their full names, e.g. q_proj; "
+                         "lm_head via --lm-head)")
+    chosen = {by_name[n] for n in names}
+    return tuple(n for n in LINEAR_NAMES if n in chosen)
 
 
 @dataclass(frozen=True)
@@ -88,6 +134,15 @@ class Shape:
         """G: query heads per KV head (1 for MHA)."""
         return self.num_heads // self.num_kv_heads
 
+    def width(self, unit: str) -> int:
+        """Rows or columns of a unit axis: "q" n_q*hd, "kv" n_kv*hd, "mlp" I."""
+        return {"q": self.num_heads * self.head_dim, "kv": self.num_kv_heads * self.head_dim,
+                "mlp": self.intermediate}[unit]
+
+    def weight_shape(self, module: PrunedModule) -> tuple[int, int]:
+        """`[out, in]` of a projection's weight: its unit axis, and the hidden size on the other side."""
+        return (self.width(module.unit), self.hidden) if module.axis == "out" else (self.hidden, self.width(module.unit))
+
     @classmethod
     def of(cls, config) -> "Shape":
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
@@ -98,6 +153,9 @@ class Shape:
             raise LoramError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
         return cls(get("num_hidden_layers"), get("hidden_size"), heads, kv, head_dim,
                    get("intermediate_size"), get("vocab_size"), bool(get("tie_word_embeddings", False)))
+
+
+DEFAULT_RATIO = 0.5  # the structured pruning ratio when none is given (`publish prune` and `plan`)
 
 
 def kept_mlp_channels(intermediate: int, ratio: float) -> int:

@@ -5,6 +5,7 @@ fields (help text from `option(help=...)`), plus `--config FILE.yaml`. Flags giv
 override the file. User mistakes (`LoramError`) print as one line and exit with code 2.
 """
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -40,23 +41,49 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _default_shown(field) -> str | bool:
+    """The `[default: ...]` text: the value, a list as `a,b,c`; False when there is nothing to show."""
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return False
+    if isinstance(default, list | tuple):
+        default = ",".join(map(str, default))
+    return str(default) if default not in (None, "") else False
+
+
 def _param_for(field, hint) -> inspect.Parameter:
+    """The typer parameter of one config field. Choices and numbers reach the config as typed (their
+    metavars say what they take), so `Config` refuses a bad one with the same message as in YAML."""
     meta = field.metadata
     tp = _base_type(hint)
+    is_list = tp is list or typing.get_origin(tp) is list
+    choices = tuple(map(str, meta.get("choices") or ()))
     kwargs: dict = {"help": meta.get("help", "")}
-    if meta.get("choices"):
-        tp = typing.Literal[tuple(meta["choices"])]
+    if choices:
+
+        def complete(incomplete: str) -> list[str]:
+            return [c for c in choices if c.startswith(incomplete)]
+
+        kwargs["autocompletion"] = complete
+        label = "|".join(choices)
+        kwargs["metavar"] = f"<list[{label}]>" if is_list else f"<{label}>"
+        tp = list[str] if is_list else str
+    elif tp in (int, float) and not meta.get("argument"):
+        kwargs["metavar"] = f"<{tp.__name__}>"
+        tp = str
     if meta.get("argument"):
-        info = typer.Argument(show_default=False, metavar=field.name.upper(), **kwargs)
+        kwargs["metavar"] = field.name.upper()
+        info = typer.Argument(show_default=False, **kwargs)
     else:
         flag = (meta.get("flag") or field.name).replace("_", "-")
         names = [f"--{flag}"]
         if tp is bool:  # `flag="on-name/off-name"` names both sides; otherwise --x/--no-x
             on, _, off = flag.partition("/")
             names = [f"--{on}/--{off or 'no-' + on}"]
-        default = field.default if field.default is not inspect.Parameter.empty else None
-        shown = default if default.__class__.__name__ != "_MISSING_TYPE" else None
-        info = typer.Option(*names, show_default=str(shown) if shown not in (None, "") else False, **kwargs)
+        info = typer.Option(*names, show_default=_default_shown(field), **kwargs)
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[typing.Optional[tp], info])  # noqa: UP045
 

@@ -1,11 +1,15 @@
 """Typed config objects: one dataclass per command drives the Python API, the CLI and YAML files.
 
-Each field is declared with `option(default, help)`; validation lives in the dataclass's
-`__post_init__` and raises `LoramError`. `Config.resolve(file, **flags)` reads an optional YAML file
-and lets explicitly given flags (anything not None) override it.
+Each field is declared with `option(default, help)`. `Config.__post_init__` reads every field as its
+type hint says (and checks its `choices`), so the Python API, YAML files and the CLI accept and refuse
+the same values, with one `LoramError` naming the flag, the value and what is accepted; it then calls
+the subclass's `check()` hook for cross-field rules. `Config.resolve(file, **flags)` reads an optional
+YAML file and lets explicitly given flags (anything not None) override it.
 """
 
 import dataclasses
+import functools
+import os
 import types
 import typing
 from pathlib import Path
@@ -17,12 +21,14 @@ from loram.shared.errors import LoramError
 
 C = TypeVar("C", bound="Config")
 REQUIRED = dataclasses.MISSING
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
 
 
 def option(default: Any = REQUIRED, help: str = "", *, argument: bool = False, choices=None, flag=None):
     """A config field with its one-line help. `argument=True` makes it positional on the CLI;
-    `choices` restricts a string; `flag` names the CLI flag when it differs from the field name (for a bool,
-    `"on-name/off-name"` names both switches, e.g. `"freeze-lm-head/train-lm-head"`)."""
+    `choices` restricts a string (or each item of a list); `flag` names the CLI flag when it differs from
+    the field name (for a bool, `"on-name/off-name"` names both switches, e.g. `"freeze-lm-head/train-lm-head"`)."""
     meta = {"help": help, "argument": argument, "choices": choices, "flag": flag}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -39,27 +45,134 @@ def _base_type(tp):
     return tp
 
 
-def _coerce(name: str, tp, value):
-    tp = _base_type(tp)
-    if value is None:
+def _optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """How the CLI names `field`: `--fill`, `--freeze-lm-head` or, for a positional argument, `ADAPTER`."""
+    meta = field.metadata
+    if meta.get("argument"):
+        return field.name.upper()
+    return "--" + (meta.get("flag") or field.name).replace("_", "-").partition("/")[0]
+
+
+class _Refused(Exception):
+    """`value` is not `what`; `hint` says how to write it; `item`: the value is one item of a list."""
+
+    def __init__(self, what: str, value: Any, hint: str = "", item: bool = False):
+        super().__init__(what)
+        self.what, self.value, self.hint, self.item = what, value, hint, item
+
+
+def _one_of(choices) -> str:
+    return "one of " + ", ".join(map(str, choices))
+
+
+def _plural(tp) -> str:
+    return {str: "strings", int: "whole numbers", float: "numbers", Path: "paths", bool: "booleans"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _read(tp, value, choices=None):
+    """`value` as a `tp` (already stripped of Optional), or `_Refused`."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        raise _Refused("true or false (or yes/no, on/off, 1/0)", value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise _Refused("a whole number", value)
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise _Refused("a number", value)
+    if tp is str:
+        if isinstance(value, os.PathLike):  # a folder given as a Path in the Python API
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            hint = ""
+            if isinstance(value, bool):
+                hint = "; quote it in a YAML file"
+            elif isinstance(value, int | float):
+                hint = f'; quote it in a YAML file: "{value}"'
+            raise _Refused(_one_of(choices) if choices else "a string", value, hint)
+        if choices and value not in choices:
+            raise _Refused(_one_of(choices), value)
+        return value
+    if tp is Path:
+        if isinstance(value, str | os.PathLike):
+            return Path(value)
+        raise _Refused("a path", value)
+    if tp is list or typing.get_origin(tp) is list:
+        item_tp = _base_type((typing.get_args(tp) or (Any,))[0])
+        what = f"a list of items each {_one_of(choices)}" if choices else f"a list of {_plural(item_tp)}"
+        if isinstance(value, str):
+            value = [value]  # one item; a comma inside it is the command's to split
+        elif not isinstance(value, list | tuple):
+            raise _Refused(what, value)
+        if item_tp is Any:
+            return list(value)
+        items = []
+        for item in value:
+            try:
+                items.append(_read(item_tp, item, choices))
+            except _Refused as e:
+                raise _Refused(what, item, e.hint, item=True) from None
+        return items
+    return value  # a type no config declares (dict, ...): taken as given
+
+
+def _coerce(field: dataclasses.Field, tp, value):
+    """`value` read as `field`'s type hint and choices; a `LoramError` naming the flag when it cannot be."""
+    if value is None and _optional(tp):
         return None
     try:
-        if tp is Path:
-            return Path(value)
-        if tp in (int, float) and not isinstance(value, bool):
-            return tp(value)
-        if tp is bool and isinstance(value, str):
-            return value.lower() in ("1", "true", "yes", "on")
-        if (tp is list or typing.get_origin(tp) is list) and isinstance(value, tuple):
-            return list(value)
-    except (TypeError, ValueError) as e:
-        raise LoramError(f"option {name!r}: cannot read {value!r} as {tp.__name__}") from e
-    return value
+        return _read(_base_type(tp), value, field.metadata.get("choices"))
+    except _Refused as e:
+        got = f"the item {e.value!r}" if e.item else repr(e.value)
+        raise LoramError(f"{flag_name(field)} must be {e.what}; got {got}{e.hint}") from None
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 @dataclasses.dataclass
 class Config:
-    """Base for every command's config."""
+    """Base for every command's config. Subclasses put cross-field rules in `check()`, never in
+    `__post_init__`: the base's reads and checks every field first."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__post_init__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: define check() instead of __post_init__ "
+                            "(Config.__post_init__ validates every field, then calls check())")
+
+    def __post_init__(self):
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules of a subclass (raise `LoramError`); every field already has its type."""
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:
@@ -85,16 +198,17 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], values: dict[str, Any]) -> C:
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         known = {f.name: f for f in cls.fields()}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise LoramError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {k: _coerce(known[k], hints[k], v) for k, v in values.items()}  # a bad value before a missing one
         missing = [n for n, f in known.items() if f.default is REQUIRED and f.default_factory is REQUIRED
                    and n not in values]
         if missing:
             raise LoramError(f"missing required option(s): {', '.join(missing)}")
-        return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML/JSON form (paths as strings, tuples as lists)."""

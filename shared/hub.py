@@ -45,20 +45,30 @@ class ModelSource:
     revision: str | None  # the commit sha for Hub models, None for local folders
 
 
+def revision_option(of: str = "the model"):
+    """The `--revision` option of every command that reads from the Hub: one meaning, one text."""
+    return option(None, f"Hub revision (branch, tag or commit sha) of {of}, for Hub repo ids; default main.")
+
+
+def endpoint_option():
+    """The `--endpoint` option of every command that talks to the Hub: one meaning, one text."""
+    return option(None, "Hub endpoint URL for Hub repo ids (default: $HF_ENDPOINT, else huggingface.co).")
+
+
 @dataclass
 class PushOptions(Config):
     """What every push command takes (`loram publish push`, `loram push`); subclasses name the folder."""
 
     folder: Path = option(help="The folder to publish.", argument=True)
     repo_id: str = option(help="Hub repository ORG/NAME (created when missing).")
-    revision: str | None = option(None, "Branch to commit to (created from main when missing); default main.")
+    branch: str | None = option(None, "Branch to commit to (created from main when missing); default main.")
     tag: str | None = option(None, "Tag the pushed commit, e.g. v1 (an existing tag is never moved).")
     private: bool = option(False, "Create the repository as private (no effect on an existing one).")
     message: str | None = option(None, "Commit message (default: names what is published and its base model).")
-    endpoint: str | None = option(None, "Hub endpoint URL (default: huggingface.co or HF_ENDPOINT).")
+    endpoint: str | None = endpoint_option()
 
     def push(self, files: dict[str, "Path | bytes"], default_message: str) -> "PushResult":
-        return push_files(self.repo_id, files, branch=self.revision, tag=self.tag, private=self.private,
+        return push_files(self.repo_id, files, branch=self.branch, tag=self.tag, private=self.private,
                           endpoint=self.endpoint, message=self.message or default_message)
 
 

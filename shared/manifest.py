@@ -1,4 +1,4 @@
-"""The pruning manifest: what was pruned, from which base model, how (formats.md section 2).
+"""The pruning manifest: what was pruned, from which base model, how (docs/format.md, The manifest).
 
 Two files travel with the pruned checkpoint:
 - `loram_manifest.json`, human-readable: format and tool versions, the base model (id, revision,
@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index
+from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index, layer_module
 from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_file
 
@@ -344,31 +343,18 @@ def _check_plan(m: Manifest) -> None:
             _check_indices(i, "kept KV heads", m.kept_kv_heads[i], a.num_kv_heads)
         if i in m.kept_mlp_channels:
             _check_indices(i, "kept MLP channels", m.kept_mlp_channels[i], a.intermediate)
-    shapes = _weight_shapes(a)
     for name, mask in m.masks.items():
-        match = _MASK_NAME.fullmatch(name)
-        if match is None or match.group(2) not in shapes:
+        found = layer_module(name)
+        if found is None or name != f"model.layers.{found[0]}.{found[1].path}":
             raise LoramError(f"mask {name}: not a projection name like model.layers.3.self_attn.q_proj")
-        i = int(match.group(1))
+        i, module = found
         if not (0 <= i < a.num_layers and start <= i < stop):
             raise LoramError(f"mask {name}: layer {i} is outside the layer range [{start}, {stop})")
-        if tuple(mask.shape) != shapes[match.group(2)]:
+        if tuple(mask.shape) != a.weight_shape(module):
             raise LoramError(f"mask {name}: shape {list(mask.shape)} differs from the weight's "
-                             f"{list(shapes[match.group(2)])}")
+                             f"{list(a.weight_shape(module))}")
         if mask.bits.dtype != torch.uint8 or mask.bits.numel() != math.ceil(math.prod(mask.shape) / 8):
             raise LoramError(f"mask {name}: {mask.bits.numel()} packed bytes do not hold shape {list(mask.shape)}")
-
-
-_MASK_NAME = re.compile(r"model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)")
-
-
-def _weight_shapes(a: Shape) -> dict[str, tuple[int, int]]:
-    """The original `[out, in]` shape of each projection of `PRUNED_MODULES`."""
-    q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-    return {"self_attn.q_proj": (q, a.hidden), "self_attn.k_proj": (kv, a.hidden),
-            "self_attn.v_proj": (kv, a.hidden), "self_attn.o_proj": (a.hidden, q),
-            "mlp.gate_proj": (a.intermediate, a.hidden), "mlp.up_proj": (a.intermediate, a.hidden),
-            "mlp.down_proj": (a.hidden, a.intermediate)}
 
 
 def _check_config(m: Manifest, config) -> None:

@@ -1,4 +1,4 @@
-"""Model cards (README.md) for what LoRAM publishes (formats.md §4).
+"""Model cards (README.md) for what LoRAM publishes (docs/hub.md, Model cards).
 
 The Hub's `base_model_relation` has no "pruned": a pruned (and aligned) checkpoint is a `finetune`
 of its original model, and a recovered adapter is an `adapter` of the original (peft's own card would
@@ -167,7 +167,7 @@ def pruned_card(folder: Path, manifest: Manifest, *, repo_id: str | None = None,
 # -- recovered adapters ----------------------------------------------------------------------------
 
 def adapter_card(sidecar: dict, adapter_config: dict, repo_id: str | None = None) -> str:
-    """The recovered adapter's card (formats.md §4): base is the original model, relation adapter."""
+    """The recovered adapter's card (docs/hub.md, Model cards): base is the original model, relation adapter."""
     original, pruned = sidecar["original_model"], sidecar["pruned_model"]
     meta = {
         "base_model": original["id"], "base_model_relation": "adapter", "library_name": "peft",

@@ -34,13 +34,40 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the complete folder `tmp` at `out` (a sibling), replacing what was there: two renames, and the
+    old folder is removed only once the new one is in place."""
+    tmp, out = Path(tmp), Path(out)
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
+    """Yield a hidden temporary folder inside `folder`; on success its files are moved into `folder`
+    (the one named `last` at the very end, e.g. the manifest that makes a folder loadable).
+
+    For outputs that join a folder already in use (a training run's folder holds its checkpoints); on any
+    exception nothing is moved and the temporary folder is removed.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=folder))
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == last):
+            f.replace(folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 It implements what huggingface_hub 2.4 needs to create model repositories, commit to them (files
 inline in the commit, or through the classic Git LFS batch/PUT/verify path), branch, tag, list and
-download them (the routes of /work/shared/design/hub-protocol.md):
+download them (the routes of docs/hub.md, The test server):
 
     with HubServer(mode="lfs", token="hf_test") as hub:
         HfApi(endpoint=hub.url, token="hf_test").create_repo("org/name")

@@ -38,7 +38,7 @@ def test_quantize_nf4_in_chunks_equals_bitsandbytes(rows, cols, chunk_rows):
 
 def test_full_scale_plan_matches_the_paper():
     """--plan-only at full scale: LLaMA-3.1-70B at 0.85 keeps 16/2 heads and 4300 channels, 17.85 B parameters
-    (method.md §7), and the memory plan for batch 1 x 512 with checkpointing is under 20 GiB."""
+    (docs/method.md §7), and the memory plan for batch 1 x 512 with checkpointing is under 20 GiB."""
     out = qloram_70b.main(["--scale", "full", "--plan-only", "--device", "cuda"])
     assert out["training_params"] == 17_849_982_976
     assert out["plan"]["fits"] is True and out["plan"]["total_bytes"] < 20 * 2**30

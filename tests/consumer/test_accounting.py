@@ -193,7 +193,7 @@ def test_unsupported_and_pruned_model_types():
         plan_params({**LLAMA2_70B, "model_type": "gpt2"}, "structured", 0.5)
     with pytest.raises(LoramError, match="already a LoRAM pruned model"):
         plan_params({**LLAMA2_70B, "model_type": "loram_llama"}, "structured", 0.5)
-    with pytest.raises(LoramError, match="method must be one of"):
+    with pytest.raises(LoramError, match="--kind must be one of"):
         plan_params(LLAMA2_70B, "semi", 0.5)
     with pytest.raises(LoramError, match="apply to the structured method"):
         plan_params(LLAMA2_70B, "non-structured", 0.5, mlp_ratio=0.5)

@@ -1,7 +1,10 @@
 """`loram demo`: the stage cache (fast), the report's verdicts (fast), and the quick demo end to end
 as a user runs it, re-run and resumed after an interruption (slow: real SmolLM2)."""
 
+import ast
+import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +12,57 @@ from pathlib import Path
 import pytest
 import yaml
 
+import loram.demo
 from loram.demo_report import LORA, LORAM, ORIGINAL, PRUNED, SMALL, UNALIGNED, render, verdicts
 from loram.shared.errors import LoramError
 from loram.stages import RECORD, Stages
 
 LORAM_CLI = str(Path(sys.executable).parent / "loram")
+
+
+def _demo_stages() -> list[str]:
+    """The stages `run_demo` runs, in order, read from consumer/demo.py's source (nothing is run): the name
+    given to each `stages.run(NAME, ...)` call; a NAME that is the loop variable of a comprehension over
+    `DICT.items()` stands for the keys of the dict literal assigned to DICT (the three trainings)."""
+    tree = ast.parse(Path(loram.demo.__file__).read_text(encoding="utf-8"))
+    run_demo = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_demo")
+    dicts = {t.id: [k.value for k in node.value.keys] for node in ast.walk(run_demo)
+             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) for t in node.targets
+             if isinstance(t, ast.Name)}
+    loops = {}  # loop variable -> the dict it iterates
+    for node in ast.walk(run_demo):
+        for gen in getattr(node, "generators", []):
+            it, target = gen.iter, gen.target
+            first = target.elts[0] if isinstance(target, ast.Tuple) else target
+            if isinstance(it, ast.Call) and isinstance(it.func, ast.Attribute) and it.func.attr == "items" \
+                    and isinstance(it.func.value, ast.Name) and isinstance(first, ast.Name):
+                loops[first.id] = it.func.value.id
+    calls = sorted((node for node in ast.walk(run_demo) if isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute) and node.func.attr == "run"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "stages"),
+                   key=lambda c: (c.lineno, c.col_offset))
+    names = []
+    for call in calls:
+        arg = call.args[0]
+        if isinstance(arg, ast.Constant):
+            names.append(arg.value)
+        else:
+            assert isinstance(arg, ast.Name) and arg.id in loops, f"cannot read the stage name {ast.unparse(arg)}"
+            names += dicts[loops[arg.id]]
+    return names
+
+
+def _stage_lines(stderr: str, what: str) -> list[str]:
+    """The stages the demo logged as `[name] running` or `[name] inputs unchanged: reusing ...`, in order."""
+    return re.findall(rf"\[loram demo\] \[([\w-]+)\] {what}", stderr)
+
+
+def test_the_demo_stage_list_is_read_from_its_source():
+    names = _demo_stages()
+    assert len(names) == len(set(names)) and all(re.fullmatch(r"[\w-]+", n) for n in names), names
+    assert {"recover", "evaluate"} <= set(names)  # the stages the end-to-end test interrupts
+    assert names[-1] == "evaluate"  # its inputs are the keys of every stage before it
+    assert len([n for n in names if n.startswith("train-")]) == 3  # LoRAM, LoRAM unaligned, LoRA
 
 
 def test_stages_reuse_rerun_on_change_and_after_an_interruption(tmp_path):
@@ -75,8 +124,14 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
     proc = subprocess.run([LORAM_CLI, "demo", "--quick", "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    variants = {r["variant"] for r in report["results"]}
-    assert variants == {ORIGINAL, LORAM, UNALIGNED, SMALL, PRUNED, LORA} and len(report["results"]) == 12
+    stage_names = _demo_stages()
+    assert _stage_lines(proc.stderr, "running") == stage_names  # every stage ran, in order, once
+    assert list(report["stages"]) == stage_names
+    assert sorted(p.name for p in (out / "stages").iterdir() if (p / RECORD).is_file()) == sorted(stage_names)
+    # every variant on both evaluation sets, each once
+    variants, datasets = [ORIGINAL, LORAM, UNALIGNED, SMALL, PRUNED, LORA], ["gsm8k-heldout", "news"]
+    assert sorted((r["variant"], r["data"]) for r in report["results"]) == \
+        sorted(itertools.product(variants, datasets))
     ppl = {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
     assert 2 < ppl[(ORIGINAL, "gsm8k-heldout")] < 8 and 15 < ppl[(ORIGINAL, "news")] < 60
     assert ppl[(SMALL, "gsm8k-heldout")] > 2 * ppl[(LORAM, "gsm8k-heldout")]  # even a smoke run shows point 2
@@ -91,13 +146,17 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
     assert "every file matches the manifest" in proc.stderr
     # a re-run reuses every stage
     again = subprocess.run([LORAM_CLI, "demo", "--quick", "--out", str(out)], capture_output=True, text=True)
-    assert again.returncode == 0 and again.stderr.count("inputs unchanged: reusing") == 8, again.stderr[-2000:]
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _stage_lines(again.stderr, "inputs unchanged: reusing") == stage_names, again.stderr[-2000:]
+    assert _stage_lines(again.stderr, "running") == []
     # an interrupted run continues from the last completed stage
     (out / "stages" / "evaluate" / RECORD).unlink()
     (out / "stages" / "recover" / RECORD).unlink()
     resumed = subprocess.run([LORAM_CLI, "demo", "--quick", "--out", str(out)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert resumed.stderr.count("inputs unchanged: reusing") == 6 and "[recover] running" in resumed.stderr
+    rerun = [n for n in stage_names if n in ("recover", "evaluate")]
+    assert _stage_lines(resumed.stderr, "running") == rerun, resumed.stderr[-2000:]
+    assert _stage_lines(resumed.stderr, "inputs unchanged: reusing") == [n for n in stage_names if n not in rerun]
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
 
 

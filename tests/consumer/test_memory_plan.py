@@ -35,7 +35,7 @@ LLAMA31_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
                "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
                "intermediate_size": 28672, "vocab_size": 128256, "tie_word_embeddings": False,
                "torch_dtype": "bfloat16"}
-QLORAM_70B = ["--quant", "nf4", "--rank", "8", "--batch", "1", "--seq-len", "512", "--gradient-checkpointing",
+QLORAM_70B = ["--ratio", "0.85", "--quant", "nf4", "--rank", "8", "--batch", "1", "--seq-len", "512", "--gradient-checkpointing",
               "--optimizer", "adamw", "--device", "cuda", "--budget", "20GiB"]
 
 
@@ -55,7 +55,7 @@ def test_parse_bytes_refuses(text):
 def test_parse_targets():
     assert parse_targets("v, q_proj,k") == ("q", "k", "v")
     assert parse_targets(["down_proj", "gate"]) == ("gate", "down")
-    with pytest.raises(LoramError, match="unknown LoRA target.*attn"):
+    with pytest.raises(LoramError, match="--targets: unknown module.*attn"):
         parse_targets("q,attn")
 
 
@@ -113,7 +113,7 @@ def test_weights_match_the_parameter_accounting():
 
 
 def test_lora_parameters_on_pruned_70b_layers():
-    """method.md §5's shapes: pruned layers 16 q / 2 kv heads and 4300 channels, dense layers full."""
+    """docs/method.md §5's shapes: pruned layers 16 q / 2 kv heads and 4300 channels, dense layers full."""
     p = plan_params(LLAMA31_70B, "structured", 0.85)
     m = plan_memory(training_config(LLAMA31_70B, p), rank=8)
     pruned = 8 * ((8192 + 2048) + 2 * (8192 + 256) + (2048 + 8192) + 2 * (8192 + 4300) + (4300 + 8192))
@@ -234,9 +234,9 @@ def test_targets_from_yaml_and_flags(llama31_70b, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--budget", "lots"], "cannot read 'lots' as a size"),
     (["--rank", "0"], "rank must be a whole number >= 1"),
-    (["--targets", "q,attn"], "unknown LoRA target(s) attn"),
+    (["--targets", "q,attn"], "--targets: unknown module(s) attn"),
     (["--batch", "0"], "batch must be"),
-    (["--dropout", "1"], "lora_dropout must be in [0, 1)"),
+    (["--dropout", "1"], "--dropout must lie in [0, 1)"),
 ])
 def test_bad_training_options_are_one_line(llama31_70b, args, needle):
     result = runner.invoke(app, ["plan", llama31_70b, *args])

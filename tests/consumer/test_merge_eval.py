@@ -28,6 +28,28 @@ loram.register()  # pruned checkpoints load with the Auto classes
 LORAM = str(Path(sys.executable).parent / "loram")
 
 
+def _logits_perplexity(model, tokenizer_dir, data, seq_len):
+    """(exp(mean NLL over the response tokens), token count), straight from full-forward logits, one record at
+    a time: an independent check of loram.perplexity's masked, batched computation."""
+    from transformers import AutoTokenizer
+
+    from loram.sft_format import tokenize_sft
+    from loram.shared.records import load_records
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in tokenize_sft(load_records(str(data)), tok, seq_len):
+            ids, labels = torch.tensor(ex["input_ids"]), torch.tensor(ex["labels"])
+            logprobs = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1].double(), dim=-1)
+            targets = labels[1:]
+            keep = targets != -100
+            total -= logprobs[keep].gather(1, targets[keep][:, None]).sum().item()
+            count += int(keep.sum())
+    assert count > 0
+    return math.exp(total / count), count
+
+
 @pytest.fixture(scope="module")
 def recovered(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
@@ -93,6 +115,14 @@ def test_eval_compares_models_and_matches_a_manual_perplexity(recovered):
         count += n
     assert by["orig"]["tokens"] == count
     assert math.isclose(by["orig"]["perplexity"], math.exp(total / count), rel_tol=1e-4)
+    # and from the logits directly, with and without an adapter
+    ppl, n = _logits_perplexity(model, recovered / "base", recovered / "qa.jsonl", 32)
+    assert n == count and math.isclose(by["orig"]["perplexity"], ppl, rel_tol=1e-4)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recovered / "base"),
+                                             recovered / "rec").eval()
+    ppl, n = _logits_perplexity(with_adapter, recovered / "base", recovered / "qa.jsonl", 32)
+    assert by["loram"]["tokens"] == n and math.isclose(by["loram"]["perplexity"], ppl, rel_tol=1e-4)
+    assert not math.isclose(by["loram"]["perplexity"], by["orig"]["perplexity"], rel_tol=1e-3)  # the adapter acts
 
 
 def test_eval_refuses_an_adapter_on_the_wrong_base(recovered):
@@ -106,7 +136,10 @@ def test_eval_cli_json(recovered):
                            "--seq-len", "32", "--json"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)["results"]
-    assert rows[0]["name"] == "a" and rows[0]["perplexity"] > 1
+    assert [r["name"] for r in rows] == ["a"]
+    ppl, n = _logits_perplexity(AutoModelForCausalLM.from_pretrained(recovered / "base").eval(),
+                                recovered / "base", recovered / "qa.jsonl", 32)
+    assert rows[0]["tokens"] == n and math.isclose(rows[0]["perplexity"], ppl, rel_tol=1e-4), (rows, ppl)
 
 
 def test_parse_spec():
@@ -125,8 +158,32 @@ def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
 
+def _greedy(model, tokenizer, prompt, max_new_tokens):
+    """Greedy continuation by a plain argmax loop over the model's logits (the tiny tokenizer has no chat
+    template, so the prompt is tokenized as is)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if int(nxt) == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
 def test_generate_streams_with_the_adapter(recovered, capsys):
-    text = generate(model=str(recovered / "base"), adapter=str(recovered / "rec"), prompt="Say 3 twice.",
-                    max_new_tokens=5)
+    from transformers import AutoTokenizer
+
+    prompt, n = "Say 3 twice.", 8
+    text = generate(model=str(recovered / "base"), adapter=str(recovered / "rec"), prompt=prompt, max_new_tokens=n)
     printed = capsys.readouterr().out
     assert printed.strip() == text.strip() and len(text) > 0
+    plain = generate(model=str(recovered / "base"), prompt=prompt, max_new_tokens=n)
+    capsys.readouterr()
+    tok = AutoTokenizer.from_pretrained(recovered / "base")
+    base = AutoModelForCausalLM.from_pretrained(recovered / "base").eval()
+    assert plain == _greedy(base, tok, prompt, n)
+    with_adapter = PeftModel.from_pretrained(base, recovered / "rec").eval()
+    assert text == _greedy(with_adapter, tok, prompt, n)  # generation used the adapter...
+    assert text != plain, (text, plain)  # ...which changes the output (its lora_B is non-zero)

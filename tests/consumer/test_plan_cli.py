@@ -53,7 +53,7 @@ def _one_line_error(result, needle: str) -> None:
 @pytest.mark.parametrize("name", EXPECTED)
 def test_table(configs, name):
     original, training, reduction, reduction_4bit = EXPECTED[name]
-    result = runner.invoke(app, ["plan", str(configs[name])])
+    result = runner.invoke(app, ["plan", str(configs[name]), "--ratio", "0.85"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     params = next(line for line in lines if line.startswith("parameters"))
@@ -68,7 +68,7 @@ def test_table(configs, name):
 @pytest.mark.parametrize("name", EXPECTED)
 def test_json_is_one_object(configs, name):
     original, training, reduction, reduction_4bit = EXPECTED[name]
-    result = runner.invoke(app, ["plan", str(configs[name]), "--json"])
+    result = runner.invoke(app, ["plan", str(configs[name]), "--json", "--ratio", "0.85"])
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)  # nothing else on stdout
     assert set(d) >= JSON_KEYS
@@ -83,7 +83,7 @@ def test_flags_reach_the_plan(configs):
     d = json.loads(result.stdout)
     assert d["kept"] == {"q_heads": 32, "kv_heads": 4, "channels": 21504}
     assert d["layers"]["start"] == 2 and d["layers"]["stop"] == 78
-    result = runner.invoke(app, ["plan", str(configs["llama2"]), "--json", "--method", "non-structured",
+    result = runner.invoke(app, ["plan", str(configs["llama2"]), "--json", "--kind", "non-structured",
                                  "--sparsity", "0.5"])
     d = json.loads(result.stdout)
     assert d["training_params"] == d["original_params"] > d["nonzero_params"]
@@ -98,13 +98,13 @@ def test_yaml_config_file(configs, tmp_path):
 
 def test_python_api(configs):
     by_kwargs = plan(model=str(configs["llama31"]), ratio=0.85)
-    by_dict = plan({"model": str(configs["llama31"])})
-    by_config = plan(PlanConfig(model=str(configs["llama31"])))
+    by_dict = plan({"model": str(configs["llama31"]), "ratio": 0.85})
+    by_config = plan(PlanConfig(model=str(configs["llama31"]), ratio=0.85))
     assert by_kwargs.training_params == by_dict.training_params == by_config.training_params == EXPECTED["llama31"][1]
 
 
 def test_real_subprocess(configs):
-    proc = subprocess.run([LORAM, "plan", str(configs["llama2"] / "config.json"), "--json"],
+    proc = subprocess.run([LORAM, "plan", str(configs["llama2"] / "config.json"), "--json", "--ratio", "0.85"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
@@ -122,7 +122,7 @@ def test_help_has_examples():
     (["--layers", "0:81"], "out of bounds"),
     (["--attn-ratio", "0.9999"], "removes every KV group"),
     (["--mlp-ratio", "0.99999"], "removes every MLP channel"),
-    (["--method", "semi"], "method must be one of"),
+    (["--kind", "semi"], "--kind"),
 ])
 def test_bad_flags(configs, args, needle):
     _one_line_error(runner.invoke(app, ["plan", str(configs["llama2"]), *args]), needle)

@@ -73,16 +73,17 @@ def test_recovered_adapter_is_exact(tmp_path, kind):
             block = dW if rows is None else dW[rows]
             block = block if cols is None else block[:, cols]
             assert torch.equal(block, dw), prefix
-            outside = torch.ones_like(dW, dtype=torch.bool)
-            outside[(rows if rows is not None else slice(None))][:, cols if cols is not None else slice(None)] = False
-            if rows is not None:
-                mask = torch.ones(dW.shape[0], dtype=torch.bool)
-                mask[rows] = False
-                assert torch.count_nonzero(dW[mask]) == 0
-            if cols is not None:
-                mask = torch.ones(dW.shape[1], dtype=torch.bool)
-                mask[cols] = False
-                assert torch.count_nonzero(dW[:, mask]) == 0
+            # outside the kept rows x kept columns block, dW is exactly zero
+            kept_rows = torch.zeros(dW.shape[0], dtype=torch.bool)
+            kept_rows[slice(None) if rows is None else rows] = True
+            kept_cols = torch.zeros(dW.shape[1], dtype=torch.bool)
+            kept_cols[slice(None) if cols is None else cols] = True
+            outside = ~(kept_rows[:, None] & kept_cols[None, :])
+            assert int(outside.sum()) == dW.numel() - dw.numel(), prefix  # the mask is the block's complement
+            if rows is not None or cols is not None:
+                assert outside.any(), prefix  # this module is pruned: the check below is not vacuous
+            assert torch.count_nonzero(dW[outside]) == 0, prefix
+            assert torch.count_nonzero(dW[~outside]) == torch.count_nonzero(dw), prefix
     # the original model with the recovered adapter and the pruned units zeroed == the pruned model with its adapter
     kept = {i: KeptUnits(manifest.kept_kv_heads[i], manifest.kept_mlp_channels[i]) for i in manifest.pruned_layers}
     zero_pruned_contributions_(original, kept)

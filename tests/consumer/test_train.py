@@ -1,6 +1,8 @@
 """`loram train` on tiny pruned models: outputs, nf4 gradients, resume, errors."""
 
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -49,7 +51,7 @@ def test_train_writes_a_peft_adapter_on_the_pruned_model_and_a_report(pruned):
     report = json.loads((out / "training_report.json").read_text())
     assert [r["step"] for r in report["losses"]] == [1, 2, 3, 4, 5, 6]
     assert report["losses"][-1]["loss"] < report["losses"][0]["loss"]  # it learns
-    assert [e["step"] for e in report["eval_losses"]] == [3, 6, 6]
+    assert [e["step"] for e in report["evals"]] == [3, 6]  # the last step is evaluated once
     assert report["tokens_per_second"] > 0 and report["peak_memory_bytes"] > 2**20 and report["wall_time_s"] > 0
     assert report["config"]["columns"] == "prompt=question,response=answer"
     # vanilla peft loads it onto the pruned model, with pruned shapes
@@ -109,15 +111,23 @@ def test_nf4_after_evaluation_every_lora_matrix_still_gets_a_gradient(pruned):
 def test_nf4_training_through_the_command(pruned):
     pytest.importorskip("bitsandbytes")
     result = _train(pruned, "q", quant="nf4", steps=2, eval_data=str(pruned / "qa.jsonl"), eval_every=1)
-    assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)
+    assert len(result.losses) == 2 and len(result.eval_losses) == 2  # steps 1 and 2 (the last one evaluated once)
+    assert all(math.isfinite(loss) for loss in result.losses + result.eval_losses), result
+    # a randomly initialised tiny model starts near the uniform-prediction loss ln(vocab)
+    assert abs(result.losses[0] - math.log(97)) < 0.5, result.losses
+    # and it learns: the loss on the same held-out records drops from step 1 to step 2
+    assert result.eval_losses[1] < result.eval_losses[0], result.eval_losses
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"data": "missing.jsonl"}, "missing.jsonl"),
-    ({"columns": "prompt=q,response=a"}, "q"),
-    ({"columns": None}, "columns"),
-    ({"targets": ["q_proj", "attn_out"]}, "--targets attn_out not found"),
-    ({"rank": 0}, "--rank must be >= 1"),
+    ({"data": "missing.jsonl"}, re.escape("missing.jsonl' does not exist and is not a built-in split")),
+    ({"columns": "prompt=q,response=a"},
+     re.escape("column mapping prompt=q: the dataset has no column 'q'; its columns are question, answer")),
+    ({"columns": None}, re.escape("cannot tell the record format from the columns question, answer; accepted:")
+     + ".*" + re.escape("mapped with --columns prompt=<column>,response=<column>")),
+    ({"targets": ["q_proj", "attn_out"]}, re.escape("--targets: unknown module(s) attn_out; choose from "
+                                                    "q,k,v,o,gate,up,down")),
+    ({"rank": 0}, re.escape("--rank must be a whole number >= 1, got 0")),
 ])
 def test_bad_input_is_a_clear_error(pruned, kwargs, message):
     if "data" in kwargs:
@@ -147,4 +157,14 @@ def test_cli_prints_a_summary(pruned):
                            "--out", str(pruned / "cli")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trained 2 steps" in proc.stdout and "tokens/s" in proc.stdout
-    assert "training" in proc.stderr  # the progress bar
+    # the logged count of trainable parameters is the LoRA count for r = 8 on every linear layer's pruned shape
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pruned / "pruned")
+    linears = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in
+               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    assert len(linears) == 7 * 6
+    expected = sum(8 * (m.in_features + m.out_features) for m in linears)
+    logged = re.search(r"\[loram train\] training ([\d,]+) LoRA parameters on ", proc.stderr)
+    assert logged and int(logged.group(1).replace(",", "")) == expected, proc.stderr[-2000:]
+    assert re.search(r"training: 100%\|.*\| 2/2 ", proc.stderr), proc.stderr[-2000:]  # the progress bar, finished

@@ -70,7 +70,7 @@ def _state(path) -> dict[str, torch.Tensor]:
 
 
 def test_output_and_every_checkpoint_are_pruned_checkpoints_with_an_alignment_record(root):
-    result = _align(root, "a", eval_data=str(root / "text.txt"), eval_windows=4, eval_every=3)
+    result = _align(root, "a", eval_data=str(root / "text.txt"), eval_limit=4, eval_every=3)
     out = result.out
     before, after = _state(root / "pruned"), _state(out)
     # the aligned model keeps the pruned shapes and trains every weight but the (tied) lm_head
@@ -144,7 +144,7 @@ def test_nonstructured_masks_keep_their_zeros(root, monkeypatch):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(root):
-    text = dict(eval_data=str(root / "text.txt"), eval_windows=2, eval_every=3)
+    text = dict(eval_data=str(root / "text.txt"), eval_limit=2, eval_every=3)
     full = _align(root, "full", **text)
     # An interrupted run: what existed after step 3 (checkpoint-3), nothing later.
     (root / "cut" / "checkpoints").mkdir(parents=True)
@@ -280,7 +280,7 @@ def test_smollm2_alignment_lowers_held_out_perplexity(tmp_path):
 
     prune(base=str(assets.model_dir()), out=tmp_path / "p50", method="l2", ratio=0.5)
     result = align(pruned=str(tmp_path / "p50"), data=["wiki"], steps=4, seq_len=64, batch=2, lr=2e-4,
-                   eval_data="wiki-heldout", eval_windows=4, eval_every=4, out=tmp_path / "aligned")
+                   eval_data="wiki-heldout", eval_limit=4, eval_every=4, out=tmp_path / "aligned")
     (start, before), (end, after) = result.perplexities[0], result.perplexities[-1]
     assert (start, end) == (0, 4) and after < before
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "aligned")

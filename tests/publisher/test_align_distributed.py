@@ -29,7 +29,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     prune(base=str(tmp_path / "base"), out=tmp_path / "pruned", method="l2", ratio=0.5, layers="1:5")
     (tmp_path / "text.txt").write_text(TEXT)
     common = ["--data", str(tmp_path / "text.txt"), "--steps", "4", "--seq-len", "32", "--lr", "1e-3",
-              "--save-every", "2", "--eval-data", str(tmp_path / "text.txt"), "--eval-windows", "4",
+              "--save-every", "2", "--eval-data", str(tmp_path / "text.txt"), "--eval-limit", "4",
               "--eval-every", "2"]
     env = {**os.environ, "LORAM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "loram", "publish", "align",
@@ -39,7 +39,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert proc.stdout.count("aligned 4 steps") == 1  # only rank 0 prints (and writes)
 
     single = align(pruned=str(tmp_path / "pruned"), data=[str(tmp_path / "text.txt")], steps=4, seq_len=32, lr=1e-3,
-                   batch=4, save_every=2, eval_data=str(tmp_path / "text.txt"), eval_windows=4, eval_every=2,
+                   batch=4, save_every=2, eval_data=str(tmp_path / "text.txt"), eval_limit=4, eval_every=2,
                    out=tmp_path / "single")
     report = json.loads((tmp_path / "ddp" / "align_report.json").read_text())
     assert report["world_size"] == 2 and report["record"]["global_batch"] == 4

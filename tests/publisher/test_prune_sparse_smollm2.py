@@ -1,6 +1,6 @@
 """Non-structured pruning of the real SmolLM2 at 2:4: the quality order of the references.
 
-small-scale.md (reference implementations, held-out Wikipedia, relative to dense): SparseGPT 2:4
+docs/method.md §9 (reference implementations, held-out Wikipedia, relative to dense): SparseGPT 2:4
 about 3.8x, Wanda 2:4 about 7.3x; magnitude is far worse. A smaller calibration (16 x 256) and
 evaluation (24 windows) than the benchmark keep this test to a couple of minutes.
 """

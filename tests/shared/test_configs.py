@@ -2,9 +2,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from loram.cli import app
+from loram.merge import MergeConfig, merge
+from loram.recover import RecoverConfig, recover
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.train import TrainConfig
+
+
+def _escaped(message: str) -> str:
+    return "".join("\\" + c if c in "[]().*+?|{}^$" else c for c in message)
 
 
 @dataclass
@@ -16,9 +25,23 @@ class ToyConfig(Config):
     targets: list = option(["q_proj"], "targets")
     quick: bool = option(False, "quick")
 
-    def __post_init__(self):
+    def check(self):
         if not 0 <= self.ratio < 1:
             raise LoramError(f"--ratio must lie in [0, 1), got {self.ratio}")
+
+
+@dataclass
+class ChoiceConfig(Config):
+    """A small config exercising every kind of field the commands declare."""
+
+    mode: str = option("fast", "mode", choices=("fast", "exact"))
+    parts: list[str] = option(["a"], "parts", choices=("a", "b", "c"))
+    names: list[str] = option(["x", "y"], "names")
+    steps: int | None = option(None, "steps")
+    rate: float = option(0.1, "rate")
+    quick: bool = option(False, "quick", flag="quick-run/full-run")
+    label: str | None = option(None, "label")
+    out: Path | None = option(None, "out")
 
 
 def test_flags_override_file_and_types_are_coerced(tmp_path):
@@ -47,15 +70,190 @@ def test_defaults_are_not_shared_between_instances():
     ("- a\n- b\n", {}, "must hold a mapping"),
     ("base: [unclosed\n", {}, "not valid YAML"),
     ("base: m\n", {"ratio": 1.5}, "--ratio must lie in [0, 1)"),
-    ("base: m\nsteps: many\n", {}, "cannot read 'many' as int"),
+    ("base: m\nsteps: many\n", {}, "--steps must be a whole number; got 'many'"),
 ])
 def test_user_mistakes_are_loram_errors(tmp_path, content, flags, message):
     f = tmp_path / "c.yaml"
     f.write_text(content)
-    with pytest.raises(LoramError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(LoramError, match=_escaped(message)):
         ToyConfig.resolve(f, **flags)
 
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(LoramError, match="config file .* not found"):
         ToyConfig.resolve(tmp_path / "nope.yaml")
+
+
+# --- choices: refused alike by the Python API (direct, resolve, command kwargs) and YAML files ---------------
+
+BAD_CHOICES = [
+    (RecoverConfig, {"adapter": "a", "out": "o"}, "fill", "normall", "--fill must be one of zero, normal"),
+    (MergeConfig, {"adapter": "a", "out": "o"}, "dtype", "int4", "--dtype must be one of bf16, fp32, fp16"),
+    (TrainConfig, {"model": "m", "data": "d", "out": "o"}, "quant", "nf5", "--quant must be one of none, int8, nf4"),
+    (ChoiceConfig, {}, "mode", "slow", "--mode must be one of fast, exact"),
+    (ChoiceConfig, {}, "parts", ["a", "d"], "--parts must be a list of items each one of a, b, c; got the item 'd'"),
+]
+
+
+@pytest.mark.parametrize("cls,required,name,bad,message", BAD_CHOICES)
+def test_bad_choice_is_refused_by_the_api(cls, required, name, bad, message):
+    with pytest.raises(LoramError, match=_escaped(message)):
+        cls(**required, **{name: bad})
+    with pytest.raises(LoramError, match=_escaped(message)):
+        cls.resolve(**required, **{name: bad})
+
+
+@pytest.mark.parametrize("cls,required,name,bad,message", BAD_CHOICES)
+def test_bad_choice_is_refused_in_a_yaml_file(tmp_path, cls, required, name, bad, message):
+    import yaml
+
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({**required, name: bad}))
+    with pytest.raises(LoramError, match=_escaped(message)):
+        cls.resolve(f)
+
+
+def test_commands_refuse_a_bad_choice_before_doing_anything(tmp_path):
+    with pytest.raises(LoramError, match=r"--fill must be one of zero, normal; got 'normall'"):
+        recover(adapter=str(tmp_path / "none"), out=tmp_path / "o", fill="normall")
+    with pytest.raises(LoramError, match=r"--dtype must be one of bf16, fp32, fp16; got 'int4'"):
+        merge(adapter=str(tmp_path / "none"), out=tmp_path / "o", dtype="int4")
+    assert not (tmp_path / "o").exists()
+
+
+def test_good_choices_pass():
+    cfg = ChoiceConfig(mode="exact", parts=("b", "c"))
+    assert cfg.mode == "exact" and cfg.parts == ["b", "c"]
+    assert RecoverConfig(adapter="a", out="o", fill="normal").fill == "normal"
+
+
+def test_a_bad_value_is_named_before_a_missing_option():
+    with pytest.raises(LoramError, match="--fill must be one of zero, normal"):
+        RecoverConfig.resolve(adapter="a", fill="normall")
+
+
+# --- types -----------------------------------------------------------------------------------------------------
+
+def _train_yaml(tmp_path, extra: str) -> Path:
+    f = tmp_path / "train.yaml"
+    f.write_text(f"model: m\ndata: d\nout: o\n{extra}\n")
+    return f
+
+
+def test_a_string_for_a_list_is_one_item(tmp_path):
+    assert TrainConfig.resolve(_train_yaml(tmp_path, "targets: q_proj")).targets == ["q_proj"]
+    assert ChoiceConfig(names="xyz").names == ["xyz"]
+    assert ChoiceConfig(parts="b").parts == ["b"]
+    # commas are the command's to split: train's --targets splits them, the base class does not
+    assert ChoiceConfig(names="x,y").names == ["x,y"]
+    assert TrainConfig.resolve(_train_yaml(tmp_path, "targets: q_proj,v_proj")).targets == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("lm_head: maybe", "--lm-head must be true or false (or yes/no, on/off, 1/0); got 'maybe'"),
+    ("lm_head: 2", "--lm-head must be true or false (or yes/no, on/off, 1/0); got 2"),
+    ("steps: 2.7", "--steps must be a whole number; got 2.7"),
+    ("steps: true", "--steps must be a whole number; got True"),
+    ("rank: '8.5'", "--rank must be a whole number; got '8.5'"),
+    ("lr: fast", "--lr must be a number; got 'fast'"),
+    ("alpha: false", "--alpha must be a number; got False"),
+    ("targets: 7", "--targets must be a list of strings; got 7"),
+    ("targets: [q_proj, 7]", "--targets must be a list of strings; got the item 7"),
+    ("targets: {q: 1}", "--targets must be a list of strings; got {'q': 1}"),
+    ("columns: 5", '--columns must be a string; got 5; quote it in a YAML file: "5"'),
+    ("revision: 2024", '--revision must be a string; got 2024; quote it in a YAML file: "2024"'),
+    ("out: 5", "--out must be a path; got 5"),
+    ("model: [a, b]", "MODEL must be a string; got ['a', 'b']"),
+])
+def test_bad_types_in_a_yaml_file_name_the_flag(tmp_path, extra, message):
+    with pytest.raises(LoramError, match=_escaped(message)):
+        TrainConfig.resolve(_train_yaml(tmp_path, extra))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"steps": 2.7}, "--steps must be a whole number; got 2.7"),
+    ({"steps": False}, "--steps must be a whole number; got False"),
+    ({"rate": "x"}, "--rate must be a number; got 'x'"),
+    ({"rate": True}, "--rate must be a number; got True"),
+    ({"quick": "maybe"}, "--quick-run must be true or false"),
+    ({"quick": 1}, "--quick-run must be true or false"),
+    ({"label": 3}, "--label must be a string; got 3"),
+    ({"names": 3}, "--names must be a list of strings; got 3"),
+    ({"mode": 3}, "--mode must be one of fast, exact; got 3"),
+    ({"mode": None}, "--mode must be one of fast, exact; got None"),
+    ({"out": 3.5}, "--out must be a path; got 3.5"),
+])
+def test_bad_types_from_the_api_name_the_flag(kwargs, message):
+    with pytest.raises(LoramError, match=_escaped(message)):
+        ChoiceConfig(**kwargs)
+    with pytest.raises(LoramError, match=_escaped(message)):
+        ChoiceConfig.from_dict(kwargs)
+
+
+@pytest.mark.parametrize("word,value", [
+    ("true", True), ("True", True), ("YES", True), ("on", True), ("1", True),
+    ("false", False), ("No", False), ("OFF", False), ("0", False),
+])
+def test_bool_words_are_read(word, value):
+    assert ChoiceConfig(quick=word).quick is value
+
+
+def test_good_values_are_coerced(tmp_path):
+    cfg = ChoiceConfig(steps="12", rate="1e-4", out="x/y", label=Path("a/b"))
+    assert cfg.steps == 12 and cfg.rate == 1e-4 and cfg.out == Path("x/y") and cfg.label == "a/b"
+    assert ChoiceConfig(steps=3.0).steps == 3 and type(ChoiceConfig(rate=2).rate) is float
+    assert ChoiceConfig(steps=None, label=None, out=None).steps is None
+    cfg = TrainConfig.resolve(_train_yaml(tmp_path, "lm_head: 'yes'\nsteps: 3\nlr: 1e-4\nrank: '4'"))
+    assert cfg.lm_head is True and cfg.steps == 3 and cfg.lr == 1e-4 and cfg.rank == 4
+    assert TrainConfig(model="m", data="d", out="o", lm_head="off").lm_head is False
+
+
+def test_subclass_checks_run_after_the_types():
+    @dataclass
+    class Checked(Config):
+        steps: int = option(1, "steps")
+
+        def check(self):
+            if self.steps < 1:  # would be a TypeError on a string without the base class's coercion
+                raise LoramError("--steps must be >= 1")
+
+    assert Checked(steps="5").steps == 5
+    with pytest.raises(LoramError, match="--steps must be >= 1"):
+        Checked(steps="0")
+
+
+def test_a_subclass_cannot_skip_the_field_checks():
+    with pytest.raises(TypeError, match="check"):
+        @dataclass
+        class Bypass(Config):
+            steps: int = option(1, "steps")
+
+            def __post_init__(self):
+                pass
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------------
+
+def test_cli_bad_choice_is_one_error_line_exit_2(tmp_path):
+    result = CliRunner().invoke(app, ["recover", str(tmp_path / "adapter"), "--fill", "normall"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: --fill must be one of zero, normal; got 'normall'"]
+    assert "Traceback" not in result.output
+
+
+def test_cli_bad_number_is_the_same_error_as_in_yaml(tmp_path):
+    result = CliRunner().invoke(app, ["train", "m", "--data", "d", "--out", str(tmp_path / "o"), "--steps", "2.7"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["error: --steps must be a whole number; got '2.7'"]
+
+
+def test_cli_help_shows_list_defaults_and_choices():
+    result = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    flat = " ".join(result.output.split())
+    assert "--targets <list[str]>" in flat
+    assert "[default: (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)]" in flat
+    assert "--quant <none|int8|nf4>" in flat and "[default: (none)]" in flat
+    assert "--rank <int>" in flat and "[default: (8)]" in flat
+    assert "--lm-head / --no-lm-head" in flat and "[default: (False)]" in flat

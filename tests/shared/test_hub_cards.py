@@ -1,4 +1,4 @@
-"""Model cards of pruned checkpoints and recovered adapters (formats.md §4), and `loram publish push`."""
+"""Model cards of pruned checkpoints and recovered adapters (docs/hub.md, Model cards), and `loram publish push`."""
 
 import json
 import shutil

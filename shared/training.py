@@ -1,0 +1,177 @@
+"""The training core of `loram train` (LoRA on a pruned model) and `loram publish align` (continual
+pre-training): one place for what a training recipe does around the Trainer.
+
+    folder = run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)   # checks only, removes nothing
+    ... every input checked, model and data loaded ...
+    args = training_arguments(folder, max_steps=..., batch=..., ...)           # the shared defaults
+    trainer = SomeSafeCheckpointTrainer(model, args, ..., callbacks=[progress])
+    begin(folder, trainer)                                                     # only now: a stale staging folder goes
+    run(trainer, folder)                                                       # train (or resume), closing evaluation
+    report = training_report(cfg, source, trainer, progress, trainable=..., started=...)
+    finish(folder, trainer, write=lambda tmp: ..., last=MANIFEST_JSON)         # one atomic final write
+
+Output folders. A new `--out` is trained into directly (so a killed run can be resumed with `--resume`).
+`--overwrite` of an existing, non-empty `--out` trains into a hidden sibling `.NAME.replacing` and swaps
+it in only when the run is complete: the old output stays whole until the new one is, and a run killed
+midway leaves the old output untouched (its staging folder is removed by the next run to that `--out`).
+"""
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from loram.shared.checkpoints import latest_checkpoint
+from loram.shared.errors import LoramError
+from loram.shared.outputs import replace_dir, staged_files
+
+CHECKPOINTS = "checkpoints"
+REPLACING_SUFFIX = ".replacing"
+LOSS_KEYS = ("loss", "learning_rate", "grad_norm", "lm_loss", "kd_loss")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a training run writes: `work` is `out`, or `.out.replacing` next to it under `--overwrite`."""
+
+    out: Path
+    work: Path
+    resume_from: Path | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.work / CHECKPOINTS
+
+    @property
+    def replaces(self) -> bool:
+        return self.work != self.out
+
+
+def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "training") -> RunFolder:
+    """Check `--out` against `--resume` / `--overwrite` and return where the run writes; removes nothing."""
+    out = Path(out)
+    if resume and overwrite:
+        raise LoramError("--resume and --overwrite contradict each other; choose one")
+    if out.exists() and not out.is_dir():
+        raise LoramError(f"output path {out} exists and is not a directory; choose another --out")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path.cwd())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LoramError(f"cannot write to {parent} (permission denied); choose another --out")
+    if resume:
+        checkpoint = latest_checkpoint(out / CHECKPOINTS)
+        if checkpoint is None:
+            raise LoramError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}; run without --resume")
+        return RunFolder(out, out, checkpoint)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise LoramError(f"output directory {out} already exists; choose another --out, pass --resume to "
+                             f"continue its {what}, or --overwrite to replace it")
+        return RunFolder(out, out.parent / f".{out.name}{REPLACING_SUFFIX}")
+    return RunFolder(out, out)
+
+
+def training_arguments(folder: RunFolder, *, max_steps: int | None, batch: int, grad_accum: int, lr: float,
+                       warmup: int, seed: int, evaluate: bool, eval_every: int, save_every: int,
+                       keep_checkpoints: int | None, gradient_checkpointing: bool, epochs: float = 1.0,
+                       **extra):
+    """The TrainingArguments both recipes share; `extra` adds or overrides recipe-specific ones.
+
+    AdamW with a cosine schedule and no weight decay; a log entry every step (the report's loss curve);
+    seeded initialisation and data order; checkpoints every `save_every` steps into `folder.checkpoints`;
+    bf16 autocast on GPUs that support it, fp32 elsewhere (CPU bf16 matmuls are slow on most CPUs);
+    no reporting integrations, and no Trainer tqdm (our TrainingProgress draws the bar).
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    values = dict(
+        output_dir=str(folder.checkpoints), max_steps=max_steps or -1, num_train_epochs=epochs,
+        per_device_train_batch_size=batch, per_device_eval_batch_size=batch, gradient_accumulation_steps=grad_accum,
+        learning_rate=lr, warmup_steps=warmup, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=1,
+        seed=seed, data_seed=seed, eval_strategy="steps" if evaluate else "no", eval_steps=eval_every,
+        save_strategy="steps", save_steps=save_every, save_total_limit=keep_checkpoints or None,
+        activation_checkpointing=gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, report_to=[], disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    values.update(extra)
+    return TrainingArguments(**values)
+
+
+def is_main(trainer) -> bool:
+    return trainer.args.process_index == 0
+
+
+def begin(folder: RunFolder, trainer) -> None:
+    """Call once every input is checked: clears a staging folder left by a killed `--overwrite` run."""
+    if folder.replaces and folder.resume_from is None:
+        trainer.accelerator.wait_for_everyone()
+        if is_main(trainer):
+            shutil.rmtree(folder.work, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()
+
+
+def run(trainer, folder: RunFolder) -> None:
+    """Train (or resume), then evaluate at the last step unless the schedule already did."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # TrainingProgress replaces the printed log dicts
+    trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
+    step = trainer.state.global_step
+    if trainer.eval_dataset is not None and not any(
+            r.get("step") == step and "eval_loss" in r for r in trainer.state.log_history):
+        trainer.evaluate()
+
+
+def evaluations(state) -> list[dict]:
+    """Every evaluation of the run: step, eval_loss and its perplexity."""
+    import math
+
+    return [{"step": r["step"], "eval_loss": r["eval_loss"], "perplexity": round(math.exp(r["eval_loss"]), 4)}
+            for r in state.log_history if "eval_loss" in r]
+
+
+def training_report(cfg, source, trainer, progress, *, trainable: int, started: float, **extra) -> dict:
+    """The report both recipes write (`training_report.json` / `align_report.json`); `extra` adds fields.
+
+    Memory is this rank's peak (CUDA max allocated, or the process's peak RSS on CPU), and every rank's
+    in rank order.
+    """
+    import torch
+
+    from loram.shared.progress import peak_memory_bytes
+
+    state, args = trainer.state, trainer.args
+    peaks = trainer.accelerator.gather(torch.tensor([peak_memory_bytes()], device=args.device)).tolist()
+    losses = [{"step": r["step"], **{k: r[k] for k in LOSS_KEYS if k in r}} for r in state.log_history if "loss" in r]
+    return {
+        "config": cfg.to_dict(), "model": {"id": source.id, "revision": source.revision},
+        "world_size": args.world_size, "steps": state.global_step, "trainable_params": trainable,
+        "losses": losses, "evals": evaluations(state), "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_second": round(progress.tokens_per_second, 1) if progress else None,
+        "step_seconds": progress.step_seconds if progress else [],
+        "peak_memory_bytes": peaks[args.process_index], "peak_memory_bytes_per_rank": peaks,
+        "peak_memory_kind": progress.memory_kind if progress else None,
+        "wall_time_s": round(time.time() - started, 2), **extra,
+    }
+
+
+def finish(folder: RunFolder, trainer, write: Callable[[Path], None], last: str | None = None) -> None:
+    """Rank 0 writes the final files with `write(tmp)` into a hidden folder; they are moved into the run's
+    folder together (`last` at the very end), then a replacing run is swapped in for the old `--out`."""
+    if is_main(trainer):
+        with staged_files(folder.work, last=last) as tmp:
+            write(tmp)
+        if folder.replaces:
+            replace_dir(folder.work, folder.out)
+    trainer.accelerator.wait_for_everyone()
+
+
+def log(tool: str, msg: str) -> None:
+    """One progress line on stderr, from rank 0 only (`[loram train] ...`)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[{tool}] {msg}", file=sys.stderr, flush=True)
