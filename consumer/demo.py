@@ -6,8 +6,9 @@
 
 Next to LoRAM it trains LoRAM on the unaligned pruned model (does alignment help?) and LoRA on the
 original (the upper bound), and evaluates on held-out GSM8K (in-domain) and news (out-of-domain).
-Every stage runs the same commands a user would, in its own process (so each training's peak memory
-is its own), under `--out/stages/<name>/`; a stage whose inputs did not change is reused, so a
+Every stage runs the same code a user would, under `--out/stages/<name>/`: prune, align and each
+training run the `loram` command in a process of their own (so each training's peak memory is its own);
+publish, pull, recover and evaluate call the same functions in the demo's process; a stage whose inputs did not change is reused, so a
 re-run or a run after an interruption continues from the last completed stage.
 """
 
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loram.demo_report import LORA, LORAM, ORIGINAL, PRUNED, SMALL, UNALIGNED
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 
@@ -124,12 +126,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     recovered = stages.run("recover", {n: trained[n].key for n in ("train-loram", "train-loram-unaligned")},
                            lambda f: _recover(trained, f))
     variants = {
-        "original, no fine-tuning": (model_dir, None),
-        "LoRAM (aligned): recovered adapter on the original": (model_dir, recovered.folder / "aligned"),
-        "LoRAM without alignment": (model_dir, recovered.folder / "unaligned"),
-        "pruned + its adapter (train small, infer small)": (pulled, trained["train-loram"].folder / "adapter"),
-        "pruned (aligned), no fine-tuning": (pulled, None),
-        "LoRA on the original (upper bound)": (model_dir, trained["train-lora"].folder / "adapter"),
+        ORIGINAL: (model_dir, None),
+        LORAM: (model_dir, recovered.folder / "aligned"),
+        UNALIGNED: (model_dir, recovered.folder / "unaligned"),
+        SMALL: (pulled, trained["train-loram"].folder / "adapter"),
+        PRUNED: (pulled, None),
+        LORA: (model_dir, trained["train-lora"].folder / "adapter"),
     }
     evaluated = stages.run("evaluate", {"stages": [s.key for s in stages.done.values()], "items": n_eval,
                                         "seq_len": seq_len},

@@ -47,9 +47,9 @@ import torch
 from loram.accounting import ParamPlan, nf4_bytes, stock_config
 from loram.loading import QUANTS
 from loram.shared import architectures
-from loram.shared.architectures import PRUNED_MODULES, Shape, family_of
+from loram.shared.architectures import PRUNED_MODULES, Shape
 from loram.shared.errors import LoramError
-from loram.shared.pruned_model import build_pruned_config, is_pruned_config
+from loram.shared.pruned_model import build_pruned_config, is_pruned_config, meta_model
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 DEVICES = ("cuda", "cpu")
@@ -291,21 +291,3 @@ def layer_dims(layer: torch.nn.Module, head_dim: int) -> LayerDims:
     size = {t: (i, o) for t, i, o in linears}
     return LayerDims(hidden=size["q"][0], q=size["q"][1], kv=size["k"][1], q_heads=size["q"][1] // head_dim,
                      channels=size["gate"][1], linears=linears)
-
-
-def meta_model(config):
-    """The causal LM of a stock or LoRAM config (object or dict), on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from loram.shared.modeling_loram import register
-
-    family_of(config)  # refuses unsupported families with the list of supported ones
-    register()
-    if isinstance(config, dict):
-        values = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
-        try:
-            config = AutoConfig.for_model(values.pop("model_type"), **values)
-        except (ValueError, TypeError) as e:
-            raise LoramError(f"cannot read the model config: {str(e).splitlines()[0]}") from e
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)

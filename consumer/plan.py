@@ -29,19 +29,18 @@ from loram.memory_plan import (
     TARGETS,
     MemoryPlan,
     check_options,
-    meta_model,
     parse_bytes,
     parse_targets,
     plan_memory,
     training_config,
 )
-from loram.shared.architectures import DEFAULT_RATIO, PRUNED_TO_STOCK
+from loram.shared.architectures import DEFAULT_RATIO
 from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import revision_option
+from loram.shared.hub import endpoint_option, revision_option
 from loram.shared.manifest import KINDS
-from loram.shared.pruned_model import is_pruned_config
+from loram.shared.pruned_model import is_pruned_config, original_config, param_count
 
 
 @dataclass
@@ -51,6 +50,7 @@ class PlanConfig(Config):
     model: str = option(help="Checkpoint directory, config.json file, or Hub repo id (only config.json is read).",
                         argument=True)
     revision: str | None = revision_option("MODEL")
+    endpoint: str | None = endpoint_option()
     kind: str = option("structured", "Pruning kind (`loram publish prune --method` picks a criterion of one).",
                        choices=KINDS)
     ratio: float | None = option(None, "Structured: pruning ratio p in [0, 1) for attention and MLP alike "
@@ -141,14 +141,14 @@ def _hub_config(repo_id: str, revision: str | None, endpoint: str | None) -> Pat
 def plan(config: PlanConfig | dict | None = None, **kwargs) -> ParamPlan:
     """Count a plan: `plan(PlanConfig(...))`, `plan({"model": ...})` or `plan(model=..., ratio=...)`."""
     config = _config(config, kwargs)
-    return _param_plan(read_model_config(config.model, config.revision), config)
+    return _param_plan(read_model_config(config.model, config.revision, config.endpoint), config)
 
 
 def memory(config: PlanConfig | dict | None = None, **kwargs) -> MemoryPlan:
     """Estimate peak training memory, called like `plan`. A stock model is pruned as the plan says; a
     LoRAM pruned checkpoint is trained as it is."""
     config = _config(config, kwargs)
-    values = read_model_config(config.model, config.revision)
+    values = read_model_config(config.model, config.revision, config.endpoint)
     param_plan = None if is_pruned_config(values) else _param_plan(values, config)
     return _memory_plan(values, param_plan, config)
 
@@ -167,13 +167,6 @@ def _memory_plan(values: dict, param_plan: ParamPlan | None, c: PlanConfig) -> M
                        lm_head=c.lm_head, lora_dropout=c.dropout, batch=c.batch, seq_len=c.seq_len,
                        gradient_checkpointing=c.gradient_checkpointing, optimizer=c.optimizer, dtype=c.dtype,
                        device=c.device, budget=c.budget)
-
-
-def _original_params(pruned_values: dict) -> int:
-    """Parameters of the model a LoRAM checkpoint was pruned from: its config keeps the original sizes."""
-    stock = {k: v for k, v in pruned_values.items() if k not in ("per_layer_config", "auto_map", "architectures")}
-    stock["model_type"] = PRUNED_TO_STOCK[pruned_values["model_type"]]
-    return sum(p.numel() for p in meta_model(stock).parameters())
 
 
 def table_rows(p: ParamPlan) -> list[dict]:
@@ -226,12 +219,12 @@ def verdict(m: MemoryPlan, budget: str | None) -> str | None:
 
 
 def _run(cfg: PlanConfig) -> None:
-    values = read_model_config(cfg.model, cfg.revision)
+    values = read_model_config(cfg.model, cfg.revision, cfg.endpoint)
     pruned = is_pruned_config(values)
     p = None if pruned else _param_plan(values, cfg)
     m = _memory_plan(values, p, cfg)
     if pruned:
-        original = _original_params(values)
+        original = param_count(original_config(values))
         summary = {"model_type": values["model_type"], "pruned_checkpoint": True, "original_params": original,
                    "training_params": m.training_params, "reduction": original / m.training_params}
     else:

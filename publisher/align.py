@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loram.publisher.align_data import Source, check_source, probabilities
+from loram.publisher.align_data import Source, probabilities
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
+from loram.shared.records import check_source
 
 REPORT = "align_report.json"
 CONFIG = "align_config.yaml"

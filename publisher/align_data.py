@@ -2,12 +2,9 @@
 
     --data wiki:1 --data corpus.jsonl:3   ->   one endless stream of {"input_ids": [L token ids]}
 
-Sources (`SOURCE[:WEIGHT]`, weight 1 when omitted):
-- a built-in split: `wiki`, `wiki-heldout`, `news` (the embedded Wikipedia sample and news corpus);
-- a `.txt` file (one document per paragraph, paragraphs separated by blank lines);
-- a `.jsonl` / `.json` / `.parquet` file, or a folder written by `Dataset.save_to_disk`: the `text` column.
-Files are read by the `datasets` library in streaming mode (a saved dataset is memory-mapped), so a large
-corpus is never loaded whole.
+Sources (`SOURCE[:WEIGHT]`, weight 1 when omitted) are text sources as `loram.shared.records.iter_texts`
+reads them (the one text reader: built-in splits, .txt paragraphs, the `text` column of .jsonl/.json/.parquet
+files and saved datasets), streamed, so a large corpus is never loaded whole.
 
 Packing: each document is tokenized without special tokens and followed by a blank line ("\\n\\n", the
 separator calibration text uses too); documents are concatenated and cut into blocks of exactly L tokens
@@ -29,12 +26,9 @@ from pathlib import Path
 
 import torch
 
-from loram.publisher.calibration import TEXT_SPLITS
-from loram.shared import assets
 from loram.shared.errors import LoramError
+from loram.shared.records import SEPARATOR, iter_texts
 
-SEPARATOR = "\n\n"
-FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_BATCH = 64  # documents per tokenizer call
 
 
@@ -67,61 +61,6 @@ class Source:
 def probabilities(sources: list[Source]) -> list[float]:
     total = sum(s.weight for s in sources)
     return [s.weight / total for s in sources]
-
-
-def check_source(name: str) -> None:
-    """Refuse a source that is neither a built-in split, a supported file nor a saved dataset folder."""
-    if name in TEXT_SPLITS:
-        return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return
-    if not path.is_file():
-        raise LoramError(f"data source {name!r} is neither a file, a saved dataset folder nor a built-in "
-                         f"name ({', '.join(TEXT_SPLITS)})")
-    if path.suffix.lower() not in FILE_BUILDERS:
-        raise LoramError(f"data source {path} must be {', '.join(FILE_BUILDERS)} or a folder saved with "
-                         "Dataset.save_to_disk")
-
-
-def _text_dataset(name: str):
-    """The source's records as a streaming `datasets.IterableDataset` (or a memory-mapped saved dataset)."""
-    import datasets
-
-    from loram.shared.records import quiet_datasets
-
-    check_source(name)
-    path = assets.data_path(name) if name in TEXT_SPLITS else Path(name).expanduser()
-    with quiet_datasets():
-        if path.is_dir():
-            try:
-                saved = datasets.load_from_disk(str(path))
-            except Exception as e:  # FileNotFoundError for a plain folder; others for a broken one
-                raise LoramError(f"folder {path} is not a dataset saved with Dataset.save_to_disk") from e
-            if isinstance(saved, datasets.DatasetDict):
-                if "train" not in saved:
-                    raise LoramError(f"saved dataset {path} has no 'train' split (it has {', '.join(saved)})")
-                saved = saved["train"]
-            return saved.to_iterable_dataset()
-        builder = FILE_BUILDERS[path.suffix.lower()]
-        options = {"sample_by": "paragraph"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
-
-
-def iter_texts(name: str) -> Iterator[str]:
-    """The documents of a source, in order, streamed."""
-    try:
-        for record in _text_dataset(name):
-            text = record.get("text")
-            if not isinstance(text, str):
-                raise LoramError(f"data source {name}: every record needs a string field 'text' "
-                                 f"(found {', '.join(record) or 'no fields'})")
-            if text.strip():
-                yield text
-    except LoramError:
-        raise
-    except Exception as e:  # the datasets readers raise many types; all mean "this file is unreadable"
-        raise LoramError(f"could not read data source {name} ({type(e).__name__}: {e})") from e
 
 
 def iter_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:

@@ -49,20 +49,10 @@ def parameter_counts(folder: Path) -> dict:
 
     The pruned config keeps every original global size and records per-layer sizes in
     `per_layer_config`, so dropping that (and using the stock model type) gives the original model."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from loram.shared.architectures import PRUNED_TO_STOCK
+    from loram.shared.pruned_model import load_config, original_config, param_count
 
     data = json.loads((Path(folder) / "config.json").read_text())
-    stock = {k: v for k, v in data.items()
-             if k not in ("per_layer_config", "auto_map", "architectures", "model_type", "transformers_version")}
-    configs = {"original": AutoConfig.for_model(PRUNED_TO_STOCK.get(data["model_type"], data["model_type"]), **stock),
-               "pruned": AutoConfig.from_pretrained(folder)}
-    counts = {}
-    with torch.device("meta"):
-        for name, config in configs.items():
-            counts[name] = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    counts = {"original": param_count(original_config(data)), "pruned": param_count(load_config(folder))}
     counts["reduction"] = round(counts["original"] / counts["pruned"], 4)
     return counts
 

@@ -17,8 +17,8 @@ from loram.shared.architectures import PRUNED_TO_STOCK, Shape, family_of
 from loram.shared.errors import LoramError
 from loram.shared.modeling_loram import MODEL_CLASSES, register
 
-__all__ = ["build_pruned_config", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "register",
-           "save_pruned_checkpoint"]
+__all__ = ["build_pruned_config", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "meta_model",
+           "original_config", "param_count", "register", "save_pruned_checkpoint"]
 
 # Keys of a stock config dict that must not be copied into the pruned type's config.
 _NOT_COPIED = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
@@ -113,3 +113,35 @@ def save_pruned_checkpoint(model, out_dir: str | Path, tokenizer=None,
     if pickles:
         raise LoramError(f"refusing a checkpoint with pickle files: {', '.join(pickles)}")
     return out
+
+
+def original_config(pruned: dict) -> dict:
+    """The stock config.json dict a LoRAM config.json dict was pruned from: a pruned config keeps every
+    original global size, so dropping the per-layer sizes and using the stock model type gives it back."""
+    stock = {k: v for k, v in pruned.items()
+             if k not in ("per_layer_config", "auto_map", "architectures", "transformers_version")}
+    stock["model_type"] = PRUNED_TO_STOCK.get(pruned["model_type"], pruned["model_type"])
+    return stock
+
+
+def meta_model(config):
+    """The causal LM of a stock or LoRAM config (object or config.json dict), on the meta device: exact
+    shapes and parameter counts, no weight read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family_of(config)  # refuses unsupported families with the list of supported ones
+    register()
+    if isinstance(config, dict):
+        values = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
+        try:
+            config = AutoConfig.for_model(values.pop("model_type"), **values)
+        except (ValueError, TypeError) as e:
+            raise LoramError(f"cannot read the model config: {str(e).splitlines()[0]}") from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def param_count(config) -> int:
+    """Parameters of the model of `config` (tied embeddings counted once)."""
+    return sum(p.numel() for p in meta_model(config).parameters())

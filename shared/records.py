@@ -1,4 +1,10 @@
-"""Fine-tuning and evaluation records from a file, a saved dataset or a built-in split.
+"""Data from files, saved datasets and built-in splits: the one reader of the project.
+
+- `load_records(source)`: fine-tuning and evaluation records (`loram train`, `loram eval`).
+- `iter_texts(source)`: the documents of a text source, streamed (calibration and alignment text). A
+  `.txt` file holds one document per paragraph (paragraphs separated by blank lines); `.jsonl`, `.json`,
+  `.parquet` files and saved datasets hold one document per record, in their `text` column; the built-in
+  text splits are `wiki`, `wiki-heldout` and `news`.
 
 `load_records(source)` accepts, in this order:
 
@@ -17,6 +23,7 @@ while loading: anything that goes wrong comes back as one `LoramError` naming th
 import contextlib
 import csv
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -25,6 +32,9 @@ from loram.shared import assets
 from loram.shared.errors import LoramError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TEXT_SPLITS = ("wiki", "wiki-heldout", "news")
+TEXT_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SEPARATOR = "\n\n"  # between documents when text is concatenated (calibration blocks, alignment packing)
 
 
 def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
@@ -118,3 +128,54 @@ def quiet_datasets():
         datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
+
+
+def check_source(name: str) -> None:
+    """Refuse a source that is neither a built-in split, a supported file nor a saved dataset folder."""
+    if name in TEXT_SPLITS:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise LoramError(f"data source {name!r} is neither a file, a saved dataset folder nor a built-in "
+                         f"name ({', '.join(TEXT_SPLITS)})")
+    if path.suffix.lower() not in TEXT_BUILDERS:
+        raise LoramError(f"data source {path} must be {', '.join(TEXT_BUILDERS)} or a folder saved with "
+                         "Dataset.save_to_disk")
+
+
+def _text_dataset(name: str):
+    """The source's records as a streaming `datasets.IterableDataset` (or a memory-mapped saved dataset)."""
+    check_source(name)
+    path = assets.data_path(name) if name in TEXT_SPLITS else Path(name).expanduser()
+    with quiet_datasets():
+        if path.is_dir():
+            try:
+                saved = datasets.load_from_disk(str(path))
+            except Exception as e:  # FileNotFoundError for a plain folder; others for a broken one
+                raise LoramError(f"folder {path} is not a dataset saved with Dataset.save_to_disk") from e
+            if isinstance(saved, datasets.DatasetDict):
+                if "train" not in saved:
+                    raise LoramError(f"saved dataset {path} has no 'train' split (it has {', '.join(saved)})")
+                saved = saved["train"]
+            return saved.to_iterable_dataset()
+        builder = TEXT_BUILDERS[path.suffix.lower()]
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
+
+
+def iter_texts(name: str) -> Iterator[str]:
+    """The documents of a source, in order, streamed."""
+    try:
+        for record in _text_dataset(name):
+            text = record.get("text")
+            if not isinstance(text, str):
+                raise LoramError(f"data source {name}: every record needs a string field 'text' "
+                                 f"(found {', '.join(record) or 'no fields'})")
+            if text.strip():
+                yield text
+    except LoramError:
+        raise
+    except Exception as e:  # the datasets readers raise many types; all mean "this file is unreadable"
+        raise LoramError(f"could not read data source {name} ({type(e).__name__}: {e})") from e

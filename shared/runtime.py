@@ -12,7 +12,13 @@ def free_cores() -> int:
     gradient work 10-15x slower than 1 thread, so we count the load average out.
     """
     if os.environ.get("LORAM_THREADS"):
-        return max(1, int(os.environ["LORAM_THREADS"]))
+        value = os.environ["LORAM_THREADS"]
+        if not value.strip().isdigit() or int(value) < 1:
+            from loram.shared.errors import LoramError
+
+            raise LoramError(f"LORAM_THREADS={value!r} is not a whole number >= 1; set e.g. LORAM_THREADS=2 "
+                             "or unset it")
+        return int(value)
     total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         busy = int(os.getloadavg()[0] + 0.5)

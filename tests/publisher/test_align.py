@@ -15,11 +15,12 @@ from transformers import AutoModelForCausalLM
 
 import loram
 from loram.publisher.align import AlignConfig, align
-from loram.publisher.align_data import Source, eval_blocks, iter_texts, mixture
+from loram.publisher.align_data import Source, eval_blocks, mixture
 from loram.publisher.prune import prune
 from loram.shared.architectures import LINEAR_NAMES, Shape
 from loram.shared.errors import LoramError
 from loram.shared.manifest import BaseModelInfo, Manifest, Method, PackedMask, verify_files
+from loram.shared.records import iter_texts
 
 loram.register()  # pruned checkpoints load with the Auto classes
 

@@ -39,7 +39,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     cases = [
         (["--ratio", "1.5"], "--ratio must lie in [0, 1)"),
         (["--layers", "0:40"], "out of bounds"),
-        (["--method", "magic"], "Invalid value for '--method'"),
+        (["--method", "magic"], "--method must be one of random, l1, l2, taylor, magnitude, wanda, sparsegpt; got 'magic'"),
     ]
     for extra, message in cases:
         proc = run("publish", "prune", tmp_path / "base", "--out", tmp_path / "out", *extra)
