@@ -86,4 +86,9 @@ _register_publisher()
 
 
 def main() -> None:
+    import logging
+
+    # bitsandbytes logs a warning on import on CPUs with AVX512-BF16 when the optional `kernels` package is
+    # missing; it changes nothing we use (we turn that packed path off), so it is not shown to users.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     app()

@@ -55,20 +55,19 @@ def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoin
               revision: str | None = None):
     """(model ready for inference, tokenizer) for one spec."""
     import torch
-    from transformers import AutoTokenizer
 
     from loram.shared.hub import resolve_model
-    from loram.shared.pruned_model import from_pretrained
+    from loram.shared.pruned_model import from_pretrained, load_tokenizer
 
     if adapter:
         from loram.merge import load_with_adapter
 
         peft_model, _, source = load_with_adapter(adapter, model, ignore_fingerprint, endpoint=endpoint,
                                                   base_revision=revision)
-        return peft_model.eval(), AutoTokenizer.from_pretrained(source.path)
+        return peft_model.eval(), load_tokenizer(source.path)
     source = resolve_model(model, revision, endpoint)
     return (from_pretrained(source.path, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(source.path))
+            load_tokenizer(source.path))
 
 
 def eval_set(data: str, limit: int | None = None, columns: str | None = None):

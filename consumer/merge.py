@@ -75,7 +75,8 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
 def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     """Merge the adapter into its original model and write the result to `config.out`."""
     import torch
-    from transformers import AutoTokenizer
+
+    from loram.shared.pruned_model import load_tokenizer
 
     cfg = config or MergeConfig.resolve(**kwargs)
     dtype = getattr(torch, DTYPES[cfg.dtype])
@@ -85,6 +86,6 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
         merged.save_pretrained(out, max_shard_size=cfg.max_shard_size)
         with contextlib.suppress(OSError, ValueError):  # a base without tokenizer files
-            AutoTokenizer.from_pretrained(source.path).save_pretrained(out)
+            load_tokenizer(source.path).save_pretrained(out)
         cfg.save(out / "merge_config.yaml")
     return Path(cfg.out)

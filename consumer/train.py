@@ -96,7 +96,6 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     """Train a LoRA adapter as configured (see the module docstring); returns a TrainResult."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
 
     from loram.loading import load_causal_lm
     from loram.sft_format import SFTCollator, format_name, parse_columns, tokenize_sft
@@ -104,6 +103,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     from loram.shared.checkpoints import SafeCheckpointTrainer
     from loram.shared.hub import resolve_model
     from loram.shared.progress import TrainingProgress
+    from loram.shared.pruned_model import load_tokenizer
     from loram.shared.records import load_records
     from loram.shared.runtime import configure_threads
 
@@ -112,7 +112,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     configure_threads()
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    tokenizer = load_tokenizer(source.path)
     columns = parse_columns(cfg.columns) if cfg.columns else None
     records = load_records(cfg.data)
     _log(f"{len(records):,} records of {cfg.data} ({format_name(records, columns)} format)")

@@ -109,7 +109,6 @@ class AlignResult:
 def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     """Align a pruned checkpoint as configured (see the module docstring); returns an AlignResult."""
     import torch
-    from transformers import AutoTokenizer
 
     from loram.publisher.align_data import collate_blocks, eval_blocks, mixture
     from loram.publisher.align_trainer import AlignTrainer, MaskKeeper
@@ -117,7 +116,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     from loram.shared.hub import resolve_model
     from loram.shared.manifest import MANIFEST_JSON, Manifest
     from loram.shared.progress import TrainingProgress
-    from loram.shared.pruned_model import from_pretrained, load_config
+    from loram.shared.pruned_model import from_pretrained, load_config, load_tokenizer
     from loram.shared.runtime import configure_threads
 
     cfg = config or AlignConfig.resolve(**kwargs)
@@ -136,7 +135,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     for s in cfg.sources + ([Source(cfg.eval_data)] if cfg.eval_data else []):
         check_source(s.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        tokenizer = load_tokenizer(source.path)
     except (OSError, ValueError) as e:
         raise LoramError(f"{cfg.pruned} has no tokenizer; alignment needs one to read text") from e
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from loram.publisher.calibration import token_blocks
 from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, LayerScores, get_criterion
@@ -47,6 +47,7 @@ from loram.shared.pruned_model import (
     from_pretrained,
     is_pruned_config,
     load_config,
+    load_tokenizer,
     save_pruned_checkpoint,
 )
 from loram.shared.runtime import configure_threads
@@ -271,7 +272,7 @@ def _check_widths(target: Target, shape: Shape) -> None:
 
 def _tokenizer_or_none(path: Path):
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)
     except (OSError, ValueError):
         return None
 

@@ -17,7 +17,7 @@ from loram.shared.architectures import PRUNED_TO_STOCK, Shape, family_of
 from loram.shared.errors import LoramError
 from loram.shared.modeling_loram import MODEL_CLASSES, register
 
-__all__ = ["build_pruned_config", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "meta_model",
+__all__ = ["build_pruned_config", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model",
            "original_config", "param_count", "register", "save_pruned_checkpoint"]
 
 # Keys of a stock config dict that must not be copied into the pruned type's config.
@@ -29,12 +29,13 @@ def from_pretrained(path, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` for stock and LoRAM checkpoints alike.
 
     The one model loader of the project: it registers the LoRAM types first (explicitly, not as a side
-    effect of an import), so a pruned checkpoint never needs `trust_remote_code`.
+    effect of an import), so a pruned checkpoint never needs remote code, and it never runs any
+    (`trust_remote_code=False`: a folder that needs it is refused, never prompted for).
     """
     from transformers import AutoModelForCausalLM
 
     register()
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
 
 
 def load_config(path, **kwargs) -> PreTrainedConfig:
@@ -42,7 +43,16 @@ def load_config(path, **kwargs) -> PreTrainedConfig:
     from transformers import AutoConfig
 
     register()
-    return AutoConfig.from_pretrained(path, **kwargs)
+    return AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
+
+
+def load_tokenizer(path, **kwargs):
+    """`AutoTokenizer.from_pretrained` for stock and LoRAM checkpoints alike: it reads the config too, which
+    for an unregistered LoRAM type would ask for remote code, so the LoRAM types are registered first."""
+    from transformers import AutoTokenizer
+
+    register()
+    return AutoTokenizer.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
 
 
 def is_pruned_config(config) -> bool:

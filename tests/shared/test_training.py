@@ -1,0 +1,143 @@
+"""The shared training core: output folder rules, and what train and align do with --overwrite."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_checkpoint
+
+from loram.publisher.prune import prune
+from loram.shared.errors import LoramError
+from loram.shared.training import CHECKPOINTS, RunFolder, run_folder, training_arguments
+
+LORAM = str(Path(sys.executable).parent / "loram")
+QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(4)]
+
+
+def test_a_new_folder_is_trained_into_directly(tmp_path):
+    folder = run_folder(tmp_path / "new", resume=False, overwrite=False)
+    assert folder == RunFolder(tmp_path / "new", tmp_path / "new") and not folder.replaces
+    assert folder.checkpoints == tmp_path / "new" / CHECKPOINTS
+    assert not (tmp_path / "new").exists()  # planning writes nothing
+
+
+def test_overwrite_trains_beside_the_old_output_and_removes_nothing(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("x")
+    folder = run_folder(tmp_path / "old", resume=False, overwrite=True)
+    assert folder.replaces and folder.work == tmp_path / ".old.replacing" and folder.out == tmp_path / "old"
+    assert (tmp_path / "old" / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"resume": True, "overwrite": True}, "--resume and --overwrite contradict each other"),
+    ({"resume": True, "overwrite": False}, "--resume: no complete checkpoint in"),
+    ({"resume": False, "overwrite": False}, "already exists; choose another --out, pass --resume to continue its "
+                                            "training, or --overwrite to replace it"),
+])
+def test_bad_combinations_are_refused(tmp_path, kwargs, message):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "f").write_text("x")
+    with pytest.raises(LoramError, match=message):
+        run_folder(tmp_path / "out", **kwargs)
+
+
+def test_an_existing_file_is_not_an_output_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LoramError, match="exists and is not a directory"):
+        run_folder(tmp_path / "file", resume=False, overwrite=True)
+
+
+def test_shared_arguments(tmp_path):
+    args = training_arguments(RunFolder(tmp_path, tmp_path), max_steps=None, batch=2, grad_accum=3, lr=1e-3,
+                              warmup=1, seed=7, evaluate=False, eval_every=5, save_every=4, keep_checkpoints=0,
+                              gradient_checkpointing=True, epochs=2.0, prediction_loss_only=True)
+    assert (args.max_steps, args.num_train_epochs, args.gradient_accumulation_steps) == (-1, 2.0, 3)
+    assert args.lr_scheduler_type.value == "cosine" and args.weight_decay == 0 and args.logging_steps == 1
+    assert (args.seed, args.data_seed, args.save_steps, args.save_total_limit) == (7, 7, 4, None)
+    assert args.output_dir == str(tmp_path / CHECKPOINTS) and args.report_to == [] and args.disable_tqdm
+    assert args.prediction_loss_only and not args.bf16  # CPU: fp32; extras pass through
+
+
+# -- the real commands: --overwrite never loses the old output ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("core")
+    save_tiny_checkpoint(root / "base", "llama-gqa")
+    prune(base=str(root / "base"), out=root / "pruned", method="l2", ratio=0.5, layers="1:3")
+    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA))
+    (root / "empty.jsonl").write_text("")
+    (root / "text.txt").write_text("\n\n".join(f"paragraph {i} " + "words " * 30 for i in range(40)))
+    return root
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "LORAM_THREADS": "1"}
+    return subprocess.run([LORAM, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+TRAIN = ["--columns", "prompt=question,response=answer", "--seq-len", "32", "--steps", "2", "--save-every", "1"]
+
+
+@pytest.mark.parametrize("model, data, extra", [
+    ("pruned", "empty.jsonl", []),
+    ("pruned", "qa.jsonl", ["--targets", "foo"]),
+    ("pruned", "qa.jsonl", ["--columns", "prompt=q,response=answer"]),
+    ("missing-folder", "qa.jsonl", []),
+])
+def test_train_overwrite_with_a_bad_input_keeps_the_old_output(checkpoint, tmp_path, model, data, extra):
+    old = tmp_path / "adapter"
+    old.mkdir()
+    (old / "precious.txt").write_text("do not lose me")
+    before = _snapshot(old)
+    proc = _run("train", checkpoint / model, "--data", checkpoint / data, *TRAIN, *extra, "--out", old,
+                "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
+    assert _snapshot(old) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left either
+
+
+def test_train_overwrite_replaces_only_when_complete(checkpoint, tmp_path):
+    old = tmp_path / "adapter"
+    old.mkdir()
+    (old / "precious.txt").write_text("old run")
+    proc = _run("train", checkpoint / "pruned", "--data", checkpoint / "qa.jsonl", *TRAIN, "--out", old,
+                "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (old / "precious.txt").exists()
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_report.json"} <= set(os.listdir(old))
+    assert sorted(p.name for p in (old / CHECKPOINTS).iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    report = json.loads((old / "training_report.json").read_text())
+    assert report["steps"] == 2 and [r["step"] for r in report["losses"]] == [1, 2]
+    # the checkpoints moved with the run: --resume continues from them at the final location
+    proc = _run("train", checkpoint / "pruned", "--data", checkpoint / "qa.jsonl", *TRAIN[:-4], "--steps", "3",
+                "--save-every", "1", "--out", old, "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((old / "training_report.json").read_text())["steps"] == 3
+
+
+def test_align_overwrite_with_a_bad_input_keeps_the_old_output(checkpoint, tmp_path):
+    old = tmp_path / "aligned"
+    old.mkdir()
+    (old / "precious.txt").write_text("do not lose me")
+    proc = _run("publish", "align", checkpoint / "pruned", "--data", checkpoint / "empty.jsonl", "--steps", "1",
+                "--seq-len", "16", "--out", old, "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "empty" in proc.stderr, proc.stderr
+    assert (old / "precious.txt").read_text() == "do not lose me"
+    proc = _run("publish", "align", checkpoint / "pruned", "--data", checkpoint / "text.txt", "--steps", "1",
+                "--seq-len", "16", "--batch", "2", "--save-every", "1", "--out", old, "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (old / "precious.txt").exists() and (old / "loram_manifest.json").is_file()
+    assert (old / CHECKPOINTS / "checkpoint-1" / "loram_manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned"]
