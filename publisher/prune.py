@@ -252,7 +252,7 @@ def sparsity_table(sparsity: dict[str, float]) -> str:
     for name, value in sparsity.items():
         layer, path = name.removeprefix("model.layers.").split(".", 1)
         rows.setdefault(int(layer), {})[path] = value
-    header = "layer " + " ".join(f"{c.rsplit('.', 1)[-1].removesuffix('_proj'):>6}" for c in columns)
+    header = "layer " + " ".join(f"{spec.short:>6}" for spec in PRUNED_MODULES)
     lines = ["achieved sparsity (% of weights zeroed)", header]
     for layer in sorted(rows):
         cells = (f"{100 * rows[layer][c]:6.1f}" if c in rows[layer] else f"{'-':>6}" for c in columns)
@@ -263,11 +263,8 @@ def sparsity_table(sparsity: dict[str, float]) -> str:
 
 
 def _check_widths(target: Target, shape: Shape) -> None:
-    widths = {"hidden": shape.hidden, "q": shape.num_heads * shape.head_dim, "mlp": shape.intermediate}
-    for spec in PRUNED_MODULES:
-        name = spec.path.rsplit(".", 1)[-1]
-        width = widths["q"] if name == "o_proj" else widths["mlp"] if name == "down_proj" else widths["hidden"]
-        target.check_width(width, name)
+    for spec in PRUNED_MODULES:  # N:M groups run along each weight's input columns
+        target.check_width(shape.weight_shape(spec)[1], spec.name)
 
 
 def _tokenizer_or_none(path: Path):
