@@ -109,5 +109,5 @@ def register(app: typer.Typer) -> None:
         app, "push", PushConfig, lambda cfg: typer.echo(push(cfg).summary()),
         help="Publish a recovered adapter to the Hub with a card naming the original model as its base.",
         examples=["loram push adapter-original --repo-id ORG/smollm2-gsm8k",
-                  "loram push adapter-original --repo-id ORG/smollm2-gsm8k --revision exp --tag v2 --private"],
+                  "loram push adapter-original --repo-id ORG/smollm2-gsm8k --branch exp --tag v2 --private"],
     )

@@ -88,7 +88,7 @@ def _register() -> None:
              "every file is checked against its manifest first.",
         examples=[
             "loram publish push smollm2-p50 --repo-id ORG/smollm2-p50 --tag v1",
-            "loram publish push smollm2-p50-aligned --repo-id ORG/smollm2-p50 --revision aligned --tag v2",
+            "loram publish push smollm2-p50-aligned --repo-id ORG/smollm2-p50 --branch aligned --tag v2",
             "loram publish push llama70b-p85 --repo-id ORG/llama70b-p85 --base-model meta-llama/Llama-3.1-70B "
             "--license llama3.1 --private",
         ],
