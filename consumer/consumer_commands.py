@@ -109,5 +109,5 @@ def register(app: typer.Typer) -> None:
         app, "demo", DemoConfig, _demo,
         help="Run the whole LoRAM loop on the embedded SmolLM2 and print the result table.",
         examples=["loram demo", "loram demo --quick --out /tmp/demo",
-                  "loram demo --endpoint http://127.0.0.1:8080 --repo-id me/smollm2-loram"],
+                  "loram demo --publish-to http://127.0.0.1:8080 --repo-id me/smollm2-loram"],
     )

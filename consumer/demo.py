@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loram.demo_report import LORA, LORAM, ORIGINAL, PRUNED, SMALL, UNALIGNED
+from loram.shared.architectures import DEFAULT_RATIO, ratio_options
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 
@@ -39,19 +40,20 @@ DEFAULTS = {
 class DemoConfig(Config):
     out: Path = option(Path("loram-demo"), "Folder for the report, its plots and every stage's output.")
     quick: bool = option(False, "A smoke run of a few minutes: tiny alignment, training and evaluation.")
-    ratio: float = option(0.5, "Structured pruning ratio (Taylor, layers [4, L-2)); 0.5 carries the effect at "
-                               "this model size, 0.75 does not (docs/demo.md).")
+    ratio: float | None = ratio_options()[0]  # Taylor on layers [4, L-2); docs/demo.md: why 0.5
     align_steps: int | None = option(None, "Alignment steps on the Wikipedia sample (default 40; --quick 2).")
     train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 15; --quick 2).")
     eval_limit: int | None = option(None, "Held-out GSM8K items evaluated, and half as many news documents "
                                            "(default 32; --quick 6).")
     quant: str = option("auto", "Base-model precision for training: nf4 (QLoRA), none (LoRA), or auto "
                                 "(nf4 when bitsandbytes is installed).", choices=("auto", "nf4", "none"))
-    endpoint: str | None = option(None, "Also publish to this Hub endpoint and pull the model back from it.")
-    repo_id: str = option("loram-demo/smollm2-135m-loram", "Hub repository for --endpoint.")
+    publish_to: str | None = option(None, "Also push the aligned checkpoint to the Hub at this endpoint URL (as "
+                                          "--repo-id) and pull it back from there.")
+    repo_id: str = option("loram-demo/smollm2-135m-loram", "Hub repository for --publish-to.")
     seq_len: int = option(256, "Tokens per training and evaluation sequence.")
 
     def check(self):
+        self.ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
         if not 0 < self.ratio < 1:
             raise LoramError(f"--ratio must lie in (0, 1), got {self.ratio}")
         for name in ("align_steps", "train_steps", "eval_limit"):
@@ -113,7 +115,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len,
                                  "eval_limit": cfg.align_eval_limit},
                        lambda f: _align(prune.folder / "pruned", f, cfg))
-    publish = stages.run("publish", {"align": align.key, "endpoint": cfg.endpoint, "repo_id": cfg.repo_id},
+    publish = stages.run("publish", {"align": align.key, "publish_to": cfg.publish_to, "repo_id": cfg.repo_id},
                          lambda f: _publish(align.folder / "aligned", f, cfg))
     pulled = _pull(publish, cfg)
     runs = {
@@ -185,11 +187,11 @@ def _publish(aligned: Path, folder: Path, cfg: DemoConfig) -> dict:
         shutil.copyfile(path, repo / name)
     (repo / "README.md").write_text(pruned_card(aligned, manifest, repo_id=cfg.repo_id))
     result = {"folder": str(repo), "files": len(list(repo.iterdir()))}
-    if cfg.endpoint:
+    if cfg.publish_to:
         from loram.publisher.push import push
 
-        pushed = push(folder=aligned, repo_id=cfg.repo_id, endpoint=cfg.endpoint)
-        result["hub"] = {"repo_id": cfg.repo_id, "endpoint": cfg.endpoint, "commit": pushed.commit}
+        pushed = push(folder=aligned, repo_id=cfg.repo_id, endpoint=cfg.publish_to)
+        result["hub"] = {"repo_id": cfg.repo_id, "endpoint": cfg.publish_to, "commit": pushed.commit}
     return result
 
 

@@ -46,6 +46,7 @@ import torch
 
 from loram.accounting import ParamPlan, nf4_bytes, stock_config
 from loram.loading import QUANTS
+from loram.lora_options import check_lora_options
 from loram.shared import architectures
 from loram.shared.architectures import PRUNED_MODULES, Shape
 from loram.shared.errors import LoramError
@@ -242,14 +243,6 @@ def check_options(*, quant="none", rank=8, lora_dropout=0.0, batch=1, seq_len=1,
     for name, value in (("batch", batch), ("seq-len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise LoramError(f"--{name} must be a whole number >= 1, got {value!r}")
-
-
-def check_lora_options(*, rank: int, dropout: float) -> None:
-    """The LoRA options `loram train` and `loram plan` share: rank >= 1, dropout in [0, 1)."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise LoramError(f"--rank must be a whole number >= 1, got {rank!r}")
-    if not 0 <= dropout < 1:
-        raise LoramError(f"--dropout must lie in [0, 1), got {dropout}")
 
 
 def layer_activations(d: LayerDims, targets: tuple[str, ...], rank: int, b: int, mask: int = 0) -> int:

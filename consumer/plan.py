@@ -21,12 +21,12 @@ from pathlib import Path
 import typer
 
 from loram.accounting import ParamPlan, check_fraction, gib, plan_params
+from loram.lora_options import dropout_option, lm_head_option, rank_option, targets_option
 from loram.memory_plan import (
     DEVICES,
     DTYPE_BYTES,
     OPTIMIZERS,
     QUANTS,
-    TARGETS,
     MemoryPlan,
     check_options,
     parse_bytes,
@@ -34,13 +34,15 @@ from loram.memory_plan import (
     plan_memory,
     training_config,
 )
-from loram.shared.architectures import DEFAULT_RATIO
+from loram.shared.architectures import DEFAULT_RATIO, ratio_options
 from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
 from loram.shared.manifest import KINDS
 from loram.shared.pruned_model import is_pruned_config, original_config, param_count
+
+RATIO, ATTN_RATIO, MLP_RATIO = ratio_options()
 
 
 @dataclass
@@ -53,20 +55,19 @@ class PlanConfig(Config):
     endpoint: str | None = endpoint_option()
     kind: str = option("structured", "Pruning kind (`loram publish prune --method` picks a criterion of one).",
                        choices=KINDS)
-    ratio: float | None = option(None, "Structured: pruning ratio p in [0, 1) for attention and MLP alike "
-                                       "(default 0.5).")
-    attn_ratio: float | None = option(None, "Structured: pruning ratio for attention (KV groups); default --ratio.")
-    mlp_ratio: float | None = option(None, "Structured: pruning ratio for MLP channels; default --ratio.")
+    ratio: float | None = RATIO
+    attn_ratio: float | None = ATTN_RATIO
+    mlp_ratio: float | None = MLP_RATIO
     layers: str | None = option(None, "Pruned layers, half-open A:B (e.g. 4:-2). Default: 4:-2 structured, "
                                       "all layers non-structured.")
     sparsity: float | None = option(None, "Non-structured: fraction of each linear weight zeroed, in (0, 1) "
                                           "(N:M counts as N/M).")
     # Training options of the memory estimate (docs/memory.md); defaults are those of `loram train`.
     quant: str = option("none", "Base weights in training: none (the dtype), int8, or nf4 (QLoRA).", choices=QUANTS)
-    rank: int = option(8, "LoRA rank r.")
-    targets: list[str] = option(list(TARGETS), "LoRA targets among q,k,v,o,gate,up,down (repeat or comma-separate).")
-    lm_head: bool = option(False, "Also adapt lm_head.")
-    dropout: float = option(0.05, "LoRA dropout (it keeps a copy of each target's input).")
+    rank: int = rank_option()
+    targets: list[str] = targets_option()
+    lm_head: bool = lm_head_option()
+    dropout: float = dropout_option()  # the estimate counts the copy of each target's input it keeps
     batch: int = option(4, "Sequences per micro-batch.")
     seq_len: int = option(512, "Tokens per sequence.")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass.")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loram.loading import QUANTS
-from loram.memory_plan import check_lora_options
+from loram.lora_options import check_lora_options, dropout_option, lm_head_option, rank_option, targets_option
 from loram.shared.architectures import LINEAR_NAMES, parse_targets
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
@@ -39,11 +39,11 @@ class TrainConfig(Config):
                             "or a built-in split (gsm8k-train).")
     out: Path = option(help="Output folder for the adapter, report and checkpoints.")
     quant: str = option("none", "Base-model precision: none (model dtype), int8, or nf4 (QLoRA).", choices=QUANTS)
-    rank: int = option(8, "LoRA rank r.")
+    rank: int = rank_option()
     alpha: float = option(16.0, "LoRA alpha (scale alpha/r).")
-    dropout: float = option(0.05, "LoRA dropout.")
-    targets: list[str] = option(list(LINEAR_NAMES), "Modules to adapt (repeat the flag or comma-separate).")
-    lm_head: bool = option(False, "Also adapt lm_head.")
+    dropout: float = dropout_option()
+    targets: list[str] = targets_option()
+    lm_head: bool = lm_head_option()
     steps: int | None = option(None, "Optimizer steps (overrides --epochs).")
     epochs: float = option(1.0, "Epochs over the data when --steps is not given.")
     batch: int = option(4, "Sequences per micro-batch.")

@@ -29,7 +29,14 @@ from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, L
 from loram.publisher.layerwise import NEEDS_INPUTS, NONSTRUCTURED_CRITERIA, prune_layerwise
 from loram.publisher.sparsity import Target, parse_nm
 from loram.publisher.structured import select_kept, slice_layers_
-from loram.shared.architectures import DEFAULT_RATIO, PRUNED_MODULES, Shape, family_of, parse_layer_range
+from loram.shared.architectures import (
+    DEFAULT_RATIO,
+    PRUNED_MODULES,
+    Shape,
+    family_of,
+    parse_layer_range,
+    ratio_options,
+)
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, resolve_model, revision_option
@@ -61,16 +68,18 @@ CALIBRATION_DEFAULTS = {"taylor": (32, 128), "wanda": (128, 2048), "sparsegpt": 
 METHODS = STRUCTURED_CRITERIA + NONSTRUCTURED_CRITERIA
 
 
+RATIO, ATTN_RATIO, MLP_RATIO = ratio_options()
+
+
 @dataclass
 class PruneConfig(Config):
     base: str = option(help="Base model: a local checkpoint folder or a Hub repo id.", argument=True)
     out: Path = option(help="Output folder for the pruned checkpoint.")
     method: str = option("taylor", "Criterion: structured random|l1|l2|taylor, or non-structured "
                                    "magnitude|wanda|sparsegpt.", choices=METHODS)
-    ratio: float | None = option(None, "Structured: pruning ratio p in [0, 1) for attention and MLP alike "
-                                       "(default 0.5).")
-    attn_ratio: float | None = option(None, "Structured: pruning ratio for attention (KV groups); default --ratio.")
-    mlp_ratio: float | None = option(None, "Structured: pruning ratio for MLP channels; default --ratio.")
+    ratio: float | None = RATIO
+    attn_ratio: float | None = ATTN_RATIO
+    mlp_ratio: float | None = MLP_RATIO
     sparsity: float | None = option(None, "Non-structured: fraction of each row's weights to zero, in (0, 1).")
     nm: str | None = option(None, "Non-structured: N:M, zero N of every M consecutive weights of a row (e.g. 2:4).")
     layers: str | None = option(None, "Half-open layer range A:B, negative ends allowed; default the paper's 4:-2 "

@@ -155,7 +155,16 @@ class Shape:
                    get("intermediate_size"), get("vocab_size"), bool(get("tie_word_embeddings", False)))
 
 
-DEFAULT_RATIO = 0.5  # the structured pruning ratio when none is given (`publish prune` and `plan`)
+DEFAULT_RATIO = 0.5  # the structured pruning ratio when none is given (`publish prune`, `plan`, `demo`)
+
+
+def ratio_options():
+    """The `--ratio`, `--attn-ratio` and `--mlp-ratio` options of every command that prunes or plans."""
+    from loram.shared.configs import option
+
+    return (option(None, f"Structured: pruning ratio p in [0, 1) for attention and MLP alike (default {DEFAULT_RATIO})."),
+            option(None, "Structured: pruning ratio for attention (KV groups); default --ratio."),
+            option(None, "Structured: pruning ratio for MLP channels; default --ratio."))
 
 
 def kept_mlp_channels(intermediate: int, ratio: float) -> int:

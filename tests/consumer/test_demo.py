@@ -27,7 +27,8 @@ def _demo_stages() -> list[str]:
     tree = ast.parse(Path(loram.demo.__file__).read_text(encoding="utf-8"))
     run_demo = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_demo")
     dicts = {t.id: [k.value for k in node.value.keys] for node in ast.walk(run_demo)
-             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) for t in node.targets
+             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+             and all(isinstance(k, ast.Constant) for k in node.value.keys) for t in node.targets
              if isinstance(t, ast.Name)}
     loops = {}  # loop variable -> the dict it iterates
     for node in ast.walk(run_demo):
@@ -170,7 +171,7 @@ def test_publish_stage_writes_a_verified_folder_repository_and_the_hub_copy_pull
 
     save_tiny_checkpoint(tmp_path / "base", "llama-gqa")
     pruned = prune(base=str(tmp_path / "base"), out=tmp_path / "pruned", method="l2", ratio=0.5, layers="1:5").out
-    cfg = DemoConfig(out=tmp_path / "demo", endpoint=hub.url, repo_id="demo/tiny-loram")
+    cfg = DemoConfig(out=tmp_path / "demo", publish_to=hub.url, repo_id="demo/tiny-loram")
     stage_dir = tmp_path / "stage"
     stage_dir.mkdir()
     result = _publish(pruned, stage_dir, cfg)
