@@ -47,6 +47,8 @@ BENCHMARKS = {
                                   + ", ".join(f"{k} {v['tokens_per_second']} tok/s" for k, v in d["runs"].items())),
     "recover_70b": ([], lambda d: f"recovery {d['time_ratio']}x a plain copy, peak {d['peak_over_output']}x the "
                                   "output size"),
+    "verify_cost": ([], lambda d: f"integrity check (manifest + sha256 of {d['bytes'] / 2**20:.0f} MiB) "
+                                  f"{d['check_over_load']}x a warm fp32 from_pretrained"),
     "qloram_70b": (["--scale", "full"] if _gpu() else ["--scale", "tiny"], lambda d: d["verdict"]),
     "loram_effect": ([], lambda d: "; ".join(f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
     "align_loram_effect": (["--aligned", "--no-full-lora"], lambda d: "; ".join(

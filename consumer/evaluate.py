@@ -11,6 +11,7 @@ records such as the built-in `news` split) is scored on every token.
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
@@ -40,11 +41,24 @@ class EvalConfig(Config):
             raise LoramError("name at least one model to evaluate")
         if self.limit is not None and self.limit < 1:
             raise LoramError("--limit must be >= 1")
+        checks = [(self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
+                  (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
+                  (self.shots >= 0, f"--shots must be >= 0, got {self.shots}"),
+                  (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")]
+        for ok, message in checks:
+            if not ok:
+                raise LoramError(message)
 
 
 def parse_spec(spec: str) -> tuple[str, str, str | None]:
-    """`NAME=MODEL+ADAPTER` -> (name, model, adapter)."""
-    name, _, rest = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    """`NAME=MODEL+ADAPTER` -> (name, model, adapter). A spec that is an existing path is a model path (a
+    folder may well be named `lr=1e-4`), and so is one whose MODEL part (before `+`) is; otherwise the
+    name ends at the first `=`."""
+    if Path(spec).expanduser().exists():
+        return spec, spec, None
+    name, named, rest = spec.partition("=")
+    if not named or Path(spec.partition("+")[0]).expanduser().exists():
+        name, rest = "", spec
     model, _, adapter = rest.partition("+")
     if not model:
         raise LoramError(f"model spec {spec!r} names no model; use MODEL, MODEL+ADAPTER or NAME=MODEL+ADAPTER")

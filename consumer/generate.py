@@ -9,6 +9,7 @@ generation prompt), otherwise it is used as is. Tokens are printed as they are g
 from dataclasses import dataclass
 
 from loram.shared.configs import Config, option
+from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
 
 
@@ -23,6 +24,14 @@ class GenerateConfig(Config):
     ignore_fingerprint: bool = option(False, "Use an adapter whose recorded base fingerprint differs.")
     revision: str | None = revision_option("MODEL")
     endpoint: str | None = endpoint_option()
+
+    def check(self):
+        if not self.prompt.strip():
+            raise LoramError("--prompt is empty; give the text to complete, e.g. --prompt \"What is 2 + 3?\"")
+        if not 0 <= self.temperature < float("inf"):  # negative, NaN or infinite
+            raise LoramError(f"--temperature must be a number >= 0 (0: greedy decoding), got {self.temperature:g}")
+        if self.max_new_tokens < 1:
+            raise LoramError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str:
@@ -50,6 +59,11 @@ def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str
     torch.manual_seed(cfg.seed)
     sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else {"do_sample": False}
     out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, streamer=_Streamer(tokenizer, skip_prompt=True,
-                         skip_special_tokens=True), pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+                         skip_special_tokens=True), pad_token_id=pad_token_id(tokenizer),
                          **sampling)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def pad_token_id(tokenizer) -> int | None:
+    """The tokenizer's pad id (0 is a real id, not a missing one), else its end-of-sequence id."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id

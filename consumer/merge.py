@@ -10,14 +10,17 @@ fingerprint differs from the one recorded at recovery (`--ignore-fingerprint` ov
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
-from loram.shared.outputs import atomic_output_dir
+from loram.shared.outputs import atomic_output_dir, check_output_dir
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST_JSON = "loram_manifest.json"  # loram.shared.manifest's (not imported here: it loads torch)
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
@@ -52,10 +55,12 @@ def check_original(adapter_dir: Path, base_dir: Path, ignore: bool) -> None:
 
 def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_fingerprint: bool = False,
                       dtype=None, endpoint: str | None = None, *, adapter_revision: str | None = None,
-                      base_revision: str | None = None):
+                      base_revision: str | None = None, pruned_base_ok: bool = True):
     """(peft model = original + adapter, adapter folder, base source), with the fingerprint check.
 
-    The base is `base` at `base_revision` when given, else the adapter's recorded base at its revision."""
+    The base is `base` at `base_revision` when given, else the adapter's recorded base at its revision;
+    `pruned_base_ok=False` refuses a recorded base that is a LoRAM pruned checkpoint (an adapter never
+    recovered). An adapter whose shapes do not fit the base is one LoramError, not peft's size mismatches."""
     import torch
     from peft import PeftModel
 
@@ -64,12 +69,66 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
 
     adapter_dir = resolve_model(adapter, adapter_revision, endpoint, required="adapter_config.json",
                                 kind="peft adapter").path
-    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_cfg = read_adapter_config(adapter_dir)
+    if base is None and not adapter_cfg.get("base_model_name_or_path"):
+        raise LoramError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path); "
+                         "name the model the adapter belongs to")
     source = resolve_model(base or adapter_cfg["base_model_name_or_path"],
                            base_revision if base else adapter_cfg.get("revision"), endpoint)
+    if not pruned_base_ok and base is None and (source.path / MANIFEST_JSON).is_file():
+        raise LoramError(f"{adapter} was trained on the pruned checkpoint {adapter_cfg['base_model_name_or_path']} "
+                         f"and has the pruned model's shapes; run `loram recover {adapter} --out DIR` first "
+                         "and use the recovered adapter")
     check_original(adapter_dir, source.path, ignore_fingerprint)
     model = from_pretrained(source.path, dtype=dtype or torch.float32)
-    return PeftModel.from_pretrained(model, adapter_dir), adapter_dir, source
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise LoramError(_mismatch_message(str(e), adapter, adapter_dir, adapter_cfg, source.id)) from e
+    return peft_model, adapter_dir, source
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json as a dict, and the adapter's weights as safetensors (peft would fall back to
+    torch.load of an adapter_model.bin, which is pickle): one LoramError otherwise."""
+    path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoramError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); re-download or re-create the "
+                         "adapter") from e
+    if not isinstance(config, dict):
+        raise LoramError(f"{path} must hold a JSON object; re-download or re-create the adapter")
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        pickles = sorted(p.name for p in adapter_dir.glob("adapter_model.*") if p.suffix in (".bin", ".pt", ".pth"))
+        found = f" (only {', '.join(pickles)}: LoRAM never loads pickle)" if pickles else ""
+        raise LoramError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}{found}; save the adapter as safetensors "
+                         "(peft's save_pretrained does by default)")
+    return config
+
+
+_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def _mismatch_message(error: str, adapter, adapter_dir: Path, adapter_cfg: dict, base_id: str) -> str:
+    """One line for peft's wall of size mismatches: an adapter never recovered (pruned shapes: smaller, or its
+    recorded base is a LoRAM pruned checkpoint), or an adapter of another model."""
+    found = [(name, [int(x) for x in a.split(",") if x.strip()], [int(x) for x in b.split(",") if x.strip()])
+             for name, a, b in _MISMATCH.findall(error)]
+    recorded = adapter_cfg.get("base_model_name_or_path") or ""
+    on_pruned = bool(recorded) and (Path(recorded).expanduser() / MANIFEST_JSON).is_file()
+    smaller = bool(found) and all(len(a) == len(b) and all(x <= y for x, y in zip(a, b, strict=True))
+                                  for _, a, b in found)
+    if not (adapter_dir / "loram_recovery.json").is_file() and (on_pruned or smaller):
+        return (f"{adapter} has the pruned model's shapes (it was trained on {recorded or 'a pruned model'}), "
+                f"not those of {base_id}; run `loram recover {adapter} --out DIR` first and use the recovered "
+                "adapter")
+    example = f" (e.g. {found[0][0]}: adapter {found[0][1]}, model {found[0][2]})" if found else ""
+    return (f"{adapter} does not fit {base_id}: {len(found) or 'some'} adapter tensors have other shapes{example}; "
+            "use the model the adapter was trained or recovered for")
 
 
 def merge(config: MergeConfig | None = None, **kwargs) -> Path:
@@ -79,9 +138,10 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     from loram.shared.pruned_model import load_tokenizer
 
     cfg = config or MergeConfig.resolve(**kwargs)
+    check_output_dir(cfg.out, cfg.overwrite)  # before loading anything
     dtype = getattr(torch, DTYPES[cfg.dtype])
     model, adapter_dir, source = load_with_adapter(cfg.adapter, cfg.base, cfg.ignore_fingerprint, dtype,
-                                                   cfg.endpoint, adapter_revision=cfg.revision)
+                                                   cfg.endpoint, adapter_revision=cfg.revision, pruned_base_ok=False)
     merged = model.merge_and_unload()
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
         merged.save_pretrained(out, max_shard_size=cfg.max_shard_size)

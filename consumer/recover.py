@@ -29,7 +29,7 @@ from loram import __version__
 from loram.shared.architectures import layer_module
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import endpoint_option, resolve_model, revision_option
+from loram.shared.hub import endpoint_option, resolve_model, revision_option, verify_option
 from loram.shared.manifest import Manifest, sha256_file
 from loram.shared.model_cards import adapter_card
 from loram.shared.outputs import atomic_output_dir
@@ -54,6 +54,7 @@ class RecoverConfig(Config):
                                              "fingerprint (you are on your own).")
     revision: str | None = revision_option("ADAPTER")
     endpoint: str | None = endpoint_option()
+    verify: bool = verify_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
 
@@ -74,8 +75,11 @@ def read_adapter_config(folder: Path) -> dict:
     return config
 
 
-def pruned_manifest(adapter_config: dict, endpoint: str | None = None) -> tuple[Path, Manifest]:
-    """The pruned checkpoint an adapter was trained on (its `base_model_name_or_path`) and its manifest."""
+def pruned_manifest(adapter_config: dict, endpoint: str | None = None, verify: bool = True) -> tuple[Path, Manifest]:
+    """The pruned checkpoint an adapter was trained on (its `base_model_name_or_path`) and its manifest,
+    validated against its config and (with `verify`) every file checked (`check_pruned_checkpoint`)."""
+    from loram.shared.pruned_model import check_pruned_checkpoint
+
     base = adapter_config.get("base_model_name_or_path")
     if not base:
         raise LoramError("the adapter's config names no base model (base_model_name_or_path)")
@@ -83,7 +87,7 @@ def pruned_manifest(adapter_config: dict, endpoint: str | None = None) -> tuple[
     if not (source.path / "loram_manifest.json").is_file():
         raise LoramError(f"the adapter's base {base} has no loram_manifest.json: it is not a LoRAM pruned "
                          "checkpoint (was this adapter trained on the original model already?)")
-    return source.path, Manifest.load(source.path)
+    return source.path, check_pruned_checkpoint(source.path, verify=verify and not source.verified)
 
 
 def expand(tensor: torch.Tensor, which: str, rows, cols, full: int, fill: str, gen: torch.Generator | None,
@@ -114,7 +118,7 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     adapter_config = read_adapter_config(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise LoramError(f"{folder} has no {ADAPTER_WEIGHTS}")
-    pruned_dir, manifest = pruned_manifest(adapter_config, cfg.endpoint)
+    pruned_dir, manifest = pruned_manifest(adapter_config, cfg.endpoint, cfg.verify)
     arch = manifest.architecture
     gen = torch.Generator().manual_seed(cfg.seed)
     tensors, expanded = {}, 0

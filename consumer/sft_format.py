@@ -47,7 +47,7 @@ import datasets
 import torch
 
 from loram.perplexity import IGNORE
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, warn
 
 FORMATS = {  # name -> (required names, optional names), in detection order
     "messages": (("messages",), ()),
@@ -219,11 +219,12 @@ def tokenize_sft(dataset: datasets.Dataset, tokenizer, seq_len: int, columns: di
     bos_labels = bos if train_on_prompt or fmt == "text" else [IGNORE] * len(bos)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = {"input_ids": [], "attention_mask": [], "labels": []}
-    truncated = dropped_truncated = dropped_other = 0
+    truncated = dropped_truncated = dropped_other = answered = 0
     for first in range(0, len(dataset), batch):
         records = dataset[first: first + batch]  # columnar: {column: [values]}
-        rendered = [_render({c: records[c][k] for c in records}, first + k, fmt, view, tokenizer)
-                    for k in range(min(batch, len(dataset) - first))]
+        rows = [{c: records[c][k] for c in records} for k in range(min(batch, len(dataset) - first))]
+        rendered = [_render(row, first + k, fmt, view, tokenizer) for k, row in enumerate(rows)]
+        answered += sum(bool(_response(row, fmt, view).strip()) for row in rows)
         texts = ["".join(text for text, _ in pieces) for pieces, _ in rendered]
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         tokens = zip(rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True)
@@ -249,10 +250,30 @@ def tokenize_sft(dataset: datasets.Dataset, tokenizer, seq_len: int, columns: di
         if dropped_other:
             message += f"; {dropped_other} more had no labelled token at all and were dropped"
         warnings.warn(message, TruncationWarning, stacklevel=2)
+    silent = fmt != "text" and not train_on_prompt and answered == 0  # only end-of-turn tokens are labelled
     if not out["input_ids"]:
+        if silent:
+            raise LoramError(f"every response of the {len(dataset)} examples is empty, so there is nothing to "
+                             f"learn; check the data and --columns (the {_response_name(fmt, view)} column)")
         raise LoramError(f"none of the {len(dataset)} examples keeps a labelled token within "
                          f"seq_len={seq_len}; raise --seq-len or use records with non-empty responses")
+    if silent:
+        warn(f"every response of the {len(dataset)} examples is empty, so the loss is only on the end-of-turn "
+             f"token; check the data and --columns (the {_response_name(fmt, view)} column)")
     return datasets.Dataset.from_dict(out)
+
+
+def _response(record: dict, fmt: str, view: dict[str, str]) -> str:
+    """The text a structured record asks the model to produce (every assistant turn for `messages`)."""
+    if fmt == "messages":
+        turns = record[view["messages"]] or []
+        return "".join(m.get("content") or "" for m in turns if isinstance(m, dict) and m.get("role") == "assistant")
+    value = record.get(view["response" if fmt == "prompt/response" else "output"]) if fmt != "text" else None
+    return value if isinstance(value, str) else ""
+
+
+def _response_name(fmt: str, view: dict[str, str]) -> str:
+    return repr(view.get({"messages": "messages", "prompt/response": "response", "alpaca": "output"}.get(fmt, ""), ""))
 
 
 def _labels(pieces: Pieces, ids: list[int], offsets: list[tuple[int, int]],

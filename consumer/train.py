@@ -25,11 +25,13 @@ from loram.lora_options import check_lora_options, dropout_option, lm_head_optio
 from loram.shared.architectures import LINEAR_NAMES, parse_targets
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import endpoint_option, revision_option
+from loram.shared.hub import endpoint_option, revision_option, verify_option
 
 REPORT = "training_report.json"
 CONFIG = "train_config.yaml"
 ADAPTER_CONFIG = "adapter_config.json"  # written last: a folder with it is a complete adapter
+RESUME_SAME = ("data", "columns", "train_on_prompt", "lr", "rank", "alpha", "dropout", "targets", "lm_head", "quant",
+               "seq_len", "batch", "grad_accum", "seed", "warmup")  # --resume refuses other values of these
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrainConfig(Config):
     seed: int = option(0, "Seed for LoRA init, dropout and data order.")
     revision: str | None = revision_option("MODEL")
     endpoint: str | None = endpoint_option()
+    verify: bool = verify_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
     def check(self):
@@ -103,15 +106,19 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     from loram.shared.checkpoints import SafeCheckpointTrainer
     from loram.shared.hub import resolve_model
     from loram.shared.progress import TrainingProgress
-    from loram.shared.pruned_model import load_tokenizer
+    from loram.shared.pruned_model import check_pruned_checkpoint, load_tokenizer
     from loram.shared.records import load_records
     from loram.shared.runtime import configure_threads
 
     cfg = config or TrainConfig.resolve(**kwargs)
     started = time.time()
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    folder = training.pin_options(folder, cfg, RESUME_SAME)
+    if folder.resume_from is not None:
+        _check_resumed_adapter(folder.resume_from, cfg)
     configure_threads()
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
+    check_pruned_checkpoint(source.path, verify=cfg.verify and not source.verified)  # a stock model: no manifest
     tokenizer = load_tokenizer(source.path)
     columns = parse_columns(cfg.columns) if cfg.columns else None
     records = load_records(cfg.data)
@@ -164,6 +171,29 @@ def _log(msg: str) -> None:
     from loram.shared.training import log
 
     log("loram train", msg)
+
+
+def _check_resumed_adapter(checkpoint: Path, cfg: TrainConfig) -> None:
+    """Refuse `--resume` from a checkpoint whose adapter (its adapter_config.json) has other LoRA options than
+    this run asks for: peft would meet a wall of size mismatches. Checked before anything is loaded; also
+    covers runs made before `checkpoints/run_config.json` pinned the options."""
+    path = checkpoint / ADAPTER_CONFIG
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the Trainer's own checkpoint checks report a broken checkpoint
+    targets = sorted(cfg.targets + (["lm_head"] if cfg.lm_head else []))
+    saved_targets = saved.get("target_modules")
+    pairs = [("--rank", saved.get("r"), cfg.rank), ("--alpha", saved.get("lora_alpha"), cfg.alpha),
+             ("--dropout", saved.get("lora_dropout"), cfg.dropout),
+             ("--targets", sorted(saved_targets) if isinstance(saved_targets, list) else None, targets)]
+    differ = [(flag, old, new) for flag, old, new in pairs if old is not None and old != new]
+    if differ:
+        shown = "; ".join(f"{flag} {','.join(old) if isinstance(old, list) else old} -> "
+                          f"{','.join(new) if isinstance(new, list) else new}" for flag, old, new in differ)
+        raise LoramError(f"--resume: the adapter in {checkpoint} was trained with other LoRA options ({shown}); "
+                         "resume with the options it was started with, or start a new run (another --out, or "
+                         "--overwrite)")
 
 
 def _check_targets(model, cfg: TrainConfig) -> None:

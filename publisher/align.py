@@ -31,11 +31,13 @@ from pathlib import Path
 from loram.publisher.align_data import Source, probabilities
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import endpoint_option, revision_option
+from loram.shared.hub import endpoint_option, revision_option, verify_option
 from loram.shared.records import check_source
 
 REPORT = "align_report.json"
 CONFIG = "align_config.yaml"
+RESUME_SAME = ("data", "lr", "seq_len", "batch", "grad_accum", "seed", "warmup", "freeze_lm_head", "distill_from",
+               "kd_weight", "shuffle_buffer")  # --resume refuses other values of these
 
 
 @dataclass
@@ -68,6 +70,7 @@ class AlignConfig(Config):
     seed: int = option(0, "Seed for data mixing, shuffling and training.")
     revision: str | None = revision_option("PRUNED")
     endpoint: str | None = endpoint_option()
+    verify: bool = verify_option()
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
     def check(self):
@@ -114,21 +117,27 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     from loram.publisher.align_trainer import AlignTrainer, MaskKeeper
     from loram.shared import training
     from loram.shared.hub import resolve_model
-    from loram.shared.manifest import MANIFEST_JSON, Manifest
+    from loram.shared.manifest import MANIFEST_JSON
     from loram.shared.progress import TrainingProgress
-    from loram.shared.pruned_model import from_pretrained, load_config, load_tokenizer
+    from loram.shared.pruned_model import (
+        check_pruned_checkpoint,
+        from_pretrained,
+        load_config,
+        load_tokenizer,
+    )
     from loram.shared.runtime import configure_threads
 
     cfg = config or AlignConfig.resolve(**kwargs)
     started = time.time()
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, what="alignment")
+    folder = training.pin_options(folder, cfg, RESUME_SAME)
     configure_threads()
     source = resolve_model(cfg.pruned, cfg.revision, cfg.endpoint)
     if not (source.path / MANIFEST_JSON).is_file():
         raise LoramError(f"{cfg.pruned} is not a LoRAM pruned checkpoint (no {MANIFEST_JSON}); prune it first "
                          "with `loram publish prune`")
+    manifest = check_pruned_checkpoint(source.path, verify=cfg.verify and not source.verified)  # before anything heavy
     model_config = load_config(source.path)
-    manifest = Manifest.load(source.path, model_config)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     if max_positions is not None and cfg.seq_len > max_positions:
         raise LoramError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_positions})")

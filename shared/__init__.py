@@ -1,2 +1,5 @@
-"""What the publisher and the consumer both speak: errors, configs, cache and assets, manifest,
-pruned-model classes, accounting, hub I/O and data loading."""
+"""What the publisher and the consumer both speak, and nothing else: the architecture table, the manifest
+and its integrity checks, the pruned-model classes and their loaders, Hub I/O and model cards, the data
+reader, the training core and its pickle-free checkpoints, configs and CLI plumbing, outputs, errors,
+runtime and the embedded assets. Nothing here imports `loram.publisher` or a consumer module
+(tests/shared/test_layering.py)."""

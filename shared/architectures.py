@@ -197,6 +197,8 @@ def parse_layer_range(spec: str | None, num_layers: int) -> tuple[int, int]:
         raise LoramError(f"layer range {spec!r} must look like A:B (e.g. 4:-2)") from e
     start = start + num_layers if start < 0 else start
     stop = stop + num_layers if stop < 0 else stop
+    if start > stop:
+        raise LoramError(f"empty layer range {spec}; write A:B with A < B (layers A to B-1, e.g. 4:-2)")
     if not (0 <= start <= stop <= num_layers):
         raise LoramError(f"layer range {spec!r} is out of bounds for a model with {num_layers} layers")
     return start, stop

@@ -2,43 +2,104 @@
 
 `add_config_command(app, "prune", PruneConfig, run)` creates a command whose flags are the config's
 fields (help text from `option(help=...)`), plus `--config FILE.yaml`. Flags given on the command line
-override the file. User mistakes (`LoramError`) print as one line and exit with code 2.
+override the file.
+
+Exit codes (docs/conventions.md): 0 success; 2 a user mistake (`LoramError`, a usage error, a full disk or
+a permission denied), printed as one line `error: ...`; 1 an internal error (any other exception), one line
+`error: unexpected <Type>: ...` asking for a report, with the traceback when `LORAM_DEBUG=1`; 130 Ctrl-C.
 """
 
 import dataclasses
+import errno
 import functools
 import inspect
+import os
 import sys
+import traceback
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from loram.shared.configs import Config, _base_type
 from loram.shared.errors import LoramError
 
+USER_ERROR, INTERNAL_ERROR, INTERRUPTED = 2, 1, 130
+DEBUG_ENV = "LORAM_DEBUG"  # set to 1: print the traceback of every error too
+# OS errors the user fixes (a full disk, a read-only or forbidden folder): one line, exit 2
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
-def fail(message: str, code: int = 2) -> typing.NoReturn:
-    typer.echo(f"error: {message}", err=True)
+
+def one_line(message: str) -> str:
+    """`message` with its lines joined: an error is always printed as a single line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def fail(message: str, code: int = USER_ERROR) -> typing.NoReturn:
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def report_error(e: BaseException) -> int:
+    """Print `e` as one `error: ...` line on stderr (after its traceback when LORAM_DEBUG=1); return the exit
+    code: 2 for a user mistake, 130 for Ctrl-C, 1 for anything else (an internal error: please report it)."""
+    if isinstance(e, KeyboardInterrupt):
+        typer.echo("interrupted; completed outputs are intact", err=True)
+        return INTERRUPTED
+    if _debug():
+        traceback.print_exception(e)
+    if isinstance(e, LoramError):
+        message, code = str(e), USER_ERROR
+    elif isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+        where = f" ({e.filename})" if e.filename else ""
+        fix = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions"
+        message, code = f"{e.strerror or e}{where}; {fix} or choose another --out", USER_ERROR
+    elif type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
+        message, code = (f"out of memory ({one_line(e)[:200] or type(e).__name__}); use a smaller --batch or "
+                         "--seq-len, --quant nf4, or a machine with more memory"), USER_ERROR
+    else:
+        text = one_line(e)
+        text = text[:300] + "..." if len(text) > 300 else text
+        message = (f"unexpected {type(e).__name__}: {text or '(no message)'} "
+                   f"(set {DEBUG_ENV}=1 for the traceback; please report it)")
+        code = INTERNAL_ERROR
+    typer.echo(f"error: {one_line(message)}", err=True)
+    return code
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn LoramError into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+    """Turn any exception into one line on stderr: LoramError (a user mistake) exits with code 2, Ctrl-C
+    with 130, anything else with 1 (see `report_error`). Typer's and click's own exits pass through."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LoramError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            typer.echo("interrupted; completed outputs are intact", err=True)
-            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except (Exception, KeyboardInterrupt) as e:
+            raise typer.Exit(report_error(e)) from None
 
     return wrapper
+
+
+def run_app(app: typer.Typer, args: list[str] | None = None) -> typing.NoReturn:
+    """Run the CLI `app` as a program: errors raised outside a command (while building or parsing it) become
+    one line and an exit code like a command's (`report_error`); click prints its own usage errors (exit 2)."""
+    try:
+        app(args=args)
+    except SystemExit:
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        sys.exit(report_error(e))
+    sys.exit(0)
 
 
 def _default_shown(field) -> str | bool:

@@ -8,3 +8,12 @@ with code 2; the Python API lets it propagate.
 
 class LoramError(Exception):
     """A user-facing error: its message is printed as a single line, never with a traceback."""
+
+
+def warn(message: str) -> None:
+    """Something the user should know but need not fix: one `warning: ...` line on stderr (rank 0 only)."""
+    import os
+    import sys
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -17,7 +17,9 @@ hash tens of GB again.
 
 Push (`push_files`): one commit of the given files on a branch, deleting what the branch holds but
 the push does not (`.gitattributes` aside); create_commit skips unchanged files, so pushing
-identical content makes no commit. Then an optional tag; an existing tag is never moved.
+identical content makes no commit. Then an optional tag; an existing tag is never moved, and a push
+that would need to move one is refused before anything is committed (the content is compared with the
+tagged head first: sizes, then LFS sha256 or git blob ids).
 """
 
 import hashlib
@@ -43,11 +45,19 @@ class ModelSource:
     path: Path
     id: str  # the local path or the Hub repo id the user named
     revision: str | None  # the commit sha for Hub models, None for local folders
+    verified: bool = False  # every file was just checked (a pulled snapshot), so need not be hashed again
 
 
 def revision_option(of: str = "the model"):
     """The `--revision` option of every command that reads from the Hub: one meaning, one text."""
     return option(None, f"Hub revision (branch, tag or commit sha) of {of}, for Hub repo ids; default main.")
+
+
+def verify_option():
+    """The `--verify/--no-verify` switch of every command that reads a pruned checkpoint: one meaning, one text."""
+    return option(True, "Check every file of the pruned checkpoint against the sha256 in its manifest before "
+                        "reading it (about 1 s per GB; a Hub download is checked when pulled). The manifest is "
+                        "validated either way.", flag="verify/no-verify")
 
 
 def endpoint_option():
@@ -149,7 +159,7 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
     if required and not (folder / required).is_file():
         raise LoramError(f"Hub repository {where} is not a {kind} (no {required})")
     verify_snapshot(folder, where)
-    return ModelSource(folder, repo_id, folder.name)  # snapshots/<commit sha>
+    return ModelSource(folder, repo_id, folder.name, verified=True)  # snapshots/<commit sha>
 
 
 # -- integrity --------------------------------------------------------------------------------------
@@ -207,6 +217,10 @@ def _manifest_hashes(folder: Path) -> dict[str, str]:
         raise LoramError(f"{MANIFEST_JSON} in {folder} is malformed ({type(e).__name__}: {e})") from e
 
 
+def _git_blob_id_of(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def _git_blob_id(path: Path) -> str:
     digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with open(path, "rb") as f:
@@ -243,6 +257,7 @@ def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | No
     """Make branch `branch` (default main) of `repo_id` hold exactly `files` (path in repo -> local file or
     bytes), creating the repository and the branch when missing; then tag the head with `tag`."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.hf_api import RepoFile
 
     if not looks_like_repo_id(repo_id):
         raise LoramError(f"--repo-id {repo_id!r} must be a Hub repo id ORG/NAME")
@@ -261,7 +276,14 @@ def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | No
         if tag is not None and tag in tags and tags[tag] != head:
             raise LoramError(f"tag {tag!r} of {repo_id} already names commit {tags[tag][:12]}, not the head of "
                              f"{branch}; tags are never moved, choose a new one")
-        remote = set(api.list_repo_files(repo_id, revision=head))
+        stage = "read the repository's files"
+        tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=head, recursive=True)
+                if isinstance(f, RepoFile)}  # files only, not folders
+        remote = set(tree)
+        if tag is not None and tag in tags and not _same_content(tree, files):
+            raise LoramError(f"tag {tag!r} of {repo_id} already names commit {tags[tag][:12]} (the head of {branch}), "
+                             f"which holds other content; tags are never moved, so nothing was committed: "
+                             f"choose a new tag")
         operations = [CommitOperationAdd(p, str(src) if isinstance(src, Path) else src) for p, src in sorted(files.items())]
         operations += [CommitOperationDelete(p) for p in sorted(remote - set(files) - _KEEP_ON_HUB)]
         stage = "upload and commit (nothing was committed)"
@@ -270,7 +292,7 @@ def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | No
         if tag is not None and tag not in tags:
             stage = f"tag commit {commit[:12]} as {tag} (the commit was made)"
             api.create_tag(repo_id, tag=tag, revision=commit)
-        elif tag is not None and tags[tag] != commit:
+        elif tag is not None and tags[tag] != commit:  # the content changed between the check and the commit
             raise LoramError(f"committed {commit[:12]} to {repo_id}@{branch}, but tag {tag!r} already names the "
                              f"previous commit {tags[tag][:12]}; tags are never moved, choose a new one")
     except LoramError:
@@ -280,6 +302,27 @@ def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | No
             raise LoramError(f"push to {repo_id}{_at(endpoint)} failed: could not {stage} ({explain(e)})") from e
         raise
     return PushResult(repo_id, branch, commit, commit != head, tag, url)
+
+
+def _same_content(tree: dict, files: dict[str, Path | bytes]) -> bool:
+    """Whether the remote files `tree` (path -> RepoFile; `.gitattributes` aside) are exactly `files`:
+    the same paths, sizes and content (an LFS file's sha256, another file's git blob id)."""
+    if set(tree) - _KEEP_ON_HUB != set(files) - _KEEP_ON_HUB or not set(files) <= set(tree):
+        return False
+    if any(tree[name].size != (src.stat().st_size if isinstance(src, Path) else len(src))
+           for name, src in files.items()):
+        return False  # before hashing anything
+    for name, src in files.items():
+        remote = tree[name]
+        if remote.lfs is not None:
+            local = sha256_file(src) if isinstance(src, Path) else hashlib.sha256(src).hexdigest()
+            expected = remote.lfs.sha256
+        else:
+            local = _git_blob_id(src) if isinstance(src, Path) else _git_blob_id_of(src)
+            expected = remote.blob_id
+        if local != expected:
+            return False
+    return True
 
 
 # -- errors -----------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_file
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_JSON", "MANIFEST_TENSORS", "BaseModelInfo", "Calibration", "Manifest",
-           "Method", "PackedMask", "checkpoint_hashes", "fingerprint", "pack_mask", "unpack_mask", "verify_files"]
+           "Method", "PackedMask", "checkpoint_hashes", "fingerprint", "pack_mask", "unpack_mask", "verify_files",
+           "verify_hashes"]
 
 FORMAT_VERSION = 1
 MANIFEST_JSON = "loram_manifest.json"
@@ -38,6 +39,9 @@ MANIFEST_TENSORS = "loram_manifest.safetensors"
 KINDS = ("structured", "non-structured")
 # Documentation the Hub lets anyone edit is not part of what `files` guarantees.
 _NOT_HASHED = {MANIFEST_JSON, MANIFEST_TENSORS, "README.md"}
+# What to do about a checkpoint that fails its checks (appended to the error).
+REFETCH = ("re-download it (`loram pull`, or the command with its Hub id) or re-create it with "
+           "`loram publish prune`")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -211,11 +215,32 @@ class Manifest:
         }
 
     @classmethod
-    def load(cls, model_dir: str | Path, config=None) -> "Manifest":
-        """Read and validate the manifest of `model_dir` (and, given `config`, its consistency with it)."""
-        manifest = _read(Path(model_dir))
-        manifest.validate(config)
+    def load(cls, model_dir: str | Path, config=None, fix: str | None = None) -> "Manifest":
+        """Read and validate the manifest of `model_dir` (and, given `config`, its consistency with it).
+
+        Every problem is one LoramError naming the manifest file and the layer or field, then `fix`
+        (what to do about it) when given."""
+        root = Path(model_dir)
+        try:
+            manifest = _read(root)
+            try:
+                _check_plan(manifest)
+            except LoramError as e:
+                raise LoramError(f"{root / MANIFEST_JSON}: {e}") from e
+        except LoramError as e:
+            raise (LoramError(f"{e}; {fix}") if fix else e) from e.__cause__
+        if config is not None:
+            manifest.check_config(config, root, fix)
         return manifest
+
+    def check_config(self, config, model_dir: str | Path, fix: str | None = None) -> None:
+        """Refuse a `config.json` (of `model_dir`) whose sizes disagree with this manifest: one LoramError
+        naming the layer, then `fix` when given."""
+        try:
+            _check_config(self, config)
+        except LoramError as e:
+            raise LoramError(f"{Path(model_dir) / MANIFEST_JSON} does not match config.json: {e}"
+                             + (f"; {fix}" if fix else "")) from e
 
 
 def _dumps(data: dict) -> str:
@@ -264,19 +289,25 @@ def _blob_sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def verify_files(model_dir: str | Path) -> None:
+def verify_files(model_dir: str | Path, fix: str = REFETCH) -> None:
     """Recompute the sha256 of every file the manifest lists; LoramError naming the first that differs."""
     root = Path(model_dir)
     path = root / MANIFEST_JSON
     if not path.is_file():
         raise LoramError(f"{root} has no {MANIFEST_JSON}; is it a LoRAM pruned checkpoint?")
     data = json.loads(path.read_text(encoding="utf-8"))
-    listed = {**data.get("files", {}), MANIFEST_TENSORS: data.get("tensors", {}).get("sha256")}
+    verify_hashes(root, {**data.get("files", {}), MANIFEST_TENSORS: data.get("tensors", {}).get("sha256")}, fix)
+
+
+def verify_hashes(root: Path, listed: dict[str, str], fix: str = REFETCH) -> None:
+    """Stream-hash each file of `listed` (name -> sha256) under `root`; LoramError naming the first that
+    is missing or differs, with `fix` (what to do about it) appended."""
     for name, expected in sorted(listed.items()):
         if not (root / name).is_file():
-            raise LoramError(f"{name}: listed in the manifest but missing from {root}")
+            raise LoramError(f"{name}: listed in the manifest but missing from {root}; {fix}")
         if sha256_file(root / name) != expected:
-            raise LoramError(f"{name}: sha256 does not match the manifest; the file is corrupted or was modified")
+            raise LoramError(f"{root / name}: sha256 does not match the manifest; the file is corrupted or was "
+                             f"modified: {fix}")
 
 
 def _read(root: Path) -> Manifest:
@@ -295,7 +326,7 @@ def _read(root: Path) -> Manifest:
         tensors = load_file(str(tensors_path))
         manifest = Manifest(
             base=BaseModelInfo(**data["base"]), architecture=Shape(**data["architecture"]),
-            method=Method(**data["method"]), files=data["files"], alignment=data["alignment"],
+            method=Method(**data["method"]), files=_files(data["files"]), alignment=data["alignment"],
             tool_version=data["tool_version"], format_version=data["format_version"],
             masks={n: PackedMask(tensors.pop(f"masks.{n}"), tuple(m["shape"])) for n, m in data["masks"].items()},
         )
@@ -308,22 +339,39 @@ def _read(root: Path) -> Manifest:
                 raise LoramError(f"layer {i}: kept counts in {MANIFEST_JSON} ({entry['kept_kv_heads']} KV heads, "
                                  f"{entry['kept_mlp_channels']} MLP channels) do not match {MANIFEST_TENSORS}")
     except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise LoramError(f"{path} is malformed ({type(e).__name__}: {e})") from e
+        raise LoramError(f"{path} is malformed ({type(e).__name__}: {_first_line(e)})") from e
     if tensors:
         raise LoramError(f"{MANIFEST_TENSORS} holds tensors {MANIFEST_JSON} does not list: {', '.join(sorted(tensors))}")
     return manifest
 
 
+def _files(files) -> dict[str, str]:
+    """The manifest's `files` (name -> sha256 hex); TypeError (reported as malformed) for anything else."""
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise TypeError("'files' must map file names to sha256 strings")
+    return files
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
 def _check_indices(layer: int, what: str, idx: torch.Tensor, size: int) -> None:
+    """Messages name the first offending values only: an index list can be thousands long."""
     if idx.dim() != 1 or idx.dtype != torch.int64 or idx.numel() == 0:
         raise LoramError(f"layer {layer}: {what} must be a non-empty 1-D int64 tensor")
-    if int(idx.min()) < 0 or int(idx.max()) >= size:
-        raise LoramError(f"layer {layer}: {what} index out of range [0, {size}): {idx.tolist()}")
+    bad = idx[(idx < 0) | (idx >= size)].tolist()
+    if bad:
+        raise LoramError(f"layer {layer}: {what} index out of range [0, {size}): {', '.join(map(str, bad[:5]))}"
+                         + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""))
     steps = idx[1:] - idx[:-1]
     if bool((steps == 0).any()):
-        raise LoramError(f"layer {layer}: {what} has duplicate indices: {idx.tolist()}")
+        at = int((steps == 0).nonzero()[0])
+        raise LoramError(f"layer {layer}: {what} has duplicate indices ({int(idx[at])} at position {at})")
     if bool((steps < 0).any()):
-        raise LoramError(f"layer {layer}: {what} is not sorted: {idx.tolist()}")
+        at = int((steps < 0).nonzero()[0])
+        raise LoramError(f"layer {layer}: {what} is not sorted ({int(idx[at])} before {int(idx[at + 1])} "
+                         f"at position {at})")
 
 
 def _check_plan(m: Manifest) -> None:

@@ -1,7 +1,14 @@
-"""Outputs appear whole or not at all: write into a hidden sibling, rename when complete."""
+"""Outputs appear whole or not at all: write into a hidden sibling, rename when complete.
+
+The hidden siblings carry the pid of the process that made them (`.NAME.tmp-PID-XXXX`, `.NAME.old-PID`),
+so the next run to the same output removes the ones a killed process (kill -9, out of memory) left
+behind. Finished outputs get the permissions the umask gives (tempfile creates 0700 folders and 0600
+files), like any file the user writes.
+"""
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,12 +18,26 @@ from loram.shared.errors import LoramError
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing, non-empty output directory unless `overwrite` is set."""
+    """Refuse an existing, non-empty output directory unless `overwrite` is set, and an `out` that cannot be
+    created (`check_writable`)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LoramError(f"output path {out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LoramError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+    check_writable(out)
+
+
+def check_writable(out: Path, *, into: bool = False) -> None:
+    """Refuse an output folder that cannot be made: its nearest existing ancestor (or `out` itself, with
+    `into`, for a run that writes inside an existing `out`) must be a folder this process may write to."""
+    out = Path(out)
+    candidates = (out, *out.parents) if into else out.parents
+    parent = next((p for p in candidates if p.exists()), Path.cwd())
+    if not parent.is_dir():
+        raise LoramError(f"cannot create {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LoramError(f"cannot write to {parent} (permission denied); choose another --out")
 
 
 @contextlib.contextmanager
@@ -28,13 +49,76 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    apply_umask(tmp)
     replace_dir(tmp, out)
+
+
+def remove_stale(out: Path) -> None:
+    """Remove the hidden siblings `.NAME.tmp-PID-*` / `.NAME.old-PID` of `out` whose process is gone (a
+    killed run's leftovers); ones of a live process, or without a pid in their name, are kept."""
+    out = Path(out)
+    _remove_dead(out.parent, rf"\.{re.escape(out.name)}\.(?:tmp-(\d+)-[^-]*|old-(\d+))")
+
+
+def _remove_dead(folder: Path, pattern: str) -> None:
+    """Remove the entries of `folder` whose name matches `pattern` and whose pid (its first non-empty
+    group) names no live process."""
+    regex = re.compile(pattern)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        found = regex.fullmatch(path.name)
+        if found is None or _alive(int(next(g for g in found.groups() if g))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a pid we can ask about: keep
+    return True
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give `path` the mode a plain mkdir / open would have: 0o777 & ~umask for a folder, 0o666 & ~umask
+    for a file (tempfile makes them 0700 / 0600)."""
+    path = Path(path)
+    mask = _umask()
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -61,10 +145,13 @@ def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=folder))
+    _remove_dead(folder, r"\.final-(\d+)-[^-]*")  # left by a killed run's final write
+    tmp = Path(tempfile.mkdtemp(prefix=f".final-{os.getpid()}-", dir=folder))
     try:
         yield tmp
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == last):
+            if f.is_file():
+                apply_umask(f)
             f.replace(folder / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,7 +162,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary file path next to `path`; it is renamed onto `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     tmp = Path(name)
     os.close(fd)
     try:
@@ -83,4 +170,5 @@ def atomic_file(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    apply_umask(tmp)
     tmp.replace(path)

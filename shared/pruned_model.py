@@ -17,12 +17,20 @@ from loram.shared.architectures import PRUNED_TO_STOCK, Shape, family_of
 from loram.shared.errors import LoramError
 from loram.shared.modeling_loram import MODEL_CLASSES, register
 
-__all__ = ["build_pruned_config", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model",
-           "original_config", "param_count", "register", "save_pruned_checkpoint"]
+__all__ = ["build_pruned_config", "check_model_folder", "check_pruned_checkpoint", "check_weights", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model",
+           "original_config", "param_count", "read_config_json", "register", "save_pruned_checkpoint", "weight_files"]
 
 # Keys of a stock config dict that must not be copied into the pruned type's config.
 _NOT_COPIED = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # the Hub's customary shard size; many tools download shards in parallel
+
+
+WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+# Weight formats the loader refuses: pickle (.bin/.pt/.pth/.ckpt can run code when read) and other frameworks'
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack")
+TO_SAFETENSORS = ("convert it to safetensors first, in an environment you trust: "
+                  "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)` writes model.safetensors")
 
 
 def from_pretrained(path, **kwargs):
@@ -30,20 +38,57 @@ def from_pretrained(path, **kwargs):
 
     The one model loader of the project: it registers the LoRAM types first (explicitly, not as a side
     effect of an import), so a pruned checkpoint never needs remote code, and it never runs any
-    (`trust_remote_code=False`: a folder that needs it is refused, never prompted for).
+    (`trust_remote_code=False`: a folder that needs it is refused, never prompted for). It reads safetensors
+    only (`use_safetensors=True`): a folder whose weights are pickle (`pytorch_model.bin`) is refused. A
+    local folder is checked first (`check_model_folder`), so a broken one is one LoramError naming the file.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     register()
-    return AutoModelForCausalLM.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
+    folder = Path(path)
+    if folder.is_dir():
+        config = load_config(folder)
+        check_weights(folder, config)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **{"trust_remote_code": False, **kwargs,
+                                                             "use_safetensors": True})
+    except SafetensorError as e:
+        raise LoramError(f"{path}: a weight file is not a complete safetensors file ({_first_line(e)}): it is "
+                         "truncated or corrupted; re-download the model") from e
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        raise LoramError(f"{path}: the weights do not match config.json (size mismatch); the checkpoint is "
+                         "corrupted or its config.json was edited: re-download it") from e
+    except (OSError, ValueError) as e:
+        raise LoramError(f"cannot load the model in {path}: {_first_line(e)}") from e
 
 
 def load_config(path, **kwargs) -> PreTrainedConfig:
-    """`AutoConfig.from_pretrained` for stock and LoRAM checkpoints alike (registers the LoRAM types first)."""
+    """`AutoConfig.from_pretrained` for stock and LoRAM checkpoints alike (registers the LoRAM types first).
+    A local folder's config.json must be JSON, need no remote code, and hold sizes its model type accepts:
+    otherwise one LoramError naming the file."""
     from transformers import AutoConfig
 
     register()
-    return AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
+    folder = Path(path)
+    if not folder.is_dir():
+        return AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
+    if not (folder / "config.json").is_file():
+        raise LoramError(f"{folder} has no config.json; is it a model checkpoint?")
+    model_type = check_model_folder(folder).get("model_type")
+    from transformers import CONFIG_MAPPING, __version__
+
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        raise LoramError(f"{folder}: model type {model_type!r} is not one transformers {__version__} provides, and "
+                         "LoRAM runs no remote code; upgrade transformers or use a model of an architecture it "
+                         "provides")
+    try:
+        return AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # the config class's own checks
+        raise LoramError(f"{folder / 'config.json'} is not a config this model type accepts "
+                         f"({_first_line(e)}); re-download the model or repair the file") from e
 
 
 def load_tokenizer(path, **kwargs):
@@ -52,7 +97,150 @@ def load_tokenizer(path, **kwargs):
     from transformers import AutoTokenizer
 
     register()
+    if Path(path).is_dir():
+        check_model_folder(Path(path))
     return AutoTokenizer.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def read_config_json(folder: str | Path) -> dict:
+    """A model folder's config.json as a dict; a file that is not a JSON object is one LoramError."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LoramError(f"{path} is not valid JSON (not UTF-8 text); re-download the model or repair the file") from e
+    except json.JSONDecodeError as e:
+        raise LoramError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); re-download "
+                         "the model or repair the file") from e
+    if not isinstance(data, dict):
+        raise LoramError(f"{path} must hold a JSON object, not {type(data).__name__}; re-download the model")
+    return data
+
+
+def check_model_folder(folder: str | Path) -> dict:
+    """Refuse, as one LoramError, a local model folder LoRAM would not load safely: a config.json that is not
+    JSON, or one that needs remote code (an `auto_map` of a model type that is not LoRAM's: LoRAM never runs
+    code shipped in a model folder). Returns config.json as a dict ({} for a folder without one)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return {}
+    data = read_config_json(folder)
+    auto_map = data.get("auto_map")
+    if auto_map and data.get("model_type") not in PRUNED_TO_STOCK:
+        classes = sorted({str(v[0] if isinstance(v, list | tuple) and v else v) for v in
+                          (auto_map.values() if isinstance(auto_map, dict) else [auto_map])})
+        files = sorted(p.name for p in folder.glob("*.py"))
+        shipped = f" ({', '.join(files)} in the folder)" if files else ""
+        raise LoramError(f"{folder} needs remote code: config.json's auto_map names {', '.join(classes)}{shipped}; "
+                         "LoRAM never runs code shipped with a model: use a checkpoint of an architecture "
+                         "transformers provides (without auto_map)")
+    return data
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files the loader reads from a model folder (the shards its index names, or
+    model.safetensors); refuses a folder with only pickle or other frameworks' weights, or none, naming the
+    files and the fix, and an index that names a missing shard."""
+    import json
+
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LoramError(f"{index} is not a valid safetensors index ({_first_line(e)}); re-download the "
+                             "model") from e
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise LoramError(f"{folder} lacks {missing[0]}, a weight shard {WEIGHTS_INDEX} names"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; re-download the model")
+        return [folder / s for s in shards]
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    others = sorted(p.name for p in folder.iterdir()
+                    if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.name in OTHER_WEIGHTS
+                                        or p.name.endswith(".bin.index.json")))
+    if others:
+        raise LoramError(f"{folder} holds its weights only as {', '.join(others)}, not safetensors; LoRAM reads "
+                         f"safetensors only (pickle files can run code when loaded): {TO_SAFETENSORS}")
+    raise LoramError(f"{folder} has no model weights ({WEIGHTS} or {WEIGHTS_INDEX}); is it a model checkpoint?")
+
+
+def check_weights(folder: str | Path, config) -> None:
+    """Every weight file is a readable safetensors file, and each tensor has the shape `config` gives it
+    (a truncated file, or a config.json edited after saving, is one LoramError naming the file)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoModelForCausalLM
+
+    files = weight_files(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise LoramError(f"{file} is not a complete safetensors file ({_first_line(e)}): it is truncated or "
+                             "corrupted; re-download the model") from e
+    if getattr(config, "quantization_config", None):
+        return  # a pre-quantized checkpoint stores packed shapes
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise LoramError(f"{Path(folder) / 'config.json'} does not describe a model transformers can build "
+                         f"({_first_line(e)}); re-download the model or repair the file") from e
+    for name, tensor in model.state_dict().items():
+        if name in shapes and shapes[name] != tuple(tensor.shape):
+            raise LoramError(f"{Path(folder)}: {name} is {list(shapes[name])} in the weights but config.json makes "
+                             f"it {list(tensor.shape)}; the checkpoint is corrupted or its config.json was edited: "
+                             "re-download it")
+
+
+def check_pruned_checkpoint(folder, *, verify: bool = True):
+    """The validated `Manifest` of a LoRAM pruned checkpoint folder, or None for a folder without one (a
+    stock model: nothing to check). Every command that reads a pruned checkpoint calls this first.
+
+    Cheapest first: the manifest (parsed; indices in range, sorted, unique; its tensors file's sha256),
+    then `config.json` (its sha256, then its per-layer sizes against the kept counts), then every other
+    file the manifest lists, stream-hashed. Weight files the loader would read must be listed. Any problem
+    is one LoramError naming the file or field and the fix. `verify=False` skips the sha256 of the
+    checkpoint's files (`--no-verify`, or a Hub snapshot `resolve_model` has just verified); the manifest
+    is still validated against `config.json`.
+    """
+    from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, REFETCH, Manifest, verify_hashes
+
+    root = Path(folder)
+    if not (root / MANIFEST_JSON).is_file():
+        return None
+    manifest = Manifest.load(root, fix=REFETCH)
+    listed = dict(manifest.files)
+    read = ["config.json", "model.safetensors.index.json",
+            *(p.name for p in root.glob("*.safetensors") if p.name != MANIFEST_TENSORS)]
+    unlisted = sorted(name for name in read if (root / name).is_file() and name not in listed)
+    if unlisted:
+        raise LoramError(f"{root / unlisted[0]}: not listed in {MANIFEST_JSON}'s files, so it cannot be verified; "
+                         f"{REFETCH}")
+    if verify and "config.json" in listed:
+        verify_hashes(root, {"config.json": listed.pop("config.json")}, REFETCH)
+    try:
+        config = load_config(root)
+    except (OSError, ValueError) as e:
+        raise LoramError(f"{root / 'config.json'} cannot be read ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:300]}); {REFETCH}") from e
+    manifest.check_config(config, root, REFETCH)
+    if verify:
+        verify_hashes(root, listed, REFETCH)
+    return manifest
 
 
 def is_pruned_config(config) -> bool:

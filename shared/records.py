@@ -160,13 +160,20 @@ def _text_dataset(name: str):
                     raise LoramError(f"saved dataset {path} has no 'train' split (it has {', '.join(saved)})")
                 saved = saved["train"]
             return saved.to_iterable_dataset()
+        if not _has_content(path):  # the streaming readers fail on it with a bare StopIteration
+            raise LoramError(_no_text(name))
         builder = TEXT_BUILDERS[path.suffix.lower()]
         options = {"sample_by": "paragraph"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
 
 
+def _no_text(name: str) -> str:
+    return f"data source {name} holds no text records; give a file with at least one non-empty 'text' record"
+
+
 def iter_texts(name: str) -> Iterator[str]:
-    """The documents of a source, in order, streamed."""
+    """The documents of a source, in order, streamed; a source without any non-blank text is a LoramError."""
+    found = False
     try:
         for record in _text_dataset(name):
             text = record.get("text")
@@ -174,7 +181,10 @@ def iter_texts(name: str) -> Iterator[str]:
                 raise LoramError(f"data source {name}: every record needs a string field 'text' "
                                  f"(found {', '.join(record) or 'no fields'})")
             if text.strip():
+                found = True
                 yield text
+        if not found:
+            raise LoramError(_no_text(name))
     except LoramError:
         raise
     except Exception as e:  # the datasets readers raise many types; all mean "this file is unreadable"

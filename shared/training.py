@@ -2,10 +2,12 @@
 pre-training): one place for what a training recipe does around the Trainer.
 
     folder = run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)   # checks only, removes nothing
+    folder = pin_options(folder, cfg, RESUME_SAME)                             # --resume: same data, lr...?
     ... every input checked, model and data loaded ...
     args = training_arguments(folder, max_steps=..., batch=..., ...)           # the shared defaults
     trainer = SomeSafeCheckpointTrainer(model, args, ..., callbacks=[progress])
-    begin(folder, trainer)                                                     # only now: a stale staging folder goes
+    begin(folder, trainer)                                                     # only now: a stale staging folder goes,
+                                                                               # a fresh run pins its options
     run(trainer, folder)                                                       # train (or resume), closing evaluation
     report = training_report(cfg, source, trainer, progress, trainable=..., started=...)
     finish(folder, trainer, write=lambda tmp: ..., last=MANIFEST_JSON)         # one atomic final write
@@ -14,8 +16,14 @@ Output folders. A new `--out` is trained into directly (so a killed run can be r
 `--overwrite` of an existing, non-empty `--out` trains into a hidden sibling `.NAME.replacing` and swaps
 it in only when the run is complete: the old output stays whole until the new one is, and a run killed
 midway leaves the old output untouched (its staging folder is removed by the next run to that `--out`).
+
+Resuming. A fresh run records the options a resumed run must share (data, learning rate, LoRA shape...)
+in `checkpoints/run_config.json` (`pin_options`, written by `begin`); `--resume` with other values is
+refused, naming them. Options such as `--steps`, `--save-every` or `--eval-every` may change.
 """
 
+import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -26,9 +34,10 @@ from pathlib import Path
 
 from loram.shared.checkpoints import latest_checkpoint
 from loram.shared.errors import LoramError
-from loram.shared.outputs import replace_dir, staged_files
+from loram.shared.outputs import atomic_file, check_writable, replace_dir, staged_files
 
 CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "run_config.json"  # in checkpoints/: the options a resumed run must share
 REPLACING_SUFFIX = ".replacing"
 LOSS_KEYS = ("loss", "learning_rate", "grad_norm", "lm_loss", "kd_loss")
 
@@ -40,6 +49,7 @@ class RunFolder:
     out: Path
     work: Path
     resume_from: Path | None = None
+    pinned: dict | None = dataclasses.field(default=None, compare=False)  # options `begin` records (pin_options)
 
     @property
     def checkpoints(self) -> Path:
@@ -57,9 +67,7 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
         raise LoramError("--resume and --overwrite contradict each other; choose one")
     if out.exists() and not out.is_dir():
         raise LoramError(f"output path {out} exists and is not a directory; choose another --out")
-    parent = next((p for p in (out, *out.parents) if p.exists()), Path.cwd())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LoramError(f"cannot write to {parent} (permission denied); choose another --out")
+    check_writable(out, into=True)
     if resume:
         checkpoint = latest_checkpoint(out / CHECKPOINTS)
         if checkpoint is None:
@@ -71,6 +79,46 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
                              f"continue its {what}, or --overwrite to replace it")
         return RunFolder(out, out.parent / f".{out.name}{REPLACING_SUFFIX}")
     return RunFolder(out, out)
+
+
+def pin_options(folder: RunFolder, cfg, names) -> RunFolder:
+    """Options `names` of `cfg` must not change across `--resume`: on a resumed run compare them with the
+    ones its first run recorded (LoramError naming every one that differs); on a fresh run return the folder
+    with them, for `begin` to record in `checkpoints/run_config.json`. A run recorded before this file
+    existed is resumed unchecked."""
+    from loram.shared.configs import flag_name
+
+    values = {name: _comparable(getattr(cfg, name)) for name in names}
+    if folder.resume_from is None:
+        return dataclasses.replace(folder, pinned=values)
+    path = folder.checkpoints / RUN_CONFIG
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        saved = {}
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    differ = [n for n in names if n in saved and saved[n] != values[n]]
+    if differ:
+        details = "; ".join(f"{flag_name(fields[n])} {_shown(saved[n])} -> {_shown(values[n])}" for n in differ)
+        verb = "differs" if len(differ) == 1 else "differ"
+        raise LoramError(f"--resume: {', '.join(flag_name(fields[n]) for n in differ)} {verb} from the run being "
+                         f"resumed in {folder.out} ({details}); resume with the values it was started with, or "
+                         f"start a new run (another --out, or --overwrite)")
+    return folder
+
+
+def _comparable(value):
+    """An option's value as JSON, an existing path as its absolute form (so ./a.jsonl equals a.jsonl)."""
+    if isinstance(value, list | tuple):
+        return [_comparable(v) for v in value]
+    if isinstance(value, Path | str) and value != "" and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return json.loads(json.dumps(value, default=str))
+
+
+def _shown(value) -> str:
+    text = "none" if value is None else json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def training_arguments(folder: RunFolder, *, max_steps: int | None, batch: int, grad_accum: int, lr: float,
@@ -107,12 +155,18 @@ def is_main(trainer) -> bool:
 
 
 def begin(folder: RunFolder, trainer) -> None:
-    """Call once every input is checked: clears a staging folder left by a killed `--overwrite` run."""
-    if folder.replaces and folder.resume_from is None:
-        trainer.accelerator.wait_for_everyone()
-        if is_main(trainer):
+    """Call once every input is checked: clears a staging folder left by a killed `--overwrite` run, and a
+    fresh run records its pinned options (`pin_options`)."""
+    if folder.resume_from is not None:
+        return
+    trainer.accelerator.wait_for_everyone()
+    if is_main(trainer):
+        if folder.replaces:
             shutil.rmtree(folder.work, ignore_errors=True)
-        trainer.accelerator.wait_for_everyone()
+        if folder.pinned is not None:
+            with atomic_file(folder.checkpoints / RUN_CONFIG) as tmp:
+                tmp.write_text(json.dumps(folder.pinned, indent=2) + "\n", encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
 
 
 def run(trainer, folder: RunFolder) -> None:

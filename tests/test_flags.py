@@ -14,7 +14,7 @@ from loram.shared.runtime import free_cores
 
 # Flags whose meaning is the same in every command that takes them (docs/conventions.md).
 SHARED = ("--revision", "--endpoint", "--targets", "--ratio", "--attn-ratio", "--mlp-ratio", "--rank", "--dropout",
-          "--lm-head", "--overwrite")
+          "--lm-head", "--overwrite", "--verify")
 
 
 def _leaves(command=None, path=("loram",)):
@@ -92,3 +92,12 @@ def test_the_publisher_package_exports_its_recipes():
 
     assert callable(prune) and prune.__name__ == "prune" and prune is loram.publisher.prune
     assert callable(align) and align.__name__ == "align" and callable(push)
+
+
+def test_a_pad_id_of_zero_is_a_pad_id():
+    from types import SimpleNamespace
+
+    from loram.generate import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2

@@ -173,3 +173,21 @@ def test_cli_push_pull_offline_errors_and_the_token_never_leaks(hub, tmp_path):
         if path.is_file():
             assert HUB_TOKEN.encode() not in path.read_bytes(), path
     assert not any(HUB_TOKEN.encode() in blob for blob in hub.blobs.values())
+
+
+def test_align_distills_from_a_hub_original_through_the_endpoint(hub, tmp_path):
+    """--distill-from a Hub id reaches the same --endpoint as the pruned model (it used to fall back to the
+    default Hub, which does not exist here)."""
+    from loram.publisher.align import align
+
+    _original_on_hub(hub, tmp_path)
+    pruned = prune(base="org/tiny", endpoint=hub.url, method="random", ratio=0.5, layers="1:5", out=tmp_path / "p")
+    (tmp_path / "text.txt").write_text("\n\n".join(f"paragraph {i} " + "words " * 30 for i in range(30)))
+    before = len(hub.requests)
+    result = align(pruned=str(pruned.out), data=[str(tmp_path / "text.txt")], steps=2, seq_len=16, batch=2,
+                   distill_from="org/tiny", endpoint=hub.url, kd_weight=0.5, save_every=100,
+                   out=tmp_path / "aligned")
+    assert result.report["record"]["distill"] == {"from": "org/tiny", "kd_weight": 0.5}
+    assert all("kd_loss" in r and r["kd_loss"] >= 0 for r in result.report["losses"]), result.report["losses"]
+    teacher_calls = [path for _, path, _ in hub.requests[before:] if "/org/tiny/" in path]
+    assert teacher_calls, hub.requests[before:]  # the teacher (the local pruned model needs none) came from it

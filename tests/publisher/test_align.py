@@ -211,7 +211,10 @@ def test_sources_are_mixed_by_weight(tmp_path):
     ("text.txt:0", "weight must be a positive number"),
     ("text.txt:-2", "weight must be a positive number"),
     ("text.txt:abc", "weight 'abc' is not a number"),
-    ("empty.txt", "empty or shorter than one block"),
+    ("empty.txt", "data source .*empty.txt holds no text records"),
+    ("empty.jsonl", "data source .*empty.jsonl holds no text records"),
+    ("blank.jsonl", "data source .*blank.jsonl holds no text records"),
+    ("short.txt", "empty or shorter than one block"),
     ("missing.jsonl", "neither a file"),
     ("text.csv", "must be .txt, .jsonl, .json, .parquet"),
     ("titles.jsonl", "every record needs a string field 'text' .found title."),
@@ -219,6 +222,9 @@ def test_sources_are_mixed_by_weight(tmp_path):
 ])
 def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
     (root / "empty.txt").write_text("")
+    (root / "empty.jsonl").write_text("")
+    (root / "blank.jsonl").write_text(json.dumps({"text": " "}) + "\n")
+    (root / "short.txt").write_text("hi\n")
     (root / "text.csv").write_text("text\nhello\n")
     (root / "titles.jsonl").write_text(json.dumps({"title": "no text"}) + "\n")
     (root / "broken.jsonl").write_text("{not json\n")

@@ -77,6 +77,32 @@ def test_revisions_tags_and_branches(hub):
     assert _read(pull_repo("org/m", "exp", endpoint=hub.url).path)["config.json"] == b'{"exp": 1}'
 
 
+def test_a_tag_on_the_head_is_checked_before_committing(hub, tmp_path):
+    """The tag names main's head, the push differs: refused with main unchanged; identical content: a no-op."""
+    files = _checkpoint()
+    first = push_files("org/m", files, tag="v1", endpoint=hub.url)
+    commits = len(hub.repos["org/m"].commits)
+    for other in (_checkpoint(b'{"v": 2}'), {k: v for k, v in files.items() if k != "tokenizer/vocab.json"},
+                  {**files, "extra.txt": b"x"}):
+        with pytest.raises(LoramError, match="tag 'v1' of org/m already names commit .*nothing was committed") as e:
+            push_files("org/m", other, tag="v1", endpoint=hub.url)
+        assert "\n" not in str(e.value)
+        assert hub.head("org/m") == first.commit and len(hub.repos["org/m"].commits) == commits
+
+    paths = {}  # files given as local paths are compared the same way
+    for name, data in files.items():
+        paths[name] = tmp_path / "local" / name
+        paths[name].parent.mkdir(parents=True, exist_ok=True)
+        paths[name].write_bytes(data)
+    for same in (files, paths):
+        again = push_files("org/m", same, tag="v1", endpoint=hub.url)
+        assert not again.changed and again.commit == first.commit and len(hub.repos["org/m"].commits) == commits
+    paths["model.safetensors"].write_bytes(WEIGHTS[::-1])  # same size, other content
+    with pytest.raises(LoramError, match="nothing was committed"):
+        push_files("org/m", paths, tag="v1", endpoint=hub.url)
+    assert hub.head("org/m") == first.commit
+
+
 def test_a_file_tampered_on_the_server_is_refused_evicted_and_refetched(hub):
     files = _checkpoint()
     push_files("org/m", files, endpoint=hub.url)

@@ -53,3 +53,69 @@ def test_atomic_file(tmp_path):
         tmp.write_text("broken")
         raise ValueError
     assert target.read_text() == "{}" and len(list(tmp_path.iterdir())) == 1
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporary_siblings_of_a_killed_run_are_removed(tmp_path):
+    import os
+
+    dead, live = _dead_pid(), os.getppid()  # our parent is alive for the whole test
+    stale = [tmp_path / f".out.tmp-{dead}-abc_12", tmp_path / f".out.old-{dead}"]
+    kept = [tmp_path / f".out.tmp-{live}-xyz", tmp_path / ".out.tmp-nopid1", tmp_path / f".other.tmp-{dead}-abc",
+            tmp_path / f".out.old-{live}"]
+    for folder in stale + kept:
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "weights.bin").write_bytes(b"x" * 100)
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        assert str(os.getpid()) in tmp.name
+        (tmp / "a.txt").write_text("new")
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+    assert (tmp_path / "out" / "a.txt").read_text() == "new"
+
+
+def test_stale_final_staging_folder_is_removed(tmp_path):
+    from loram.shared.outputs import staged_files
+
+    run = tmp_path / "run"
+    (run / f".final-{_dead_pid()}-abc").mkdir(parents=True)
+    with staged_files(run) as tmp:
+        (tmp / "f.txt").write_text("x")
+    assert sorted(p.name for p in run.iterdir()) == ["f.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
+    import os
+    import stat
+
+    from loram.shared.outputs import staged_files
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    old = os.umask(umask)
+    try:
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "plain.txt").write_text("x")
+            with atomic_file(tmp / "atomic.json") as f:
+                f.write_text("{}")
+        with atomic_file(tmp_path / "single.json") as f:
+            f.write_text("{}")
+        with staged_files(tmp_path / "run") as tmp, atomic_file(tmp / "staged.json") as f:
+            f.write_text("{}")
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert mode(out) == 0o777 & ~umask
+    for f in (out / "plain.txt", out / "atomic.json", tmp_path / "single.json", tmp_path / "run" / "staged.json"):
+        assert mode(f) == 0o666 & ~umask, f

@@ -11,7 +11,7 @@ from tiny_models import save_tiny_checkpoint
 
 from loram.publisher.prune import prune
 from loram.shared.errors import LoramError
-from loram.shared.training import CHECKPOINTS, RunFolder, run_folder, training_arguments
+from loram.shared.training import CHECKPOINTS, RUN_CONFIG, RunFolder, run_folder, training_arguments
 
 LORAM = str(Path(sys.executable).parent / "loram")
 QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(4)]
@@ -116,7 +116,7 @@ def test_train_overwrite_replaces_only_when_complete(checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not (old / "precious.txt").exists()
     assert {"adapter_config.json", "adapter_model.safetensors", "training_report.json"} <= set(os.listdir(old))
-    assert sorted(p.name for p in (old / CHECKPOINTS).iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (old / CHECKPOINTS).iterdir()) == ["checkpoint-1", "checkpoint-2", RUN_CONFIG]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     report = json.loads((old / "training_report.json").read_text())
     assert report["steps"] == 2 and [r["step"] for r in report["losses"]] == [1, 2]
