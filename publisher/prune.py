@@ -57,6 +57,7 @@ from loram.shared.pruned_model import (
     load_tokenizer,
     save_pruned_checkpoint,
 )
+from loram.shared.records import check_source
 from loram.shared.runtime import configure_threads
 
 SCORES_FILE = "importance.safetensors"
@@ -181,6 +182,8 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     else:
         start, stop = parse_layer_range(cfg.layers or ":", shape.num_layers)
         _check_widths(cfg.target, shape)
+    if cfg.method in NEEDS_CALIBRATION + NEEDS_INPUTS and cfg.scores is None:
+        check_source(str(cfg.calib))  # a missing calibration file fails now, not after loading the model
     _log(f"loading {source.id}")
     model = from_pretrained(source.path, dtype="auto")
     tokenizer = _tokenizer_or_none(source.path)

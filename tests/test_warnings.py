@@ -89,13 +89,16 @@ def runs(tmp_path_factory):
     shutil.copytree(root / "pruned", root / "bad-indices")
     _out_of_range(root / "bad-indices")
 
-    def run(args):
-        return _run(*(str(a).format(root=root) for a in args), cwd=root)
+    def run(*commands):  # one after the other
+        return [_run(*(str(a).format(root=root) for a in args), cwd=root) for args in commands]
 
+    chains = {(FIRST_TRAIN, "train-other"): (FIRST_TRAIN, RESUMED["train-other"]),
+              (FIRST_ALIGN, "align-other", "align-same"): (FIRST_ALIGN, RESUMED["align-other"], RESUMED["align-same"]),
+              **{(args,): (args,) for args in (*REFUSED, EVAL)}}
     with ThreadPoolExecutor(3) as pool:
-        first = [FIRST_TRAIN, FIRST_ALIGN, *REFUSED, EVAL]
-        done = dict(zip(first, pool.map(run, first), strict=True))
-        done |= dict(zip(RESUMED, pool.map(run, RESUMED.values()), strict=True))
+        futures = {names: pool.submit(run, *commands) for names, commands in chains.items()}
+        done = {name: proc for names, future in futures.items() for name, proc in zip(names, future.result(),
+                                                                                      strict=True)}
     done["root"] = root
     return done
 
