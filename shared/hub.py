@@ -13,7 +13,8 @@ the sha256 for LFS and Xet files, the git blob id for the others. A Xet blob may
 cache-wide store, named by Xet hashes, so only the snapshot's own link counts.) A file that fails is
 removed from the cache, so the next pull fetches it again, and the pull stops with a LoramError
 naming it. A verified snapshot is remembered (file sizes, times and inodes) so later commands do not
-hash tens of GB again.
+hash tens of GB again; its `ModelSource.verified` tells the command that pulled it not to hash it again
+either (`check_pruned_checkpoint`).
 
 Push (`push_files`): one commit of the given files on a branch, deleting what the branch holds but
 the push does not (`.gitattributes` aside); create_commit skips unchanged files, so pushing

@@ -9,6 +9,7 @@ channels were kept is the manifest's business (`loram.shared.manifest`), not the
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedConfig
 
@@ -16,6 +17,9 @@ from loram.shared import modeling_loram
 from loram.shared.architectures import PRUNED_TO_STOCK, Shape, family_of
 from loram.shared.errors import LoramError
 from loram.shared.modeling_loram import MODEL_CLASSES, register
+
+if TYPE_CHECKING:
+    from loram.shared.manifest import Manifest
 
 __all__ = ["build_pruned_config", "check_model_folder", "check_pruned_checkpoint", "check_weights", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model",
            "original_config", "param_count", "read_config_json", "register", "save_pruned_checkpoint", "weight_files"]
@@ -206,7 +210,7 @@ def check_weights(folder: str | Path, config) -> None:
                              "re-download it")
 
 
-def check_pruned_checkpoint(folder, *, verify: bool = True):
+def check_pruned_checkpoint(folder, *, verify: bool = True) -> "Manifest | None":
     """The validated `Manifest` of a LoRAM pruned checkpoint folder, or None for a folder without one (a
     stock model: nothing to check). Every command that reads a pruned checkpoint calls this first.
 

@@ -104,44 +104,26 @@ ALIGN = ["--data", "{r}/qa.jsonl", "--steps", "1", "--seq-len", "16"]
 EVAL = ["--data", "{r}/qa.jsonl", *COLUMNS, "--limit", "2"]
 GEN = ["--prompt", "hi", "--max-new-tokens", "2"]
 
-# name: (argv after `loram` with {r} for the fixture folder, a phrase the error line contains, the --out or None)
+# One case per kind of mistake (each subprocess pays seconds of imports; the API tests below cover the other
+# commands). name: (argv after `loram`, {r} = the fixture folder; a phrase of the error line; the --out or None)
 CASES = {
-    # config.json that is not JSON
-    "config-not-json-train": (["train", "{r}/badjson", *TRAIN, "--out", "{r}/o-1"], "config.json", "o-1"),
-    "config-not-json-prune": (["publish", "prune", "{r}/badjson", "--method", "l2", "--out", "{r}/o-2"],
-                              "is not valid JSON", "o-2"),
-    "config-not-json-eval": (["eval", "{r}/badjson", *EVAL], "is not valid JSON", None),
-    "config-not-json-recover": (["recover", "{r}/adapter-on-badjson", "--out", "{r}/o-3"], "config.json", "o-3"),
-    # a truncated model.safetensors
+    "config-not-json": (["train", "{r}/badjson", *TRAIN, "--out", "{r}/o-1"], "is not valid JSON", "o-1"),
     "truncated-safetensors": (["generate", "{r}/truncated", *GEN], "truncated", None),
-    # --out that is an existing file
-    "out-is-a-file-train": (["train", "{r}/pruned", *TRAIN, "--out", "{r}/a-file"], "not a directory", "a-file"),
-    "out-is-a-file-merge": (["merge", "{r}/recovered", "--out", "{r}/a-file"], "not a directory", "a-file"),
-    # --out that cannot be created (its parent is a file; a folder without write permission: see below)
-    "out-under-a-file-merge": (["merge", "{r}/recovered", "--out", "{r}/a-file/merged"], "is a file", "a-file"),
-    # values out of range
-    "warmup-train": (["train", "{r}/pruned", *TRAIN, "--warmup", "-5", "--out", "{r}/o-4"], "--warmup", "o-4"),
-    "warmup-align": (["publish", "align", "{r}/pruned", *ALIGN, "--warmup", "-5", "--out", "{r}/o-5"], "--warmup",
-                     "o-5"),
+    "out-is-a-file": (["merge", "{r}/recovered", "--out", "{r}/a-file"], "not a directory", "a-file"),
+    "out-cannot-be-created": (["train", "{r}/pruned", *TRAIN, "--out", "{r}/a-file/adapter"], "is a file", "a-file"),
+    "warmup-negative": (["publish", "align", "{r}/pruned", *ALIGN, "--warmup", "-5", "--out", "{r}/o-2"],
+                        "--warmup must be >= 0", "o-2"),
     "eval-batch-0": (["eval", "{r}/base", *EVAL, "--batch", "0"], "--batch must be >= 1", None),
     "generate-max-new-tokens-0": (["generate", "{r}/base", "--prompt", "hi", "--max-new-tokens", "0"],
                                   "--max-new-tokens must be >= 1", None),
-    "generate-max-new-tokens-negative": (["generate", "{r}/base", "--prompt", "hi", "--max-new-tokens", "-5"],
-                                         "--max-new-tokens must be >= 1", None),
-    # a pruned checkpoint whose per_layer_config was edited
     "tampered-per-layer-config": (["eval", "{r}/tampered", *EVAL], "config.json", None),
-    # --resume with another --rank
     "resume-other-rank": (["train", "{r}/pruned", *TRAIN, "--steps", "3", "--rank", "4", "--resume", "--out",
                            "{r}/resume-cli"], "--rank", "resume-cli"),
-    # an adapter never recovered, on the original
-    "unrecovered-adapter-merge": (["merge", "{r}/adapter", "--out", "{r}/o-6"], "loram recover", "o-6"),
-    "unrecovered-adapter-eval": (["eval", "{r}/base+{r}/adapter", *EVAL], "pruned model's shapes", None),
-    # --ignore-fingerprint onto a base of another shape
+    "unrecovered-adapter": (["eval", "{r}/base+{r}/adapter", *EVAL], "run `loram recover", None),
     "merge-other-shape": (["merge", "{r}/recovered", "--base", "{r}/other-shape", "--ignore-fingerprint", "--out",
-                           "{r}/o-7"], "does not fit", "o-7"),
-    # remote code, pickle-only weights
-    "remote-code": (["generate", "{r}/remote", *GEN], "remote code", None),
-    "pickle-only": (["train", "{r}/pickle", *TRAIN, "--out", "{r}/o-8"], "pytorch_model.bin", "o-8"),
+                           "{r}/o-3"], "does not fit", "o-3"),
+    "remote-code": (["generate", "{r}/remote", *GEN], "needs remote code", None),
+    "pickle-only": (["generate", "{r}/pickle", *GEN], "pytorch_model.bin", None),
 }
 
 
@@ -206,7 +188,7 @@ def test_out_in_a_folder_without_write_permission_is_one_line(fx, tmp_path):
 
 def _train_args(fx, **kwargs):
     return {"model": str(fx / "pruned"), "data": str(fx / "qa.jsonl"), "columns": COLUMNS[1], "seq_len": 32,
-            "batch": 2, "steps": 1, **kwargs}
+            "batch": 2, "steps": 1, "dropout": 0.0, **kwargs}
 
 
 @pytest.mark.parametrize("command", ["train", "prune", "align", "merge", "eval", "generate", "recover"])
@@ -264,6 +246,10 @@ def test_api_adapter_that_does_not_fit(fx, tmp_path):
 
     with pytest.raises(LoramError, match=r"has the pruned model's shapes .*run `loram recover .* --out DIR` first"):
         generate(model=str(fx / "base"), adapter=str(fx / "adapter"), prompt="hi", max_new_tokens=2)
+    with pytest.raises(LoramError, match=r"trained on the pruned checkpoint .* run `loram recover .* --out DIR` first"):
+        merge(adapter=str(fx / "adapter"), out=tmp_path / "o")
+    with pytest.raises(LoramError, match="has the pruned model's shapes"):
+        merge(adapter=str(fx / "adapter"), base=str(fx / "base"), out=tmp_path / "o")
     with pytest.raises(LoramError, match="does not fit"):
         merge(adapter=str(fx / "recovered"), base=str(fx / "other-shape"), ignore_fingerprint=True, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
@@ -283,12 +269,37 @@ def test_api_resume_with_other_lora_options(fx):
 def test_api_values_out_of_range():
     from loram.evaluate import EvalConfig
     from loram.generate import GenerateConfig
+    from loram.publisher.align import AlignConfig
+    from loram.train import TrainConfig
 
+    with pytest.raises(LoramError, match="--warmup must be >= 0"):
+        TrainConfig(model="m", data="d", out=Path("o"), warmup=-5)
+    with pytest.raises(LoramError, match="--warmup must be >= 0"):
+        AlignConfig(pruned="m", data=["wiki"], steps=1, seq_len=16, out=Path("o"), warmup=-5)
     with pytest.raises(LoramError, match="--batch must be >= 1"):
         EvalConfig(models=["m"], batch=0)
     for n in (0, -5):
         with pytest.raises(LoramError, match="--max-new-tokens must be >= 1"):
             GenerateConfig(model="m", prompt="hi", max_new_tokens=n)
+
+
+@pytest.mark.parametrize("command", ["train", "merge", "recover", "prune"])
+@pytest.mark.parametrize("where,message", [("a-file", "exists and is not a directory"),
+                                           ("a-file/out", "a-file is a file, not a folder")])
+def test_api_out_that_cannot_be_written(fx, command, where, message):
+    from loram.merge import merge
+    from loram.publisher.prune import prune
+    from loram.recover import recover
+    from loram.train import train
+
+    out = fx / where
+    calls = {"train": lambda: train(**_train_args(fx, out=out)),
+             "merge": lambda: merge(adapter=str(fx / "recovered"), out=out),
+             "recover": lambda: recover(adapter=str(fx / "adapter"), out=out),
+             "prune": lambda: prune(base=str(fx / "base"), method="l2", out=out)}
+    with pytest.raises(LoramError, match=message):
+        calls[command]()
+    assert (fx / "a-file").read_text() == "not a folder\n"
 
 
 # ---------------------------------------------------------------- anything else: one line, exit code 1

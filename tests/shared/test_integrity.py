@@ -66,7 +66,7 @@ def _counts_disagree(p: Path) -> str:
         tensors["layers.2.kept_mlp_channels"] = tensors["layers.2.kept_mlp_channels"][:-1].clone()
 
     _rewrite_tensors(p, drop_one)
-    return "layer 2"
+    return "does not match config.json: layer 2"
 
 
 def _index_out_of_range(p: Path) -> str:
@@ -113,7 +113,8 @@ def _commands(root: Path, folder: Path, adapter: Path) -> dict[str, list[str]]:
 def refused(root):
     """Each corruption of a copy of the pristine checkpoint, and the real CLI's answer to each command on it:
     (corruption, command) -> (completed process, what the error must name, the --out it was given, the
-    checkpoint's file hashes before the command). The CLI starts in seconds, so the 15 runs go in parallel."""
+    checkpoint's file hashes before the command). Each CLI start costs seconds of imports, so the 15 runs go
+    4 at a time."""
     runs = {}
     for corruption, corrupt in sorted(CORRUPTIONS.items()):
         folder = root / corruption
