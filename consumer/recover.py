@@ -67,7 +67,13 @@ class RecoverResult:
 
 
 def read_adapter_config(folder: Path) -> dict:
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoramError(f"{folder / ADAPTER_CONFIG} is not valid JSON ({str(e).splitlines()[0]}); re-download or "
+                         "re-create the adapter") from e
+    if not isinstance(config, dict):
+        raise LoramError(f"{folder / ADAPTER_CONFIG} must hold a JSON object; re-download or re-create the adapter")
     if config.get("peft_type") != "LORA":
         raise LoramError(f"{folder} holds a {config.get('peft_type')} adapter; LoRAM recovers LoRA adapters only")
     if config.get("use_dora"):

@@ -13,10 +13,8 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedConfig
 
-from loram.shared import modeling_loram
 from loram.shared.architectures import PRUNED_TO_STOCK, Shape, family_of
 from loram.shared.errors import LoramError
-from loram.shared.modeling_loram import MODEL_CLASSES, register
 
 if TYPE_CHECKING:
     from loram.shared.manifest import Manifest
@@ -36,6 +34,14 @@ OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack")
 TO_SAFETENSORS = ("convert it to safetensors first, in an environment you trust: "
                   "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)` writes model.safetensors")
 
+
+
+def register() -> None:
+    """Make transformers' Auto classes know the LoRAM model types (idempotent). The model code is imported
+    here, not at import time, so that modules that only read configs and manifests stay light."""
+    from loram.shared.modeling_loram import register as _register
+
+    _register()
 
 def from_pretrained(path, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` for stock and LoRAM checkpoints alike.
@@ -280,6 +286,8 @@ def build_pruned_config(stock_config: PreTrainedConfig, kept: dict[int, tuple[in
             raise LoramError(f"layer {layer}: kept MLP channels {mlp} must be in [1, {shape.intermediate}]")
         per_layer[int(layer)] = {"num_attention_heads": int(kv) * shape.group_size,
                                  "num_key_value_heads": int(kv), "intermediate_size": int(mlp)}
+    from loram.shared.modeling_loram import MODEL_CLASSES
+
     config_class, _, lm_class = MODEL_CLASSES[family.pruned_model_type]
     values = {k: v for k, v in stock_config.to_dict().items() if k not in _NOT_COPIED}
     values.update(head_dim=shape.head_dim, architectures=[lm_class.__name__], per_layer_config=per_layer)
@@ -303,6 +311,8 @@ def save_pruned_checkpoint(model, out_dir: str | Path, tokenizer=None,
     family_of(config)  # refuses unsupported families with the list of supported ones
     pruned = is_pruned_config(config)
     if pruned:
+        from loram.shared import modeling_loram
+
         config.auto_map = modeling_loram.auto_map(config.model_type)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     if pruned:
