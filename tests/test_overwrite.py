@@ -1,40 +1,19 @@
 """`--overwrite` never loses the old output: every command that takes it checks all its inputs and
 finishes the new output before the old one goes (train and publish align: tests/shared/test_training.py)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_checkpoint
+from tiny_models import file_tree, run_loram, tiny_pruned_workspace
 
-from loram.publisher.prune import prune
 from loram.train import train
-
-LORAM = str(Path(sys.executable).parent / "loram")
-QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(4)]
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("overwrite")
-    save_tiny_checkpoint(root / "base", "llama-gqa")
-    prune(base=str(root / "base"), out=root / "pruned", method="l2", ratio=0.5, layers="1:3")
-    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA))
+    root = tiny_pruned_workspace(tmp_path_factory.mktemp("overwrite"))
     train(model=str(root / "pruned"), data=str(root / "qa.jsonl"), out=root / "adapter", steps=1, seq_len=32,
           columns="prompt=question,response=answer", save_every=100)
     return root
-
-
-def _run(*args, cwd):
-    return subprocess.run([LORAM, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env={**os.environ, "LORAM_THREADS": "1"})
-
-
-def _tree(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # (command line with OUT for the output folder, a phrase of its one-line error)
@@ -54,12 +33,12 @@ def test_overwrite_with_a_bad_input_keeps_the_old_output(root, tmp_path, case):
     old = tmp_path / "out"
     old.mkdir()
     (old / "precious.txt").write_text("do not lose me")
-    before = _tree(old)
+    before = file_tree(old)
     args = [a.replace("{root}", str(root)) if a != "OUT" else old for a in argv]
-    proc = _run(*args, "--overwrite", cwd=tmp_path)
+    proc = run_loram(*args, "--overwrite", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and phrase in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert _tree(old) == before
+    assert file_tree(old) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
 
 
@@ -67,7 +46,7 @@ def test_overwrite_replaces_a_complete_output(root, tmp_path):
     old = tmp_path / "out"
     old.mkdir()
     (old / "precious.txt").write_text("old")
-    proc = _run("recover", root / "adapter", "--out", old, "--overwrite", cwd=tmp_path)
+    proc = run_loram("recover", root / "adapter", "--out", old, "--overwrite", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert not (old / "precious.txt").exists() and (old / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -76,3 +76,42 @@ def save_tiny_checkpoint(folder, kind: str = "llama-gqa", seed: int = 0, **overr
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return model
+
+
+QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}. #### {a + b}"}
+      for a in range(7) for b in range(5)]
+
+
+def tiny_pruned_workspace(root, layers: str = "1:3"):
+    """`root/base` (tiny Llama GQA), `root/pruned` (L2 structured, ratio 0.5 on `layers`) and
+    `root/qa.jsonl` (question/answer records), the inputs of most command-line tests; returns `root`."""
+    import json
+    from pathlib import Path
+
+    from loram.publisher.prune import prune
+
+    root = Path(root)
+    save_tiny_checkpoint(root / "base", "llama-gqa")
+    prune(base=str(root / "base"), out=root / "pruned", method="l2", ratio=0.5, layers=layers)
+    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return root
+
+
+def run_loram(*args, cwd=None, timeout: int = 300, **env):
+    """The real `loram` command in a subprocess (one torch thread), as a user runs it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    loram = str(Path(sys.executable).parent / "loram")
+    return subprocess.run([loram, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "LORAM_THREADS": "1", **env})
+
+
+def file_tree(folder) -> dict:
+    """{relative path: bytes} of every file under `folder`: equal trees mean nothing was lost or changed."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

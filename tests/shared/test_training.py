@@ -2,19 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_checkpoint
+from tiny_models import file_tree, run_loram, tiny_pruned_workspace
 
-from loram.publisher.prune import prune
 from loram.shared.errors import LoramError
 from loram.shared.training import CHECKPOINTS, RUN_CONFIG, RunFolder, run_folder, training_arguments
-
-LORAM = str(Path(sys.executable).parent / "loram")
-QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(4)]
 
 
 def test_a_new_folder_is_trained_into_directly(tmp_path):
@@ -67,22 +60,10 @@ def test_shared_arguments(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("core")
-    save_tiny_checkpoint(root / "base", "llama-gqa")
-    prune(base=str(root / "base"), out=root / "pruned", method="l2", ratio=0.5, layers="1:3")
-    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA))
+    root = tiny_pruned_workspace(tmp_path_factory.mktemp("core"))
     (root / "empty.jsonl").write_text("")
     (root / "text.txt").write_text("\n\n".join(f"paragraph {i} " + "words " * 30 for i in range(40)))
     return root
-
-
-def _run(*args, cwd):
-    env = {**os.environ, "LORAM_THREADS": "1"}
-    return subprocess.run([LORAM, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
-
-
-def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 TRAIN = ["--columns", "prompt=question,response=answer", "--seq-len", "32", "--steps", "2", "--save-every", "1"]
@@ -98,12 +79,12 @@ def test_train_overwrite_with_a_bad_input_keeps_the_old_output(checkpoint, tmp_p
     old = tmp_path / "adapter"
     old.mkdir()
     (old / "precious.txt").write_text("do not lose me")
-    before = _snapshot(old)
-    proc = _run("train", checkpoint / model, "--data", checkpoint / data, *TRAIN, *extra, "--out", old,
+    before = file_tree(old)
+    proc = run_loram("train", checkpoint / model, "--data", checkpoint / data, *TRAIN, *extra, "--out", old,
                 "--overwrite", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
-    assert _snapshot(old) == before
+    assert file_tree(old) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left either
 
 
@@ -111,7 +92,7 @@ def test_train_overwrite_replaces_only_when_complete(checkpoint, tmp_path):
     old = tmp_path / "adapter"
     old.mkdir()
     (old / "precious.txt").write_text("old run")
-    proc = _run("train", checkpoint / "pruned", "--data", checkpoint / "qa.jsonl", *TRAIN, "--out", old,
+    proc = run_loram("train", checkpoint / "pruned", "--data", checkpoint / "qa.jsonl", *TRAIN, "--out", old,
                 "--overwrite", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert not (old / "precious.txt").exists()
@@ -121,7 +102,7 @@ def test_train_overwrite_replaces_only_when_complete(checkpoint, tmp_path):
     report = json.loads((old / "training_report.json").read_text())
     assert report["steps"] == 2 and [r["step"] for r in report["losses"]] == [1, 2]
     # the checkpoints moved with the run: --resume continues from them at the final location
-    proc = _run("train", checkpoint / "pruned", "--data", checkpoint / "qa.jsonl", *TRAIN[:-4], "--steps", "3",
+    proc = run_loram("train", checkpoint / "pruned", "--data", checkpoint / "qa.jsonl", *TRAIN[:-4], "--steps", "3",
                 "--save-every", "1", "--out", old, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((old / "training_report.json").read_text())["steps"] == 3
@@ -131,11 +112,11 @@ def test_align_overwrite_with_a_bad_input_keeps_the_old_output(checkpoint, tmp_p
     old = tmp_path / "aligned"
     old.mkdir()
     (old / "precious.txt").write_text("do not lose me")
-    proc = _run("publish", "align", checkpoint / "pruned", "--data", checkpoint / "empty.jsonl", "--steps", "1",
+    proc = run_loram("publish", "align", checkpoint / "pruned", "--data", checkpoint / "empty.jsonl", "--steps", "1",
                 "--seq-len", "16", "--out", old, "--overwrite", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "empty" in proc.stderr, proc.stderr
     assert (old / "precious.txt").read_text() == "do not lose me"
-    proc = _run("publish", "align", checkpoint / "pruned", "--data", checkpoint / "text.txt", "--steps", "1",
+    proc = run_loram("publish", "align", checkpoint / "pruned", "--data", checkpoint / "text.txt", "--steps", "1",
                 "--seq-len", "16", "--batch", "2", "--save-every", "1", "--out", old, "--overwrite", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert not (old / "precious.txt").exists() and (old / "loram_manifest.json").is_file()
