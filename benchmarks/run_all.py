@@ -49,6 +49,9 @@ BENCHMARKS = {
                                   "output size"),
     "verify_cost": ([], lambda d: f"integrity check (manifest + sha256 of {d['bytes'] / 2**20:.0f} MiB) "
                                   f"{d['check_over_load']}x a warm fp32 from_pretrained"),
+    "reliability_sweep": ([], lambda d: f"{d['cases']} bad inputs and faults through the CLI: {d['refused']} "
+                                        f"refused in one line (exit 2), {d['ran']} ran (with a warning), "
+                                        f"{d['bad']} losing data or not one line"),
     "qloram_70b": (["--scale", "full"] if _gpu() else ["--scale", "tiny"], lambda d: d["verdict"]),
     "loram_effect": ([], lambda d: "; ".join(f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
     "align_loram_effect": (["--aligned", "--no-full-lora"], lambda d: "; ".join(
