@@ -52,6 +52,9 @@ BENCHMARKS = {
     "reliability_sweep": ([], lambda d: f"{d['cases']} bad inputs and faults through the CLI: {d['refused']} "
                                         f"refused in one line (exit 2), {d['ran']} ran (with a warning), "
                                         f"{d['bad']} losing data or not one line"),
+    "gpu_check": (["--scale", "full"] if _gpu() else ["--scale", "tiny"],
+                  lambda d: f"{d['scale']} scale on {d['device']}: {d['total_seconds']} s; "
+                            + "; ".join(f"{r['step']}: {r['check']}" for r in d["rows"][:3])),
     "qloram_70b": (["--scale", "full"] if _gpu() else ["--scale", "tiny"], lambda d: d["verdict"]),
     "loram_effect": ([], lambda d: "; ".join(f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
     "align_loram_effect": (["--aligned", "--no-full-lora"], lambda d: "; ".join(
@@ -63,7 +66,7 @@ SCRIPTS = {"align_loram_effect": "loram_effect", "demo": "demo_time"}  # benchma
 
 
 def _result_name(name: str, args: list[str]) -> str:
-    return "qloram_70b_tiny" if name == "qloram_70b" and "tiny" in args else name
+    return f"{name}_tiny" if name in ("qloram_70b", "gpu_check") and "tiny" in args else name
 
 
 def run(names: list[str]) -> dict[str, dict]:

@@ -67,6 +67,8 @@ class AlignConfig(Config):
     kd_weight: float = option(0.5, "With --distill-from: loss = (1 - w) * LM + w * KL, w in (0, 1].")
     shuffle_buffer: int = option(1000, "Blocks in the seeded shuffle buffer of the training stream (0: off).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    fsdp: bool = option(False, "Shard the model, gradients and optimizer over the processes (FSDP2, one unit per "
+                               "decoder layer); start with torchrun or accelerate launch.")
     seed: int = option(0, "Seed for data mixing, shuffling and training.")
     revision: str | None = revision_option("PRUNED")
     endpoint: str | None = endpoint_option()
@@ -153,19 +155,26 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     teacher = _load_teacher(cfg, manifest, model_config) if cfg.distill_from else None
     model = from_pretrained(source.path, dtype=torch.float32)
     frozen = _freeze_lm_head(model) if cfg.freeze_lm_head else []
-    keeper = MaskKeeper(model, manifest.masks) if manifest.masks else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _log(f"aligning {trainable:,} parameters of {source.id} on "
-         + ", ".join(f"{s.name} ({p:.0%})" for s, p in zip(cfg.sources, probabilities(cfg.sources), strict=True))
-         + (f"; frozen: {', '.join(frozen)}" if frozen else "")
-         + (f"; re-applying {len(manifest.masks)} masks after every step" if keeper else ""))
-
     args = training.training_arguments(
         folder, max_steps=cfg.steps, batch=cfg.batch, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup=cfg.warmup,
         seed=cfg.seed, evaluate=eval_set is not None, eval_every=cfg.eval_every, save_every=cfg.save_every,
         keep_checkpoints=cfg.keep_checkpoints, gradient_checkpointing=cfg.gradient_checkpointing,
         eval_on_start=eval_set is not None and folder.resume_from is None, prediction_loss_only=True,
-        include_num_input_tokens_seen="all", ddp_find_unused_parameters=False)
+        include_num_input_tokens_seen="all", ddp_find_unused_parameters=False)  # starts the process group
+    sharding = None
+    if cfg.fsdp:
+        from loram.publisher.align_trainer import shard_model
+
+        sharding = shard_model(model, device=args.device, bf16=args.bf16)
+        if teacher is not None:  # sharded the same way: 1/N of the teacher per rank, gathered layer by layer
+            shard_model(teacher, device=args.device, bf16=args.bf16)
+        sharding["local_numel_per_rank"] = training.gather_ints(sharding["local_numel"], args.device)
+    keeper = MaskKeeper(model, manifest.masks) if manifest.masks else None
+    _log(f"aligning {trainable:,} parameters of {source.id} on "
+         + ", ".join(f"{s.name} ({p:.0%})" for s, p in zip(cfg.sources, probabilities(cfg.sources), strict=True))
+         + (f"; frozen: {', '.join(frozen)}" if frozen else "")
+         + (f"; re-applying {len(manifest.masks)} masks after every step" if keeper else ""))
     progress = TrainingProgress("aligning") if args.process_index == 0 else None
 
     def write_checkpoint_manifest(checkpoint: Path, step: int) -> None:
@@ -180,10 +189,18 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
 
     record = _record(cfg, source, trainer, final=True)
     report = training.training_report(cfg, source, trainer, progress, trainable=trainable, started=started,
-                                      record=record, frozen=frozen)
+                                      record=record, frozen=frozen, **({"fsdp": sharding} if sharding else {}))
+    gathered = folder.work / ".final-weights.partial"  # FSDP: every rank joins the gather, rank 0 writes here
+    if sharding:
+        trainer.save_model(str(gathered))
 
     def write(tmp: Path) -> None:
-        trainer.save_model(str(tmp))
+        if sharding:
+            for f in sorted(gathered.iterdir()):
+                f.replace(tmp / f.name)
+            gathered.rmdir()
+        else:
+            trainer.save_model(str(tmp))
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         cfg.save(tmp / CONFIG)
         _carry_manifest(manifest, record).save(tmp)

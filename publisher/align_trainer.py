@@ -14,17 +14,20 @@
   ours): AdamW moves pruned weights away from zero on the first step otherwise.
 """
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from loram.shared.checkpoints import SafeCheckpointTrainer
+from loram.shared.checkpoints import SafeCheckpointTrainer, local_rows
 from loram.shared.errors import LoramError
 from loram.shared.manifest import PackedMask
-from loram.shared.pruned_model import save_pruned_checkpoint
+from loram.shared.architectures import family_of
+from loram.shared.pruned_model import is_pruned_config, save_pruned_checkpoint
 
 
 class AlignTrainer(SafeCheckpointTrainer):
@@ -49,6 +52,22 @@ class AlignTrainer(SafeCheckpointTrainer):
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         save_pruned_checkpoint(model, output_dir or self.args.output_dir, self.processing_class)
+
+    def _save_sharded(self, out: Path) -> None:
+        """FSDP: the weights gathered tensor by tensor (rank 0 writes), plus what `save_pruned_checkpoint` adds."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.args.should_save:
+            family_of(model.config)
+            if is_pruned_config(model.config):
+                from loram.shared import modeling_loram
+
+                model.config.auto_map = modeling_loram.auto_map(model.config.model_type)
+            model.config.architectures = [type(model).__name__]
+        super()._save_sharded(out)
+        if self.args.should_save and is_pruned_config(model.config):
+            from loram.shared import modeling_loram
+
+            shutil.copyfile(modeling_loram.__file__, out / Path(modeling_loram.__file__).name)
 
     def _write_checkpoint(self, out: Path, run_dir: Path) -> None:
         super()._write_checkpoint(out, run_dir)
@@ -112,14 +131,18 @@ class MaskKeeper(TrainerCallback):
             if tuple(weight.shape) != tuple(packed.shape):
                 raise LoramError(f"mask {name}: shape {list(packed.shape)} does not match the weight "
                                  f"{list(weight.shape)}")
-            self.pruned.append((weight, ~packed.unpack()))
+            pruned = ~packed.unpack()
+            if isinstance(weight, DTensor):  # FSDP2: this rank's rows of the mask, for its local shard
+                pruned = pruned[local_rows(weight)].clone()
+            self.pruned.append((weight, pruned))
 
     @torch.no_grad()
     def apply(self) -> None:
-        for i, (weight, pruned) in enumerate(self.pruned):
+        for i, (param, pruned) in enumerate(self.pruned):
+            weight = param.to_local() if isinstance(param, DTensor) else param
             if pruned.device != weight.device:
                 pruned = pruned.to(weight.device)
-                self.pruned[i] = (weight, pruned)
+                self.pruned[i] = (param, pruned)
             weight.masked_fill_(pruned, 0.0)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -127,3 +150,49 @@ class MaskKeeper(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.apply()
+
+
+# ---- FSDP2 ----
+
+
+def shard_model(model, *, device, bf16: bool, reshard_after_forward: bool = True) -> dict:
+    """Shard `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`, the call accelerate's FSDP2 plugin
+    makes): one FSDP unit per decoder layer (every LoRAM per-layer class), then the root (embeddings, final
+    norm, lm_head). Parameters become DTensors sharded on dim 0 over every process; bf16 compute with fp32
+    gradient reduction when `bf16`. Returns this run's sharding, read off the parameter objects."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise LoramError("--fsdp needs a distributed launch: torchrun --nproc_per_node N -m loram publish align "
+                         "... --fsdp, or accelerate launch with an FSDP config")
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
+    model.to(device)
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return sharding_record(model, units=len(layers) + 1)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise LoramError(f"--fsdp: {type(model).__name__} has no model.layers to shard")
+    return list(layers)
+
+
+def sharding_record(model, units: int) -> dict:
+    """How the parameters are sharded, from the parameter objects themselves: DTensor or not, the mesh size,
+    placements, and this rank's local elements."""
+    params = list(dict(model.named_parameters()).values())
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    return {"fsdp_version": 2, "units": units, "parameters": len(params), "dtensor_parameters": len(dtensors),
+            "mesh_sizes": sorted({p.device_mesh.size() for p in dtensors}),
+            "placements": sorted({str(p.placements) for p in dtensors}),
+            "global_numel": sum(p.numel() for p in params),
+            "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+            "param_dtype": str(next(iter(params)).dtype)}

@@ -21,7 +21,9 @@ renames them or stops calling them, tests/shared/test_checkpoints.py fails (pick
 the resumed losses drift).
 """
 
+import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -39,8 +41,10 @@ from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 from loram.shared.errors import LoramError
 
+logger = logging.getLogger(__name__)
+
 PARTIAL_SUFFIX = ".partial"  # `.checkpoint-N.partial`: hidden, and never matched by `checkpoint-*`
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".distcp", ".metadata")  # DCP's default
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint, as in stock Trainer
 
 # Tags for what JSON cannot hold natively; a state dict key never starts with "__".
@@ -170,6 +174,25 @@ class SafeCheckpointTrainer(Trainer):
         if self.args.push_to_hub:
             raise LoramError("push_to_hub is not supported here (it uploads training_args.bin, a pickle); "
                              "publish with loram's own hub commands")
+        # A model sharded with `fully_shard` before the Trainer (FSDP2, DTensor parameters): the Trainer's own
+        # path for models that own their placement and gradient reduction (no DDP wrap, no second sharding);
+        # its checkpoints are full streamed weights + DCP optimizer shards (see the FSDP2 section below).
+        self.sharded = is_sharded(self.model)
+        if self.sharded:
+            self.is_distributed_loading_by_transformers = True
+
+    def _move_model_to_device(self, model, device) -> None:
+        if not is_sharded(model):  # FSDP2 placed the shards already; `.to()` would go through DTensor `_apply`
+            super()._move_model_to_device(model, device)
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """`no_sync` for a `fully_shard` model during gradient accumulation: reduce-scatter on the last micro-batch."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` means `latest_checkpoint(args.output_dir)`."""
@@ -238,6 +261,30 @@ class SafeCheckpointTrainer(Trainer):
                         self.state.stateful_callbacks[name] = cb.state()
             self.state.save_to_json(str(out / TRAINER_STATE))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.sharded:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        self._save_sharded(Path(output_dir if output_dir is not None else self.args.output_dir))  # every rank
+        self.accelerator.wait_for_everyone()
+
+    def _save_sharded(self, out: Path) -> None:
+        """A sharded model saved as `save_pretrained` would (safetensors, config, processor), the weights gathered
+        one tensor at a time and written by rank 0 only. Collective."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        write_safetensors_streamed(saved_tensors(model), out, max_shard_bytes=5 * 2**30, writer=self.args.should_save)
+        if self.args.should_save:
+            model.config.save_pretrained(out)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(out)
+            processor = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+            if processor is not None:
+                processor.save_pretrained(out)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_weights_into_shards(self.model, resume_from_checkpoint)
+
     def _tune_save_checkpoint(self, checkpoint_dir: str) -> None:
         raise LoramError("hyperparameter search with Ray Tune checkpoints is not supported (it writes pickles)")
 
@@ -260,12 +307,19 @@ class SafeCheckpointTrainer(Trainer):
     # -- optimizer, scheduler, scaler --
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.args.should_save:
+        if self.sharded:
+            save_sharded_optimizer(self.model, self.optimizer, output_dir)  # every rank writes its shard
+        elif self.args.should_save:
             save_state(self.optimizer.state_dict(), output_dir, "optimizer")
+        if self.args.should_save:
             save_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
+            return
+        if (Path(checkpoint) / OPTIMIZER_SHARDS).is_dir():  # written by an FSDP run, of any world size
+            load_sharded_optimizer(self.model, self.optimizer, checkpoint)
+            self.lr_scheduler.load_state_dict(load_state(checkpoint, "scheduler"))
             return
         if not (Path(checkpoint) / "optimizer.json").is_file():
             raise LoramError(f"checkpoint {checkpoint} has no optimizer state (saved with save_only_model?); "
@@ -302,6 +356,10 @@ class SafeCheckpointTrainer(Trainer):
         if checkpoint is None:
             return
         if not (Path(checkpoint) / f"{self._rng_name()}.json").is_file():
+            if (Path(checkpoint) / OPTIMIZER_SHARDS).is_dir() and list(Path(checkpoint).glob("rng_state*.json")):
+                logger.warning(f"{checkpoint} was written by another number of processes: model, optimizer and "
+                               "schedule resume, the random number generators start afresh")
+                return
             raise LoramError(f"checkpoint {checkpoint} has no {self._rng_name()}.json; it cannot be resumed "
                              "exactly (was it written with another number of processes?)")
         state = load_state(checkpoint, self._rng_name())
@@ -314,3 +372,181 @@ class SafeCheckpointTrainer(Trainer):
                 torch.cuda.set_rng_state_all(state["cuda"])
             else:
                 torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- FSDP2 (DTensor parameters): full weights streamed by rank 0, optimizer shards through DCP ----
+
+OPTIMIZER_SHARDS = "optimizer"  # checkpoint-N/optimizer/: DCP's Hugging Face safetensors shards, one file per rank
+OPTIMIZER_REST = "optimizer_groups"  # checkpoint-N/optimizer_groups.json: the non-tensor part (param groups)
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def is_sharded(model) -> bool:
+    """True when `model` holds DTensor parameters (sharded by `fully_shard`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def saved_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """What `save_pretrained` writes: the state dict with each shared tensor (tied embeddings) once."""
+    seen, items = set(), []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            items.append((name, t))
+    return items
+
+
+def _shape_dtype(t: torch.Tensor) -> tuple[list[int], torch.dtype]:
+    return list(t.shape), t.dtype  # a DTensor's shape is the global one
+
+
+def write_safetensors_streamed(items: list[tuple[str, torch.Tensor]], out: Path, *, max_shard_bytes: int,
+                               writer: bool) -> list[str]:
+    """Write `items` (plain tensors or DTensors, in order) as safetensors file(s) in `out`, one tensor at a
+    time: every rank joins each `full_tensor()` all-gather, `writer` (rank 0) appends its bytes to the file
+    whose header was written up front, so no rank holds more than its shard plus one full tensor.
+    Above `max_shard_bytes`, several `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`,
+    as `save_pretrained` names them. Returns the file names."""
+    from torch.distributed.tensor import DTensor
+
+    groups, size = [[]], 0
+    for name, t in items:
+        shape, dtype = _shape_dtype(t)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, t, shape, dtype, nbytes))
+        size += nbytes
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for file_name, group in zip(names, groups, strict=True):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, _, shape, dtype, nbytes in group:
+            if dtype not in _ST_DTYPES:
+                raise LoramError(f"cannot write {name}: dtype {dtype} has no safetensors code here")
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = file_name
+        total += offset
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        f = open(out / file_name, "wb") if writer else None  # noqa: SIM115
+        try:
+            if f is not None:
+                f.write(len(raw).to_bytes(8, "little") + raw)
+            for _, t, *_ in group:
+                full = t.full_tensor() if isinstance(t, DTensor) else t  # collective: every rank, same order
+                if f is not None:
+                    data = full.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                    f.write(memoryview(data.numpy()))
+                del full
+        finally:
+            if f is not None:
+                f.close()
+    if writer and len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def local_rows(t: torch.Tensor) -> slice:
+    """The rows (dim 0) of the global tensor that this rank's shard of DTensor `t` holds (FSDP2's Shard(0),
+    `torch.chunk` sizes); all rows for a plain tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return slice(0, t.shape[0] if t.dim() else 0)
+    if len(t.placements) != 1 or not isinstance(t.placements[0], Shard) or t.placements[0].dim != 0:
+        raise LoramError(f"unsupported sharding {t.placements}: FSDP2 shards dim 0 on a 1-D mesh")
+    n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = -(-n // world)
+    start = min(rank * chunk, n)
+    rows = slice(start, min(start + chunk, n))
+    if t.to_local().shape[0] != rows.stop - rows.start:
+        raise LoramError(f"local shard of {list(t.shape)} has {t.to_local().shape[0]} rows, expected "
+                         f"{rows.stop - rows.start}")
+    return rows
+
+
+@torch.no_grad()
+def load_weights_into_shards(model, folder: str | os.PathLike) -> None:
+    """Copy a checkpoint's full safetensors weights into `model`'s parameters: each rank reads only the rows of
+    its own shards (any world size), one tensor at a time."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = (json.loads(index.read_text())["weight_map"] if index.is_file()
+             else dict.fromkeys(safetensors.safe_open(str(folder / "model.safetensors"), "pt").keys(),
+                                "model.safetensors"))
+    handles = {}
+    try:
+        for name, t in saved_tensors(model):
+            if name not in files:
+                raise LoramError(f"checkpoint {folder} has no tensor {name}")
+            f = handles.get(files[name]) or handles.setdefault(
+                files[name], safe_open(str(folder / files[name]), framework="pt", device="cpu"))
+            target = t.to_local() if isinstance(t, DTensor) else t
+            if t.dim() == 0:
+                target.copy_(f.get_tensor(name))
+            else:
+                rows = local_rows(t)
+                target.copy_(f.get_slice(name)[rows.start:rows.stop])
+    finally:
+        handles.clear()
+
+
+def _optimizer_of(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def save_sharded_optimizer(model, optimizer, out: str | os.PathLike) -> None:
+    """Every rank writes its optimizer shards as safetensors with `torch.distributed.checkpoint`'s Hugging
+    Face writer (the DCP offsets live in each file's header: no `.metadata` pickle); rank 0 adds the param
+    groups as JSON. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    out = Path(out)
+    flat = get_optimizer_state_dict(model, _optimizer_of(optimizer),
+                                    options=StateDictOptions(flatten_optimizer_state_dict=True))
+    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(out / OPTIMIZER_SHARDS), save_distributed=True))
+    if _rank() == 0:
+        save_state({k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)}, out, OPTIMIZER_REST)
+
+
+def load_sharded_optimizer(model, optimizer, checkpoint: str | os.PathLike) -> None:
+    """Inverse of `save_sharded_optimizer`, for any world size (DCP reshards). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    checkpoint = Path(checkpoint)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    optimizer = _optimizer_of(optimizer)
+    flat = get_optimizer_state_dict(model, optimizer, options=options)  # initialises the state to load into
+    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(checkpoint / OPTIMIZER_SHARDS)))
+    rest = load_state(checkpoint, OPTIMIZER_REST)
+    set_optimizer_state_dict(model, optimizer, {**rest, **tensors}, options=options)
