@@ -5,7 +5,8 @@
 The recipe, top to bottom: resolve PRUNED (folder or Hub id; it must carry `loram_manifest.json`), read
 its manifest, stream the sources into packed blocks of `--seq-len` tokens mixed by weight
 (`align_data.py`), load the model in fp32 and freeze `lm_head`, then train every other parameter with the
-Trainer (AdamW, cosine schedule, bf16 autocast on GPUs; DDP when started by torchrun / accelerate launch),
+Trainer (AdamW, cosine schedule, bf16 autocast on GPUs; DDP when started by torchrun / accelerate launch, FSDP2
+with `--fsdp`: `fully_shard` on every decoder layer, see docs/alignment.md),
 re-applying non-structured masks after every step and, optionally, distilling from the original model.
 Held-out perplexity is evaluated at the start, every `--eval-every` steps and at the end.
 
@@ -24,6 +25,8 @@ Output folder (written by rank 0 only):
 """
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +159,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     model = from_pretrained(source.path, dtype=torch.float32)
     frozen = _freeze_lm_head(model) if cfg.freeze_lm_head else []
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reshard = _accelerate_fsdp_options(cfg)  # before the Trainer's accelerator reads the environment
     args = training.training_arguments(
         folder, max_steps=cfg.steps, batch=cfg.batch, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup=cfg.warmup,
         seed=cfg.seed, evaluate=eval_set is not None, eval_every=cfg.eval_every, save_every=cfg.save_every,
@@ -166,9 +170,9 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     if cfg.fsdp:
         from loram.publisher.align_trainer import shard_model
 
-        sharding = shard_model(model, device=args.device, bf16=args.bf16)
+        sharding = shard_model(model, device=args.device, bf16=args.bf16, reshard_after_forward=reshard)
         if teacher is not None:  # sharded the same way: 1/N of the teacher per rank, gathered layer by layer
-            shard_model(teacher, device=args.device, bf16=args.bf16)
+            shard_model(teacher, device=args.device, bf16=args.bf16, reshard_after_forward=True)
         sharding["local_numel_per_rank"] = training.gather_ints(sharding["local_numel"], args.device)
     keeper = MaskKeeper(model, manifest.masks) if manifest.masks else None
     _log(f"aligning {trainable:,} parameters of {source.id} on "
@@ -192,6 +196,8 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
                                       record=record, frozen=frozen, **({"fsdp": sharding} if sharding else {}))
     gathered = folder.work / ".final-weights.partial"  # FSDP: every rank joins the gather, rank 0 writes here
     if sharding:
+        if training.is_main(trainer):
+            shutil.rmtree(gathered, ignore_errors=True)  # left by a run killed during its final gather
         trainer.save_model(str(gathered))
 
     def write(tmp: Path) -> None:
@@ -216,6 +222,22 @@ def _log(msg: str) -> None:
     from loram.shared.training import log
 
     log("loram align", msg)
+
+
+def _accelerate_fsdp_options(cfg: AlignConfig) -> bool:
+    """`accelerate launch` with an FSDP config: its options, read from the environment accelerate sets, apply to
+    our own `fully_shard` (`--fsdp`); accelerate is then told not to shard again (its plugin would wrap the
+    model a second time, and loram's checkpoints replace its pickled ones). Returns reshard_after_forward."""
+    from_accelerate = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if from_accelerate and not cfg.fsdp:
+        raise LoramError("accelerate launch with an FSDP config: pass --fsdp to `loram publish align`")
+    if not from_accelerate:
+        return True
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise LoramError(f"the accelerate config asks for FSDP version {version}; set fsdp_version: 2 (FSDP2)")
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "no_shard", "0")
 
 
 def _freeze_lm_head(model) -> list[str]:

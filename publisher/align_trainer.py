@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
+from loram.shared.architectures import family_of
 from loram.shared.checkpoints import SafeCheckpointTrainer, local_rows
 from loram.shared.errors import LoramError
 from loram.shared.manifest import PackedMask
-from loram.shared.architectures import family_of
 from loram.shared.pruned_model import is_pruned_config, save_pruned_checkpoint
 
 

@@ -161,7 +161,9 @@ class SafeCheckpointTrainer(Trainer):
     """A `transformers.Trainer` whose checkpoints are safetensors + JSON, written atomically.
 
     Use it exactly like `Trainer`. Resume with `train(resume_from_checkpoint=path)` or `=True`
-    (the newest complete checkpoint in `args.output_dir`). Single process or DDP; DeepSpeed, FSDP,
+    (the newest complete checkpoint in `args.output_dir`). Single process, DDP, or a model sharded with
+    FSDP2's `fully_shard` before the Trainer is built (DTensor parameters: full weights streamed by rank 0,
+    optimizer shards through DCP's Hugging Face safetensors writer); DeepSpeed, accelerate's own FSDP plugin,
     XLA, SageMaker and tensor-parallel loading write their own pickled checkpoints and are refused.
     """
 

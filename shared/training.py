@@ -154,6 +154,18 @@ def is_main(trainer) -> bool:
     return trainer.args.process_index == 0
 
 
+def gather_ints(value: int, device) -> list[int]:
+    """`value` from every rank, in rank order (the process group must be up)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.long, device=device))
+    return [int(t.item()) for t in out]
+
+
 def begin(folder: RunFolder, trainer) -> None:
     """Call once every input is checked: clears a staging folder left by a killed `--overwrite` run, and a
     fresh run records its pinned options (`pin_options`)."""
