@@ -12,6 +12,9 @@ The counting lives in `loram.accounting` (docs/method.md §7) and the training-m
 config.json, or a Hub repo id) and prints the result. The memory section is always printed (with the
 training options' defaults, those of `loram train`). A LoRAM pruned checkpoint is planned as it is:
 training holds exactly that model, so the pruning options do not apply to it.
+
+`--publisher` (implied by `--devices` or `--device-memory`) adds the publisher's memory (`loram.publisher_plan`):
+Taylor pruning of the stock model, and aligning the pruned model with DDP and with FSDP over N devices.
 """
 
 import json
@@ -34,6 +37,15 @@ from loram.memory_plan import (
     plan_memory,
     training_config,
 )
+from loram.publisher_plan import (
+    CALIB_BATCH,
+    CALIBRATION,
+    PublisherPlan,
+    check_calibration,
+    check_devices,
+    publisher_plan,
+)
+from loram.publisher_table import print_publisher
 from loram.shared.architectures import DEFAULT_RATIO, ratio_options
 from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option
@@ -75,6 +87,22 @@ class PlanConfig(Config):
     dtype: str = option("auto", "Compute dtype (auto: the config's).", choices=("auto", *DTYPE_BYTES))
     device: str = option("cuda", "Where training runs: cuda (GPU memory) or cpu (process RSS).", choices=DEVICES)
     budget: str | None = option(None, "Memory to fit in, e.g. 20GiB, 512MiB, 24GB: prints whether the estimate fits.")
+    # The publisher's memory (docs/memory.md, "The publisher's memory"): Taylor pruning and alignment, on --device.
+    publisher: bool = option(False, "Also estimate the publisher's memory: Taylor pruning of the stock model and "
+                                    "aligning the pruned one with DDP and FSDP (--batch, --seq-len and "
+                                    "--gradient-checkpointing apply to alignment too).")
+    devices: list[str] | None = option(None, "Device counts to plan alignment for, e.g. 8 or 1,2,4,8 (default "
+                                             "1,2,4,8); implies --publisher.")
+    device_memory: str | None = option(None, "Memory of one device, e.g. 80GiB: whether Taylor, DDP and FSDP fit, and "
+                                             "the smallest FSDP device count; implies --publisher.")
+    calib_samples: int = option(CALIBRATION[0], "Taylor calibration samples (as `loram publish prune --samples`).")
+    calib_seq_len: int = option(CALIBRATION[1], "Tokens per Taylor calibration sample (as `publish prune --seq-len`).")
+    calib_batch: int = option(CALIB_BATCH, "Taylor calibration samples per forward/backward chunk (as `publish prune "
+                                           "--calib-batch`).")
+    grad_accum: int = option(1, "Alignment: micro-batches per optimizer step (as `publish align --grad-accum`); "
+                                "above 1 the gradients stay alive through the next forward.")
+    freeze_lm_head: bool = option(True, "Alignment: lm_head frozen (the `publish align` default) or trained.",
+                                  flag="freeze-lm-head/train-lm-head")
     json: bool = option(False, "Print one JSON object instead of the table.")
 
     def check(self):
@@ -97,6 +125,14 @@ class PlanConfig(Config):
         self.targets = list(parse_targets(",".join(map(str, self.targets)) if isinstance(self.targets, list)
                                           else self.targets))
         parse_bytes(self.budget)  # refuse a bad size now, with the other options
+        parse_bytes(self.device_memory)
+        check_calibration(self.calib_samples, self.calib_seq_len, self.calib_batch)
+        if self.grad_accum < 1:
+            raise LoramError(f"--grad-accum must be a whole number >= 1, got {self.grad_accum}")
+        if self.devices is not None:
+            self.devices = [str(n) for n in check_devices(self.devices)]
+        if self.devices is not None or self.device_memory is not None:
+            self.publisher = True
 
 
 def read_model_config(model: str, revision: str | None = None, endpoint: str | None = None) -> dict:
@@ -154,6 +190,14 @@ def memory(config: PlanConfig | dict | None = None, **kwargs) -> MemoryPlan:
     return _memory_plan(values, param_plan, config)
 
 
+def publisher(config: PlanConfig | dict | None = None, **kwargs) -> PublisherPlan:
+    """Estimate the publisher's memory (Taylor pruning, alignment with DDP and FSDP), called like `plan`."""
+    config = _config(config, kwargs)
+    values = read_model_config(config.model, config.revision, config.endpoint)
+    param_plan = None if is_pruned_config(values) else _param_plan(values, config)
+    return _publisher_plan(values, param_plan, config)
+
+
 def _config(config, kwargs) -> PlanConfig:
     return config if isinstance(config, PlanConfig) else PlanConfig.from_dict({**(config or {}), **kwargs})
 
@@ -168,6 +212,19 @@ def _memory_plan(values: dict, param_plan: ParamPlan | None, c: PlanConfig) -> M
                        lm_head=c.lm_head, lora_dropout=c.dropout, batch=c.batch, seq_len=c.seq_len,
                        gradient_checkpointing=c.gradient_checkpointing, optimizer=c.optimizer, dtype=c.dtype,
                        device=c.device, budget=c.budget)
+
+
+def _publisher_plan(values: dict, param_plan: ParamPlan | None, c: PlanConfig) -> PublisherPlan:
+    """Taylor pruning of a stock config over the plan's layers (not for a pruned checkpoint or non-structured
+    pruning), and alignment of the model the plan gives (a pruned checkpoint: itself)."""
+    structured = param_plan is not None and param_plan.kind == "structured"
+    layers = range(*param_plan.layer_range) if structured else None
+    return publisher_plan(values if structured else None, training_config(values, param_plan), layers,
+                          samples=c.calib_samples, calib_seq_len=c.calib_seq_len, calib_batch=c.calib_batch,
+                          batch=c.batch, seq_len=c.seq_len,
+                          gradient_checkpointing=c.gradient_checkpointing, grad_accum=c.grad_accum,
+                          freeze_lm_head=c.freeze_lm_head,
+                          device=c.device, devices=c.devices or (1, 2, 4, 8), device_memory=c.device_memory)
 
 
 def table_rows(p: ParamPlan) -> list[dict]:
@@ -230,8 +287,10 @@ def _run(cfg: PlanConfig) -> None:
                    "training_params": m.training_params, "reduction": original / m.training_params}
     else:
         summary = p.to_dict()
+    pub = _publisher_plan(values, p, cfg) if cfg.publisher else None
     if cfg.json:
-        typer.echo(json.dumps({**summary, "memory": m.to_dict()}))
+        extra = {"publisher": pub.to_dict()} if pub is not None else {}
+        typer.echo(json.dumps({**summary, "memory": m.to_dict(), **extra}))
         return
     if pruned:
         typer.echo(f"{cfg.model}: {values['model_type']}, a LoRAM pruned checkpoint, trained as it is "
@@ -254,17 +313,21 @@ def _run(cfg: PlanConfig) -> None:
     line = verdict(m, cfg.budget)
     if line:
         typer.echo(f"\n{line}")
+    if pub is not None:
+        print_publisher(pub, cfg.device_memory)
 
 
 def register(app: typer.Typer) -> None:
     add_config_command(
         app, "plan", PlanConfig, _run,
-        help="Count the parameters LoRAM training holds for a model and estimate its peak training memory, "
-             "from the config alone.",
+        help="Count the parameters LoRAM training holds for a model and estimate its peak training memory "
+             "(with --publisher also Taylor pruning and alignment), from the config alone.",
         examples=["loram plan meta-llama/Llama-3.1-70B --ratio 0.85",
                   "loram plan meta-llama/Llama-3.1-70B --ratio 0.85 --quant nf4 --batch 1 --seq-len 512 "
                   "--gradient-checkpointing --budget 20GiB",
                   "loram plan ./pruned-checkpoint --device cpu --batch 2 --seq-len 256 --json",
+                  "loram plan meta-llama/Llama-3.1-70B --ratio 0.85 --devices 1,2,4,8 --device-memory 80GiB "
+                  "--gradient-checkpointing",
                   "loram plan ./Llama-2-13b-hf --attn-ratio 0.65 --mlp-ratio 0.65 --layers 4:-2 --json",
                   "loram plan config.json --kind non-structured --sparsity 0.55"],
     )

@@ -1,5 +1,5 @@
 """The publisher's memory, from a config alone: Taylor pruning of the stock model, and alignment (full-parameter
-training) of the pruned model with DDP and with FSDP over N devices (docs/memory.md, "Publisher").
+training) of the pruned model with DDP and with FSDP over N devices (docs/memory.md, "The publisher's memory").
 
 Every count comes from the model built on the meta device (exact shapes, biases, tied embeddings, per-layer
 pruned sizes). Per token and decoder layer, with H the hidden size, q = n_q x head_dim, kv = n_kv x head_dim,
@@ -22,9 +22,7 @@ Taylor and alignment formulas: `taylor_memory` and `align_memory` (their docstri
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-
-import torch
+from dataclasses import dataclass, field
 
 from loram.memory_plan import (
     DTYPE_BYTES,
@@ -41,16 +39,17 @@ from loram.shared.architectures import PRUNED_MODULES, Shape
 from loram.shared.errors import LoramError
 from loram.shared.pruned_model import meta_model
 
-HEAD_CHUNK = 128  # positions per vocabulary-projection chunk of Taylor (loram.publisher.importance.taylor; tested)
-TAYLOR_MICRO_BATCH = 4  # samples per micro-batch of the Taylor code that accumulates every gradient
+# Taylor's chunking (loram.publisher.importance.taylor, which the consumer does not import; a test compares them).
+HEAD_CHUNK = 64  # positions per vocabulary-projection chunk
+CALIB_BATCH = 4  # calibration rows per forward/backward chunk (`loram publish prune --calib-batch`)
 CALIBRATION = (32, 128)  # Taylor's calibration defaults of `loram publish prune`: samples x tokens
 ADAM_BYTES = 8  # two fp32 moments per trained parameter (AdamW, fused: no per-step temporaries)
 REDUCE_BYTES = 4  # FSDP2 reduce-scatters gradients in fp32
 MAX_DEVICES = 1024
 # The runtime outside any tensor. GPU: CUDA context, kernels, cuBLAS and NCCL workspaces (assumed, as for
 # `loram train`). CPU: the measured peak RSS of a process that imported what the command imports and holds
-# the tokenizer and the text stream (SmolLM2: prune 530 MiB, align 610 MiB; the slow tests measure them again).
-OVERHEAD_BYTES = {"cuda": {"prune": 1 * GiB, "align": 1 * GiB}, "cpu": {"prune": 530 * MiB, "align": 610 * MiB}}
+# the tokenizer and the text stream (SmolLM2: prune 500 MiB, align 640 MiB; the slow tests measure them again).
+OVERHEAD_BYTES = {"cuda": {"prune": 1 * GiB, "align": 1 * GiB}, "cpu": {"prune": 500 * MiB, "align": 640 * MiB}}
 
 
 @dataclass(frozen=True)
@@ -127,49 +126,67 @@ def _prunable_numel(layer) -> int:
     return sum(p.numel() for m in PRUNED_MODULES for p in layer.get_submodule(m.path).parameters())
 
 
-def taylor_memory(config, layers: range, *, samples: int = CALIBRATION[0], seq_len: int = CALIBRATION[1],
-                  device: str = "cpu", budget=None, overhead_bytes: int | None = None,
-                  micro_batch: int | None = None) -> Estimate:
-    """Peak memory of structured Taylor pruning of the stock model `config` over `layers` (one device).
+def hidden_tensors(n: int) -> int:
+    """Most [samples, seq_len, hidden] tensors Taylor holds at once over n = layers from the first scored one on:
+    m + 1, m the smallest with m (m + 1) / 2 >= n. The n layers are cut into recomputation segments of m, m - 1,
+    ..., 1 layers; while one is backpropagated, the stored inputs of the segments below it, its own recomputed
+    inputs and dL/dh (written over the input it belongs to) are alive."""
+    return math.ceil((math.sqrt(8 * n + 1) - 1) / 2) + 1
 
-    The default (`micro_batch=None`) is the bound of the Taylor code that folds |W * dL/dW| into the scores as
-    each weight's gradient completes (post-accumulate-grad hooks), in one backward over the whole calibration
-    (T = samples x seq_len tokens) with gradient checkpointing; b = bytes of the stored dtype:
+
+def taylor_memory(config, layers: range, *, samples: int = CALIBRATION[0], seq_len: int = CALIBRATION[1],
+                  calib_batch: int = CALIB_BATCH, device: str = "cpu", budget=None, overhead_bytes: int | None = None,
+                  accumulate: bool = False) -> Estimate:
+    """Peak memory of structured Taylor pruning of the stock model `config` over `layers`, on one device.
+
+    The default is the Taylor code that backpropagates layer by layer from the top, `calib_batch` calibration
+    rows at a time, keeps the hidden states entering the first layer of each recomputation segment (segments
+    of m, m - 1, ..., 1 layers over the n layers from the first scored one to the end) and recomputes the
+    others, and folds each layer's float32 gradient sums into its scores before going down
+    (loram.publisher.importance.taylor). S x t = samples x seq_len calibration
+    tokens, b = bytes of the stored dtype, H the hidden size, V the vocabulary:
 
         weights      every parameter in the stored dtype (b)
-        gradients    one pruned layer's seven projections (b): each is scored and freed as it completes
-        activations  T (n H b  +  3 H b + 8(H+1))  +  max(HEAD_CHUNK x 12 V,  T x 2 max(layer))
-                     n H b: the checkpointed input of every layer from the first pruned one on (earlier layers
-                     need no gradient); 3 H b + 8(H+1): the last hidden states, their flat copy and gradient,
-                     the final norm; then either one vocabulary-projection chunk (three fp32 copies of
-                     HEAD_CHUNK x V logits) or one recomputed layer with its gradients (frozen norms)
+        gradients    4 x one scored layer's projections (the float32 sums, biases included)
+                     + b x its largest weight (one chunk's gradient, before its hook adds it to the sum)
+        activations  m S t H b  +  max(HEAD_CHUNK x V x (4 + b if b < 4),  calib_batch t x 2 max(layer))
+                     m = hidden_tensors(n), about sqrt(2 n) + 1: stored segment inputs, one segment's
+                     recomputed inputs, dL/dh; then one vocabulary-projection chunk (its float32 probabilities,
+                     and the 16-bit logits they came from), or one chunk through one layer with its gradients
+                     (frozen norms, trained projections: `layer_activations_full`)
         overhead     the runtime (OVERHEAD_BYTES); slack: SLACK x activations (memory_plan's allocator slack)
 
-    `micro_batch=k` is the Taylor code that accumulates the gradients of k samples at a time: gradients of
-    every pruned layer's projections, activations as above for T = k x seq_len.
+    `accumulate=True` is the earlier Taylor code: one backward per `calib_batch` samples through the
+    gradient-checkpointed model, every gradient of every scored layer kept until the end (b each), and the
+    checkpointed input of every layer from the first scored one, the last hidden states (their flat copy and
+    gradient), the final norm, and three fp32 copies of HEAD_CHUNK x V logits or one recomputed layer.
     """
     model = meta_model(config)
     decoder = model.get_decoder().layers
     shape, b = Shape.of(model.config), DTYPE_BYTES[config_dtype(config)]
     mode = "fp32" if b == 4 else "bf16"
-    pruned = [decoder[i] for i in layers]
-    if not pruned:
+    if not len(layers):
         raise LoramError("Taylor pruning needs at least one layer in the pruned range")
-    tokens = (samples if micro_batch is None else min(micro_batch, samples)) * seq_len
+    n, chunk = len(decoder) - layers.start, min(calib_batch, samples) * seq_len
     weights = b * sum(p.numel() for p in model.parameters())
-    grads = b * (max if micro_batch is None else sum)(_prunable_numel(layer) for layer in pruned)
-    dims = _layers(model)
-    recompute = 2 * max(layer_activations_full(dims[i], mode, trained_norms=False) for i in layers)
-    kept = (len(decoder) - layers.start) * shape.hidden * b + 3 * shape.hidden * b + 8 * (shape.hidden + 1)
-    activations = tokens * kept + max(HEAD_CHUNK * LOGIT_COPIES_BYTES * shape.vocab, tokens * recompute)
+    layer = 2 * max(layer_activations_full(d, mode, trained_norms=False) for d in _layers(model)[layers.start:])
+    if accumulate:
+        grads = b * sum(_prunable_numel(decoder[i]) for i in layers)
+        kept = n * shape.hidden * b + 3 * shape.hidden * b + 8 * (shape.hidden + 1)
+        activations = chunk * kept + max(HEAD_CHUNK * LOGIT_COPIES_BYTES * shape.vocab, chunk * layer)
+    else:
+        largest = max(decoder[i].get_submodule(m.path).weight.numel() for i in layers for m in PRUNED_MODULES)
+        grads = 4 * max(_prunable_numel(decoder[i]) for i in layers) + b * largest
+        head = HEAD_CHUNK * shape.vocab * (4 + (b if b < 4 else 0))
+        activations = hidden_tensors(n) * samples * seq_len * shape.hidden * b + max(head, chunk * layer)
     return Estimate({"weights": weights, "gradients": grads, "activations": activations,
                      "overhead": OVERHEAD_BYTES[device]["prune"] if overhead_bytes is None else overhead_bytes,
                      "slack": int(SLACK[device] * activations)}, parse_bytes(budget))
 
 
 def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpointing: bool = False,
-                 freeze_lm_head: bool = True, device: str = "cuda", devices=(1, 2, 4, 8), budget=None,
-                 overhead_bytes: int | None = None) -> tuple[list[Estimate], list[Estimate], int | None, dict]:
+                 grad_accum: int = 1, freeze_lm_head: bool = True, device: str = "cuda", devices=(1, 2, 4, 8),
+                 budget=None, overhead_bytes: int | None = None) -> tuple[list[Estimate], list[Estimate], int | None, dict]:
     """Per-device peak memory of `loram publish align` on the (pruned) model `config`: (DDP estimates, FSDP
     estimates, one per N in `devices`; the smallest N in 1..MAX_DEVICES for which FSDP fits `budget`; facts).
 
@@ -190,11 +207,18 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
         activations  no checkpointing: T (sum(layer) + max(outside, max(layer)));
                      checkpointing:    T (L H r + max(outside, 2 max(layer))), r: the residual's bytes
                      outside = 8(H+1) + 12 V (final norm; three fp32 copies of the logits)
+        checkpoint   FSDP on a CPU: 8 S(P_t, N), the copy of this rank's optimizer state that the checkpoint
+                     save (torch.distributed.checkpoint) makes on top of the heap training left (on a GPU the
+                     copy is in host memory)
+        overlap      at `grad_accum` 1: -min(gradients, freed), freed = the activations less the last layer's
+                     (T max(layer), or T 2 max(layer) recomputed with checkpointing), plus DDP's autocast
+                     copies without checkpointing: the backward frees what the forward saved while it fills
+                     the gradients. With gradient accumulation the gradients stay alive through the next
+                     micro-batches' forward: 0, both count.
         overhead     the runtime (OVERHEAD_BYTES); slack: SLACK x activations
 
-    Gradients and activations are counted as alive together (an upper bound: at one micro-batch a step, the
-    backward frees activations while it fills the gradients). Not modeled: the load (the fp32 model is read
-    whole on every process before FSDP shards it), distillation's teacher, evaluation.
+    Not modeled: the load (the fp32 model is read whole on every process before FSDP shards it),
+    distillation's teacher, evaluation.
     """
     model = meta_model(config)
     shape = Shape.of(model.config)
@@ -206,25 +230,32 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
     gpu = device == "cuda"
     ddp_mode, fsdp_mode = ("autocast", "bf16") if gpu else ("fp32", "fp32")
 
-    def activations(mode: str) -> int:
+    def activations(mode: str) -> tuple[int, int]:
+        """(activations, what of them is freed before the last gradients appear)."""
         per_layer = [layer_activations_full(d, mode, trained_norms=True) for d in _layers(model)]
         outside = 8 * (shape.hidden + 1) + LOGIT_COPIES_BYTES * shape.vocab
         tokens = batch * seq_len
         if gradient_checkpointing:
             residual = 2 if mode == "bf16" else 4
-            return tokens * (len(per_layer) * shape.hidden * residual + max(outside, 2 * max(per_layer)))
-        return tokens * (sum(per_layer) + max(outside, max(per_layer)))
+            kept = tokens * (len(per_layer) * shape.hidden * residual + max(outside, 2 * max(per_layer)))
+            return kept, kept - tokens * 2 * max(per_layer)  # the last recomputed layer stays to the end
+        kept = tokens * (sum(per_layer) + max(outside, max(per_layer)))
+        return kept, kept - tokens * max(per_layer)
 
     overhead = OVERHEAD_BYTES[device]["align"] if overhead_bytes is None else overhead_bytes
     budget = parse_bytes(budget)
-    ddp_act = activations(ddp_mode)
+    ddp_act, ddp_freed = activations(ddp_mode)
     casts = 0
     if gpu:  # bf16 autocast copies of fp32 linear weights, held by the graph until their backward
         linears = [_linear_numel(layer) for layer in decoder]
         casts = 2 * ((max(linears) if gradient_checkpointing else sum(linears)) + head.numel())
+        ddp_freed += 0 if gradient_checkpointing else casts
+    accumulating = grad_accum > 1
+    ddp_overlap = 0 if accumulating else -min(4 * n_trained, ddp_freed)
     ddp = [Estimate({"weights": 4 * total, "gradients": 4 * n_trained, "optimizer": ADAM_BYTES * n_trained,
-                     "buckets": 4 * n_trained if n > 1 else 0, "working": casts, "activations": ddp_act,
-                     "overhead": overhead, "slack": int(SLACK[device] * ddp_act)}, budget, n) for n in devices]
+                     "buckets": 4 * n_trained if n > 1 else 0, "working": casts, "checkpoint": 0, "activations": ddp_act,
+                     "overlap": ddp_overlap, "overhead": overhead, "slack": int(SLACK[device] * ddp_act)}, budget, n)
+           for n in devices]
 
     # FSDP2: tensors grouped by (rows, columns, trained) so that S(X, N) is cheap for every N.
     trained_ids = {id(p) for p in trained}
@@ -237,14 +268,15 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
     units.append((root, sum(p.numel() for p in params if id(p) not in in_layers and id(p) in trained_ids)))
     gathered = p_bytes * (root + 2 * max(u for u, _ in units[:-1]))
     gathered += (p_bytes + REDUCE_BYTES) * max(t for _, t in units)
-    fsdp_act = activations(fsdp_mode)
+    fsdp_act, fsdp_freed = activations(fsdp_mode)
 
     def fsdp(n: int) -> Estimate:
         local = sum(math.ceil(rows / n) * cols * count for (rows, cols, _), count in shapes.items())
         local_t = sum(math.ceil(rows / n) * cols * count for (rows, cols, t), count in shapes.items() if t)
         return Estimate({"weights": 4 * local, "gradients": 4 * local_t, "optimizer": ADAM_BYTES * local_t,
-                         "buckets": 0, "working": gathered, "activations": fsdp_act, "overhead": overhead,
-                         "slack": int(SLACK[device] * fsdp_act)}, budget, n)
+                         "buckets": 0, "working": gathered, "checkpoint": 0 if gpu else ADAM_BYTES * local_t,
+                         "activations": fsdp_act, "overlap": 0 if accumulating else -min(4 * local_t, fsdp_freed),
+                         "overhead": overhead, "slack": int(SLACK[device] * fsdp_act)}, budget, n)
 
     smallest = None
     if budget is not None:
@@ -254,32 +286,40 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
 
 
 def publisher_plan(stock_config, aligned_config, layers: range | None, *, samples: int = CALIBRATION[0],
-                   calib_seq_len: int = CALIBRATION[1], batch: int = 4, seq_len: int = 512,
-                   gradient_checkpointing: bool = False, freeze_lm_head: bool = True, device: str = "cuda",
-                   devices=(1, 2, 4, 8), device_memory=None) -> PublisherPlan:
+                   calib_seq_len: int = CALIBRATION[1], calib_batch: int = CALIB_BATCH, batch: int = 4, seq_len: int = 512,
+                   gradient_checkpointing: bool = False, grad_accum: int = 1, freeze_lm_head: bool = True,
+                   device: str = "cuda", devices=(1, 2, 4, 8), device_memory=None) -> PublisherPlan:
     """Taylor pruning of `stock_config` over `layers` (skipped when `stock_config` is None: a pruned checkpoint)
     and alignment of `aligned_config` (the pruned model), per device, against `device_memory` each."""
-    for name, value in (("calib-samples", samples), ("calib-seq-len", calib_seq_len)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < (2 if "len" in name else 1):
-            raise LoramError(f"--{name} must be a whole number >= {2 if 'len' in name else 1}, got {value!r}")
+    check_calibration(samples, calib_seq_len, calib_batch)
+    if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
+        raise LoramError(f"--grad-accum must be a whole number >= 1, got {grad_accum!r}")
     devices = check_devices(devices)
     taylor = None
     if stock_config is not None and layers is not None and len(layers):
-        taylor = taylor_memory(stock_config, layers, samples=samples, seq_len=calib_seq_len, device=device,
-                               budget=device_memory)
+        taylor = taylor_memory(stock_config, layers, samples=samples, seq_len=calib_seq_len, calib_batch=calib_batch,
+                               device=device, budget=device_memory)
     ddp, fsdp, smallest, facts = align_memory(
         aligned_config, batch=batch, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-        freeze_lm_head=freeze_lm_head, device=device, devices=devices, budget=device_memory)
+        grad_accum=grad_accum, freeze_lm_head=freeze_lm_head, device=device, devices=devices, budget=device_memory)
     return PublisherPlan(
         device=device, taylor=taylor,
         taylor_options={"dtype": config_dtype(stock_config) if stock_config is not None else None,
-                        "samples": samples, "seq_len": calib_seq_len,
+                        "samples": samples, "seq_len": calib_seq_len, "calib_batch": calib_batch,
                         "layers": None if layers is None else [layers.start, layers.stop]},
-        align_options={"batch": batch, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
+        align_options={"batch": batch, "seq_len": seq_len, "grad_accum": grad_accum,
+                       "gradient_checkpointing": gradient_checkpointing,
                        "lm_head": "frozen" if freeze_lm_head else "trained",
                        "weights": "fp32, bf16 autocast (DDP) / bf16 FSDP2 mixed precision" if device == "cuda"
                        else "fp32"},
         ddp=ddp, fsdp=fsdp, fsdp_min_devices=smallest, budget_bytes=parse_bytes(device_memory), extra=facts)
+
+
+def check_calibration(samples: int, seq_len: int, batch: int = CALIB_BATCH) -> None:
+    """At least one calibration sample of at least two tokens, chunks of at least one (as `loram publish prune`)."""
+    for name, value, least in (("calib-samples", samples, 1), ("calib-seq-len", seq_len, 2), ("calib-batch", batch, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise LoramError(f"--{name} must be a whole number >= {least}, got {value!r}")
 
 
 def check_devices(devices) -> list[int]:
@@ -298,7 +338,3 @@ def check_devices(devices) -> list[int]:
     if not out:
         raise LoramError("--devices: give at least one device count, e.g. --devices 8")
     return sorted(out)
-
-
-def _unused() -> dict:  # pragma: no cover
-    return asdict

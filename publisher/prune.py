@@ -4,7 +4,8 @@
     loram publish prune BASE --method wanda --nm 2:4 --out pruned-24/           # non-structured
 
 Structured (random, l1, l2, taylor), top to bottom: resolve BASE (local folder or Hub id at a
-revision), score units with the chosen criterion (or read `--scores`), keep the top units per layer
+revision), load it in its own dtype on `--device` (or spread by `--device-map auto`), score units
+with the chosen criterion (or read `--scores`), keep the top units per layer
 by the paper's rounding rules, slice the layers in place, re-home the weights in LoRAM's per-layer
 model class. Non-structured (magnitude, wanda, sparsegpt): zero weights layer by layer
 (`layerwise.py`), keep the stock architecture, and record the bit-packed masks in the manifest.
@@ -26,6 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from loram.publisher.calibration import token_blocks
 from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, LayerScores, get_criterion
+from loram.publisher.importance.taylor import CALIB_BATCH
 from loram.publisher.layerwise import NEEDS_INPUTS, NONSTRUCTURED_CRITERIA, prune_layerwise
 from loram.publisher.sparsity import Target, parse_nm
 from loram.publisher.structured import select_kept, slice_layers_
@@ -88,8 +90,15 @@ class PruneConfig(Config):
     calib: str = option("wiki", "Calibration text: a .txt/.jsonl file or a built-in name (wiki).")
     samples: int | None = option(None, "Calibration samples (taylor 32; wanda, sparsegpt 128 as the references).")
     seq_len: int | None = option(None, "Tokens per calibration sample (taylor 128; wanda, sparsegpt 2048).")
-    device: str | None = option(None, "Device for layer-by-layer calibration (non-structured); default cuda if "
-                                      "available, else cpu.")
+    device: str | None = option(None, "Compute device, cpu, cuda or cuda:N. Structured pruning loads the model "
+                                      "there (default cuda if available for taylor, else cpu); non-structured "
+                                      "pruning moves one layer at a time there (default cuda if available).")
+    device_map: str | None = option(None, "Structured: auto places the model over the accelerators (accelerate's "
+                                          "placement), the CPU for what does not fit; each layer computes where it "
+                                          "is (instead of --device).", choices=("auto",))
+    calib_batch: int | None = option(None, f"Taylor: calibration samples per forward/backward chunk (default "
+                                           f"{CALIB_BATCH}). The scores are the same for any value; memory and "
+                                           "speed are not.")
     seed: int = option(0, "Seed (random criterion; any sampling).")
     scores: Path | None = option(None, "Re-prune from saved importance scores (importance.safetensors) "
                                        "instead of recalibrating.")
@@ -98,8 +107,8 @@ class PruneConfig(Config):
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
     def check(self):
-        given = [f"--{n.replace('_', '-')}" for n in ("ratio", "attn_ratio", "mlp_ratio", "scores")
-                 if getattr(self, n) is not None]
+        given = [f"--{n.replace('_', '-')}" for n in ("ratio", "attn_ratio", "mlp_ratio", "scores", "device_map",
+                                                     "calib_batch") if getattr(self, n) is not None]
         if self.structured:
             if self.sparsity is not None or self.nm is not None:
                 raise LoramError(f"--sparsity and --nm apply to non-structured methods "
@@ -116,12 +125,35 @@ class PruneConfig(Config):
                 raise LoramError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
         if (self.samples is not None and self.samples < 1) or (self.seq_len is not None and self.seq_len < 2):
             raise LoramError("--samples must be >= 1 and --seq-len >= 2")
+        if self.calib_batch is not None and self.calib_batch < 1:
+            raise LoramError(f"--calib-batch must be >= 1, got {self.calib_batch}")
+        if self.device is not None:
+            if self.device_map is not None:
+                raise LoramError("--device and --device-map exclude each other: give one")
+            self.compute_device  # noqa: B018  (validates --device)
         if self.scores is not None and not Path(self.scores).is_file():
             raise LoramError(f"--scores file {self.scores} not found")
 
     @property
     def structured(self) -> bool:
         return self.method in STRUCTURED_CRITERIA
+
+    @property
+    def compute_device(self) -> torch.device:
+        """--device; by default cuda when available, but cpu for the structured criteria that compute nothing
+        heavy (random, l1, l2, or --scores): loading a model onto a GPU for them only risks running out of memory."""
+        light = self.structured and (self.method not in NEEDS_CALIBRATION or self.scores is not None)
+        name = self.device or ("cuda" if torch.cuda.is_available() and not light else "cpu")
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise LoramError(f"--device must be cpu, cuda or cuda:N; got {name!r}") from None
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            raise LoramError(f"--device {name}: no such CUDA device on this machine "
+                             f"({torch.cuda.device_count()} available); use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise LoramError(f"--device must be cpu, cuda or cuda:N; got {name!r}")
+        return device
 
     @property
     def target(self) -> Target:
@@ -185,7 +217,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     if cfg.method in NEEDS_CALIBRATION + NEEDS_INPUTS and cfg.scores is None:
         check_source(str(cfg.calib))  # a missing calibration file fails now, not after loading the model
     _log(f"loading {source.id}")
-    model = from_pretrained(source.path, dtype="auto")
+    model = _load_structured(cfg, source.path) if cfg.structured else from_pretrained(source.path, dtype="auto")
     tokenizer = _tokenizer_or_none(source.path)
     base = BaseModelInfo(source.id, source.revision, fingerprint(source.path))
     run = _structured if cfg.structured else _nonstructured
@@ -204,7 +236,11 @@ def _structured(cfg, model, tokenizer, stock_config, shape: Shape, layers: range
     if cfg.scores is not None:
         scores, calibration = read_scores(cfg.scores, layers, shape)
     else:
-        scores, calibration = _score(cfg, model, tokenizer, layers)
+        try:
+            scores, calibration = _score(cfg, model, tokenizer, layers)
+        except torch.OutOfMemoryError as e:
+            raise LoramError("out of memory while scoring; use a smaller --calib-batch, fewer --samples or a shorter "
+                             "--seq-len, or --device-map auto to spread the model over more memory") from e
     kept = select_kept(scores, shape, attn_ratio, mlp_ratio)
     slice_layers_(model, kept)
     pruned = rehome(model, build_pruned_config(stock_config, {i: (len(u.kv_heads), len(u.mlp_channels))
@@ -294,11 +330,51 @@ def _calibration_blocks(cfg: PruneConfig, tokenizer):
     return token_blocks(tokenizer, cfg.calib, samples, seq_len), Calibration(str(cfg.calib), samples, seq_len)
 
 
+def _load_structured(cfg: PruneConfig, path: Path):
+    """The model in its checkpoint's dtype, on --device, or placed by accelerate with --device-map auto.
+
+    `auto` is accelerate's placement (balanced over the accelerators, the CPU for what does not fit) applied
+    by moving each module to its device; accelerate's own dispatch is not used, because it would keep the
+    CPU's share as meta tensors streamed to an accelerator at each call, which can neither hold the
+    gradients Taylor needs nor be sliced.
+    """
+    if cfg.device_map is None:
+        device = cfg.compute_device
+        try:
+            if device.type == "cpu":
+                return from_pretrained(path, dtype="auto")
+            return from_pretrained(path, dtype="auto", device_map={"": str(device)})
+        except torch.OutOfMemoryError as e:
+            raise LoramError(f"the model does not fit on {device}; use --device-map auto to spread it over the "
+                             "accelerators and the CPU, or --device cpu") from e
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    model = from_pretrained(path, dtype="auto")
+    no_split = model._no_split_modules or []
+    memory = get_balanced_memory(model, dtype=model.dtype, no_split_module_classes=no_split)
+    placement = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=model.dtype)
+    if "disk" in placement.values():
+        raise LoramError("--device-map auto: the model does not fit in the accelerators' and the CPU's memory")
+    devices = sorted({str(d) for d in placement.values()})
+    _log(f"placing the model on {', '.join(devices)} (--device-map auto)")
+    for name, device in placement.items():
+        if str(device) != "cpu":
+            model.get_submodule(name).to(device)
+    decoder = model.get_decoder()
+    if getattr(decoder, "rotary_emb", None) is not None:  # buffers only: keep it with the embeddings it follows
+        decoder.rotary_emb.to(decoder.embed_tokens.weight.device)
+    return model
+
+
 def _score(cfg: PruneConfig, model, tokenizer, layers: range):
     calib, calibration = None, Calibration()
     if cfg.method in NEEDS_CALIBRATION:
         calib, calibration = _calibration_blocks(cfg, tokenizer)
-    return get_criterion(cfg.method)(model, layers, calib, cfg.seed), calibration
+    criterion = get_criterion(cfg.method)
+    if cfg.method == "taylor":
+        return criterion(model, layers, calib, cfg.seed, batch=cfg.calib_batch or CALIB_BATCH), calibration
+    return criterion(model, layers, calib, cfg.seed), calibration
 
 
 @torch.no_grad()

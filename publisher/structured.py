@@ -3,7 +3,8 @@
 Per pruned layer i (docs/method.md §2): keep the top-scoring KV groups and MLP channels, by the paper's
 rounding rules, with the kept indices sorted. Slicing follows `PRUNED_MODULES`: q/k/v rows (and
 their biases) and o columns of whole KV groups; gate/up rows and down columns of channels. Each
-module is replaced by its slice one at a time, so peak memory is the model plus one module.
+module is replaced by its slice one at a time, on the device it is on, so peak memory is the model
+plus one module.
 """
 
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ def _slice_linear_(linear: torch.nn.Linear, axis: str, index: torch.Tensor) -> N
     dim = 0 if axis == "out" else 1
     if index.numel() == linear.weight.shape[dim]:
         return  # nothing removed on this side
+    index = index.to(linear.weight.device)
     linear.weight = torch.nn.Parameter(linear.weight.index_select(dim, index).contiguous(),
                                        requires_grad=linear.weight.requires_grad)
     if axis == "out":
@@ -82,4 +84,5 @@ def zero_pruned_contributions_(model: torch.nn.Module, kept: dict[int, KeptUnits
             weight = layers[i].get_submodule(spec.path).weight
             mask = torch.ones(weight.shape[1], dtype=torch.bool)
             mask[kept_index(shape, spec, units.kv_heads, units.mlp_channels)] = False
+            mask = mask.to(weight.device)
             weight[:, mask] = 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loram.shared.architectures import PRUNED_MODULES, Shape
+from loram.shared.architectures import PRUNED_MODULES, PrunedModule, Shape
 from loram.shared.errors import LoramError
 
 
@@ -25,6 +25,11 @@ from loram.shared.errors import LoramError
 class LayerScores:
     kv: torch.Tensor  # [n_kv] float64, one score per KV group
     mlp: torch.Tensor  # [I] float64, one score per intermediate channel
+
+    @classmethod
+    def zeros(cls, shape: Shape) -> "LayerScores":
+        return cls(torch.zeros(shape.num_kv_heads, dtype=torch.float64),
+                   torch.zeros(shape.intermediate, dtype=torch.float64))
 
 
 def submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -38,22 +43,28 @@ def group_scores(layer: torch.nn.Module, shape: Shape,
     For a module pruned along `out` the unit axis is rows (and bias entries); along `in`, columns.
     Query-head units are folded into their KV group: query head h belongs to group h // G.
     """
-    kv = torch.zeros(shape.num_kv_heads, dtype=torch.float64)
-    mlp = torch.zeros(shape.intermediate, dtype=torch.float64)
+    scores = LayerScores.zeros(shape)
     for spec in PRUNED_MODULES:
         module = submodule(layer, spec.path)
         dim = 0 if spec.axis == "out" else 1
         per_index = salience(module.weight).double().sum(dim=1 - dim)          # [out] or [in]
         if spec.axis == "out" and module.bias is not None:
             per_index = per_index + salience(module.bias).double()
-        if spec.unit == "mlp":
-            mlp += per_index
-        else:
-            per_head = per_index.view(-1, shape.head_dim).sum(dim=1)           # [heads]
-            if spec.unit == "q":
-                per_head = per_head.view(shape.num_kv_heads, shape.group_size).sum(dim=1)
-            kv += per_head
-    return LayerScores(kv, mlp)
+        add_unit_scores_(scores, shape, spec, per_index)
+    return scores
+
+
+def add_unit_scores_(scores: LayerScores, shape: Shape, spec: PrunedModule, per_index: torch.Tensor) -> None:
+    """Add one module's salience summed per row (`out` axis, bias entries included) or per column (`in`)
+    to the scores of the units those rows or columns belong to, in place (on the CPU, in float64)."""
+    per_index = per_index.to("cpu", torch.float64)
+    if spec.unit == "mlp":
+        scores.mlp += per_index
+        return
+    per_head = per_index.view(-1, shape.head_dim).sum(dim=1)                   # [heads]
+    if spec.unit == "q":
+        per_head = per_head.view(shape.num_kv_heads, shape.group_size).sum(dim=1)
+    scores.kv += per_head
 
 
 def criteria() -> dict[str, Callable]:

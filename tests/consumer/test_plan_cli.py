@@ -160,3 +160,109 @@ def test_unreachable_hub_is_one_line(dead_hub):
     with pytest.raises(LoramError, match="cannot fetch config.json of 'loram-tests/other'"):
         read_model_config("loram-tests/other", endpoint=dead_hub)
     _one_line_error(runner.invoke(app, ["plan", "not a repo id!"]), "cannot fetch config.json")
+
+
+# ---- the publisher section: Taylor pruning, alignment with DDP and FSDP (loram.publisher_plan) ----------------
+
+PUBLISHER_70B = ["--ratio", "0.85", "--devices", "1,2,4,8", "--device-memory", "80GiB", "--gradient-checkpointing"]
+
+
+def test_publisher_table(configs):
+    result = runner.invoke(app, ["plan", str(configs["llama31"]), *PUBLISHER_70B])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    lines = out.splitlines()
+    assert "publisher memory (cuda: GPU memory per device):" in lines
+    assert any(line.startswith("Taylor pruning of the stock model (bfloat16 weights, layers [4, 78); 32 x 128")
+               for line in lines)
+    header = next(line for line in lines if line.startswith("GiB per device"))
+    assert header.split()[3:] == ["DDP", "1", "DDP", "2+", "FSDP", "1", "FSDP", "2", "FSDP", "4", "FSDP", "8"]
+    fits = next(line for line in lines if line.startswith("fits "))
+    assert fits.split()[1:] == ["no", "no", "no", "no", "yes", "yes"]
+    assert lines[-3].startswith("Taylor pruning on one device of 80GiB (80.00 GiB): does not fit")
+    assert lines[-2] == "DDP alignment on devices of 80GiB (80.00 GiB): does not fit at any N"
+    assert lines[-1] == ("FSDP alignment: smallest N = 4 devices of 80GiB (80.00 GiB) (any whole N; as a power "
+                         "of two: 4)")
+    # the consumer's section is still there, before the publisher's
+    assert out.index("estimated peak training memory") < out.index("publisher memory")
+
+
+def test_publisher_json(configs):
+    result = runner.invoke(app, ["plan", str(configs["llama31"]), "--json", *PUBLISHER_70B])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    pub = d["publisher"]
+    assert pub["device"] == "cuda" and pub["device_memory_bytes"] == 80 * 2**30
+    taylor, align = pub["taylor"], pub["align"]
+    assert (taylor["samples"], taylor["seq_len"], taylor["calib_batch"], taylor["layers"], taylor["dtype"]) == (
+        32, 128, 4, [4, 78], "bfloat16")
+    assert taylor["weights_bytes"] == 2 * EXPECTED["llama31"][0] and taylor["fits"] is False
+    assert align["params"] == d["training_params"] == EXPECTED["llama31"][1]
+    assert align["trained_params"] == align["params"] - 128256 * 8192  # lm_head frozen, embeddings trained
+    assert [e["devices"] for e in align["ddp"]] == [e["devices"] for e in align["fsdp"]] == [1, 2, 4, 8]
+    for e in align["ddp"] + align["fsdp"]:
+        assert e["total_bytes"] == sum(v for k, v in e.items() if k.endswith("_bytes") and k != "total_bytes")
+    assert [e["fits"] for e in align["fsdp"]] == [False, False, True, True]
+    assert (align["fsdp_min_devices"], align["fsdp_min_devices_pow2"], align["ddp_fits"]) == (4, 4, False)
+    assert align["gradient_checkpointing"] is True and align["lm_head"] == "frozen"
+    assert "publisher" not in json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json"]).stdout)
+
+
+def test_publisher_is_implied_by_devices_or_device_memory(configs):
+    only_memory = json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json", "--device-memory",
+                                                 "80GiB"]).stdout)["publisher"]
+    assert [e["devices"] for e in only_memory["align"]["fsdp"]] == [1, 2, 4, 8]  # the default counts
+    only_devices = json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json", "--devices", "8",
+                                                  "--devices", "16"]).stdout)["publisher"]
+    assert [e["devices"] for e in only_devices["align"]["ddp"]] == [8, 16]
+    assert only_devices["align"]["fsdp_min_devices"] is None and only_devices["align"]["ddp"][0]["fits"] is None
+    table = runner.invoke(app, ["plan", str(configs["llama31"]), "--publisher"]).stdout
+    assert "publisher memory" in table and "fits" not in table.split("publisher memory")[1]
+    trained = json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json", "--publisher",
+                                             "--train-lm-head", "--calib-samples", "8"]).stdout)["publisher"]
+    assert trained["align"]["trained_params"] == trained["align"]["params"] and trained["taylor"]["samples"] == 8
+
+
+def test_publisher_for_a_pruned_checkpoint_and_non_structured(tmp_path, configs):
+    """A pruned checkpoint is aligned as it is (nothing left to prune); non-structured pruning has no Taylor."""
+    from loram.accounting import plan_params, stock_config
+    from loram.shared.pruned_model import build_pruned_config
+
+    p = plan_params(LLAMA31_70B, "structured", 0.85)
+    pruned = build_pruned_config(stock_config(LLAMA31_70B),
+                                 {c.layer: (c.kv_heads, c.channels) for c in p.per_layer if c.pruned})
+    (tmp_path / "config.json").write_text(pruned.to_json_string())
+    result = runner.invoke(app, ["plan", str(tmp_path), "--devices", "8", "--device-memory", "80GiB",
+                                 "--gradient-checkpointing"])
+    assert result.exit_code == 0, result.output
+    assert "Taylor pruning: not estimated" in result.stdout
+    d = json.loads(runner.invoke(app, ["plan", str(tmp_path), "--json", "--devices", "8", "--device-memory", "80GiB",
+                                       "--gradient-checkpointing"]).stdout)
+    stock = json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json", "--ratio", "0.85", "--devices",
+                                           "8", "--device-memory", "80GiB", "--gradient-checkpointing"]).stdout)
+    assert d["publisher"]["taylor"] is None and d["publisher"]["align"] == stock["publisher"]["align"]
+    ns = json.loads(runner.invoke(app, ["plan", str(configs["llama2"]), "--json", "--kind", "non-structured",
+                                        "--sparsity", "0.5", "--publisher"]).stdout)
+    assert ns["publisher"]["taylor"] is None and ns["publisher"]["align"]["params"] == EXPECTED["llama2"][0]
+
+
+def test_publisher_from_a_hub_repo_with_only_config_json(hub, tmp_path):
+    from loram.shared.hub import push_files
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_70B))
+    push_files("org/llama31-70b", {"config.json": tmp_path / "config.json"}, endpoint=hub.url, message="config")
+    result = runner.invoke(app, ["plan", "org/llama31-70b", "--endpoint", hub.url, "--json", *PUBLISHER_70B])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["publisher"]["align"]["fsdp_min_devices"] == 4
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--devices", "0"], "--devices takes whole numbers in 1..1024"),
+    (["--devices", "2,x"], "--devices takes whole numbers"),
+    (["--device-memory", "lots"], "cannot read 'lots' as a size"),
+    (["--calib-samples", "0"], "--calib-samples must be a whole number >= 1"),
+    (["--calib-seq-len", "1"], "--calib-seq-len must be a whole number >= 2"),
+    (["--calib-batch", "0"], "--calib-batch must be a whole number >= 1"),
+])
+def test_bad_publisher_flags(configs, args, needle):
+    _one_line_error(runner.invoke(app, ["plan", str(configs["llama31"]), *args]), needle)
