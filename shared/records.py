@@ -22,14 +22,17 @@ while loading: anything that goes wrong comes back as one `LoramError` naming th
 
 import contextlib
 import csv
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from loram.shared import assets
 from loram.shared.errors import LoramError
+
+if TYPE_CHECKING:  # imported where used: `datasets` (and pyarrow) cost ~100 MiB and a second to import
+    import datasets
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 TEXT_SPLITS = ("wiki", "wiki-heldout", "news")
@@ -37,7 +40,7 @@ TEXT_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": 
 SEPARATOR = "\n\n"  # between documents when text is concatenated (calibration blocks, alignment packing)
 
 
-def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
+def load_records(source: str | Path, split: str = "train") -> "datasets.Dataset":
     """The records of `source` (see the module docstring) as a `datasets.Dataset`, never empty."""
     path = assets.data_path(str(source)) if str(source) in assets.DATA_NAMES else Path(source).expanduser()
     if path.is_dir():
@@ -53,7 +56,9 @@ def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
     return records
 
 
-def _load_saved(path: Path, split: str) -> datasets.Dataset:
+def _load_saved(path: Path, split: str) -> "datasets.Dataset":
+    import datasets
+
     try:
         with quiet_datasets():
             saved = datasets.load_from_disk(str(path))
@@ -72,7 +77,9 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     return saved
 
 
-def _load_file(path: Path) -> datasets.Dataset:
+def _load_file(path: Path) -> "datasets.Dataset":
+    import datasets
+
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise LoramError(f"data file {path} has an unsupported extension {path.suffix or '(none)'!r}; "
@@ -118,6 +125,8 @@ def _reason(error: BaseException) -> str:
 @contextlib.contextmanager
 def quiet_datasets():
     """Silence the datasets library's progress bars and log lines, restoring both afterwards."""
+    import datasets
+
     verbosity = datasets.logging.get_verbosity()
     bars = datasets.is_progress_bar_enabled()
     datasets.logging.set_verbosity(logging.CRITICAL)
@@ -146,7 +155,12 @@ def check_source(name: str) -> None:
 
 
 def _text_dataset(name: str):
-    """The source's records as a streaming `datasets.IterableDataset` (or a memory-mapped saved dataset)."""
+    """The source's records as a streaming `datasets.IterableDataset` (or a memory-mapped saved dataset); a
+    built-in split is read line by line as the JSON lines file it is, without the datasets library."""
+    if name in TEXT_SPLITS:
+        return _json_lines(assets.data_path(name))
+    import datasets
+
     check_source(name)
     path = assets.data_path(name) if name in TEXT_SPLITS else Path(name).expanduser()
     with quiet_datasets():
@@ -169,6 +183,13 @@ def _text_dataset(name: str):
 
 def _no_text(name: str) -> str:
     return f"data source {name} holds no text records; give a file with at least one non-empty 'text' record"
+
+
+def _json_lines(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 def iter_texts(name: str) -> Iterator[str]:
