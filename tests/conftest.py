@@ -47,3 +47,21 @@ def hub(request, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", request.param == "lfs")
     with HubServer(mode=request.param, token=HUB_TOKEN) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2_pruned(tmp_path_factory):
+    """The embedded SmolLM2-135M pruned by `loram publish prune --method l2 --ratio 0.5` (no calibration), once
+    per test session: the memory-estimate tests measure real runs on it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loram.shared import assets
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-l2-0.5"
+    proc = subprocess.run([str(Path(sys.executable).parent / "loram"), "publish", "prune", str(assets.model_dir()),
+                           "--method", "l2", "--ratio", "0.5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out

@@ -115,3 +115,26 @@ def file_tree(folder) -> dict:
 
     folder = Path(folder)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def save_masked_checkpoint(folder, kind: str = "llama-mha", layers=(1, 5)) -> dict:
+    """A tiny model with half of each projection's weights zeroed by magnitude in `layers`, saved with its
+    manifest (the format the non-structured pruner writes); returns {module name: kept mask}."""
+    from loram.shared.architectures import PRUNED_MODULES, Shape
+    from loram.shared.manifest import BaseModelInfo, Manifest, Method, PackedMask
+
+    model = save_tiny_checkpoint(folder, kind)
+    masks = {}
+    with torch.no_grad():
+        for i in range(*layers):
+            for spec in PRUNED_MODULES:
+                name = f"model.layers.{i}.{spec.path}"
+                weight = model.get_submodule(name).weight
+                keep = weight.abs() > weight.abs().flatten().median()
+                weight.mul_(keep)
+                masks[name] = keep
+    model.save_pretrained(folder)
+    Manifest(base=BaseModelInfo("tiny-dense"), architecture=Shape.of(model.config),
+             method=Method(kind="non-structured", criterion="magnitude", sparsity=0.5, layers=list(layers)),
+             masks={n: PackedMask.of(m) for n, m in masks.items()}).save(folder)
+    return masks

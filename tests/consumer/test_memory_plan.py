@@ -309,17 +309,6 @@ def measure_peak(checkpoint: Path, case: dict) -> int:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
 
-@pytest.fixture(scope="module")
-def smollm2_pruned(tmp_path_factory) -> Path:
-    from loram.shared import assets
-
-    out = tmp_path_factory.mktemp("memory") / "smollm2-l2-0.5"
-    proc = subprocess.run([LORAM, "publish", "prune", str(assets.model_dir()), "--method", "l2", "--ratio", "0.5",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
-
-
 @pytest.mark.slow
 def test_estimate_within_25_percent_of_measured_cpu_peak(smollm2_pruned):
     """fp32 and nf4 LoRA, with and without gradient checkpointing: |estimate / measured - 1| <= 25%.

@@ -342,17 +342,6 @@ def taylor_accumulates_every_gradient() -> bool:
     return hasattr(taylor, "MICRO_BATCH") and not hasattr(taylor, "CALIB_BATCH")
 
 
-@pytest.fixture(scope="module")
-def smollm2_pruned(tmp_path_factory) -> Path:
-    from loram.shared import assets
-
-    out = tmp_path_factory.mktemp("publisher-memory") / "smollm2-l2-0.5"
-    proc = subprocess.run([LORAM, "publish", "prune", str(assets.model_dir()), "--method", "l2", "--ratio", "0.5",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
-
-
 @pytest.mark.slow
 def test_taylor_prune_peak_within_25_percent(tmp_path):
     """`loram publish prune SmolLM2 --method taylor --ratio 0.5` (32 x 128 calibration tokens): its peak RSS

@@ -10,43 +10,21 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tiny_models import save_tiny_checkpoint, tiny_tokenizer
+from tiny_models import save_masked_checkpoint, save_tiny_checkpoint, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import loram
 from loram.publisher.align import AlignConfig, align
 from loram.publisher.align_data import Source, eval_blocks, mixture
 from loram.publisher.prune import prune
-from loram.shared.architectures import LINEAR_NAMES, Shape
 from loram.shared.errors import LoramError
-from loram.shared.manifest import BaseModelInfo, Manifest, Method, PackedMask, verify_files
+from loram.shared.manifest import Manifest, verify_files
 from loram.shared.records import iter_texts
 
 loram.register()  # pruned checkpoints load with the Auto classes
 
 LORAM = str(Path(sys.executable).parent / "loram")
 TEXT = "LoRAM trains a low-rank adapter on a pruned model, then recovers it for the original model. " * 150
-PROJECTIONS = [f"{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}" for n in LINEAR_NAMES]
-
-
-def _nonstructured_checkpoint(folder: Path, kind: str = "llama-mha", layers=(1, 5)) -> dict[str, torch.Tensor]:
-    """A tiny model with half of each projection's weights zeroed by magnitude in `layers`, and its manifest
-    (the format the non-structured pruner writes); returns the kept masks."""
-    model = save_tiny_checkpoint(folder, kind)
-    masks = {}
-    with torch.no_grad():
-        for i in range(*layers):
-            for path in PROJECTIONS:
-                name = f"model.layers.{i}.{path}"
-                weight = model.get_submodule(name).weight
-                keep = weight.abs() > weight.abs().flatten().median()
-                weight.mul_(keep)
-                masks[name] = keep
-    model.save_pretrained(folder)
-    Manifest(base=BaseModelInfo("tiny-dense"), architecture=Shape.of(model.config),
-             method=Method(kind="non-structured", criterion="magnitude", sparsity=0.5, layers=list(layers)),
-             masks={n: PackedMask.of(m) for n, m in masks.items()}).save(folder)
-    return masks
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +101,7 @@ def test_untied_model_freezes_only_lm_head(root, freeze):
 
 
 def test_nonstructured_masks_keep_their_zeros(root, monkeypatch):
-    masks = _nonstructured_checkpoint(root / "sparse")
+    masks = save_masked_checkpoint(root / "sparse")
     dense = _state(root / "sparse")
     result = _align(root, "sparse-out", pruned=str(root / "sparse"), steps=5, lr=1e-2, save_every=2)
     for folder in (result.out, result.out / "checkpoints" / "checkpoint-4"):

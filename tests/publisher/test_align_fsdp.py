@@ -14,15 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from tiny_models import save_tiny_checkpoint
+from tiny_models import save_masked_checkpoint, save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 import loram
 from loram.publisher.align import align
 from loram.publisher.prune import prune
-from loram.shared.architectures import LINEAR_NAMES, Shape
 from loram.shared.checkpoints import PICKLE_SUFFIXES
-from loram.shared.manifest import BaseModelInfo, Manifest, Method, PackedMask, verify_files
+from loram.shared.manifest import Manifest, verify_files
 
 loram.register()  # pruned checkpoints load with the Auto classes
 
@@ -154,26 +153,8 @@ def test_kill_9_then_resume_reproduces_the_run_and_resumes_on_one_process(root):
     AutoModelForCausalLM.from_pretrained(root / "killed-1")
 
 
-def _nonstructured(folder: Path) -> dict[str, torch.Tensor]:
-    model = save_tiny_checkpoint(folder, "llama-mha")
-    masks = {}
-    with torch.no_grad():
-        for i in range(1, 5):
-            for n in LINEAR_NAMES:
-                name = f"model.layers.{i}.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}"
-                weight = model.get_submodule(name).weight
-                keep = weight.abs() > weight.abs().flatten().median()
-                weight.mul_(keep)
-                masks[name] = keep
-    model.save_pretrained(folder)
-    Manifest(base=BaseModelInfo("tiny-dense"), architecture=Shape.of(model.config),
-             method=Method(kind="non-structured", criterion="magnitude", sparsity=0.5, layers=[1, 5]),
-             masks={n: PackedMask.of(m) for n, m in masks.items()}).save(folder)
-    return masks
-
-
 def test_masks_stay_zero_under_fsdp_with_distillation(root):
-    masks = _nonstructured(root / "sparse")
+    masks = save_masked_checkpoint(root / "sparse")
     save_tiny_checkpoint(root / "teacher", "llama-mha")
     # gradient accumulation too: the reduce-scatter waits for the last micro-batch
     _run(_cmd(root, "sparse-out", 2, "--distill-from", str(root / "teacher"), "--grad-accum", "2", pruned="sparse",
