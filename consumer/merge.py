@@ -14,12 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loram.recover import adapter_config_json
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
 from loram.shared.outputs import atomic_output_dir, check_output_dir
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST_JSON = "loram_manifest.json"  # loram.shared.manifest's (not imported here: it loads torch)
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -69,7 +69,7 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
 
     adapter_dir = resolve_model(adapter, adapter_revision, endpoint, required="adapter_config.json",
                                 kind="peft adapter").path
-    adapter_cfg = read_adapter_config(adapter_dir)
+    adapter_cfg = adapter_config_json(adapter_dir)
     if base is None and not adapter_cfg.get("base_model_name_or_path"):
         raise LoramError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path); "
                          "name the model the adapter belongs to")
@@ -88,25 +88,6 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
             raise
         raise LoramError(_mismatch_message(str(e), adapter, adapter_dir, adapter_cfg, source.id)) from e
     return peft_model, adapter_dir, source
-
-
-def read_adapter_config(adapter_dir: Path) -> dict:
-    """adapter_config.json as a dict, and the adapter's weights as safetensors (peft would fall back to
-    torch.load of an adapter_model.bin, which is pickle): one LoramError otherwise."""
-    path = adapter_dir / "adapter_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LoramError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); re-download or re-create the "
-                         "adapter") from e
-    if not isinstance(config, dict):
-        raise LoramError(f"{path} must hold a JSON object; re-download or re-create the adapter")
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        pickles = sorted(p.name for p in adapter_dir.glob("adapter_model.*") if p.suffix in (".bin", ".pt", ".pth"))
-        found = f" (only {', '.join(pickles)}: LoRAM never loads pickle)" if pickles else ""
-        raise LoramError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}{found}; save the adapter as safetensors "
-                         "(peft's save_pretrained does by default)")
-    return config
 
 
 _MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "

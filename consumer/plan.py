@@ -49,7 +49,7 @@ from loram.publisher_table import print_publisher
 from loram.shared.architectures import DEFAULT_RATIO, ratio_options
 from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, first_line
 from loram.shared.hub import endpoint_option, revision_option
 from loram.shared.manifest import KINDS
 from loram.shared.pruned_model import is_pruned_config, original_config, param_count
@@ -169,7 +169,7 @@ def _hub_config(repo_id: str, revision: str | None, endpoint: str | None) -> Pat
     try:
         return Path(hf_hub_download(repo_id, "config.json", revision=revision, endpoint=endpoint))
     except (OSError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise LoramError(f"cannot fetch config.json of {repo_id!r} from the Hub: {reason}") from e
     finally:
         retries.setLevel(level)

@@ -35,14 +35,18 @@ from loram.memory_plan import (
     layer_dims,
     parse_bytes,
 )
-from loram.shared.architectures import PRUNED_MODULES, Shape
+from loram.shared.architectures import (
+    PRUNED_MODULES,
+    TAYLOR_CALIB_BATCH,
+    TAYLOR_CALIBRATION,
+    TAYLOR_HEAD_CHUNK,
+    Shape,
+)
 from loram.shared.errors import LoramError
 from loram.shared.pruned_model import meta_model
 
-# Taylor's chunking (loram.publisher.importance.taylor, which the consumer does not import; a test compares them).
-HEAD_CHUNK = 64  # positions per vocabulary-projection chunk
-CALIB_BATCH = 4  # calibration rows per forward/backward chunk (`loram publish prune --calib-batch`)
-CALIBRATION = (32, 128)  # Taylor's calibration defaults of `loram publish prune`: samples x tokens
+# Taylor's chunking and calibration defaults, as `loram publish prune` uses them.
+HEAD_CHUNK, CALIB_BATCH, CALIBRATION = TAYLOR_HEAD_CHUNK, TAYLOR_CALIB_BATCH, TAYLOR_CALIBRATION
 ADAM_BYTES = 8  # two fp32 moments per trained parameter (AdamW, fused: no per-step temporaries)
 REDUCE_BYTES = 4  # FSDP2 reduce-scatters gradients in fp32
 MAX_DEVICES = 1024

@@ -33,6 +33,7 @@ from loram.shared.hub import endpoint_option, resolve_model, revision_option, ve
 from loram.shared.manifest import Manifest, sha256_file
 from loram.shared.model_cards import adapter_card
 from loram.shared.outputs import atomic_output_dir
+from loram.shared.pruned_model import PICKLE_SUFFIXES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -66,14 +67,28 @@ class RecoverResult:
     original: str  # base_model_name_or_path of the recovered adapter
 
 
-def read_adapter_config(folder: Path) -> dict:
+def adapter_config_json(folder: Path) -> dict:
+    """A peft adapter folder's adapter_config.json as a dict, its weights being safetensors (peft would fall
+    back to torch.load of an adapter_model.bin, which is pickle): one LoramError otherwise."""
+    path = folder / ADAPTER_CONFIG
     try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise LoramError(f"{folder / ADAPTER_CONFIG} is not valid JSON ({str(e).splitlines()[0]}); re-download or "
-                         "re-create the adapter") from e
+        raise LoramError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); re-download or re-create the "
+                         "adapter") from e
     if not isinstance(config, dict):
-        raise LoramError(f"{folder / ADAPTER_CONFIG} must hold a JSON object; re-download or re-create the adapter")
+        raise LoramError(f"{path} must hold a JSON object; re-download or re-create the adapter")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        pickles = sorted(p.name for p in folder.glob("adapter_model.*") if p.suffix in PICKLE_SUFFIXES)
+        found = f" (only {', '.join(pickles)}: LoRAM never loads pickle)" if pickles else ""
+        raise LoramError(f"{folder} has no {ADAPTER_WEIGHTS}{found}; save the adapter as safetensors "
+                         "(peft's save_pretrained does by default)")
+    return config
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """`adapter_config_json`, for a LoRA adapter (the kind recovery can expand)."""
+    config = adapter_config_json(folder)
     if config.get("peft_type") != "LORA":
         raise LoramError(f"{folder} holds a {config.get('peft_type')} adapter; LoRAM recovers LoRA adapters only")
     if config.get("use_dora"):
@@ -122,8 +137,6 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     cfg = config or RecoverConfig.resolve(**kwargs)
     folder = resolve_model(cfg.adapter, cfg.revision, cfg.endpoint, ADAPTER_CONFIG, "peft adapter").path
     adapter_config = read_adapter_config(folder)
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise LoramError(f"{folder} has no {ADAPTER_WEIGHTS}")
     pruned_dir, manifest = pruned_manifest(adapter_config, cfg.endpoint, cfg.verify)
     arch = manifest.architecture
     gen = torch.Generator().manual_seed(cfg.seed)

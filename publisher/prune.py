@@ -34,6 +34,7 @@ from loram.publisher.structured import select_kept, slice_layers_
 from loram.shared.architectures import (
     DEFAULT_RATIO,
     PRUNED_MODULES,
+    TAYLOR_CALIBRATION,
     Shape,
     family_of,
     parse_layer_range,
@@ -67,7 +68,7 @@ SCORES_FILE = "importance.safetensors"
 
 # Calibration defaults (samples x tokens): Taylor as measured in docs/method.md §9; Wanda and SparseGPT
 # as their reference implementations (128 x 2048). On a CPU, `--samples 32 --seq-len 256` is enough.
-CALIBRATION_DEFAULTS = {"taylor": (32, 128), "wanda": (128, 2048), "sparsegpt": (128, 2048)}
+CALIBRATION_DEFAULTS = {"taylor": TAYLOR_CALIBRATION, "wanda": (128, 2048), "sparsegpt": (128, 2048)}
 METHODS = STRUCTURED_CRITERIA + NONSTRUCTURED_CRITERIA
 
 

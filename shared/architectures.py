@@ -156,6 +156,10 @@ class Shape:
 
 
 DEFAULT_RATIO = 0.5  # the structured pruning ratio when none is given (`publish prune`, `plan`, `demo`)
+# Taylor pruning's working sizes: `publish prune` computes with them, `plan` estimates the memory they take.
+TAYLOR_CALIBRATION = (32, 128)  # default calibration: samples x tokens
+TAYLOR_CALIB_BATCH = 4  # calibration rows per forward/backward chunk (the scores do not depend on it)
+TAYLOR_HEAD_CHUNK = 64  # positions per vocabulary-projection chunk
 
 
 def ratio_options():

@@ -40,11 +40,13 @@ from transformers.training_args import ParallelMode
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 from loram.shared.errors import LoramError
+from loram.shared.pruned_model import PICKLE_SUFFIXES as WEIGHT_PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"  # `.checkpoint-N.partial`: hidden, and never matched by `checkpoint-*`
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".distcp", ".metadata")  # DCP's default
+# pickle weights, plus torch.distributed.checkpoint's default (pickled) files
+PICKLE_SUFFIXES = (*WEIGHT_PICKLE_SUFFIXES, ".distcp", ".metadata")
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint, as in stock Trainer
 
 # Tags for what JSON cannot hold natively; a state dict key never starts with "__".

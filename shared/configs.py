@@ -74,6 +74,19 @@ def _plural(tp) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
+def _number(tp: type, value):
+    """`value` as an int or a float: numbers (an int only from a whole float) and numeric strings; never a bool."""
+    if not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value.strip())
+            except ValueError:
+                pass
+    raise _Refused("a whole number" if tp is int else "a number", value)
+
+
 def _read(tp, value, choices=None):
     """`value` as a `tp` (already stripped of Optional), or `_Refused`."""
     if tp is bool:
@@ -82,26 +95,8 @@ def _read(tp, value, choices=None):
         if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
             return value.strip().lower() in TRUE_WORDS
         raise _Refused("true or false (or yes/no, on/off, 1/0)", value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise _Refused("a whole number", value)
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise _Refused("a number", value)
+    if tp in (int, float):
+        return _number(tp, value)
     if tp is str:
         if isinstance(value, os.PathLike):  # a folder given as a Path in the Python API
             value = os.fspath(value)

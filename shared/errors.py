@@ -10,10 +10,22 @@ class LoramError(Exception):
     """A user-facing error: its message is printed as a single line, never with a traceback."""
 
 
-def warn(message: str) -> None:
-    """Something the user should know but need not fix: one `warning: ...` line on stderr (rank 0 only)."""
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of `error`'s message (its type name if it has none), at most `limit`
+    characters: messages from deep inside a library can run for pages, and ours are one line."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def say(line: str) -> None:
+    """One line on stderr, from the first process only (every rank of a torchrun job runs the same code)."""
     import os
     import sys
 
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """Something the user should know but need not fix: one `warning: ...` line on stderr (rank 0 only)."""
+    say(f"warning: {message}")

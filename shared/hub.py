@@ -218,13 +218,12 @@ def _manifest_hashes(folder: Path) -> dict[str, str]:
         raise LoramError(f"{MANIFEST_JSON} in {folder} is malformed ({type(e).__name__}: {e})") from e
 
 
-def _git_blob_id_of(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _git_blob_id(path: Path) -> str:
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
+def _git_blob_id(src: Path | bytes) -> str:
+    """The git blob id (sha1 of "blob SIZE\\0" + content) of a file or of bytes."""
+    if isinstance(src, bytes):
+        return hashlib.sha1(b"blob %d\0" % len(src) + src).hexdigest()
+    digest = hashlib.sha1(b"blob %d\0" % src.stat().st_size)
+    with open(src, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -319,7 +318,7 @@ def _same_content(tree: dict, files: dict[str, Path | bytes]) -> bool:
             local = sha256_file(src) if isinstance(src, Path) else hashlib.sha256(src).hexdigest()
             expected = remote.lfs.sha256
         else:
-            local = _git_blob_id(src) if isinstance(src, Path) else _git_blob_id_of(src)
+            local = _git_blob_id(src)
             expected = remote.blob_id
         if local != expected:
             return False

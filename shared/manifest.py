@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index, layer_module
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, first_line
 from loram.shared.outputs import atomic_file
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_JSON", "MANIFEST_TENSORS", "BaseModelInfo", "Calibration", "Manifest",
@@ -339,7 +339,7 @@ def _read(root: Path) -> Manifest:
                 raise LoramError(f"layer {i}: kept counts in {MANIFEST_JSON} ({entry['kept_kv_heads']} KV heads, "
                                  f"{entry['kept_mlp_channels']} MLP channels) do not match {MANIFEST_TENSORS}")
     except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise LoramError(f"{path} is malformed ({type(e).__name__}: {_first_line(e)})") from e
+        raise LoramError(f"{path} is malformed ({type(e).__name__}: {first_line(e)})") from e
     if tensors:
         raise LoramError(f"{MANIFEST_TENSORS} holds tensors {MANIFEST_JSON} does not list: {', '.join(sorted(tensors))}")
     return manifest
@@ -350,10 +350,6 @@ def _files(files) -> dict[str, str]:
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise TypeError("'files' must map file names to sha256 strings")
     return files
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _check_indices(layer: int, what: str, idx: torch.Tensor, size: int) -> None:

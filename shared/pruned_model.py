@@ -14,26 +14,24 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedConfig
 
 from loram.shared.architectures import PRUNED_TO_STOCK, Shape, family_of
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, first_line
 
 if TYPE_CHECKING:
     from loram.shared.manifest import Manifest
 
-__all__ = ["build_pruned_config", "check_model_folder", "check_pruned_checkpoint", "check_weights", "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model",
-           "original_config", "param_count", "read_config_json", "register", "save_pruned_checkpoint", "weight_files"]
+__all__ = ["build_pruned_config", "check_model_folder", "check_pruned_checkpoint", "check_weights", "from_pretrained",
+           "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model", "original_config",
+           "param_count", "read_config_json", "register", "save_pruned_checkpoint", "weight_files"]
 
 # Keys of a stock config dict that must not be copied into the pruned type's config.
 _NOT_COPIED = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # the Hub's customary shard size; many tools download shards in parallel
-
-
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 # Weight formats the loader refuses: pickle (.bin/.pt/.pth/.ckpt can run code when read) and other frameworks'
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack")
 TO_SAFETENSORS = ("convert it to safetensors first, in an environment you trust: "
                   "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)` writes model.safetensors")
-
 
 
 def register() -> None:
@@ -42,6 +40,7 @@ def register() -> None:
     from loram.shared.modeling_loram import register as _register
 
     _register()
+
 
 def from_pretrained(path, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` for stock and LoRAM checkpoints alike.
@@ -64,7 +63,7 @@ def from_pretrained(path, **kwargs):
         return AutoModelForCausalLM.from_pretrained(path, **{"trust_remote_code": False, **kwargs,
                                                              "use_safetensors": True})
     except SafetensorError as e:
-        raise LoramError(f"{path}: a weight file is not a complete safetensors file ({_first_line(e)}): it is "
+        raise LoramError(f"{path}: a weight file is not a complete safetensors file ({first_line(e)}): it is "
                          "truncated or corrupted; re-download the model") from e
     except RuntimeError as e:
         if "mismatch" not in str(e):
@@ -72,7 +71,7 @@ def from_pretrained(path, **kwargs):
         raise LoramError(f"{path}: the weights do not match config.json (size mismatch); the checkpoint is "
                          "corrupted or its config.json was edited: re-download it") from e
     except (OSError, ValueError) as e:
-        raise LoramError(f"cannot load the model in {path}: {_first_line(e)}") from e
+        raise LoramError(f"cannot load the model in {path}: {first_line(e)}") from e
 
 
 def load_config(path, **kwargs) -> PreTrainedConfig:
@@ -98,7 +97,7 @@ def load_config(path, **kwargs) -> PreTrainedConfig:
         return AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # the config class's own checks
         raise LoramError(f"{folder / 'config.json'} is not a config this model type accepts "
-                         f"({_first_line(e)}); re-download the model or repair the file") from e
+                         f"({first_line(e)}); re-download the model or repair the file") from e
 
 
 def load_tokenizer(path, **kwargs):
@@ -110,11 +109,6 @@ def load_tokenizer(path, **kwargs):
     if Path(path).is_dir():
         check_model_folder(Path(path))
     return AutoTokenizer.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
-
-
-def _first_line(e: BaseException) -> str:
-    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def read_config_json(folder: str | Path) -> dict:
@@ -166,7 +160,7 @@ def weight_files(folder: str | Path) -> list[Path]:
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise LoramError(f"{index} is not a valid safetensors index ({_first_line(e)}); re-download the "
+            raise LoramError(f"{index} is not a valid safetensors index ({first_line(e)}); re-download the "
                              "model") from e
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
@@ -199,7 +193,7 @@ def check_weights(folder: str | Path, config) -> None:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         except (SafetensorError, OSError) as e:
-            raise LoramError(f"{file} is not a complete safetensors file ({_first_line(e)}): it is truncated or "
+            raise LoramError(f"{file} is not a complete safetensors file ({first_line(e)}): it is truncated or "
                              "corrupted; re-download the model") from e
     if getattr(config, "quantization_config", None):
         return  # a pre-quantized checkpoint stores packed shapes
@@ -208,7 +202,7 @@ def check_weights(folder: str | Path, config) -> None:
             model = AutoModelForCausalLM.from_config(config)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise LoramError(f"{Path(folder) / 'config.json'} does not describe a model transformers can build "
-                         f"({_first_line(e)}); re-download the model or repair the file") from e
+                         f"({first_line(e)}); re-download the model or repair the file") from e
     for name, tensor in model.state_dict().items():
         if name in shapes and shapes[name] != tuple(tensor.shape):
             raise LoramError(f"{Path(folder)}: {name} is {list(shapes[name])} in the weights but config.json makes "
@@ -234,7 +228,7 @@ def check_pruned_checkpoint(folder, *, verify: bool = True) -> "Manifest | None"
         return None
     manifest = Manifest.load(root, fix=REFETCH)
     listed = dict(manifest.files)
-    read = ["config.json", "model.safetensors.index.json",
+    read = ["config.json", WEIGHTS_INDEX,
             *(p.name for p in root.glob("*.safetensors") if p.name != MANIFEST_TENSORS)]
     unlisted = sorted(name for name in read if (root / name).is_file() and name not in listed)
     if unlisted:
@@ -245,8 +239,8 @@ def check_pruned_checkpoint(folder, *, verify: bool = True) -> "Manifest | None"
     try:
         config = load_config(root)
     except (OSError, ValueError) as e:
-        raise LoramError(f"{root / 'config.json'} cannot be read ({type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0][:300]}); {REFETCH}") from e
+        raise LoramError(f"{root / 'config.json'} cannot be read ({type(e).__name__}: {first_line(e)}); "
+                         f"{REFETCH}") from e
     manifest.check_config(config, root, REFETCH)
     if verify:
         verify_hashes(root, listed, REFETCH)
@@ -321,7 +315,7 @@ def save_pruned_checkpoint(model, out_dir: str | Path, tokenizer=None,
         shutil.copyfile(modeling_loram.__file__, out / Path(modeling_loram.__file__).name)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    pickles = sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+    pickles = sorted(p.name for p in out.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise LoramError(f"refusing a checkpoint with pickle files: {', '.join(pickles)}")
     return out

@@ -24,16 +24,14 @@ refused, naming them. Options such as `--steps`, `--save-every` or `--eval-every
 
 import dataclasses
 import json
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from loram.shared.checkpoints import latest_checkpoint
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, say
 from loram.shared.outputs import atomic_file, check_writable, replace_dir, staged_files
 
 CHECKPOINTS = "checkpoints"
@@ -207,12 +205,10 @@ def training_report(cfg, source, trainer, progress, *, trainable: int, started: 
     Memory is this rank's peak (CUDA max allocated, or the process's peak RSS on CPU), and every rank's
     in rank order.
     """
-    import torch
-
     from loram.shared.progress import peak_memory_bytes
 
     state, args = trainer.state, trainer.args
-    peaks = trainer.accelerator.gather(torch.tensor([peak_memory_bytes()], device=args.device)).tolist()
+    peaks = gather_ints(peak_memory_bytes(), args.device)
     losses = [{"step": r["step"], **{k: r[k] for k in LOSS_KEYS if k in r}} for r in state.log_history if "loss" in r]
     return {
         "config": cfg.to_dict(), "model": {"id": source.id, "revision": source.revision},
@@ -239,5 +235,4 @@ def finish(folder: RunFolder, trainer, write: Callable[[Path], None], last: str 
 
 def log(tool: str, msg: str) -> None:
     """One progress line on stderr, from rank 0 only (`[loram train] ...`)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[{tool}] {msg}", file=sys.stderr, flush=True)
+    say(f"[{tool}] {msg}")

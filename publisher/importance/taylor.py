@@ -40,10 +40,9 @@ import torch
 from tqdm.auto import tqdm
 
 from loram.publisher.importance import LayerScores, add_unit_scores_
-from loram.shared.architectures import PRUNED_MODULES, Shape
+from loram.shared.architectures import PRUNED_MODULES, TAYLOR_CALIB_BATCH, TAYLOR_HEAD_CHUNK, Shape
 
-CALIB_BATCH = 4  # calibration rows per forward/backward chunk (the scores do not depend on it)
-HEAD_CHUNK = 64  # positions per vocabulary-projection chunk
+CALIB_BATCH, HEAD_CHUNK = TAYLOR_CALIB_BATCH, TAYLOR_HEAD_CHUNK  # loram.shared.architectures: `plan` counts them
 
 
 def scores(model, layers: range, calib: torch.Tensor, seed: int, batch: int = CALIB_BATCH) -> dict[int, LayerScores]:
