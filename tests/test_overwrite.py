@@ -3,7 +3,7 @@ finishes the new output before the old one goes (train and publish align: tests/
 
 
 import pytest
-from tiny_models import file_tree, run_loram, tiny_pruned_workspace
+from tiny_models import assert_left_alone, existing_output, run_loram, tiny_pruned_workspace
 
 from loram.train import train
 
@@ -31,15 +31,12 @@ BAD = {
 def test_overwrite_with_a_bad_input_keeps_the_old_output(root, tmp_path, case):
     argv, phrase = BAD[case]
     old = tmp_path / "out"
-    old.mkdir()
-    (old / "precious.txt").write_text("do not lose me")
-    before = file_tree(old)
+    before = existing_output(old)
     args = [a.replace("{root}", str(root)) if a != "OUT" else old for a in argv]
     proc = run_loram(*args, "--overwrite", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and phrase in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert file_tree(old) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
+    assert_left_alone(old, before)  # no temporary folder left behind
 
 
 def test_overwrite_replaces_a_complete_output(root, tmp_path):

@@ -138,3 +138,19 @@ def save_masked_checkpoint(folder, kind: str = "llama-mha", layers=(1, 5)) -> di
              method=Method(kind="non-structured", criterion="magnitude", sparsity=0.5, layers=list(layers)),
              masks={n: PackedMask.of(m) for n, m in masks.items()}).save(folder)
     return masks
+
+
+def existing_output(folder, text: str = "do not lose me") -> dict:
+    """Make `folder` an existing output (one file) for an `--overwrite` test; returns its `file_tree`."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir()
+    (folder / "precious.txt").write_text(text)
+    return file_tree(folder)
+
+
+def assert_left_alone(folder, before: dict) -> None:
+    """`folder` is byte for byte as `before`, and nothing else (no staging or temporary folder) is beside it."""
+    assert file_tree(folder) == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]

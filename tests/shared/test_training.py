@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from tiny_models import file_tree, run_loram, tiny_pruned_workspace
+from tiny_models import assert_left_alone, existing_output, run_loram, tiny_pruned_workspace
 
 from loram.shared.errors import LoramError
 from loram.shared.training import CHECKPOINTS, RUN_CONFIG, RunFolder, run_folder, training_arguments
@@ -77,15 +77,12 @@ TRAIN = ["--columns", "prompt=question,response=answer", "--seq-len", "32", "--s
 ])
 def test_train_overwrite_with_a_bad_input_keeps_the_old_output(checkpoint, tmp_path, model, data, extra):
     old = tmp_path / "adapter"
-    old.mkdir()
-    (old / "precious.txt").write_text("do not lose me")
-    before = file_tree(old)
+    before = existing_output(old)
     proc = run_loram("train", checkpoint / model, "--data", checkpoint / data, *TRAIN, *extra, "--out", old,
-                "--overwrite", cwd=tmp_path)
+                     "--overwrite", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
-    assert file_tree(old) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left either
+    assert_left_alone(old, before)  # no staging folder left either
 
 
 def test_train_overwrite_replaces_only_when_complete(checkpoint, tmp_path):
