@@ -113,7 +113,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     cfg = config or TrainConfig.resolve(**kwargs)
     started = time.time()
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    folder = training.pin_options(folder, cfg, RESUME_SAME)
+    folder, cfg = training.pin_options(folder, cfg, RESUME_SAME)
     if folder.resume_from is not None:
         _check_resumed_adapter(folder.resume_from, cfg)
     configure_threads()

@@ -135,7 +135,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     cfg = config or AlignConfig.resolve(**kwargs)
     started = time.time()
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, what="alignment")
-    folder = training.pin_options(folder, cfg, RESUME_SAME)
+    folder, cfg = training.pin_options(folder, cfg, RESUME_SAME)
     configure_threads()
     source = resolve_model(cfg.pruned, cfg.revision, cfg.endpoint)
     if not (source.path / MANIFEST_JSON).is_file():

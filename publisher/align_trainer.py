@@ -14,7 +14,6 @@
   ours): AdamW moves pruned weights away from zero on the first step otherwise.
 """
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,11 +22,11 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from loram.shared.architectures import family_of
 from loram.shared.checkpoints import SafeCheckpointTrainer, local_rows
 from loram.shared.errors import LoramError
 from loram.shared.manifest import PackedMask
-from loram.shared.pruned_model import is_pruned_config, save_pruned_checkpoint
+from loram.shared.pruned_model import save_pruned_checkpoint
+from loram.shared.safetensors_stream import saved_tensors
 
 
 class AlignTrainer(SafeCheckpointTrainer):
@@ -54,20 +53,10 @@ class AlignTrainer(SafeCheckpointTrainer):
         save_pruned_checkpoint(model, output_dir or self.args.output_dir, self.processing_class)
 
     def _save_sharded(self, out: Path) -> None:
-        """FSDP: the weights gathered tensor by tensor (rank 0 writes), plus what `save_pruned_checkpoint` adds."""
+        """FSDP: the weights gathered tensor by tensor (every rank; rank 0 writes) as a pruned checkpoint."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if self.args.should_save:
-            family_of(model.config)
-            if is_pruned_config(model.config):
-                from loram.shared import modeling_loram
-
-                model.config.auto_map = modeling_loram.auto_map(model.config.model_type)
-            model.config.architectures = [type(model).__name__]
-        super()._save_sharded(out)
-        if self.args.should_save and is_pruned_config(model.config):
-            from loram.shared import modeling_loram
-
-            shutil.copyfile(modeling_loram.__file__, out / Path(modeling_loram.__file__).name)
+        save_pruned_checkpoint(model, out, self.processing_class, tensors=saved_tensors(model),
+                               writer=self.args.should_save)
 
     def _write_checkpoint(self, out: Path, run_dir: Path) -> None:
         super()._write_checkpoint(out, run_dir)

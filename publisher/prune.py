@@ -30,7 +30,7 @@ from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, L
 from loram.publisher.importance.taylor import CALIB_BATCH
 from loram.publisher.layerwise import NEEDS_INPUTS, NONSTRUCTURED_CRITERIA, prune_layerwise
 from loram.publisher.sparsity import Target, parse_nm
-from loram.publisher.structured import select_kept, slice_layers_
+from loram.publisher.structured import select_kept, sliced_tensors
 from loram.shared.architectures import (
     DEFAULT_RATIO,
     PRUNED_MODULES,
@@ -243,9 +243,9 @@ def _structured(cfg, model, tokenizer, stock_config, shape: Shape, layers: range
             raise LoramError("out of memory while scoring; use a smaller --calib-batch, fewer --samples or a shorter "
                              "--seq-len, or --device-map auto to spread the model over more memory") from e
     kept = select_kept(scores, shape, attn_ratio, mlp_ratio)
-    slice_layers_(model, kept)
-    pruned = rehome(model, build_pruned_config(stock_config, {i: (len(u.kv_heads), len(u.mlp_channels))
-                                                               for i, u in kept.items()}))
+    pruned = _meta_pruned(model, build_pruned_config(stock_config, {i: (len(u.kv_heads), len(u.mlp_channels))
+                                                                     for i, u in kept.items()}))
+    tensors = sliced_tensors(model, pruned, kept)
     manifest = Manifest(
         base=base, architecture=shape,
         method=Method(kind="structured", criterion=cfg.method, ratio=cfg.base_ratio,
@@ -256,7 +256,7 @@ def _structured(cfg, model, tokenizer, stock_config, shape: Shape, layers: range
     )
 
     def write(out: Path) -> None:
-        save_pruned_checkpoint(pruned, out, tokenizer)
+        save_pruned_checkpoint(pruned, out, tokenizer, tensors=tensors)
         write_scores(out / SCORES_FILE, scores, cfg.method, calibration)
 
     result = PruneResult(Path(cfg.out), original_params, sum(p.numel() for p in pruned.parameters()),
@@ -378,18 +378,14 @@ def _score(cfg: PruneConfig, model, tokenizer, layers: range):
     return criterion(model, layers, calib, cfg.seed), calibration
 
 
-@torch.no_grad()
-def rehome(model, pruned_config):
-    """Move `model`'s (already sliced) tensors into LoRAM's per-layer class without copying them."""
+def _meta_pruned(model, pruned_config):
+    """The LoRAM per-layer model of `pruned_config` on the meta device (names, shapes, tied weights, saving
+    order), in `model`'s dtype and with its generation config: what the checkpoint is written from."""
     with torch.device("meta"):
         pruned = AutoModelForCausalLM.from_config(pruned_config, dtype=model.dtype)
-    pruned.load_state_dict(model.state_dict(), assign=True, strict=True)
-    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies)
-        owner, _, leaf = name.rpartition(".")
-        pruned.get_submodule(owner).register_buffer(leaf, buffer, persistent=False)
     pruned.tie_weights()
     pruned.generation_config = model.generation_config
-    return pruned.eval()
+    return pruned
 
 
 def write_scores(path: Path, scores: dict[int, LayerScores], criterion: str, calibration: Calibration) -> None:

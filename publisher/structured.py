@@ -1,10 +1,11 @@
-"""Structured pruning: choose the kept units from importance scores and slice the layers in place.
+"""Structured pruning: choose the kept units from importance scores and slice the layers as they are written.
 
 Per pruned layer i (docs/method.md §2): keep the top-scoring KV groups and MLP channels, by the paper's
 rounding rules, with the kept indices sorted. Slicing follows `PRUNED_MODULES`: q/k/v rows (and
-their biases) and o columns of whole KV groups; gate/up rows and down columns of channels. Each
-module is replaced by its slice one at a time, on the device it is on, so peak memory is the model
-plus one module.
+their biases) and o columns of whole KV groups; gate/up rows and down columns of channels. The
+slices are made one at a time as the checkpoint is written, on the device each weight is on, so the
+peak is the model plus one slice (slicing in place first would hold every pruned layer's kept rows
+next to the originals, which stay resident when memory-mapped).
 """
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 from loram.publisher.importance import LayerScores
 from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index, kept_kv_heads, kept_mlp_channels
 from loram.shared.errors import LoramError
+from loram.shared.safetensors_stream import LazyTensor, saved_tensors
 
 
 @dataclass
@@ -44,31 +46,48 @@ def select_kept(scores: dict[int, LayerScores], shape: Shape, attn_ratio: float,
     return {i: KeptUnits(_top(s.kv, n_kv), _top(s.mlp, n_mlp)) for i, s in sorted(scores.items())}
 
 
-@torch.no_grad()
-def _slice_linear_(linear: torch.nn.Linear, axis: str, index: torch.Tensor) -> None:
-    dim = 0 if axis == "out" else 1
-    if index.numel() == linear.weight.shape[dim]:
-        return  # nothing removed on this side
-    index = index.to(linear.weight.device)
-    linear.weight = torch.nn.Parameter(linear.weight.index_select(dim, index).contiguous(),
-                                       requires_grad=linear.weight.requires_grad)
-    if axis == "out":
-        linear.out_features = index.numel()
-        if linear.bias is not None:
-            linear.bias = torch.nn.Parameter(linear.bias.index_select(0, index).contiguous(),
-                                             requires_grad=linear.bias.requires_grad)
-    else:
-        linear.in_features = index.numel()
+def _slice(source: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor | LazyTensor:
+    if index.numel() == source.shape[dim]:
+        return source.detach()  # nothing removed on this side
+
+    def make() -> torch.Tensor:
+        with torch.no_grad():
+            return source.detach().index_select(dim, index.to(source.device)).contiguous()
+
+    shape = list(source.shape)
+    shape[dim] = index.numel()
+    return LazyTensor(tuple(shape), source.dtype, make)
 
 
-def slice_layers_(model: torch.nn.Module, kept: dict[int, KeptUnits]) -> None:
-    """Physically remove the pruned rows/columns from `model`'s decoder layers, in place."""
+def sliced_tensors(model: torch.nn.Module, pruned: torch.nn.Module,
+                   kept: dict[int, KeptUnits]) -> list[tuple[str, torch.Tensor | LazyTensor]]:
+    """The weights of the pruned checkpoint, in `pruned`'s (a meta-device model of the pruned config) saving
+    order: each kept block of `model` a LazyTensor that slices it when written, every other tensor `model`'s
+    own. Nothing is copied here, so writing them one at a time keeps the peak at the model plus one slice."""
     shape = Shape.of(model.config)
     layers = model.get_decoder().layers
+    slices: dict[int, tuple[int, torch.Tensor]] = {}  # id(original tensor) -> (dim, kept index)
     for i, units in kept.items():
         for spec in PRUNED_MODULES:
             index = kept_index(shape, spec, units.kv_heads, units.mlp_channels)
-            _slice_linear_(layers[i].get_submodule(spec.path), spec.axis, index)
+            linear = layers[i].get_submodule(spec.path)
+            slices[id(linear.weight)] = (0 if spec.axis == "out" else 1, index)
+            if spec.axis == "out" and linear.bias is not None:
+                slices[id(linear.bias)] = (0, index)
+    originals = model.state_dict(keep_vars=True)
+    items = []
+    for name, target in saved_tensors(pruned):
+        source = originals.get(name)
+        if source is None:
+            raise LoramError(f"internal error: the pruned model has {name}, the original has not")
+        if id(source) in slices:
+            items.append((name, _slice(source, *slices[id(source)])))
+        else:
+            items.append((name, source.detach()))
+        if tuple(items[-1][1].shape) != tuple(target.shape):
+            raise LoramError(f"internal error: {name} would be {list(items[-1][1].shape)}, the pruned config "
+                             f"says {list(target.shape)}")
+    return items
 
 
 @torch.no_grad()

@@ -292,23 +292,45 @@ def build_pruned_config(stock_config: PreTrainedConfig, kept: dict[int, tuple[in
 
 
 def save_pruned_checkpoint(model, out_dir: str | Path, tokenizer=None,
-                           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+                           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, tensors=None, writer: bool = True) -> Path:
     """Write `model` (and `tokenizer`) as a checkpoint that loads with or without the `loram` package.
 
     safetensors weights (sharded above `max_shard_size`, tied embeddings stored once), `config.json`
     with an `auto_map` for `trust_remote_code=True`, and a copy of `modeling_loram.py`. A stock model
     (non-structured pruning keeps the stock architecture) is saved as is. The manifest is the caller's.
+
+    With `tensors` (name, tensor) pairs in `save_pretrained`'s order, the weights are those, written one at
+    a time (`safetensors_stream`): `model` then only gives the config (it may live on the meta device), a
+    tensor may be a DTensor (every rank calls this; only `writer` writes) or a LazyTensor (structured
+    pruning's slices, made as they are written).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = model.config
     family_of(config)  # refuses unsupported families with the list of supported ones
     pruned = is_pruned_config(config)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     if pruned:
         from loram.shared import modeling_loram
 
         config.auto_map = modeling_loram.auto_map(config.model_type)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
+    if tensors is None:
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+    else:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        from loram.shared.safetensors_stream import write_safetensors_streamed
+
+        write_safetensors_streamed(tensors, out, max_shard_bytes=convert_file_size_to_int(max_shard_size),
+                                   writer=writer)
+        if writer:  # what save_pretrained writes next to the weights
+            config.architectures = [type(model).__name__]
+            config.dtype = str(model.dtype).split(".")[1]
+            config.save_pretrained(out)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(out)
+    if not writer:
+        return out
     if pruned:
         # save_pretrained already copies the file that defines the model's class; copying ours makes the
         # checkpoint carry this SDK's version even when the model itself was loaded as remote code.

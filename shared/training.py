@@ -2,7 +2,7 @@
 pre-training): one place for what a training recipe does around the Trainer.
 
     folder = run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)   # checks only, removes nothing
-    folder = pin_options(folder, cfg, RESUME_SAME)                             # --resume: same data, lr...?
+    folder, cfg = pin_options(folder, cfg, RESUME_SAME)                        # --resume: same data, lr, global batch?
     ... every input checked, model and data loaded ...
     args = training_arguments(folder, max_steps=..., batch=..., ...)           # the shared defaults
     trainer = SomeSafeCheckpointTrainer(model, args, ..., callbacks=[progress])
@@ -19,7 +19,9 @@ midway leaves the old output untouched (its staging folder is removed by the nex
 
 Resuming. A fresh run records the options a resumed run must share (data, learning rate, LoRA shape...)
 in `checkpoints/run_config.json` (`pin_options`, written by `begin`); `--resume` with other values is
-refused, naming them. Options such as `--steps`, `--save-every` or `--eval-every` may change.
+refused, naming them. Options such as `--steps`, `--save-every` or `--eval-every` may change. The global
+batch (--batch x --grad-accum x processes) is pinned rather than its factors, so a run can resume on
+another number of processes (`--grad-accum` is adjusted to keep it).
 """
 
 import dataclasses
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loram.shared.checkpoints import latest_checkpoint
-from loram.shared.errors import LoramError, say
+from loram.shared.errors import LoramError, say, warn
 from loram.shared.outputs import atomic_file, check_writable, replace_dir, staged_files
 
 CHECKPOINTS = "checkpoints"
@@ -79,30 +81,68 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
     return RunFolder(out, out)
 
 
-def pin_options(folder: RunFolder, cfg, names) -> RunFolder:
+def world_size() -> int:
+    """Processes in this run, as torchrun / accelerate launch announce them (before the process group starts)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def global_batch(cfg, processes: int | None = None) -> int:
+    """Sequences per optimizer step: --batch (per process) x --grad-accum x processes."""
+    return cfg.batch * cfg.grad_accum * (world_size() if processes is None else processes)
+
+
+def pin_options(folder: RunFolder, cfg, names):
     """Options `names` of `cfg` must not change across `--resume`: on a resumed run compare them with the
     ones its first run recorded (LoramError naming every one that differs); on a fresh run return the folder
     with them, for `begin` to record in `checkpoints/run_config.json`. A run recorded before this file
-    existed is resumed unchecked."""
+    existed is resumed unchecked. Returns (folder, cfg).
+
+    The global batch (`global_batch`) is pinned instead of --batch and --grad-accum: a run resumed on another
+    number of processes keeps it, taking the --grad-accum that makes it up (said on stderr), or is refused
+    when no whole --grad-accum does; --batch and --grad-accum may change when their product stays."""
     from loram.shared.configs import flag_name
 
-    values = {name: _comparable(getattr(cfg, name)) for name in names}
+    values = {name: _comparable(getattr(cfg, name)) for name in names if name not in ("batch", "grad_accum")}
     if folder.resume_from is None:
-        return dataclasses.replace(folder, pinned=values)
+        return dataclasses.replace(folder, pinned={**values, "global_batch": global_batch(cfg)}), cfg
     path = folder.checkpoints / RUN_CONFIG
     try:
         saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         saved = {}
+    if "global_batch" not in saved:  # recorded before the global batch was: its --batch/--grad-accum stay
+        values.update({n: getattr(cfg, n) for n in ("batch", "grad_accum")})
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    differ = [n for n in names if n in saved and saved[n] != values[n]]
+    differ = [n for n in values if n in saved and saved[n] != values[n]]
     if differ:
         details = "; ".join(f"{flag_name(fields[n])} {_shown(saved[n])} -> {_shown(values[n])}" for n in differ)
         verb = "differs" if len(differ) == 1 else "differ"
         raise LoramError(f"--resume: {', '.join(flag_name(fields[n]) for n in differ)} {verb} from the run being "
                          f"resumed in {folder.out} ({details}); resume with the values it was started with, or "
                          f"start a new run (another --out, or --overwrite)")
-    return folder
+    return folder, _keep_global_batch(cfg, saved.get("global_batch"))
+
+
+def _keep_global_batch(cfg, wanted: int | None):
+    """`cfg` with the --grad-accum that keeps the resumed run's global batch `wanted` on this many processes."""
+    if wanted is None or global_batch(cfg) == wanted:
+        return cfg
+    processes = world_size()
+    per_step = cfg.batch * processes
+    if wanted % per_step:
+        raise LoramError(f"--resume: the run being resumed has a global batch of {wanted} sequences per step; "
+                         f"{processes} process(es) x --batch {cfg.batch} cannot make it up with a whole "
+                         f"--grad-accum; choose --batch and --grad-accum with batch x grad-accum x processes = "
+                         f"{wanted}")
+    accum = wanted // per_step
+    warn(f"resuming on {processes} process(es): --grad-accum {cfg.grad_accum} -> {accum} keeps the global "
+        f"batch of {wanted} (--batch {cfg.batch} per process)")
+    return dataclasses.replace(cfg, grad_accum=accum)
 
 
 def _comparable(value):

@@ -142,11 +142,14 @@ def test_kill_9_then_resume_reproduces_the_run_and_resumes_on_one_process(root):
     assert all(torch.equal(a[k], b[k]) for k in a)  # final weights equal
     _no_pickle(root / "killed")
 
-    # --batch is per process and pinned: on one process the global batch is 2 (a resumed run may not change it)
-    _run([*_cmd(root, "killed-1", 1, "--eval-data", str(root / "text.txt"), "--eval-limit", "4", "--eval-every",
-                "2", batch=2), "--resume"])
+    # the global batch is pinned: resumed on one process with the same --batch 2, --grad-accum becomes 2
+    resumed_on_one = _run([*_cmd(root, "killed-1", 1, "--eval-data", str(root / "text.txt"), "--eval-limit", "4",
+                                 "--eval-every", "2", batch=2), "--resume"])
+    assert ("warning: resuming on 1 process(es): --grad-accum 1 -> 2 keeps the global batch of 4 (--batch 2 per "
+            "process)") in resumed_on_one.stderr
     report = _report(root / "killed-1")
     assert report["world_size"] == 1 and report["steps"] == 6 and report["fsdp"]["mesh_sizes"] == [1]
+    assert report["record"]["global_batch"] == 4 and report["config"]["grad_accum"] == 2
     losses = _losses(root / "killed-1")
     assert losses[-1] == pytest.approx(full[-1], rel=0.05)  # same weights and optimizer state; new RNG only
     verify_files(root / "killed-1")

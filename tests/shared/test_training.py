@@ -119,3 +119,70 @@ def test_align_overwrite_with_a_bad_input_keeps_the_old_output(checkpoint, tmp_p
     assert not (old / "precious.txt").exists() and (old / "loram_manifest.json").is_file()
     assert (old / CHECKPOINTS / "checkpoint-1" / "loram_manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned"]
+
+
+def _pinned_run(tmp_path, monkeypatch, processes: int, **options):
+    """A fresh run of a tiny align config on `processes`, its options pinned, then a checkpoint to resume."""
+    from loram.publisher.align import RESUME_SAME, AlignConfig
+    from loram.shared.training import begin, pin_options
+
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    cfg = AlignConfig(pruned="p", data=["wiki"], steps=4, seq_len=8, out=tmp_path / "run", **options)
+    folder, same = pin_options(run_folder(cfg.out, resume=False, overwrite=False), cfg, RESUME_SAME)
+    assert same is cfg and folder.pinned["global_batch"] == cfg.batch * cfg.grad_accum * processes
+
+    class _Accelerator:
+        def wait_for_everyone(self):
+            pass
+
+    class _Trainer:
+        accelerator, args = _Accelerator(), type("A", (), {"process_index": 0, "should_save": True})()
+
+    begin(folder, _Trainer())
+    (folder.checkpoints / "checkpoint-2").mkdir()
+    (folder.checkpoints / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    return cfg
+
+
+def _resume(cfg, monkeypatch, processes: int, **changes):
+    import dataclasses
+
+    from loram.publisher.align import RESUME_SAME
+    from loram.shared.training import pin_options
+
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    again = dataclasses.replace(cfg, resume=True, **changes)
+    return pin_options(run_folder(again.out, resume=True, overwrite=False), again, RESUME_SAME)[1]
+
+
+def test_resume_on_fewer_processes_keeps_the_global_batch(tmp_path, monkeypatch, capfd):
+    cfg = _pinned_run(tmp_path, monkeypatch, 4, batch=2, grad_accum=1)  # global batch 8
+    assert json.loads((tmp_path / "run" / CHECKPOINTS / RUN_CONFIG).read_text())["global_batch"] == 8
+    assert _resume(cfg, monkeypatch, 4).grad_accum == 1
+    assert capfd.readouterr().err == ""
+    resumed = _resume(cfg, monkeypatch, 1)
+    assert (resumed.batch, resumed.grad_accum) == (2, 4)
+    assert capfd.readouterr().err == ("warning: resuming on 1 process(es): --grad-accum 1 -> 4 keeps the global "
+                                      "batch of 8 (--batch 2 per process)\n")
+    assert _resume(cfg, monkeypatch, 2, batch=1, grad_accum=4).grad_accum == 4  # same product: accepted as given
+    assert _resume(cfg, monkeypatch, 1, batch=8).grad_accum == 1
+
+
+def test_resume_that_cannot_keep_the_global_batch_is_refused(tmp_path, monkeypatch):
+    cfg = _pinned_run(tmp_path, monkeypatch, 2, batch=2, grad_accum=1)  # global batch 4
+    with pytest.raises(LoramError) as e:
+        _resume(cfg, monkeypatch, 3)
+    assert str(e.value) == ("--resume: the run being resumed has a global batch of 4 sequences per step; 3 "
+                            "process(es) x --batch 2 cannot make it up with a whole --grad-accum; choose --batch and "
+                            "--grad-accum with batch x grad-accum x processes = 4")
+    with pytest.raises(LoramError, match="--lr differs from the run being resumed"):
+        _resume(cfg, monkeypatch, 2, lr=1e-3)
+
+
+def test_a_run_pinned_before_the_global_batch_keeps_its_batch(tmp_path, monkeypatch):
+    cfg = _pinned_run(tmp_path, monkeypatch, 1, batch=2)
+    path = tmp_path / "run" / CHECKPOINTS / RUN_CONFIG
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "global_batch"} | {"batch": 2, "grad_accum": 1}))
+    with pytest.raises(LoramError, match=r"--batch differs from the run being resumed .*--batch 2 -> 4"):
+        _resume(cfg, monkeypatch, 1, batch=4)
