@@ -34,6 +34,8 @@ def _gpu() -> bool:
 BENCHMARKS = {
     "prune_taylor": ([], lambda d: f"Taylor prune {d['time_ratio']}x the time and {d['peak_ratio']}x the peak of one "
                                    "forward+backward over the calibration"),
+    "fsdp_load": ([], lambda d: f"FSDP load over {d['processes']} processes: peak per process {d['peak_ratio']}x "
+                                f"loading the whole model first, same shards: {d['same_shards']}"),
     "prune_quality": ([], lambda d: "held-out PPL relative to dense: " + ", ".join(
         f"{r['method']}{'' if r['seed'] in ('-', 0) else ' s' + str(r['seed'])} {r['relative']}x"
         for r in d["rows"][1:])),

@@ -126,6 +126,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     from loram.shared.progress import TrainingProgress
     from loram.shared.pruned_model import (
         check_pruned_checkpoint,
+        empty_model,
         from_pretrained,
         load_config,
         load_tokenizer,
@@ -155,8 +156,9 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
 
     train_set = mixture(cfg.sources, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_buffer)
     eval_set = eval_blocks(cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_limit) if cfg.eval_data else None
-    teacher = _load_teacher(cfg, manifest, model_config) if cfg.distill_from else None
-    model = from_pretrained(source.path, dtype=torch.float32)
+    teacher, teacher_path = _load_teacher(cfg, manifest, model_config) if cfg.distill_from else (None, None)
+    # FSDP: every process builds the model empty and later reads only its shards' rows (no full copy per process)
+    model = (empty_model if cfg.fsdp else from_pretrained)(source.path, dtype=torch.float32)
     frozen = _freeze_lm_head(model) if cfg.freeze_lm_head else []
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reshard = _accelerate_fsdp_options(cfg)  # before the Trainer's accelerator reads the environment
@@ -170,9 +172,11 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     if cfg.fsdp:
         from loram.publisher.align_trainer import shard_model
 
-        sharding = shard_model(model, device=args.device, bf16=args.bf16, reshard_after_forward=reshard)
+        sharding = shard_model(model, device=args.device, bf16=args.bf16, reshard_after_forward=reshard,
+                               weights=source.path)
         if teacher is not None:  # sharded the same way: 1/N of the teacher per rank, gathered layer by layer
-            shard_model(teacher, device=args.device, bf16=args.bf16, reshard_after_forward=True)
+            shard_model(teacher, device=args.device, bf16=args.bf16, reshard_after_forward=True,
+                        weights=teacher_path)
         sharding["local_numel_per_rank"] = training.gather_ints(sharding["local_numel"], args.device)
     keeper = MaskKeeper(model, manifest.masks) if manifest.masks else None
     _log(f"aligning {trainable:,} parameters of {source.id} on "
@@ -250,14 +254,15 @@ def _freeze_lm_head(model) -> list[str]:
 
 
 def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
-    """The original model for distillation, frozen, in fp32 (same vocabulary as the pruned model)."""
+    """The original model for distillation, frozen, in fp32 (same vocabulary as the pruned model), and its folder;
+    on the meta device with --fsdp (sharded, then read row by row from that folder, as the student)."""
     import torch
 
     from loram.shared.hub import resolve_model
-    from loram.shared.pruned_model import from_pretrained
+    from loram.shared.pruned_model import empty_model, from_pretrained
 
     source = resolve_model(cfg.distill_from, endpoint=cfg.endpoint)
-    teacher = from_pretrained(source.path, dtype=torch.float32)
+    teacher = (empty_model if cfg.fsdp else from_pretrained)(source.path, dtype=torch.float32)
     if teacher.config.vocab_size != pruned_config.vocab_size:
         raise LoramError(f"--distill-from {cfg.distill_from} has a vocabulary of {teacher.config.vocab_size}, the "
                          f"pruned model {pruned_config.vocab_size}; distill from the original model")
@@ -265,7 +270,7 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
         manifest.check_base(source.path)
     except LoramError as e:
         _log(f"warning: {e}; distilling from it anyway")
-    return teacher.requires_grad_(False).eval()
+    return teacher.requires_grad_(False).eval(), source.path
 
 
 def _record(cfg: AlignConfig, source, trainer, final: bool) -> dict:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from loram.shared.checkpoints import SafeCheckpointTrainer, local_rows
+from loram.shared.checkpoints import SafeCheckpointTrainer, local_rows, materialize_
 from loram.shared.errors import LoramError
 from loram.shared.manifest import PackedMask
 from loram.shared.pruned_model import save_pruned_checkpoint
@@ -144,11 +144,14 @@ class MaskKeeper(TrainerCallback):
 # ---- FSDP2 ----
 
 
-def shard_model(model, *, device, bf16: bool, reshard_after_forward: bool = True) -> dict:
+def shard_model(model, *, device, bf16: bool, reshard_after_forward: bool = True, weights=None) -> dict:
     """Shard `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`, the call accelerate's FSDP2 plugin
     makes): one FSDP unit per decoder layer (every LoRAM per-layer class), then the root (embeddings, final
     norm, lm_head). Parameters become DTensors sharded on dim 0 over every process; bf16 compute with fp32
-    gradient reduction when `bf16`. Returns this run's sharding, read off the parameter objects."""
+    gradient reduction when `bf16`. A model built on the meta device (`pruned_model.empty_model`) is sharded
+    as it is, then each process allocates its shards on `device` and reads their rows from the safetensors
+    in folder `weights`: no process ever holds the whole model. Returns this run's sharding, read off the
+    parameter objects."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -159,11 +162,17 @@ def shard_model(model, *, device, bf16: bool, reshard_after_forward: bool = True
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
-    model.to(device)
+    empty = any(p.is_meta for p in model.parameters())
+    if empty and weights is None:
+        raise LoramError("internal error: a model on the meta device needs the folder of its weights")
+    if not empty:
+        model.to(device)
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if empty:
+        materialize_(model, device, weights)
     return sharding_record(model, units=len(layers) + 1)
 
 

@@ -444,6 +444,22 @@ def load_weights_into_shards(model, folder: str | os.PathLike) -> None:
         handles.clear()
 
 
+def materialize_(model, device, folder: str | os.PathLike) -> None:
+    """Give a model whose parameters are on the meta device (plain or sharded by `fully_shard`) its memory
+    on `device` and its weights from the safetensors in `folder`, each process reading only its shards' rows.
+    Buffers (computed at construction, not stored) are kept; tied embeddings stay one parameter."""
+    tied = (model.get_output_embeddings() is not None
+            and model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    buffers = {name: b.to(device) for name, b in model.named_buffers()}
+    model.to_empty(device=device)  # replaces buffers too, and re-creates each module's parameter
+    for name, b in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = b
+    if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    load_weights_into_shards(model, folder)
+
+
 def _optimizer_of(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 

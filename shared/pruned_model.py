@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["build_pruned_config", "check_model_folder", "check_pruned_checkpoint", "check_weights", "from_pretrained",
            "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model", "original_config",
-           "param_count", "read_config_json", "register", "save_pruned_checkpoint", "weight_files"]
+           "empty_model", "param_count", "read_config_json", "register", "save_pruned_checkpoint", "weight_files"]
 
 # Keys of a stock config dict that must not be copied into the pruned type's config.
 _NOT_COPIED = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
@@ -72,6 +72,25 @@ def from_pretrained(path, **kwargs):
                          "corrupted or its config.json was edited: re-download it") from e
     except (OSError, ValueError) as e:
         raise LoramError(f"cannot load the model in {path}: {first_line(e)}") from e
+
+
+def empty_model(path, dtype):
+    """The model of checkpoint folder `path` with its parameters on the meta device (no weight read or
+    allocated), its buffers (rotary frequencies) real, its generation config read: for FSDP, where every
+    process shards this and then reads only its shards' rows (`checkpoints.load_weights_into_shards`) instead
+    of loading the whole model first. The folder's weights are checked as `from_pretrained` checks them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    folder = Path(path)
+    config = load_config(folder)
+    check_weights(folder, config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: tied embeddings are one parameter, stored once
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 def load_config(path, **kwargs) -> PreTrainedConfig:

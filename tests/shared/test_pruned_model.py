@@ -20,6 +20,7 @@ from loram.shared.errors import LoramError
 from loram.shared.modeling_loram import LoramLlamaConfig
 from loram.shared.pruned_model import (
     build_pruned_config,
+    empty_model,
     is_pruned_config,
     layer_sizes,
     register,
@@ -265,3 +266,55 @@ def test_sharded_save_keeps_every_tensor(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = tiny_batch()
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_model_then_its_rows_is_the_loaded_model(kind, tmp_path):
+    """FSDP's load: parameters on the meta device, buffers and generation config real, then every tensor read
+    from the safetensors (`materialize_`: all rows without a process group) equals from_pretrained."""
+    from loram.shared.checkpoints import materialize_
+
+    model = pruned_model(kind)
+    model.generation_config.max_new_tokens = 7
+    save_pruned_checkpoint(model, tmp_path)
+    empty = empty_model(tmp_path, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert all(p.is_meta for p in empty.parameters())
+    assert (empty.lm_head.weight is empty.model.embed_tokens.weight) == Shape.of(model.config).tied
+    buffers = dict(empty.named_buffers())
+    assert buffers.keys() == dict(loaded.named_buffers()).keys() and buffers
+    assert all(torch.equal(b, dict(loaded.named_buffers())[n]) for n, b in buffers.items())
+    assert empty.generation_config.max_new_tokens == 7
+    materialize_(empty, "cpu", tmp_path)
+    assert (empty.lm_head.weight is empty.model.embed_tokens.weight) == Shape.of(model.config).tied
+    want, got = loaded.state_dict(), empty.eval().state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert torch.equal(empty(tiny_batch()).logits, loaded(tiny_batch()).logits)
+
+
+def test_streamed_save_is_the_saved_model(tmp_path):
+    """`save_pruned_checkpoint(..., tensors=...)` (one tensor at a time, a model on the meta device giving the
+    config) writes what save_pretrained writes: same tensors, config and generation config; sharded alike."""
+    from loram.shared.pruned_model import meta_model
+    from loram.shared.safetensors_stream import LazyTensor, saved_tensors
+
+    model = pruned_model("llama-gqa")
+    save_pruned_checkpoint(model, tmp_path / "stock", max_shard_size=20_000)
+    meta = meta_model(model.config)
+    meta.tie_weights()
+    meta.generation_config = model.generation_config
+    items = [(n, LazyTensor(tuple(t.shape), t.dtype, t.clone) if t.dim() == 2 else t) for n, t in saved_tensors(model)]
+    save_pruned_checkpoint(meta, tmp_path / "streamed", max_shard_size=20_000, tensors=items)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("config.json", "generation_config.json"):
+        want, got = (json.loads((tmp_path / d / name).read_text()) for d in ("stock", "streamed"))
+        assert want == got, name
+    shards = sorted(p.name for p in (tmp_path / "streamed").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    assert "modeling_loram.py" in {p.name for p in (tmp_path / "streamed").iterdir()}
+
+    wrong = [(n, LazyTensor((1, 2), t.dtype, t.clone)) for n, t in saved_tensors(model)]
+    with pytest.raises(LoramError, match="internal error: model.embed_tokens.weight was announced as"):
+        save_pruned_checkpoint(meta, tmp_path / "wrong", tensors=wrong)
