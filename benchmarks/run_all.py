@@ -36,6 +36,8 @@ BENCHMARKS = {
                                    "forward+backward over the calibration"),
     "fsdp_load": ([], lambda d: f"FSDP load over {d['processes']} processes: peak per process {d['peak_ratio']}x "
                                 f"loading the whole model first, same shards: {d['same_shards']}"),
+    "threads": ([], lambda d: "back-to-back prune runs, mean wall: " + ", ".join(
+        f"{k} {v} s" for k, v in d["mean_wall_s"].items())),
     "prune_quality": ([], lambda d: "held-out PPL relative to dense: " + ", ".join(
         f"{r['method']}{'' if r['seed'] in ('-', 0) else ' s' + str(r['seed'])} {r['relative']}x"
         for r in d["rows"][1:])),

@@ -26,7 +26,13 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from loram.publisher.calibration import token_blocks
-from loram.publisher.importance import NEEDS_CALIBRATION, STRUCTURED_CRITERIA, LayerScores, get_criterion
+from loram.publisher.importance import (
+    NEEDS_CALIBRATION,
+    QUERY_FOLDS,
+    STRUCTURED_CRITERIA,
+    LayerScores,
+    get_criterion,
+)
 from loram.publisher.importance.taylor import CALIB_BATCH
 from loram.publisher.layerwise import NEEDS_INPUTS, NONSTRUCTURED_CRITERIA, prune_layerwise
 from loram.publisher.sparsity import Target, parse_nm
@@ -100,6 +106,11 @@ class PruneConfig(Config):
     calib_batch: int | None = option(None, f"Taylor: calibration samples per forward/backward chunk (default "
                                            f"{CALIB_BATCH}). The scores are the same for any value; memory and "
                                            "speed are not.")
+    query_fold: str | None = option(None, "Taylor: how query heads enter the KV-group scores: strided (default; "
+                                          "head h with group h mod n_kv, LLM-Pruner's fold, measured better) or "
+                                          "coupled (head h with the group it attends with, h // G). The heads "
+                                          "removed with a group are the coupled ones either way.",
+                                    choices=QUERY_FOLDS)
     seed: int = option(0, "Seed (random criterion; any sampling).")
     scores: Path | None = option(None, "Re-prune from saved importance scores (importance.safetensors) "
                                        "instead of recalibrating.")
@@ -132,6 +143,8 @@ class PruneConfig(Config):
             if self.device_map is not None:
                 raise LoramError("--device and --device-map exclude each other: give one")
             self.compute_device  # noqa: B018  (validates --device)
+        if self.query_fold is not None and (self.method != "taylor" or self.scores is not None):
+            raise LoramError("--query-fold applies to --method taylor when it calibrates (not with --scores)")
         if self.scores is not None and not Path(self.scores).is_file():
             raise LoramError(f"--scores file {self.scores} not found")
 
@@ -201,7 +214,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     """Prune `config.base` and write the pruned checkpoint to `config.out` (see the module docstring)."""
     cfg = config or PruneConfig.resolve(**kwargs)
     started = time.time()
-    configure_threads()
+    threads = configure_threads()
     check_output_dir(cfg.out, cfg.overwrite)  # fail before any heavy work
     source = resolve_model(cfg.base, cfg.revision, cfg.endpoint)
     stock_config = load_config(source.path)
@@ -217,7 +230,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
         _check_widths(cfg.target, shape)
     if cfg.method in NEEDS_CALIBRATION + NEEDS_INPUTS and cfg.scores is None:
         check_source(str(cfg.calib))  # a missing calibration file fails now, not after loading the model
-    _log(f"loading {source.id}")
+    _log(f"loading {source.id} ({threads} CPU thread{'s' if threads > 1 else ''})")
     model = _load_structured(cfg, source.path) if cfg.structured else from_pretrained(source.path, dtype="auto")
     tokenizer = _tokenizer_or_none(source.path)
     base = BaseModelInfo(source.id, source.revision, fingerprint(source.path))
@@ -374,7 +387,8 @@ def _score(cfg: PruneConfig, model, tokenizer, layers: range):
         calib, calibration = _calibration_blocks(cfg, tokenizer)
     criterion = get_criterion(cfg.method)
     if cfg.method == "taylor":
-        return criterion(model, layers, calib, cfg.seed, batch=cfg.calib_batch or CALIB_BATCH), calibration
+        return criterion(model, layers, calib, cfg.seed, batch=cfg.calib_batch or CALIB_BATCH,
+                         query_fold=cfg.query_fold or "strided"), calibration
     return criterion(model, layers, calib, cfg.seed), calibration
 
 

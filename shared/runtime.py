@@ -6,25 +6,48 @@ import torch
 
 
 def free_cores() -> int:
-    """Cores not busy with other work (`LORAM_THREADS` overrides).
+    """Threads for torch: `LORAM_THREADS`, else `OMP_NUM_THREADS`, else the cores not busy right now.
 
-    On a shared 2-core machine, asking torch for 2 threads while another process runs makes
-    gradient work 10-15x slower than 1 thread, so we count the load average out.
+    On a shared 2-core machine, asking torch for 2 threads while another process runs makes gradient
+    work 10-15x slower than 1 thread, so cores running other work are left alone. "Right now" is the
+    number of runnable threads the kernel reports (`procs_running`), its smallest value over a few
+    samples, less this process: not the 1-minute load average, which stays high for a minute after any
+    job ends (an idle machine right after an earlier run would get 1 thread of 2).
     """
-    if os.environ.get("LORAM_THREADS"):
-        value = os.environ["LORAM_THREADS"]
-        if not value.strip().isdigit() or int(value) < 1:
+    value = os.environ.get("LORAM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
             from loram.shared.errors import LoramError
 
             raise LoramError(f"LORAM_THREADS={value!r} is not a whole number >= 1; set e.g. LORAM_THREADS=2 "
                              "or unset it")
         return int(value)
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2": OpenMP's nested levels
+    if omp.isdigit() and int(omp) >= 1:  # as OpenMP itself, an unreadable value is not used
+        return int(omp)
     total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, total - busy)
+    return max(1, total - busy_cores())
+
+
+def busy_cores(samples: int = 5, interval: float = 0.01, stat: str = "/proc/stat") -> int:
+    """Threads of other processes runnable now: the kernel's `procs_running` (which counts this one too),
+    its minimum over `samples` readings `interval` seconds apart, so a process that only passes by is not
+    counted. 0 where /proc/stat is not there."""
+    import time
+
+    seen = []
+    for k in range(samples):
+        try:
+            with open(stat, encoding="ascii") as f:
+                running = next((int(line.split()[1]) for line in f if line.startswith("procs_running ")), None)
+        except OSError:
+            running = None
+        if running is None:
+            return 0
+        seen.append(running)
+        if k + 1 < samples:
+            time.sleep(interval)
+    return max(0, min(seen) - 1)
 
 
 def configure_threads() -> int:

@@ -1,5 +1,6 @@
 """One meaning per flag: a flag that several commands take has the same help and default in each."""
 
+import os
 import re
 from collections import defaultdict
 
@@ -85,6 +86,39 @@ def test_threads_from_the_environment(monkeypatch):
         monkeypatch.setenv("LORAM_THREADS", bad)
         with pytest.raises(LoramError, match=f"LORAM_THREADS='{bad}' is not a whole number >= 1"):
             free_cores()
+
+
+def test_threads_honour_omp_and_count_what_runs_now(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    from loram.shared.runtime import busy_cores
+
+    monkeypatch.delenv("LORAM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")
+    assert free_cores() == 4
+    monkeypatch.setenv("LORAM_THREADS", "1")
+    assert free_cores() == 1  # LORAM_THREADS first
+    monkeypatch.delenv("LORAM_THREADS")
+    for unread in ("", "x", "0"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unread)
+        assert 1 <= free_cores() <= (os.cpu_count() or 1)
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n")
+    assert busy_cores(samples=2, interval=0, stat=str(stat)) == 2  # this process is one of the 3
+    stat.write_text("cpu  1 2 3\n")
+    assert busy_cores(samples=1, stat=str(stat)) == 0
+    assert busy_cores(samples=1, stat=str(tmp_path / "missing")) == 0
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert busy_cores() >= 1  # a process spinning on a core now is counted
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_the_publisher_package_exports_its_recipes():

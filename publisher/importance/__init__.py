@@ -36,12 +36,15 @@ def submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module:
     return layer.get_submodule(path)
 
 
+QUERY_FOLDS = ("strided", "coupled")  # how query heads' saliences enter the KV-group scores (add_unit_scores_)
+
+
 def group_scores(layer: torch.nn.Module, shape: Shape,
-                 salience: Callable[[torch.nn.Parameter], torch.Tensor]) -> LayerScores:
+                 salience: Callable[[torch.nn.Parameter], torch.Tensor], query_fold: str = "coupled") -> LayerScores:
     """Sum an element-wise salience over every weight (and bias) of each unit's coupled group.
 
     For a module pruned along `out` the unit axis is rows (and bias entries); along `in`, columns.
-    Query-head units are folded into their KV group: query head h belongs to group h // G.
+    Query-head units are folded into KV groups by `query_fold` (`add_unit_scores_`).
     """
     scores = LayerScores.zeros(shape)
     for spec in PRUNED_MODULES:
@@ -50,20 +53,33 @@ def group_scores(layer: torch.nn.Module, shape: Shape,
         per_index = salience(module.weight).double().sum(dim=1 - dim)          # [out] or [in]
         if spec.axis == "out" and module.bias is not None:
             per_index = per_index + salience(module.bias).double()
-        add_unit_scores_(scores, shape, spec, per_index)
+        add_unit_scores_(scores, shape, spec, per_index, query_fold)
     return scores
 
 
-def add_unit_scores_(scores: LayerScores, shape: Shape, spec: PrunedModule, per_index: torch.Tensor) -> None:
+def add_unit_scores_(scores: LayerScores, shape: Shape, spec: PrunedModule, per_index: torch.Tensor,
+                     query_fold: str = "coupled") -> None:
     """Add one module's salience summed per row (`out` axis, bias entries included) or per column (`in`)
-    to the scores of the units those rows or columns belong to, in place (on the CPU, in float64)."""
+    to the scores of the units those rows or columns belong to, in place (on the CPU, in float64).
+
+    Query heads (q_proj rows, o_proj columns) enter the KV-group scores by `query_fold`:
+    - "coupled": head h counts for group h // G, the group it attends with, whose removal removes it;
+    - "strided": head h counts for group h mod n_kv, as LLM-Pruner's Taylor importance folds them (it sums
+      a module's per-channel salience over blocks of the KV width). Not the model's pairing, but measured
+      better for Taylor on SmolLM2 at every calibration size tried (docs/results.md "Structured pruning").
+    The heads removed with a group are always the coupled ones; only the score differs."""
     per_index = per_index.to("cpu", torch.float64)
     if spec.unit == "mlp":
         scores.mlp += per_index
         return
     per_head = per_index.view(-1, shape.head_dim).sum(dim=1)                   # [heads]
     if spec.unit == "q":
-        per_head = per_head.view(shape.num_kv_heads, shape.group_size).sum(dim=1)
+        if query_fold == "coupled":
+            per_head = per_head.view(shape.num_kv_heads, shape.group_size).sum(dim=1)
+        elif query_fold == "strided":
+            per_head = per_head.view(shape.group_size, shape.num_kv_heads).sum(dim=0)
+        else:
+            raise LoramError(f"unknown query fold {query_fold!r}; choose one of {', '.join(QUERY_FOLDS)}")
     scores.kv += per_head
 
 

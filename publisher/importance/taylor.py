@@ -45,8 +45,10 @@ from loram.shared.architectures import PRUNED_MODULES, TAYLOR_CALIB_BATCH, TAYLO
 CALIB_BATCH, HEAD_CHUNK = TAYLOR_CALIB_BATCH, TAYLOR_HEAD_CHUNK  # loram.shared.architectures: `plan` counts them
 
 
-def scores(model, layers: range, calib: torch.Tensor, seed: int, batch: int = CALIB_BATCH) -> dict[int, LayerScores]:
-    """calib: LongTensor [n_samples, seq_len] of calibration tokens; `batch` rows per chunk."""
+def scores(model, layers: range, calib: torch.Tensor, seed: int, batch: int = CALIB_BATCH,
+           query_fold: str = "strided") -> dict[int, LayerScores]:
+    """calib: LongTensor [n_samples, seq_len] of calibration tokens; `batch` rows per chunk; `query_fold`: how
+    query heads enter the KV-group scores (`importance.add_unit_scores_`)."""
     if len(layers) == 0:
         return {}
     shape = Shape.of(model.config)
@@ -82,7 +84,7 @@ def scores(model, layers: range, calib: torch.Tensor, seed: int, batch: int = CA
                 spare.append(delta)
                 delta = below
                 if j in scored:
-                    out[j] = _fold(scored[j], grads, shape)
+                    out[j] = _fold(scored[j], grads, shape, query_fold)
                 del grads
                 progress.update()
         progress.close()
@@ -259,12 +261,12 @@ def _backward(layer, inputs: torch.Tensor, calls: list, deltas: torch.Tensor, ba
 
 
 @torch.no_grad()
-def _fold(tensors: list, grads: dict, shape: Shape) -> LayerScores:
+def _fold(tensors: list, grads: dict, shape: Shape, query_fold: str) -> LayerScores:
     """Unit scores of one layer from its weights and their total-loss gradients (freed as they are used)."""
     out = LayerScores.zeros(shape)
     for spec, p, is_bias in tensors:
         salience = (p.float() * grads.pop(p)).abs_()
         dim = 0 if spec.axis == "out" else 1
         per_index = salience.double() if is_bias else salience.sum(dim=1 - dim, dtype=torch.float64)
-        add_unit_scores_(out, shape, spec, per_index)
+        add_unit_scores_(out, shape, spec, per_index, query_fold)
     return out

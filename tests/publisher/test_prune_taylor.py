@@ -20,7 +20,7 @@ def _calib(vocab=97, samples=7, seq_len=20, seed=1):
     return torch.randint(3, vocab, (samples, seq_len), generator=g)
 
 
-def _accumulate_then_score(model, layers: range, calib: torch.Tensor, micro_batch: int = 4):
+def _accumulate_then_score(model, layers: range, calib: torch.Tensor, micro_batch: int = 4, query_fold="strided"):
     """The previous computation: micro-batches accumulate .grad on every prunable weight of the scored
     layers through the whole model (full logits), then |W * grad| is summed per unit."""
     shape, blocks = Shape.of(model.config), model.get_decoder().layers
@@ -35,7 +35,7 @@ def _accumulate_then_score(model, layers: range, calib: torch.Tensor, micro_batc
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
                                                  reduction="sum") / n_tokens
         loss.backward()
-    out = {i: group_scores(blocks[i], shape, lambda p: (p.detach() * p.grad).abs()) for i in layers}
+    out = {i: group_scores(blocks[i], shape, lambda p: (p.detach() * p.grad).abs(), query_fold) for i in layers}
     for p in params:
         p.grad = None
         p.requires_grad_(False)
@@ -62,6 +62,9 @@ def test_scores_equal_the_accumulate_then_score_reference(kind, layers):
     for batch in (1, 3, 7):  # any chunk size gives the gradient of the loss over all calibration tokens
         _assert_same_scores_and_kept(taylor.scores(model, layers, calib, 0, batch=batch), reference,
                                      Shape.of(model.config))
+    coupled = _accumulate_then_score(model, layers, calib, query_fold="coupled")
+    _assert_same_scores_and_kept(taylor.scores(model, layers, calib, 0, batch=3, query_fold="coupled"), coupled,
+                                 Shape.of(model.config))
 
 
 def test_scores_with_per_layer_attention_masks():
@@ -176,3 +179,29 @@ def test_bad_device_options_are_clear_errors(tmp_path, kwargs, message):
     with pytest.raises(LoramError, match=message):
         prune(PruneConfig.resolve(base=str(tmp_path / "base"), out=tmp_path / "out", **kwargs))
     assert not (tmp_path / "out").exists()
+
+
+def test_query_folds_put_each_query_head_in_its_group():
+    """coupled: query head h scores KV group h // G (the group it attends with); strided: group h mod n_kv
+    (LLM-Pruner's fold). k/v rows always score their own group, o_proj columns fold like q rows."""
+    from loram.publisher.importance import LayerScores, add_unit_scores_
+
+    model = tiny_model("llama-gqa")
+    shape = Shape.of(model.config)
+    assert shape.num_kv_heads > 1 and shape.group_size > 1
+    q, o = PRUNED_MODULES[0], PRUNED_MODULES[3]
+    for spec in (q, o):
+        per_head = torch.arange(shape.num_heads, dtype=torch.float64)
+        per_index = per_head.repeat_interleave(shape.head_dim) / shape.head_dim  # head h's rows sum to h
+        for fold, owner in (("coupled", lambda h: h // shape.group_size), ("strided", lambda h: h % shape.num_kv_heads)):
+            scores = LayerScores.zeros(shape)
+            add_unit_scores_(scores, shape, spec, per_index, fold)
+            want = torch.zeros(shape.num_kv_heads, dtype=torch.float64)
+            for h in range(shape.num_heads):
+                want[owner(h)] += h
+            torch.testing.assert_close(scores.kv, want)
+    with pytest.raises(LoramError, match="unknown query fold 'x'"):
+        add_unit_scores_(LayerScores.zeros(shape), shape, q, per_index, "x")
+    for wrong in (dict(method="l2"), dict(method="taylor", scores="x")):
+        with pytest.raises(LoramError, match="--query-fold applies to --method taylor when it calibrates"):
+            PruneConfig(base="b", out="o", query_fold="coupled", **wrong)
