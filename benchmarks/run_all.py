@@ -41,6 +41,10 @@ BENCHMARKS = {
     "prune_quality": ([], lambda d: "held-out PPL relative to dense: " + ", ".join(
         f"{r['method']}{'' if r['seed'] in ('-', 0) else ' s' + str(r['seed'])} {r['relative']}x"
         for r in d["rows"][1:])),
+    "prune_quality_variants": (["--variants"], lambda d: "Taylor scorings, PPL relative to dense: " + ", ".join(
+        f"{r['calibration']} {r['scoring'].split(' (')[0]} {r['relative']}x" for r in d["rows"][:2])),
+    "prune_quality_calibration": (["--sweep"], lambda d: "Taylor PPL relative to dense by calibration: " + ", ".join(
+        f"{r['calibration']} {r['relative']}x ({r['seconds']} s)" for r in d["rows"])),
     "prune_sparse": ([], lambda d: "; ".join(
         f"{r['step']} {r['mean_layer_s']} s/layer ({r['time_vs_reference']}x ref), "
         f"{r['beyond_weights_mib']} MiB beyond weights" for r in d["rows"])),
@@ -66,7 +70,8 @@ BENCHMARKS = {
 }
 BENCHMARKS["demo"] = ([], lambda d: "; ".join(f"loram demo{' --quick' if k == 'quick' else ''}: {r['wall_s']:.0f} s"
                                               for k, r in d["runs"].items()))
-SCRIPTS = {"align_loram_effect": "loram_effect", "demo": "demo_time"}  # benchmarks run by another benchmark's script
+SCRIPTS = {"align_loram_effect": "loram_effect", "demo": "demo_time", "prune_quality_variants": "prune_quality",
+           "prune_quality_calibration": "prune_quality"}  # benchmarks run by another benchmark's script
 
 
 def _result_name(name: str, args: list[str]) -> str:
