@@ -91,7 +91,7 @@ def test_ratio_zero_gives_the_original_model(tmp_path, calib_file, kind):
     assert result.pruned_params == result.original_params
 
 
-def _brute_force_taylor(model, calib, layer):
+def _brute_force_taylor(model, calib, layer, query_fold="strided"):
     """Per-unit Taylor importance computed independently: one autograd call over all tokens, explicit loops."""
     model.zero_grad()
     logits = model(input_ids=calib).logits[:, :-1]
@@ -106,8 +106,9 @@ def _brute_force_taylor(model, calib, layer):
     hd, n_kv = cfg.head_dim, cfg.num_key_value_heads
     G = cfg.num_attention_heads // n_kv
     kv_scores = []
-    for g in range(n_kv):
-        q_rows = slice(g * G * hd, (g + 1) * G * hd)
+    for g in range(n_kv):  # the query heads scored with group g: its own (coupled), or h mod n_kv == g (strided)
+        heads = [h for h in range(G * n_kv) if (h // G if query_fold == "coupled" else h % n_kv) == g]
+        q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
         kv_rows = slice(g * hd, (g + 1) * hd)
         total = s[0][q_rows].sum() + s[1][kv_rows].sum() + s[2][kv_rows].sum() + s[3][:, q_rows].sum()
         if biases:
@@ -117,11 +118,12 @@ def _brute_force_taylor(model, calib, layer):
     return torch.stack(kv_scores), torch.stack(mlp_scores)
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "llama-mha", "qwen2"])
-def test_taylor_importance_equals_brute_force(tmp_path, calib_file, kind):
+@pytest.mark.parametrize("kind, query_fold", [("llama-gqa", None), ("llama-gqa", "coupled"), ("llama-mha", None),
+                                              ("qwen2", None), ("qwen2", "coupled")])
+def test_taylor_importance_equals_brute_force(tmp_path, calib_file, kind, query_fold):
     original = save_tiny_checkpoint(tmp_path / "base", kind)
     result = _prune(tmp_path, tmp_path / "base", method="taylor", ratio=0.5, layers="2:4",
-                    calib=str(calib_file), samples=6, seq_len=24)
+                    calib=str(calib_file), samples=6, seq_len=24, query_fold=query_fold)
     scores = load_file(str(result.out / SCORES_FILE))
     from transformers import AutoTokenizer
 
@@ -129,7 +131,7 @@ def test_taylor_importance_equals_brute_force(tmp_path, calib_file, kind):
 
     calib = token_blocks(AutoTokenizer.from_pretrained(tmp_path / "base"), str(calib_file), 6, 24)
     for layer in (2, 3):
-        kv, mlp = _brute_force_taylor(original, calib, layer)
+        kv, mlp = _brute_force_taylor(original, calib, layer, query_fold or "strided")
         torch.testing.assert_close(scores[f"layers.{layer}.kv"], kv, rtol=1e-4, atol=1e-9)
         torch.testing.assert_close(scores[f"layers.{layer}.mlp"], mlp, rtol=1e-4, atol=1e-9)
 
