@@ -48,18 +48,38 @@ def gradients(model, calib: torch.Tensor, chunk: int = 4) -> dict[str, torch.Ten
     return grads
 
 
-def _per_index(model, grads, i: int, path: str, vectorised: bool) -> torch.Tensor:
+def fisher(model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LLM-Pruner's `acc_grad` for param_mix: the mean over calibration samples of each sample's squared
+    gradient (of its own mean loss), for the decoder layers' weights."""
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    acc = {}
+    for row in calib.split(1):
+        model(input_ids=row, labels=row, use_cache=False).loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None and ".layers." in n:
+                acc[n] = acc.get(n, 0) + p.grad.detach() ** 2 / len(calib)
+        model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_disable()
+    model.eval()
+    return acc
+
+
+def _per_index(model, grads, i: int, path: str, vectorised: bool, acc=None) -> torch.Tensor:
     name = f"model.layers.{i}.{path}.weight"
-    salience = model.get_parameter(name).detach() * grads[name]
+    w = model.get_parameter(name).detach()
+    salience = w * grads[name]
+    if acc is not None:  # param_mix: first order minus half the diagonal second-order term, as LLM-Pruner
+        salience = salience - 0.5 * w * acc[name] * w
     axis = 0 if path.endswith(("o_proj", "down_proj")) else 1  # sum over each column (in) or row (out)
     return (salience.sum(axis).abs() if vectorised else salience.abs().sum(axis)).double()
 
 
-def kv_scores(model, grads, shape: Shape, i: int, modules, fold: str, vectorised: bool) -> torch.Tensor:
+def kv_scores(model, grads, shape: Shape, i: int, modules, fold: str, vectorised: bool, acc=None) -> torch.Tensor:
     n_kv, group, heads = shape.num_kv_heads, shape.group_size, shape.num_heads
     out = torch.zeros(n_kv, dtype=torch.float64)
     for m in modules:
-        per_head = _per_index(model, grads, i, f"self_attn.{m}", vectorised).view(-1, shape.head_dim).sum(1)
+        per_head = _per_index(model, grads, i, f"self_attn.{m}", vectorised, acc).view(-1, shape.head_dim).sum(1)
         if m in ("k_proj", "v_proj"):
             out += per_head
         elif fold == "strided":
@@ -71,10 +91,10 @@ def kv_scores(model, grads, shape: Shape, i: int, modules, fold: str, vectorised
     return out
 
 
-def mlp_scores(model, grads, i: int, vectorised: bool = False, float32: bool = False) -> torch.Tensor:
+def mlp_scores(model, grads, i: int, vectorised: bool = False, float32: bool = False, acc=None) -> torch.Tensor:
     """gate/up rows + down columns. `float32`: summed in float32 as LLM-Pruner's TaylorImportance does (ours
     sums in float64): the reference-style ranking."""
-    parts = [_per_index(model, grads, i, f"mlp.{m}", vectorised) for m in MLP]
+    parts = [_per_index(model, grads, i, f"mlp.{m}", vectorised, acc) for m in MLP]
     return sum(p.float() for p in parts).double() if float32 else sum(parts)
 
 
@@ -114,7 +134,8 @@ def run(model, tokenizer, windows, dense_ppl: float, budgets, log=print) -> list
     evaluate = Evaluator(model, windows)
     rows = []
     for samples, seq_len in budgets:
-        grads = gradients(model, token_blocks(tokenizer, "wiki", samples, seq_len))
+        calib = token_blocks(tokenizer, "wiki", samples, seq_len)
+        grads = gradients(model, calib)
         base_mlp = {i: mlp_scores(model, grads, i) for i in LAYERS}
         default_kept = None
         for name, (modules, fold, vectorised) in KV_VARIANTS.items():
@@ -130,6 +151,16 @@ def run(model, tokenizer, windows, dense_ppl: float, budgets, log=print) -> list
                          "kept_kv": " ".join(groups),
                          "mlp_overlap_with_default": _overlap(kept, default_kept)})
             log(rows[-1])
+        acc = fisher(model, calib)  # second order, LLM-Pruner's `param_mix`, strided fold (attention and MLP)
+        ppl, kept = evaluate({i: LayerScores(kv_scores(model, grads, shape, i, ATTN, "strided", False, acc),
+                                             mlp_scores(model, grads, i, acc=acc)) for i in LAYERS}, shape)
+        groups = ["".join(str(int(x)) for x in kept[i].kv_heads) for i in LAYERS]
+        rows.append({"calibration": f"{samples} x {seq_len}", "scoring": "q,k,v,o, strided, param_mix (second order)",
+                     "ppl": round(ppl, 2), "relative": round(ppl / dense_ppl, 2),
+                     "kv_same_as_reference": sum(a == b for a, b in zip(groups, REFERENCE_KEPT, strict=True)),
+                     "kept_kv": " ".join(groups), "mlp_overlap_with_default": _overlap(kept, default_kept)})
+        log(rows[-1])
+        del acc
         # the MLP channels: a reference-style ranking (float32 sums) against ours, attention scored the default way
         attn = {i: kv_scores(model, grads, shape, i, ATTN, "strided", False) for i in LAYERS}
         for name, mlp in MLP_VARIANTS.items():
