@@ -12,15 +12,16 @@ import torch
 
 from loram.perplexity import perplexity
 from loram.publisher.calibration import token_blocks
-from loram.publisher.importance import LayerScores
+from loram.publisher.importance import LayerScores, add_unit_scores_
 from loram.publisher.structured import select_kept, zero_pruned_contributions_
-from loram.shared.architectures import Shape
+from loram.shared.architectures import PRUNED_MODULES, PrunedModule, Shape
 
 LAYERS = range(4, 28)
 # LLM-Pruner (block-wise, param_first), 32 x 128 calibration: the KV groups it kept in layers 4..27 (issue 17)
 REFERENCE_KEPT = ["01", "01", "12", "12", "02", "12", "12", "01", "01", "01", "02", "12", "02", "02", "02", "02", "01", "01", "02", "01", "12", "12", "12", "01"]
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+SPECS = {spec.name: spec for spec in PRUNED_MODULES}
 # name -> (attention modules, query fold, vectorised); the fold is "coupled" (h // G), "strided" (h mod n_kv)
 # or "shifted" (a control: the heads of group g + 1)
 KV_VARIANTS = {
@@ -65,45 +66,45 @@ def fisher(model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
     return acc
 
 
-def _per_index(model, grads, i: int, path: str, vectorised: bool, acc=None) -> torch.Tensor:
-    name = f"model.layers.{i}.{path}.weight"
+def _per_index(model, grads, i: int, spec: PrunedModule, vectorised: bool, acc=None) -> torch.Tensor:
+    name = f"model.layers.{i}.{spec.path}.weight"
     w = model.get_parameter(name).detach()
     salience = w * grads[name]
     if acc is not None:  # param_mix: first order minus half the diagonal second-order term, as LLM-Pruner
         salience = salience - 0.5 * w * acc[name] * w
-    axis = 0 if path.endswith(("o_proj", "down_proj")) else 1  # sum over each column (in) or row (out)
+    axis = 1 if spec.axis == "out" else 0  # sum each row (out) or each column (in)
     return (salience.sum(axis).abs() if vectorised else salience.abs().sum(axis)).double()
 
 
 def kv_scores(model, grads, shape: Shape, i: int, modules, fold: str, vectorised: bool, acc=None) -> torch.Tensor:
-    n_kv, group, heads = shape.num_kv_heads, shape.group_size, shape.num_heads
-    out = torch.zeros(n_kv, dtype=torch.float64)
+    """A layer's KV-group scores from `modules`, query heads folded by the project's `add_unit_scores_`
+    ("strided" or "coupled"), or "shifted": coupled, then each group given the next group's query heads."""
+    scores = LayerScores.zeros(shape)
     for m in modules:
-        per_head = _per_index(model, grads, i, f"self_attn.{m}", vectorised, acc).view(-1, shape.head_dim).sum(1)
-        if m in ("k_proj", "v_proj"):
-            out += per_head
-        elif fold == "strided":
-            out += per_head.view(group, n_kv).sum(0)
+        spec = SPECS[m]
+        per_index = _per_index(model, grads, i, spec, vectorised, acc)
+        if fold == "shifted" and spec.unit == "q":
+            own = LayerScores.zeros(shape)
+            add_unit_scores_(own, shape, spec, per_index, "coupled")
+            scores.kv += own.kv.roll(1)
         else:
-            coupled = per_head.view(n_kv, group).sum(1)
-            out += coupled.roll(1) if fold == "shifted" else coupled
-        assert per_head.numel() in (n_kv, heads)
-    return out
+            add_unit_scores_(scores, shape, spec, per_index, "coupled" if fold == "shifted" else fold)
+    return scores.kv
 
 
 def mlp_scores(model, grads, i: int, vectorised: bool = False, float32: bool = False, acc=None) -> torch.Tensor:
     """gate/up rows + down columns. `float32`: summed in float32 as LLM-Pruner's TaylorImportance does (ours
     sums in float64): the reference-style ranking."""
-    parts = [_per_index(model, grads, i, f"mlp.{m}", vectorised, acc) for m in MLP]
+    parts = [_per_index(model, grads, i, SPECS[m], vectorised, acc) for m in MLP]
     return sum(p.float() for p in parts).double() if float32 else sum(parts)
 
 
 MLP_VARIANTS = {
     "MLP: reference-style ranking (float32 sums of gate/up rows + down columns)":
         lambda model, grads, i: mlp_scores(model, grads, i, float32=True),
-    "MLP: gate/up rows only": lambda model, grads, i: (_per_index(model, grads, i, "mlp.gate_proj", False)
-                                                       + _per_index(model, grads, i, "mlp.up_proj", False)),
-    "MLP: down columns only": lambda model, grads, i: _per_index(model, grads, i, "mlp.down_proj", False),
+    "MLP: gate/up rows only": lambda model, grads, i: (_per_index(model, grads, i, SPECS["gate_proj"], False)
+                                                       + _per_index(model, grads, i, SPECS["up_proj"], False)),
+    "MLP: down columns only": lambda model, grads, i: _per_index(model, grads, i, SPECS["down_proj"], False),
 }
 
 

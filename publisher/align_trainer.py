@@ -26,7 +26,6 @@ from loram.shared.checkpoints import SafeCheckpointTrainer, local_rows, material
 from loram.shared.errors import LoramError
 from loram.shared.manifest import PackedMask
 from loram.shared.pruned_model import save_pruned_checkpoint
-from loram.shared.safetensors_stream import saved_tensors
 
 
 class AlignTrainer(SafeCheckpointTrainer):
@@ -51,12 +50,6 @@ class AlignTrainer(SafeCheckpointTrainer):
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         save_pruned_checkpoint(model, output_dir or self.args.output_dir, self.processing_class)
-
-    def _save_sharded(self, out: Path) -> None:
-        """FSDP: the weights gathered tensor by tensor (every rank; rank 0 writes) as a pruned checkpoint."""
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_pruned_checkpoint(model, out, self.processing_class, tensors=saved_tensors(model),
-                               writer=self.args.should_save)
 
     def _write_checkpoint(self, out: Path, run_dir: Path) -> None:
         super()._write_checkpoint(out, run_dir)

@@ -5,9 +5,9 @@
 
 Structured (random, l1, l2, taylor), top to bottom: resolve BASE (local folder or Hub id at a
 revision), load it in its own dtype on `--device` (or spread by `--device-map auto`), score units
-with the chosen criterion (or read `--scores`), keep the top units per layer
-by the paper's rounding rules, slice the layers in place, re-home the weights in LoRAM's per-layer
-model class. Non-structured (magnitude, wanda, sparsegpt): zero weights layer by layer
+with the chosen criterion (or read `--scores`), keep the top units per layer by the paper's rounding
+rules, and write LoRAM's per-layer checkpoint, each kept block sliced from the original as it is
+written (`structured.sliced_tensors`). Non-structured (magnitude, wanda, sparsegpt): zero weights layer by layer
 (`layerwise.py`), keep the stock architecture, and record the bit-packed masks in the manifest.
 Either way checkpoint + manifest (+ importance scores) + resolved config are written into a
 temporary folder that is renamed onto `--out` when complete.

@@ -41,7 +41,7 @@ from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 from loram.shared.errors import LoramError
 from loram.shared.pruned_model import PICKLE_SUFFIXES as WEIGHT_PICKLE_SUFFIXES
-from loram.shared.safetensors_stream import saved_tensors, write_safetensors_streamed
+from loram.shared.safetensors_stream import saved_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -273,17 +273,14 @@ class SafeCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save_sharded(self, out: Path) -> None:
-        """A sharded model saved as `save_pretrained` would (safetensors, config, processor), the weights gathered
-        one tensor at a time and written by rank 0 only. Collective."""
+        """A sharded model saved as `save_pruned_checkpoint` saves any model (safetensors, config, processor; a
+        LoRAM model's `auto_map` and modeling file), the weights gathered one tensor at a time and written by
+        rank 0 only. Collective."""
+        from loram.shared.pruned_model import save_pruned_checkpoint
+
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        write_safetensors_streamed(saved_tensors(model), out, max_shard_bytes=5 * 2**30, writer=self.args.should_save)
-        if self.args.should_save:
-            model.config.save_pretrained(out)
-            if getattr(model, "generation_config", None) is not None and model.can_generate():
-                model.generation_config.save_pretrained(out)
-            processor = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-            if processor is not None:
-                processor.save_pretrained(out)
+        processor = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        save_pruned_checkpoint(model, out, processor, tensors=saved_tensors(model), writer=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self.sharded:
@@ -383,6 +380,8 @@ class SafeCheckpointTrainer(Trainer):
 
 OPTIMIZER_SHARDS = "optimizer"  # checkpoint-N/optimizer/: DCP's Hugging Face safetensors shards, one file per rank
 OPTIMIZER_REST = "optimizer_groups"  # checkpoint-N/optimizer_groups.json: the non-tensor part (param groups)
+
+
 def is_sharded(model) -> bool:
     """True when `model` holds DTensor parameters (sharded by `fully_shard`)."""
     from torch.distributed.tensor import DTensor

@@ -19,9 +19,9 @@ from loram.shared.errors import LoramError, first_line
 if TYPE_CHECKING:
     from loram.shared.manifest import Manifest
 
-__all__ = ["build_pruned_config", "check_model_folder", "check_pruned_checkpoint", "check_weights", "from_pretrained",
-           "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model", "original_config",
-           "empty_model", "param_count", "read_config_json", "register", "save_pruned_checkpoint", "weight_files"]
+__all__ = ["build_pruned_config", "check_model_folder", "check_pruned_checkpoint", "check_weights", "empty_model",
+           "from_pretrained", "is_pruned_config", "layer_sizes", "load_config", "load_tokenizer", "meta_model",
+           "original_config", "param_count", "read_config_json", "register", "save_pruned_checkpoint", "weight_files"]
 
 # Keys of a stock config dict that must not be copied into the pruned type's config.
 _NOT_COPIED = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
@@ -77,7 +77,7 @@ def from_pretrained(path, **kwargs):
 def empty_model(path, dtype):
     """The model of checkpoint folder `path` with its parameters on the meta device (no weight read or
     allocated), its buffers (rotary frequencies) real, its generation config read: for FSDP, where every
-    process shards this and then reads only its shards' rows (`checkpoints.load_weights_into_shards`) instead
+    process shards this and then reads only its shards' rows (`checkpoints.materialize_`) instead
     of loading the whole model first. The folder's weights are checked as `from_pretrained` checks them."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, GenerationConfig

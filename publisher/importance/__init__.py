@@ -66,7 +66,8 @@ def add_unit_scores_(scores: LayerScores, shape: Shape, spec: PrunedModule, per_
     - "coupled": head h counts for group h // G, the group it attends with, whose removal removes it;
     - "strided": head h counts for group h mod n_kv, as LLM-Pruner's Taylor importance folds them (it sums
       a module's per-channel salience over blocks of the KV width). Not the model's pairing, but measured
-      better for Taylor on SmolLM2 at every calibration size tried (docs/results.md "Structured pruning").
+      better for Taylor on SmolLM2 at both budgets compared, 10 x 64 and 32 x 128 (docs/results.md
+      "Structured pruning quality").
     The heads removed with a group are always the coupled ones; only the score differs."""
     per_index = per_index.to("cpu", torch.float64)
     if spec.unit == "mlp":
