@@ -41,6 +41,7 @@ from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 from loram.shared.errors import LoramError
 from loram.shared.pruned_model import PICKLE_SUFFIXES as WEIGHT_PICKLE_SUFFIXES
+from loram.shared.pruned_model import WEIGHTS, WEIGHTS_INDEX
 from loram.shared.safetensors_stream import saved_tensors
 
 logger = logging.getLogger(__name__)
@@ -422,10 +423,9 @@ def load_weights_into_shards(model, folder: str | os.PathLike) -> None:
     from torch.distributed.tensor import DTensor
 
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
+    index = folder / WEIGHTS_INDEX
     files = (json.loads(index.read_text())["weight_map"] if index.is_file()
-             else dict.fromkeys(safetensors.safe_open(str(folder / "model.safetensors"), "pt").keys(),
-                                "model.safetensors"))
+             else dict.fromkeys(safetensors.safe_open(str(folder / WEIGHTS), "pt").keys(), WEIGHTS))
     handles = {}
     try:
         for name, t in saved_tensors(model):

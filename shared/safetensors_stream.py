@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from loram.shared.errors import LoramError
+from loram.shared.pruned_model import WEIGHTS, WEIGHTS_INDEX
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -62,7 +63,7 @@ def write_safetensors_streamed(items: list[tuple[str, "torch.Tensor | LazyTensor
             size = 0
         groups[-1].append((name, t, shape, dtype, nbytes))
         size += nbytes
-    names = (["model.safetensors"] if len(groups) == 1 else
+    names = ([WEIGHTS] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -99,5 +100,5 @@ def write_safetensors_streamed(items: list[tuple[str, "torch.Tensor | LazyTensor
                 f.close()
     if writer and len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
