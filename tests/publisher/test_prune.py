@@ -123,7 +123,7 @@ def _brute_force_taylor(model, calib, layer, query_fold="strided"):
 def test_taylor_importance_equals_brute_force(tmp_path, calib_file, kind, query_fold):
     original = save_tiny_checkpoint(tmp_path / "base", kind)
     result = _prune(tmp_path, tmp_path / "base", method="taylor", ratio=0.5, layers="2:4",
-                    calib=str(calib_file), samples=6, seq_len=24, query_fold=query_fold)
+                    calib=str(calib_file), samples=6, seq_len=24, kv_score="taylor", query_fold=query_fold)
     scores = load_file(str(result.out / SCORES_FILE))
     from transformers import AutoTokenizer
 

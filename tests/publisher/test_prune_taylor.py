@@ -202,6 +202,76 @@ def test_query_folds_put_each_query_head_in_its_group():
             torch.testing.assert_close(scores.kv, want)
     with pytest.raises(LoramError, match="unknown query fold 'x'"):
         add_unit_scores_(LayerScores.zeros(shape), shape, q, per_index, "x")
-    for wrong in (dict(method="l2"), dict(method="taylor", scores="x")):
-        with pytest.raises(LoramError, match="--query-fold applies to --method taylor when it calibrates"):
+    for wrong in (dict(method="l2"), dict(method="taylor", scores="x", kv_score="taylor")):
+        with pytest.raises(LoramError, match="applies to --method taylor"):
             PruneConfig(base="b", out="o", query_fold="coupled", **wrong)
+
+
+def _brute_force_group_losses(model, calib: torch.Tensor, layer: int) -> torch.Tensor:
+    """Mean calibration loss of the whole model with each KV group's query heads zeroed in o_proj, one
+    model call each (the definition of `--kv-score loss`)."""
+    import copy
+
+    shape = Shape.of(model.config)
+    width = shape.group_size * shape.head_dim
+    losses = []
+    for g in range(shape.num_kv_heads):
+        m = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            m.model.layers[layer].self_attn.o_proj.weight[:, g * width: (g + 1) * width] = 0
+            losses.append(m(input_ids=calib, labels=calib).loss.double())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_kv_loss_scores_are_the_loss_with_each_group_removed(kind, batch):
+    from loram.publisher.importance.group_loss import kv_loss_scores
+
+    model = tiny_model(kind)
+    calib = _calib(model.config.vocab_size, samples=5)
+    layers = range(1, 4)
+    got = kv_loss_scores(model, layers, calib, batch)
+    assert sorted(got) == list(layers)
+    dense = model(input_ids=calib, labels=calib).loss.item()
+    for i in layers:
+        want = _brute_force_group_losses(model, calib, i)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+        assert got[i].dtype == torch.float64 and not torch.allclose(got[i], torch.full_like(got[i], dense))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_prune_default_scores_kv_groups_by_the_loss_on_kv_samples(tmp_path):
+    """The command's default: KV scores are the group-removed losses on the first --kv-samples calibration
+    rows (saved in importance.safetensors, kept = the highest), MLP scores stay Taylor's."""
+    from transformers import AutoTokenizer
+
+    from loram.publisher.calibration import token_blocks
+
+    original = save_tiny_checkpoint(tmp_path / "base", "llama-gqa", num_attention_heads=8, num_key_value_heads=4)
+    calib_file = _calib_file(tmp_path)
+    common = dict(base=str(tmp_path / "base"), method="taylor", ratio=0.5, layers="1:3", calib=str(calib_file),
+                  samples=6, seq_len=16)
+    loss = prune(PruneConfig(out=tmp_path / "loss", kv_samples=4, **common))
+    first = prune(PruneConfig(out=tmp_path / "taylor", kv_score="taylor", **common))
+    calib = token_blocks(AutoTokenizer.from_pretrained(tmp_path / "base"), str(calib_file), 6, 16)
+    saved, taylor_saved = load_file(str(loss.out / SCORES_FILE)), load_file(str(first.out / SCORES_FILE))
+    kept = load_file(str(loss.out / MANIFEST_TENSORS))
+    for i in (1, 2):
+        want = _brute_force_group_losses(original, calib[:4], i)
+        torch.testing.assert_close(saved[f"layers.{i}.kv"], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved[f"layers.{i}.mlp"], taylor_saved[f"layers.{i}.mlp"])
+        assert torch.equal(kept[f"layers.{i}.kept_kv_heads"], want.argsort(descending=True)[:2].sort().values)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="l2", kv_score="loss"), "--kv-score applies to --method taylor when it calibrates"),
+    (dict(method="taylor", scores="x", kv_score="taylor"), "--kv-score applies to --method taylor when it"),
+    (dict(method="taylor", kv_score="taylor", kv_samples=4), "--kv-samples applies to --method taylor with "
+                                                                "--kv-score loss"),
+    (dict(method="taylor", kv_samples=0), "--kv-samples must be >= 1, got 0"),
+    (dict(method="taylor", query_fold="coupled"), "--query-fold applies to --method taylor --kv-score taylor"),
+])
+def test_kv_score_options_are_checked(kwargs, message):
+    with pytest.raises(LoramError, match=message):
+        PruneConfig(base="b", out="o", **kwargs)
