@@ -7,8 +7,9 @@ Each step runs in its own fresh process so peak RSS is that step's alone:
   criterion that runs the model on the calibration text;
 - reference: one forward + backward pass over the same calibration tokens in chunks of the same
   size, with gradient checkpointing, as training would run it (gradients of every weight);
-- `loram publish prune --method taylor` (score, slice, save), with the sha256 of its manifest's
-  tensors (the kept indices), to compare runs of different code.
+- `loram publish prune --method taylor --kv-score taylor` (score, slice, save), with the sha256 of its
+  manifest's tensors (the kept indices), to compare runs of different code;
+- the same with the default `--kv-score loss` (the Taylor pass, then the KV-group losses on 8 samples).
 Usage: python benchmarks/prune_taylor.py [--samples 32 --seq-len 128 --calib-batch 4]
 """
 
@@ -58,7 +59,7 @@ PRUNE = SETUP + """
 from loram.publisher.prune import prune
 start = time.perf_counter()
 r = prune(base=str(path), out='{out}', method='taylor', ratio=0.5, samples={samples}, seq_len={seq_len},
-          calib_batch={calib_batch}, device='cpu')
+          calib_batch={calib_batch}, device='cpu', kv_score='{kv_score}')
 result['seconds'] = round(time.perf_counter() - start, 2)
 result['params'] = [r.original_params, r.pruned_params]
 import hashlib
@@ -77,7 +78,8 @@ def main() -> None:
     resident = run_measured(RESIDENT.format(**fmt))
     ref = run_measured(REFERENCE.format(**fmt))
     with tempfile.TemporaryDirectory() as tmp:
-        pruned = run_measured(PRUNE.format(out=f"{tmp}/p50", **fmt))
+        pruned = run_measured(PRUNE.format(out=f"{tmp}/p50", kv_score="taylor", **fmt))
+        loss = run_measured(PRUNE.format(out=f"{tmp}/p50-loss", kv_score="loss", **fmt))
     from transformers import AutoConfig
 
     from loram.shared import assets
@@ -87,7 +89,7 @@ def main() -> None:
     kv = cfg.num_key_value_heads * cfg.head_dim
     layer_mib = round((2 * h * h + 2 * h * kv + 3 * h * i) * 4 / 2**20, 1)
     data = {"machine": machine(), "calibration": fmt, "load_only": base, "weights_resident": resident,
-            "reference_fwd_bwd": ref, "taylor_prune": pruned, "one_layer_mib": layer_mib,
+            "reference_fwd_bwd": ref, "taylor_prune": pruned, "default_prune": loss, "one_layer_mib": layer_mib,
             "time_ratio": round(pruned["seconds"] / ref["seconds"], 2),
             "peak_ratio": round(pruned["peak_rss_mib"] / ref["peak_rss_mib"], 2)}
     over = lambda r, b=base: round(r["peak_rss_mib"] - b["peak_rss_mib"], 1)  # noqa: E731
@@ -100,10 +102,13 @@ def main() -> None:
         f"| load only (baseline process; weights memory-mapped, mostly unread) | - | {base['peak_rss_mib']} | 0 | - |",
         f"| weights resident: load, calibration tokens, every weight read | - | {cells(resident)} |",
         f"| reference: one fwd+bwd over the calibration tokens | {ref['seconds']} | {cells(ref)} |",
-        f"| `loram publish prune --method taylor` (score, slice, save) | {pruned['seconds']} | {cells(pruned)} |",
+        f"| `loram publish prune --method taylor --kv-score taylor` (score, slice, save) | {pruned['seconds']} | "
+        f"{cells(pruned)} |",
+        f"| the default `--kv-score loss` (+ KV-group losses on 8 samples) | {loss['seconds']} | {cells(loss)} |",
         "", f"time ratio prune / reference: **{data['time_ratio']}x**; peak ratio: **{data['peak_ratio']}x**. "
         f"Weights: {base['weights_mib']} MiB fp32; one decoder layer: {layer_mib} MiB. "
-        f"Kept units (sha256 of loram_manifest.safetensors): `{pruned['kept_sha256'][:16]}`.",
+        f"Kept units (sha256 of loram_manifest.safetensors): `{pruned['kept_sha256'][:16]}` (taylor), "
+        f"`{loss['kept_sha256'][:16]}` (loss).",
     ]
     write("prune_taylor", data, table)
 

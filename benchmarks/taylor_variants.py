@@ -1,6 +1,7 @@
 """Structured Taylor scorings side by side (for `prune_quality.py --variants`): which coupled saliences count
 in a KV group's score, how query heads are folded onto KV groups, element-wise or vectorised, and the MLP
-channel ranking, each as held-out perplexity of SmolLM2 pruned at 0.5 on layers [4, 28).
+channel ranking, and KV groups scored by the loss with each removed (`--kv-score loss`, the default, on 4 to
+32 of the calibration samples), each as held-out perplexity of SmolLM2 pruned at 0.5 on layers [4, 28).
 
 One gradient of the mean calibration loss per budget (a plain checkpointed backward, every gradient kept:
 fine for a 135M model), then every scoring from it. Each pruned model is evaluated as the dense model with
@@ -13,19 +14,21 @@ import torch
 from loram.perplexity import perplexity
 from loram.publisher.calibration import token_blocks
 from loram.publisher.importance import LayerScores, add_unit_scores_
+from loram.publisher.importance.group_loss import KV_SAMPLES, kv_loss_scores
 from loram.publisher.structured import select_kept, zero_pruned_contributions_
 from loram.shared.architectures import PRUNED_MODULES, PrunedModule, Shape
 
 LAYERS = range(4, 28)
 # LLM-Pruner (block-wise, param_first), 32 x 128 calibration: the KV groups it kept in layers 4..27 (issue 17)
 REFERENCE_KEPT = ["01", "01", "12", "12", "02", "12", "12", "01", "01", "01", "02", "12", "02", "02", "02", "02", "01", "01", "02", "01", "12", "12", "12", "01"]
+LOSS_SAMPLES = (4, 8, 16, 32)  # samples the loss-scored KV variant is measured on (capped at the budget's)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 SPECS = {spec.name: spec for spec in PRUNED_MODULES}
 # name -> (attention modules, query fold, vectorised); the fold is "coupled" (h // G), "strided" (h mod n_kv)
 # or "shifted" (a control: the heads of group g + 1)
 KV_VARIANTS = {
-    "q,k,v,o, strided fold (LLM-Pruner's; the default)": (ATTN, "strided", False),
+    "q,k,v,o, strided fold (LLM-Pruner's; the default of --kv-score taylor)": (ATTN, "strided", False),
     "q,k,v,o, coupled fold (the earlier default)": (ATTN, "coupled", False),
     "q,k,v,o, shifted fold (control: another group's heads)": (ATTN, "shifted", False),
     "q,k,v, coupled fold": (ATTN[:3], "coupled", False),
@@ -151,6 +154,18 @@ def run(model, tokenizer, windows, dense_ppl: float, budgets, log=print) -> list
                          "kv_same_as_reference": sum(a == b for a, b in zip(groups, REFERENCE_KEPT, strict=True)),
                          "kept_kv": " ".join(groups),
                          "mlp_overlap_with_default": _overlap(kept, default_kept)})
+            log(rows[-1])
+        # KV groups by the loss with each removed (`--kv-score loss`, the default), on the first n samples
+        for n in sorted({min(n, samples) for n in LOSS_SAMPLES}):
+            kv = kv_loss_scores(model, LAYERS, calib[:n], 4)
+            ppl, kept = evaluate({i: LayerScores(kv[i], base_mlp[i]) for i in LAYERS}, shape)
+            groups = ["".join(str(int(x)) for x in kept[i].kv_heads) for i in LAYERS]
+            rows.append({"calibration": f"{samples} x {seq_len}",
+                         "scoring": f"KV: loss with the group removed, on {n} of the samples"
+                                    + (" (the default)" if n == min(KV_SAMPLES, samples) else ""),
+                         "ppl": round(ppl, 2), "relative": round(ppl / dense_ppl, 2),
+                         "kv_same_as_reference": sum(a == b for a, b in zip(groups, REFERENCE_KEPT, strict=True)),
+                         "kept_kv": " ".join(groups), "mlp_overlap_with_default": _overlap(kept, default_kept)})
             log(rows[-1])
         acc = fisher(model, calib)  # second order, LLM-Pruner's `param_mix`, strided fold (attention and MLP)
         ppl, kept = evaluate({i: LayerScores(kv_scores(model, grads, shape, i, ATTN, "strided", False, acc),

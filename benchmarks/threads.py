@@ -37,7 +37,8 @@ def _run(tmp: Path, n: int, samples: int, seq_len: int, threads: int | None) -> 
     load = os.getloadavg()[0]
     started = time.perf_counter()
     proc = subprocess.run([LORAM, "publish", "prune", str(assets.model_dir()), "--method", "taylor", "--ratio", "0.5",
-                           "--samples", str(samples), "--seq-len", str(seq_len), "--out", str(tmp / f"run-{n}")],
+                           "--samples", str(samples), "--seq-len", str(seq_len), "--kv-score", "taylor",
+                           "--out", str(tmp / f"run-{n}")],
                           capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
