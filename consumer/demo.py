@@ -30,8 +30,8 @@ GSM8K_COLUMNS = "prompt=question,response=answer"
 # (full, --quick) defaults; docs/demo.md explains them.
 DEFAULTS = {
     "calib_samples": (32, 4),
-    # KV groups scored by the loss on this many calibration samples; --quick scores them first-order (taylor)
-    "kv_samples": (4, None),
+    # how prune scores KV groups: the default (the loss with each removed); --quick first-order, a smoke run
+    "kv_score": ("loss", "taylor"),
     "align_steps": (40, 2),
     "train_steps": (15, 2),
     "eval_limit": (32, 6),
@@ -63,7 +63,7 @@ class DemoConfig(Config):
             if value is not None and value < 1:
                 raise LoramError(f"--{name.replace('_', '-')} must be >= 1")
 
-    def setting(self, name: str) -> int:
+    def setting(self, name: str) -> int | str:
         value = getattr(self, name, None)
         return value if value is not None else DEFAULTS[name][1 if self.quick else 0]
 
@@ -113,7 +113,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     train_key = {"args": train_args}
 
     prune = stages.run("prune", {"assets": asset_key, "ratio": cfg.ratio, "samples": cfg.setting("calib_samples"),
-                                 "kv_samples": cfg.setting("kv_samples")},
+                                 "kv_score": cfg.setting("kv_score")},
                        lambda f: _prune(model_dir, f, cfg))
     align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len,
                                  "eval_limit": cfg.align_eval_limit},
@@ -155,10 +155,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _prune(model_dir: Path, folder: Path, cfg: DemoConfig) -> dict:
     from loram.accounting import plan_params
 
-    kv = cfg.setting("kv_samples")
     _loram("publish", "prune", model_dir, "--method", "taylor", "--ratio", cfg.ratio,
-           "--samples", cfg.setting("calib_samples"),
-           *(["--kv-samples", kv] if kv else ["--kv-score", "taylor"]), "--out", folder / "pruned")
+           "--samples", cfg.setting("calib_samples"), "--kv-score", cfg.setting("kv_score"), "--out", folder / "pruned")
     plan = plan_params(json.loads((model_dir / "config.json").read_text()), "structured", cfg.ratio)
     return {"path": str(folder / "pruned"), "original_params": plan.original_params,
             "pruned_params": plan.training_params, "reduction": round(plan.reduction, 3),

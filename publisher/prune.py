@@ -167,6 +167,16 @@ class PruneConfig(Config):
             raise LoramError(f"--scores file {self.scores} not found")
 
     @property
+    def kv_scoring(self) -> dict | None:
+        """How --method taylor scores KV groups when it calibrates: {"score": "loss", "samples": n} or
+        {"score": "taylor", "query_fold": f}; None otherwise (the scores come from elsewhere)."""
+        if self.method != "taylor" or self.scores is not None:
+            return None
+        if (self.kv_score or "loss") == "loss":
+            return {"score": "loss", "samples": min(self.kv_samples or KV_SAMPLES, self.calibration_size[0])}
+        return {"score": "taylor", "query_fold": self.query_fold or "strided"}
+
+    @property
     def structured(self) -> bool:
         return self.method in STRUCTURED_CRITERIA
 
@@ -288,7 +298,7 @@ def _structured(cfg, model, tokenizer, stock_config, shape: Shape, layers: range
 
     def write(out: Path) -> None:
         save_pruned_checkpoint(pruned, out, tokenizer, tensors=tensors)
-        write_scores(out / SCORES_FILE, scores, cfg.method, calibration)
+        write_scores(out / SCORES_FILE, scores, cfg.method, calibration, cfg.kv_scoring)
 
     result = PruneResult(Path(cfg.out), original_params, sum(p.numel() for p in pruned.parameters()),
                          {i: (len(u.kv_heads), len(u.mlp_channels)) for i, u in kept.items()}, 0.0)
@@ -407,8 +417,8 @@ def _score(cfg: PruneConfig, model, tokenizer, layers: range):
     if cfg.method == "taylor":
         batch = cfg.calib_batch or CALIB_BATCH
         scores = criterion(model, layers, calib, cfg.seed, batch=batch, query_fold=cfg.query_fold or "strided")
-        if (cfg.kv_score or "loss") == "loss":
-            rows = calib[: cfg.kv_samples or KV_SAMPLES]
+        if cfg.kv_scoring["score"] == "loss":
+            rows = calib[: cfg.kv_scoring["samples"]]
             _log(f"scoring KV groups by the loss with each removed ({Shape.of(model.config).num_kv_heads} per "
                  f"layer, {len(rows)} calibration samples)")
             for i, kv in kv_loss_scores(model, layers, rows, batch).items():
@@ -427,15 +437,18 @@ def _meta_pruned(model, pruned_config):
     return pruned
 
 
-def write_scores(path: Path, scores: dict[int, LayerScores], criterion: str, calibration: Calibration) -> None:
-    """Importance scores (float64) per layer, so `--scores` can re-prune at another ratio."""
+def write_scores(path: Path, scores: dict[int, LayerScores], criterion: str, calibration: Calibration,
+                 kv_scoring: dict | None = None) -> None:
+    """Importance scores (float64) per layer, so `--scores` can re-prune at another ratio; `kv_scoring` (taylor:
+    how the KV groups were scored) goes into the metadata."""
     tensors = {}
     for i, s in scores.items():
         tensors[f"layers.{i}.kv"] = s.kv.contiguous()
         tensors[f"layers.{i}.mlp"] = s.mlp.contiguous()
     # One metadata key: safetensors writes its metadata map in no fixed order, and the file must be
     # byte-identical for identical inputs.
-    meta = {"loram_scores": json.dumps({"criterion": criterion, "calibration": asdict(calibration)}, sort_keys=True)}
+    record = {"criterion": criterion, "calibration": asdict(calibration), **({"kv": kv_scoring} if kv_scoring else {})}
+    meta = {"loram_scores": json.dumps(record, sort_keys=True)}
     save_file(tensors, str(path), metadata=meta)
 
 

@@ -1,6 +1,8 @@
 """Taylor scores computed layer by layer (publisher/importance/taylor.py) against the previous
 accumulate-then-score computation; devices, bf16 and the options of the structured path."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -262,6 +264,16 @@ def test_prune_default_scores_kv_groups_by_the_loss_on_kv_samples(tmp_path):
         torch.testing.assert_close(saved[f"layers.{i}.kv"], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(saved[f"layers.{i}.mlp"], taylor_saved[f"layers.{i}.mlp"])
         assert torch.equal(kept[f"layers.{i}.kept_kv_heads"], want.argsort(descending=True)[:2].sort().values)
+    from safetensors import safe_open
+
+    def recorded(out):
+        with safe_open(str(out / SCORES_FILE), "pt") as f:
+            return json.loads(f.metadata()["loram_scores"])["kv"]
+
+    assert recorded(loss.out) == {"score": "loss", "samples": 4}
+    assert recorded(first.out) == {"score": "taylor", "query_fold": "strided"}
+    assert PruneConfig(samples=3, **{k: v for k, v in common.items() if k != "samples"}, out="o").kv_scoring == {
+        "score": "loss", "samples": 3}  # at most the calibration
 
 
 @pytest.mark.parametrize("kwargs,message", [
