@@ -5,12 +5,12 @@ removed (its KV head, its G query heads: their `o_proj` columns contribute nothi
 else dense. Higher means the group matters more. With few groups per layer (SmolLM2 has 3, LLaMA 8)
 each choice is a large step, and the first-order Taylor estimate of it ranks them poorly: on
 SmolLM2 at ratio 0.5 (32 x 128 calibration, the loss on 8 samples) this choice takes held-out
-perplexity from 5.5x dense to 3.4x (docs/results.md, `benchmarks/prune_quality.py --variants`). MLP channels are too many to remove
-one at a time; they keep their Taylor scores.
+perplexity from 5.5x dense to 3.4x (docs/results.md, `benchmarks/prune_quality.py --variants`).
+MLP channels are too many to remove one at a time; they keep their Taylor scores.
 
 Cost: one forward of the calibration, then, for each scored layer i and group g, layers i..L-1 and
 the vocabulary projection again, starting from the dense hidden states entering layer i (kept from
-the walk up: one [samples, seq_len, hidden] tensor and one working copy). That is
+the walk up: one [samples, seq_len, hidden] tensor, read, never written, by each group's pass). That is
 n_kv * sum_i (L - i) layer passes without gradients, about n_kv * (L - first) / 2 forwards of the
 model. Every layer runs where its weights are (`--device-map auto` included).
 """
@@ -39,7 +39,6 @@ def kv_loss_scores(model, layers: range, calib: torch.Tensor, batch: int) -> dic
         stored, calls = _forward(model, calib, batch, [layers.start])
         hidden = stored.pop(layers.start)  # dense hidden states entering the current layer
         stored.clear()  # the final norm's input, not needed here
-        work = torch.empty_like(hidden)
         out = {}
         for i in tqdm(layers, desc="kv-group loss", unit="layer", leave=False):
             losses = torch.zeros(shape.num_kv_heads, dtype=torch.float64)
@@ -48,8 +47,7 @@ def kv_loss_scores(model, layers: range, calib: torch.Tensor, batch: int) -> dic
                 removed = kept_index(shape, _O_PROJ, [g], [])
                 handle = o_proj.register_forward_pre_hook(_zero_columns(removed))
                 try:
-                    work.copy_(hidden)
-                    losses[g] = _loss_from(model, i, work, calls, calib, batch)
+                    losses[g] = _loss_from(model, i, hidden, calls, calib, batch)
                 finally:
                     handle.remove()
             out[i] = losses
@@ -69,7 +67,7 @@ def _zero_columns(columns: torch.Tensor):
 
 
 def _loss_from(model, first: int, hidden: torch.Tensor, calls: dict, calib: torch.Tensor, batch: int) -> float:
-    """Mean next-token loss over the calibration when `hidden` enters layer `first` (overwritten)."""
+    """Mean next-token loss over the calibration when `hidden` (left as it is) enters layer `first`."""
     decoder = model.get_decoder()
     norm, head = decoder.norm, model.get_output_embeddings()
     total, n_tokens = 0.0, calib.shape[0] * (calib.shape[1] - 1)
