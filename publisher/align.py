@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loram.publisher.align_data import Source, probabilities
+from loram.publisher.distill import HIDDEN_LAYERS, HIDDEN_LOSSES
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
@@ -40,7 +41,7 @@ from loram.shared.records import check_source
 REPORT = "align_report.json"
 CONFIG = "align_config.yaml"
 RESUME_SAME = ("data", "lr", "seq_len", "batch", "grad_accum", "seed", "warmup", "freeze_lm_head", "distill_from",
-               "kd_weight", "shuffle_buffer")  # --resume refuses other values of these
+               "kd_weight", "hidden_weight", "hidden_loss", "hidden_layers", "shuffle_buffer")  # --resume refuses other values of these
 
 
 @dataclass
@@ -67,7 +68,14 @@ class AlignConfig(Config):
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
     distill_from: str | None = option(None, "Original model to distill from (folder or Hub id): adds a KL term "
                                             "on its next-token distribution.")
-    kd_weight: float = option(0.5, "With --distill-from: loss = (1 - w) * LM + w * KL, w in (0, 1].")
+    kd_weight: float = option(0.5, "With --distill-from: loss = (1 - w) * LM + w * KL (logit distillation), w in "
+                                   "[0, 1]; 0 keeps the LM loss alone (with --hidden-weight: LM + hidden).")
+    hidden_weight: float = option(0.0, "With --distill-from: add w * the hidden-state loss, matching each decoder "
+                                       "layer's output to the original's at the same positions (0: off).")
+    hidden_loss: str = option("mse", "Hidden-state loss per position: mse (||s - t||^2 / ||t||^2) or cosine "
+                                     "(1 - cos(s, t)), averaged over the matched layers.", choices=HIDDEN_LOSSES)
+    hidden_layers: str = option("all", "Decoder layers whose outputs are matched: all, or pruned (only the layers "
+                                       "the pruning changed).", choices=HIDDEN_LAYERS)
     shuffle_buffer: int = option(1000, "Blocks in the seeded shuffle buffer of the training stream (0: off).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     fsdp: bool = option(False, "Shard the model, gradients and optimizer over the processes (FSDP2, one unit per "
@@ -88,7 +96,12 @@ class AlignConfig(Config):
                   (self.eval_limit >= 1, "--eval-limit must be >= 1"),
                   (self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1"),
                   (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
-                  (0 < self.kd_weight <= 1, "--kd-weight must lie in (0, 1]"),
+                  (0 <= self.kd_weight <= 1, "--kd-weight must lie in [0, 1]"),
+                  (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
+                  (self.distill_from is not None or self.hidden_weight == 0,
+                   "--hidden-weight needs --distill-from ORIGINAL (the model whose hidden states are matched)"),
+                  (self.distill_from is None or self.kd_weight > 0 or self.hidden_weight > 0,
+                   "--distill-from with --kd-weight 0 and no --hidden-weight distills nothing; set either weight"),
                   (self.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0"),
                   (not (self.resume and self.overwrite), "--resume and --overwrite contradict each other; choose one")]
         for ok, message in checks:
@@ -120,6 +133,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
 
     from loram.publisher.align_data import collate_blocks, eval_blocks, mixture
     from loram.publisher.align_trainer import AlignTrainer, MaskKeeper
+    from loram.publisher.distill import hidden_layers
     from loram.shared import training
     from loram.shared.hub import resolve_model
     from loram.shared.manifest import MANIFEST_JSON
@@ -191,7 +205,9 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     trainer = AlignTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_blocks,
         processing_class=tokenizer, callbacks=[c for c in (progress, keeper) if c is not None],
-        write_manifest=write_checkpoint_manifest, teacher=teacher, kd_weight=cfg.kd_weight)
+        write_manifest=write_checkpoint_manifest, teacher=teacher, kd_weight=cfg.kd_weight,
+        hidden_weight=cfg.hidden_weight, hidden_loss=cfg.hidden_loss,
+        hidden_layers=hidden_layers(manifest, model_config.num_hidden_layers, cfg.hidden_layers))
     training.begin(folder, trainer)
     training.run(trainer, folder)
 
@@ -287,12 +303,21 @@ def _record(cfg: AlignConfig, source, trainer, final: bool) -> dict:
         "global_batch": cfg.batch * cfg.grad_accum * trainer.args.world_size,
         "lr": cfg.lr, "schedule": "cosine", "warmup": cfg.warmup, "seed": cfg.seed,
         "lm_head": "frozen" if cfg.freeze_lm_head else "trained",
-        "distill": {"from": cfg.distill_from, "kd_weight": cfg.kd_weight} if cfg.distill_from else None,
+        "distill": _distill_record(cfg),
         "eval": None,
     }
     if cfg.eval_data and evals:
         record["eval"] = {"source": cfg.eval_data, "blocks": cfg.eval_limit, "step": evals[-1]["step"],
                           "perplexity": evals[-1]["perplexity"], "perplexity_at_start": evals[0]["perplexity"]}
+    return record
+
+
+def _distill_record(cfg: AlignConfig) -> dict | None:
+    if not cfg.distill_from:
+        return None
+    record = {"from": cfg.distill_from, "kd_weight": cfg.kd_weight}
+    if cfg.hidden_weight > 0:
+        record["hidden"] = {"weight": cfg.hidden_weight, "loss": cfg.hidden_loss, "layers": cfg.hidden_layers}
     return record
 
 

@@ -6,10 +6,11 @@
   has written its files, rank 0 adds the manifest carried forward with an alignment record for step N.
 - Distillation (optional, beyond the paper): with a teacher (the original model), the training loss is
 
-      loss = (1 - w) * CE(student, next token) + w * KL(softmax(teacher) || softmax(student))
+      loss = (1 - w_kd) * CE(student, next token) + w_kd * KL(softmax(teacher) || softmax(student))
+             + w_hidden * hidden-state loss (distill.py: per chosen decoder layer, MSE or cosine)
 
-  at temperature 1, averaged over the same next-token positions as the LM loss. Evaluation reports
-  the LM loss alone, so held-out perplexity means the same with and without distillation.
+  averaged over the same next-token positions as the LM loss. Evaluation reports the LM loss alone,
+  so held-out perplexity means the same with and without distillation.
 - `MaskKeeper` re-applies non-structured pruning masks after every optimizer step (docs/method.md §3,
   ours): AdamW moves pruned weights away from zero on the first step otherwise.
 """
@@ -18,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
+from loram.publisher.distill import LayerOutputs, hidden_sum, kd_sum
 from loram.shared.checkpoints import SafeCheckpointTrainer, local_rows, materialize_
 from loram.shared.errors import LoramError
 from loram.shared.manifest import PackedMask
@@ -36,11 +37,17 @@ class AlignTrainer(SafeCheckpointTrainer):
     """
 
     def __init__(self, *args, write_manifest: Callable[[Path, int], None], teacher=None, kd_weight: float = 0.0,
+                 hidden_weight: float = 0.0, hidden_loss: str = "mse", hidden_layers: list[int] | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.write_manifest = write_manifest
         self.teacher, self.kd_weight = teacher, kd_weight
-        self._parts = {"lm_loss": [], "kd_loss": []}  # per micro-batch, drained into each log line
+        self.hidden_weight, self.hidden_loss = hidden_weight, hidden_loss
+        self._parts = {"lm_loss": [], "kd_loss": [], "hidden_loss": []}  # per micro-batch, drained into each log line
+        self._hidden = None
+        if teacher is not None and hidden_weight > 0:
+            layers = list(range(len(teacher.model.layers))) if hidden_layers is None else hidden_layers
+            self._hidden = (LayerOutputs(self.model, layers), LayerOutputs(teacher, layers))
 
     # -- checkpoints --
 
@@ -60,39 +67,64 @@ class AlignTrainer(SafeCheckpointTrainer):
     # -- loss --
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.teacher is not None and model.training:
-            kd_sum, positions = self._kd_sum(outputs.logits, inputs["input_ids"])
-            # Normalize the KL term exactly as the Trainer normalized the LM loss: by the number of target
-            # tokens of the whole accumulated (and, across ranks, gathered) batch when it is known.
-            scale = 1.0 / positions
-            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-                scale = 1.0 / float(num_items_in_batch)
-                if self.args.average_tokens_across_devices:
-                    scale *= self.accelerator.num_processes
-            kd = kd_sum * scale
-            self._parts["lm_loss"].append(loss.detach().float() / (scale * positions))
-            self._parts["kd_loss"].append(kd.detach().float() / (scale * positions))
-            loss = (1.0 - self.kd_weight) * loss + self.kd_weight * kd
+        distilling = self.teacher is not None and model.training
+        if distilling and self._hidden:
+            self._hidden[0].capturing = True
+        try:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        finally:
+            if self._hidden:
+                self._hidden[0].capturing = False
+        if distilling:
+            loss = self._distill(loss, outputs.logits, inputs["input_ids"], num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
-    def _kd_sum(self, student_logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Sum over positions [b, t-1] of KL(teacher || student) on the vocabulary, and the position count."""
-        if next(self.teacher.parameters()).device != student_logits.device:
-            self.teacher.to(student_logits.device)
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids).logits[:, :-1]     # [b, t-1, vocab]
-        student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)         # [b, t-1, vocab]
-        teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-        kl = F.kl_div(student, teacher, log_target=True, reduction="sum")       # sum p_t (log p_t - log p_s)
-        return kl, student.shape[0] * student.shape[1]
+    def _distill(self, lm: torch.Tensor, student_logits: torch.Tensor, input_ids: torch.Tensor,
+                 num_items_in_batch) -> torch.Tensor:
+        """(1 - w_kd) * LM + w_kd * KL + w_hidden * hidden, every term normalized as the Trainer normalized LM."""
+        b, t = input_ids.shape
+        positions = b * (t - 1)
+        # The Trainer normalized the LM loss by the number of target tokens of the whole accumulated (and,
+        # across ranks, gathered) batch when it is known; the distillation sums get the same scale.
+        scale = 1.0 / positions
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            scale = 1.0 / float(num_items_in_batch)
+            if self.args.average_tokens_across_devices:
+                scale *= self.accelerator.num_processes
+        if next(self.teacher.parameters()).device != input_ids.device:
+            self.teacher.to(input_ids.device)
+        if self._hidden:
+            self._hidden[1].capturing = True
+        try:
+            with torch.no_grad():
+                if self.kd_weight > 0:
+                    teacher_logits = self.teacher(input_ids=input_ids).logits
+                else:  # only hidden states are matched: the decoder alone, no vocabulary projection
+                    self.teacher.model(input_ids=input_ids)
+        finally:
+            if self._hidden:
+                self._hidden[1].capturing = False
+        per_token = 1.0 / (scale * positions)  # the logged parts are per-position means
+        self._parts["lm_loss"].append(lm.detach().float() * per_token)
+        loss = (1.0 - self.kd_weight) * lm
+        if self.kd_weight > 0:
+            kd = kd_sum(student_logits, teacher_logits) * scale
+            self._parts["kd_loss"].append(kd.detach().float() * per_token)
+            loss = loss + self.kd_weight * kd
+        if self._hidden:
+            hidden = hidden_sum(self._hidden[0].take(), self._hidden[1].take(), self.hidden_loss) * scale
+            self._parts["hidden_loss"].append(hidden.detach().float() * per_token)
+            loss = loss + self.hidden_weight * hidden
+        return loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Add this rank's mean LM and KD losses since the last log line (distillation only)."""
-        if "loss" in logs and self._parts["kd_loss"]:
+        if "loss" in logs and self._parts["lm_loss"]:
             for key, values in self._parts.items():
-                logs[key] = round(torch.stack(values).mean().item(), 6)
-                values.clear()
+                if values:
+                    logs[key] = round(torch.stack(values).mean().item(), 6)
+                    values.clear()
         super().log(logs, *args, **kwargs)
 
 

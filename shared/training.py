@@ -39,7 +39,7 @@ from loram.shared.outputs import atomic_file, check_writable, replace_dir, stage
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.json"  # in checkpoints/: the options a resumed run must share
 REPLACING_SUFFIX = ".replacing"
-LOSS_KEYS = ("loss", "learning_rate", "grad_norm", "lm_loss", "kd_loss")
+LOSS_KEYS = ("loss", "learning_rate", "grad_norm", "lm_loss", "kd_loss", "hidden_loss")
 
 
 @dataclass(frozen=True)
