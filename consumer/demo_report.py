@@ -2,7 +2,7 @@
 
 Point 1: PPL(original, no FT) > PPL(LoRAM) >= PPL(LoRA on the original), in-domain.
 Point 2: PPL(pruned + its adapter, no recovery) >> PPL(LoRAM).
-Point 3: alignment lowers LoRAM's PPL.
+Point 3: alignment lowers LoRAM's PPL, on both sets.
 Each is checked on the numbers of this run and stated plainly, holding or not.
 """
 
@@ -38,8 +38,9 @@ def verdicts(report: dict) -> list[tuple[str, bool, str]]:
     s, lm = ppl[(SMALL, "gsm8k-heldout")], ppl[(LORAM, "gsm8k-heldout")]
     out.append(("2", s > 2 * lm, f"train small, infer small {s:.3f} {'>>' if s > 2 * lm else 'is not >>'} LoRAM "
                                  f"{lm:.3f} ({s / lm:.1f}x)"))
-    a, u = ppl[(LORAM, "gsm8k-heldout")], ppl[(UNALIGNED, "gsm8k-heldout")]
-    out.append(("3", a < u, f"LoRAM with alignment {a:.3f} {'<' if a < u else '>='} without {u:.3f}"))
+    for data in DATA:
+        a, u = ppl[(LORAM, data)], ppl[(UNALIGNED, data)]
+        out.append((f"3 ({data})", a < u, f"LoRAM with alignment {a:.3f} {'<' if a < u else '>='} without {u:.3f}"))
     return out
 
 
@@ -78,24 +79,45 @@ def _plots(report: dict, out: Path) -> list[str]:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     names.append("loss.png")
-    rows = pivot(report)
-    fig, axes = plt.subplots(1, len(DATA), figsize=(11, 4.5))
-    for ax, (data, title) in zip(axes, DATA.items(), strict=True):
-        values = [r.get(data, float("nan")) for r in rows]
-        ax.barh(range(len(rows)), values, color=["#888", "#1f77b4", "#9ecae1", "#d62728", "#ff9896", "#2ca02c"][:len(rows)])
-        ax.set_yticks(range(len(rows)), [r["variant"] for r in rows] if data == "gsm8k-heldout" else [""] * len(rows),
-                      fontsize=8)
-        ax.set_xscale("log")
-        ax.invert_yaxis()
-        ax.set(title=title, xlabel="perplexity (log scale, lower is better)")
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-    fig.tight_layout()
-    with atomic_file(out / "perplexity.png") as tmp:
+    fig = _gap_plot(report, plt)
+    with atomic_file(out / "gap.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    names.append("perplexity.png")
+    names.append("gap.png")
     return names
+
+
+def gap_closed(report: dict, data: str, variant: str) -> float:
+    """Fraction of the original -> LoRA-on-the-original perplexity gap that `variant` closes on `data`."""
+    ppl = {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
+    o, lo = ppl[(ORIGINAL, data)], ppl[(LORA, data)]
+    return (o - ppl[(variant, data)]) / (o - lo) if o != lo else float("nan")
+
+
+FINE_TUNED = {LORAM: "#1f77b4", UNALIGNED: "#9ecae1", LORA: "#2ca02c"}
+
+
+def _gap_plot(report: dict, plt):
+    """Per evaluation set, each fine-tuned variant's perplexity change from the original (linear scale), labelled
+    with the share of the original -> LoRA gap it closes: the differences that matter are a few percent."""
+    ppl = {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
+    fig, axes = plt.subplots(1, len(DATA), figsize=(11, 3.2))
+    for ax, (data, title) in zip(axes, DATA.items(), strict=True):
+        o = ppl[(ORIGINAL, data)]
+        deltas = [ppl[(v, data)] - o for v in FINE_TUNED]
+        ax.barh(range(len(FINE_TUNED)), deltas, color=list(FINE_TUNED.values()))
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(FINE_TUNED)), list(FINE_TUNED) if data == "gsm8k-heldout" else [""] * len(FINE_TUNED),
+                      fontsize=8)
+        ax.invert_yaxis()
+        ax.set(title=f"{title}: original {o:.3f}", xlabel="perplexity minus the original's (lower is better)")
+        for i, (v, d) in enumerate(zip(FINE_TUNED, deltas, strict=True)):
+            ax.text(d, i, f" {d:+.3f} ({gap_closed(report, data, v):.0%} of the gap)", va="center", fontsize=8,
+                    ha="left" if d >= 0 else "right")
+        lo = min(deltas + [0.0])
+        ax.set_xlim(lo * 1.9 - 0.01, max(deltas + [0.0]) + abs(lo) * 0.4 + 0.01)
+    fig.tight_layout()
+    return fig
 
 
 def render(report: dict, plots: list[str]) -> str:
@@ -108,6 +130,10 @@ def render(report: dict, plots: list[str]) -> str:
              "", "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]
     for r in pivot(report):
         lines.append(f"| {r['variant']} | " + " | ".join(f"{r.get(d, float('nan')):.3f}" for d in DATA) + " |")
+    lines += ["", "Share of the gap from the original to LoRA on the original that each fine-tuned variant closes "
+              "(0% = no better than the original, 100% = LoRA on the original):", "",
+              "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]
+    lines += [f"| {v} | " + " | ".join(f"{gap_closed(report, d, v):.0%}" for d in DATA) + " |" for v in (LORAM, UNALIGNED)]
     lines += ["", "## What it shows (docs/method.md §8)", ""]
     checks = verdicts(report)
     for point, holds, text in checks:

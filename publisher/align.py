@@ -68,10 +68,11 @@ class AlignConfig(Config):
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
     distill_from: str | None = option(None, "Original model to distill from (folder or Hub id): adds a KL term "
                                             "on its next-token distribution.")
-    kd_weight: float = option(0.5, "With --distill-from: loss = (1 - w) * LM + w * KL (logit distillation), w in "
-                                   "[0, 1]; 0 keeps the LM loss alone (with --hidden-weight: LM + hidden).")
-    hidden_weight: float = option(0.0, "With --distill-from: add w * the hidden-state loss, matching each decoder "
-                                       "layer's output to the original's at the same positions (0: off).")
+    kd_weight: float = option(0.5, "With --distill-from: weight of the logit-distillation term (KL to the "
+                                   "original's next-token distribution), in [0, 1]; the LM loss gets "
+                                   "1 - --kd-weight - --hidden-weight.")
+    hidden_weight: float = option(0.0, "With --distill-from: weight of the hidden-state term (each matched decoder "
+                                       "layer's output against the original's at the same positions), in [0, 1].")
     hidden_loss: str = option("mse", "Hidden-state loss per position: mse (||s - t||^2 / ||t||^2) or cosine "
                                      "(1 - cos(s, t)), averaged over the matched layers.", choices=HIDDEN_LOSSES)
     hidden_layers: str = option("all", "Decoder layers whose outputs are matched: all, or pruned (only the layers "
@@ -97,9 +98,12 @@ class AlignConfig(Config):
                   (self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1"),
                   (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
                   (0 <= self.kd_weight <= 1, "--kd-weight must lie in [0, 1]"),
-                  (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
+                  (0 <= self.hidden_weight <= 1, "--hidden-weight must lie in [0, 1]"),
                   (self.distill_from is not None or self.hidden_weight == 0,
                    "--hidden-weight needs --distill-from ORIGINAL (the model whose hidden states are matched)"),
+                  (self.distill_from is None or self.kd_weight + self.hidden_weight <= 1 + 1e-9,
+                   f"--kd-weight {self.kd_weight} + --hidden-weight {self.hidden_weight} exceed 1 (the LM loss gets "
+                   "1 minus their sum); lower one"),
                   (self.distill_from is None or self.kd_weight > 0 or self.hidden_weight > 0,
                    "--distill-from with --kd-weight 0 and no --hidden-weight distills nothing; set either weight"),
                   (self.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0"),

@@ -6,8 +6,8 @@
   has written its files, rank 0 adds the manifest carried forward with an alignment record for step N.
 - Distillation (optional, beyond the paper): with a teacher (the original model), the training loss is
 
-      loss = (1 - w_kd) * CE(student, next token) + w_kd * KL(softmax(teacher) || softmax(student))
-             + w_hidden * hidden-state loss (distill.py: per chosen decoder layer, MSE or cosine)
+      loss = (1 - w_kd - w_hidden) * CE(student, next token) + w_kd * KL(softmax(teacher) || softmax(student))
+             + w_hidden * hidden-state loss (distill.py: per matched decoder layer, MSE or cosine)
 
   averaged over the same next-token positions as the LM loss. Evaluation reports the LM loss alone,
   so held-out perplexity means the same with and without distillation.
@@ -82,7 +82,7 @@ class AlignTrainer(SafeCheckpointTrainer):
 
     def _distill(self, lm: torch.Tensor, student_logits: torch.Tensor, input_ids: torch.Tensor,
                  num_items_in_batch) -> torch.Tensor:
-        """(1 - w_kd) * LM + w_kd * KL + w_hidden * hidden, every term normalized as the Trainer normalized LM."""
+        """(1 - w_kd - w_hidden) * LM + w_kd * KL + w_hidden * hidden, each normalized as the Trainer normalized LM."""
         b, t = input_ids.shape
         positions = b * (t - 1)
         # The Trainer normalized the LM loss by the number of target tokens of the whole accumulated (and,
@@ -107,7 +107,7 @@ class AlignTrainer(SafeCheckpointTrainer):
                 self._hidden[1].capturing = False
         per_token = 1.0 / (scale * positions)  # the logged parts are per-position means
         self._parts["lm_loss"].append(lm.detach().float() * per_token)
-        loss = (1.0 - self.kd_weight) * lm
+        loss = (1.0 - self.kd_weight - (self.hidden_weight if self._hidden else 0.0)) * lm
         if self.kd_weight > 0:
             kd = kd_sum(student_logits, teacher_logits) * scale
             self._parts["kd_loss"].append(kd.detach().float() * per_token)

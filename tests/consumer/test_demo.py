@@ -112,11 +112,24 @@ def test_verdicts_state_plainly_what_holds():
     base |= {(v, "news"): p * 8 for (v, _), p in base.items()}
     assert all(holds for _, holds, _ in verdicts(_report(base)))
     text = render(_report(base), ["loss.png"])
-    assert "Point 3: holds: LoRAM with alignment 3.700 < without 3.800" in text and "![loss.png](loss.png)" in text
-    assert "150.00 (step 0) -> 60.00 (step 200)" in text
-    worse = {**base, (LORAM, "gsm8k-heldout"): 3.9}  # alignment did not help this time
-    point3 = [v for v in verdicts(_report(worse)) if v[0] == "3"][0]
-    assert point3[1] is False and "does NOT hold" in render(_report(worse), [])
+    assert "Point 3 (gsm8k-heldout): holds: LoRAM with alignment 3.700 < without 3.800" in text
+    assert "Point 3 (news): holds: LoRAM with alignment 29.600 < without 30.400" in text
+    assert "![loss.png](loss.png)" in text and "150.00 (step 0) -> 60.00 (step 200)" in text
+    # the share of the original -> LoRA gap: (4.0 - 3.7) / (4.0 - 2.8) = 25%, unaligned (4.0 - 3.8) / 1.2 = 17%
+    assert f"| {LORAM} | 25% | 25% |" in text and f"| {UNALIGNED} | 17% | 17% |" in text
+    worse = {**base, (LORAM, "news"): 30.5}  # alignment helped in-domain only this time
+    point3 = {v[0]: v[1] for v in verdicts(_report(worse)) if v[0].startswith("3")}
+    assert point3 == {"3 (gsm8k-heldout)": True, "3 (news)": False} and "does NOT hold" in render(_report(worse), [])
+
+
+def test_gap_plot_is_written(tmp_path):
+    from loram.demo_report import _plots
+
+    base = {(ORIGINAL, "gsm8k-heldout"): 4.0, (LORAM, "gsm8k-heldout"): 3.7, (UNALIGNED, "gsm8k-heldout"): 3.8,
+            (SMALL, "gsm8k-heldout"): 14.0, (PRUNED, "gsm8k-heldout"): 40.0, (LORA, "gsm8k-heldout"): 2.8}
+    base |= {(v, "news"): p * 8 for (v, _), p in base.items()}
+    assert _plots(_report(base), tmp_path) == ["loss.png", "gap.png"]
+    assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
@@ -136,7 +149,7 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
     ppl = {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
     assert 2 < ppl[(ORIGINAL, "gsm8k-heldout")] < 8 and 15 < ppl[(ORIGINAL, "news")] < 60
     assert ppl[(SMALL, "gsm8k-heldout")] > 2 * ppl[(LORAM, "gsm8k-heldout")]  # even a smoke run shows point 2
-    for name in ("loss.png", "perplexity.png"):
+    for name in ("loss.png", "gap.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| variant |" in md and "Point 2:" in md and "peak training memory" in md

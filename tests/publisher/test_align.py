@@ -155,16 +155,17 @@ def test_distillation_adds_a_kl_term_that_is_zero_against_itself(root):
 
 @pytest.mark.parametrize("kind", ["mse", "cosine"])
 def test_hidden_state_distillation_matches_the_originals_layer_outputs(root, kind):
-    # Against itself every layer output is equal: the hidden term is 0 and the loss is the plain LM loss.
+    # Against itself every layer output is equal: the hidden term is 0 and the LM loss gets 1 - 0.5.
     plain = _align(root, f"hs-none-{kind}", steps=1)
     same = _align(root, f"hs-self-{kind}", steps=1, distill_from=str(root / "pruned"), kd_weight=0.0,
-                  hidden_weight=1.0, hidden_loss=kind)
+                  hidden_weight=0.5, hidden_loss=kind)
     first = same.report["losses"][0]
     assert first["hidden_loss"] == pytest.approx(0.0, abs=1e-6) and "kd_loss" not in first
-    assert first["loss"] == pytest.approx(plain.losses[0], rel=1e-5)
+    assert first["lm_loss"] == pytest.approx(plain.losses[0], rel=1e-5)
+    assert first["loss"] == pytest.approx(0.5 * plain.losses[0], rel=1e-5)
     # Against the original, only at the pruned layers (1..4): the first step's term is the definition,
     # computed here from transformers' own hidden states (entry i + 1 is the output of layer i).
-    run = _align(root, f"hs-{kind}", steps=4, distill_from=str(root / "base"), kd_weight=0.0, hidden_weight=2.0,
+    run = _align(root, f"hs-{kind}", steps=4, distill_from=str(root / "base"), kd_weight=0.25, hidden_weight=0.5,
                  hidden_loss=kind, hidden_layers="pruned", shuffle_buffer=0)
     tokenizer = tiny_tokenizer()
     batch = collate_blocks(list(islice(mixture([Source(str(root / "text.txt"))], tokenizer, 32, 0, 0), 4)))["input_ids"]
@@ -178,10 +179,11 @@ def test_hidden_state_distillation_matches_the_originals_layer_outputs(root, kin
                          else (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean())
     rows = run.report["losses"]
     assert rows[0]["hidden_loss"] == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-4)
-    assert all(r["loss"] == pytest.approx(r["lm_loss"] + 2.0 * r["hidden_loss"], rel=1e-4) for r in rows)
+    assert all(r["loss"] == pytest.approx(0.25 * (r["lm_loss"] + r["kd_loss"]) + 0.5 * r["hidden_loss"], rel=1e-4)
+               for r in rows)
     assert rows[-1]["hidden_loss"] < rows[0]["hidden_loss"]
     assert Manifest.load(run.out).alignment[-1]["distill"] == {
-        "from": str(root / "base"), "kd_weight": 0.0, "hidden": {"weight": 2.0, "loss": kind, "layers": "pruned"}}
+        "from": str(root / "base"), "kd_weight": 0.25, "hidden": {"weight": 0.5, "loss": kind, "layers": "pruned"}}
 
 
 def test_sources_are_streamed_from_every_supported_form(tmp_path):
@@ -249,7 +251,8 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
     ({"steps": 0}, "--steps must be >= 1"),
     ({"kd_weight": 1.5}, r"--kd-weight must lie in \[0, 1\]"),
     ({"hidden_weight": 1.0}, "--hidden-weight needs --distill-from ORIGINAL"),
-    ({"hidden_weight": -1.0}, "--hidden-weight must be >= 0"),
+    ({"hidden_weight": -1.0}, r"--hidden-weight must lie in \[0, 1\]"),
+    ({"distill_from": "base", "kd_weight": 0.6, "hidden_weight": 0.5}, "exceed 1 .the LM loss gets 1 minus"),
     ({"distill_from": "base", "kd_weight": 0.0}, "distills nothing; set either weight"),
     ({"eval_data": "nowhere.txt"}, "neither a file"),
 ])

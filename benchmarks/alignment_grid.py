@@ -1,0 +1,246 @@
+"""Which alignment makes LoRAM pay: every objective of `loram publish align`, measured by what LoRAM gains.
+
+For each pruned model and alignment variant (objective x steps x seed), with the project's commands:
+
+    loram publish align PRUNED --data wiki ... (the variant's objective flags)      (skipped for "none")
+    loram train ALIGNED --data gsm8k-train ... (the demo's recipe: 15 steps, QLoRA when bitsandbytes is there)
+    loram recover ADAPTER
+    then the original + recovered adapter on GSM8K held-out (100 items) and news (50 documents),
+    response-token perplexity, next to the original and LoRA trained on the original (same seed).
+
+Gap closed = (original - LoRAM) / (original - LoRA): 0 is no better than the original, 1 is full LoRA.
+Alignment uses general text only (the built-in wiki split); news and GSM8K stay out of it.
+Every cell is cached under --work (a re-run measures only what is missing).
+
+    python benchmarks/alignment_grid.py                        # the default grid (see GRID)
+    python benchmarks/alignment_grid.py --cells taylor50/lm/40/0 taylor50/hidden-mse/40/1
+    python benchmarks/alignment_grid.py --report-only          # rebuild results/alignment_grid.* from --work
+
+Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant).
+"""
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import RESULTS, machine, write
+
+LORAM = str(Path(sys.executable).parent / "loram")
+QUANT = "nf4" if importlib.util.find_spec("bitsandbytes") else "none"  # as `loram demo --quant auto`
+DEMO_STEPS = 40  # the demo's alignment budget (consumer/demo.py); 4x is 160
+PRUNE = {  # name -> `loram publish prune` flags
+    "taylor50": ["--method", "taylor", "--ratio", "0.5", "--samples", "32"],  # the demo's pruned model
+    # calibration as benchmarks/prune_sparse_quality.py (the references' 128 x 2048 takes ~30x longer on 2 cores)
+    "wanda50": ["--method", "wanda", "--sparsity", "0.5", "--samples", "32", "--seq-len", "256"],
+    "sparsegpt50": ["--method", "sparsegpt", "--sparsity", "0.5", "--samples", "32", "--seq-len", "256"],
+    "sparsegpt2:4": ["--method", "sparsegpt", "--nm", "2:4", "--samples", "32", "--seq-len", "256"],
+}
+OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe ({base}: the original)
+    "none": None,
+    "lm": [],
+    "kd": ["--distill-from", "{base}", "--kd-weight", "0.5"],
+    "kd-pure": ["--distill-from", "{base}", "--kd-weight", "1"],
+    "hidden-mse": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "0.5"],
+    "hidden-mse-pure": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1"],
+    "hidden-cos-pure": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                        "--hidden-loss", "cosine"],
+    "hidden-mse-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                          "--hidden-layers", "pruned"],
+    "kd+hidden": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5"],
+}
+GRID = [f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
+
+
+def sh(*args) -> str:
+    print("$ loram " + " ".join(map(str, args)), flush=True)
+    proc = subprocess.run([LORAM, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return proc.stdout
+
+
+def cached(path: Path, make) -> dict:
+    """The JSON result stored at `path`, made (and stored) when missing."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = make()
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def train_args(seed: int) -> list[str]:
+    return ["--data", "gsm8k-train", "--columns", "prompt=question,response=answer", "--quant", QUANT,
+            "--steps", "15", "--lr", "3e-4", "--batch", "4", "--seq-len", "256", "--save-every", "1000",
+            "--seed", str(seed), "--overwrite"]
+
+
+def align_args(objective: str, steps: int, seed: int, base: str) -> list[str]:
+    flags = [f.format(base=base) for f in OBJECTIVES[objective]]
+    return ["--data", "wiki", "--steps", steps, "--seq-len", 256, "--batch", 2, "--lr", "1e-4",
+            "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout", "--eval-limit", 16,
+            "--eval-every", steps, "--save-every", steps, "--seed", seed, *flags, "--overwrite"]
+
+
+class Evaluator:
+    """Response-token perplexity of the original with an adapter, on GSM8K held-out and news."""
+
+    def __init__(self, base: str, items: int):
+        from loram.evaluate import eval_set
+        from loram.shared.runtime import configure_threads
+
+        configure_threads()
+        self.base = base
+        self.sets = {"gsm8k": eval_set("gsm8k-heldout", items), "news": eval_set("news", max(1, items // 2))}
+
+    def __call__(self, adapter: str | None, model: str | None = None) -> dict:
+        from loram.evaluate import load_spec, response_perplexity
+
+        m, tok = load_spec(model or self.base, adapter, False)
+        out = {}
+        for name, (records, columns) in self.sets.items():
+            ppl, tokens = response_perplexity(m, tok, records, columns, 256, 4, name)
+            out[name] = round(ppl, 4)
+            out[f"{name}_tokens"] = tokens
+        return out
+
+
+def run_cell(work: Path, cell: str, base: str, evaluate: Evaluator) -> dict:
+    model, objective, steps, seed = cell.split("/")
+    steps, seed = int(steps), int(seed)
+    pruned = work / "pruned" / model
+    if not (pruned / "loram_manifest.json").is_file():
+        sh("publish", "prune", base, *PRUNE[model], "--out", pruned, "--overwrite")
+    folder = work / "cells" / cell.replace("/", "_").replace(":", "-")
+    align: dict = {}
+    trained_on = pruned
+    if OBJECTIVES[objective] is not None:
+        def do_align() -> dict:
+            started = time.perf_counter()
+            sh("publish", "align", pruned, *align_args(objective, steps, seed, base), "--out", folder / "aligned")
+            report = json.loads((folder / "aligned" / "align_report.json").read_text())
+            evals = report["evals"]
+            return {"wall_s": round(time.perf_counter() - started, 1),
+                    "s_per_step": round(512 / report["tokens_per_second"], 3), "tokens_per_s": report["tokens_per_second"],
+                    "peak_mib": round(report["peak_memory_bytes"] / 2**20, 1),
+                    "wiki_ppl_start": evals[0]["perplexity"], "wiki_ppl_end": evals[-1]["perplexity"],
+                    "final_losses": report["losses"][-1]}
+        align = cached(folder / "align.json", do_align)
+        trained_on = folder / "aligned"
+
+    def do_train() -> dict:
+        sh("train", trained_on, *train_args(seed), "--out", folder / "adapter")
+        sh("recover", folder / "adapter", "--out", folder / "recovered", "--overwrite")
+        return evaluate(str(folder / "recovered"))
+    return {"cell": cell, "model": model, "objective": objective, "steps": steps if align else 0, "seed": seed,
+            "align": align, **cached(folder / "eval.json", do_train)}
+
+
+def references(work: Path, base: str, seeds: set[int], evaluate: Evaluator) -> dict:
+    refs = {"original": cached(work / "ref" / "original.json", lambda: evaluate(None))}
+    for seed in sorted(seeds):
+        def lora(seed=seed) -> dict:
+            folder = work / "ref" / f"lora-{seed}"
+            sh("train", base, *train_args(seed), "--out", folder)
+            return evaluate(str(folder))
+        refs[f"lora-{seed}"] = cached(work / "ref" / f"lora-{seed}.json", lora)
+    return refs
+
+
+def gap(original: float, lora: float, value: float) -> float:
+    return (original - value) / (original - lora)
+
+
+def table(rows: list[dict], refs: dict) -> list[str]:
+    orig = refs["original"]
+    lines = ["| pruned | alignment | steps | seed | GSM8K PPL | gap closed | news PPL | news vs original | "
+             "wiki PPL after align | align s/step | align peak MiB |", "|---" * 11 + "|"]
+    for r in rows:
+        lora = refs[f"lora-{r['seed']}"]
+        a = r["align"]
+        lines.append(
+            f"| {r['model']} | {r['objective']} | {r['steps']} | {r['seed']} | {r['gsm8k']:.3f} | "
+            f"{gap(orig['gsm8k'], lora['gsm8k'], r['gsm8k']):.0%} | {r['news']:.3f} | "
+            f"{r['news'] - orig['news']:+.3f} | {a.get('wiki_ppl_end', float('nan')):.1f} | "
+            f"{a.get('s_per_step', float('nan')):.2f} | {a.get('peak_mib', float('nan')):.0f} |")
+    return lines
+
+
+def summary(rows: list[dict], refs: dict) -> list[dict]:
+    """Mean and spread (max - min) over seeds of each (model, objective, steps)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["objective"], r["steps"]), []).append(r)
+    out = []
+    orig = refs["original"]
+    for (model, objective, steps), rs in groups.items():
+        gaps = [gap(orig["gsm8k"], refs[f"lora-{r['seed']}"]["gsm8k"], r["gsm8k"]) for r in rs]
+        news = [r["news"] for r in rs]
+        out.append({"model": model, "objective": objective, "steps": steps, "seeds": [r["seed"] for r in rs],
+                    "gap_closed": sum(gaps) / len(gaps), "gap_spread": max(gaps) - min(gaps),
+                    "gsm8k": sum(r["gsm8k"] for r in rs) / len(rs), "news": sum(news) / len(news),
+                    "news_spread": max(news) - min(news)})
+    return out
+
+
+def plot(groups: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(groups, key=lambda g: (g["model"], g["steps"], g["gap_closed"]))
+    labels = [f"{g['model']} / {g['objective']} / {g['steps']}" for g in groups]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(groups) + 1.2))
+    ax.barh(labels, [100 * g["gap_closed"] for g in groups],
+            xerr=[50 * g["gap_spread"] for g in groups], color="#4c72b0")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.axvline(100, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("% of the original -> full-LoRA gap closed on GSM8K held-out (100% = LoRA on the original)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=Path("/tmp/loram-alignment-grid"))
+    ap.add_argument("--cells", nargs="*", default=None, help="MODEL/OBJECTIVE/STEPS/SEED (default: GRID)")
+    ap.add_argument("--items", type=int, default=100, help="GSM8K held-out items (news: half as many)")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    base = sh("assets", "path", "model").strip()
+    evaluate = Evaluator(base, args.items)
+    done = {p.parent.name for p in (args.work / "cells").glob("*/eval.json")}
+    cells = args.cells if args.cells is not None else GRID
+    rows = []
+    all_cells = sorted(set(cells) | {json.loads((args.work / "cells" / d / "cell.json").read_text())["cell"]
+                                     for d in done if (args.work / "cells" / d / "cell.json").is_file()})
+    for cell in all_cells:
+        if args.report_only and cell.replace("/", "_").replace(":", "-") not in done:
+            continue
+        row = run_cell(args.work, cell, base, evaluate)
+        (args.work / "cells" / cell.replace("/", "_").replace(":", "-") / "cell.json").write_text(json.dumps(row))
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("cell", "gsm8k", "news")}), flush=True)
+    refs = references(args.work, base, {r["seed"] for r in rows} | {0}, evaluate)
+    groups = summary(rows, refs)
+    lines = ["# Alignment that pays: LoRAM on SmolLM2-135M by alignment objective", "",
+             "Original: GSM8K held-out " + f"{refs['original']['gsm8k']:.3f}, news {refs['original']['news']:.3f}; "
+             + "; ".join(f"LoRA on the original (seed {k.split('-')[1]}): GSM8K {v['gsm8k']:.3f}, news {v['news']:.3f}"
+                         for k, v in refs.items() if k.startswith("lora-")), "",
+             *table(rows, refs), "", "Mean over seeds (spread = max - min):", "",
+             "| pruned | alignment | steps | seeds | gap closed | spread | news PPL | news spread |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['model']} | {g['objective']} | {g['steps']} | {len(g['seeds'])} | {g['gap_closed']:.1%} | "
+              f"{g['gap_spread']:.1%} | {g['news']:.3f} | {g['news_spread']:.3f} |" for g in groups]
+    plot(groups, RESULTS / "alignment_grid.png")
+    write("alignment_grid", {"machine": machine(), "items": args.items, "references": refs, "rows": rows,
+                             "summary": groups}, lines)
+
+
+if __name__ == "__main__":
+    main()
