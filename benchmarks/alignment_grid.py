@@ -217,8 +217,9 @@ def main() -> None:
     done = {p.parent.name for p in (args.work / "cells").glob("*/eval.json")}
     cells = args.cells if args.cells is not None else GRID
     rows = []
-    all_cells = sorted(set(cells) | {json.loads((args.work / "cells" / d / "cell.json").read_text())["cell"]
-                                     for d in done if (args.work / "cells" / d / "cell.json").is_file()})
+    earlier = [json.loads((args.work / "cells" / d / "cell.json").read_text())["cell"]
+               for d in sorted(done) if (args.work / "cells" / d / "cell.json").is_file()]
+    all_cells = list(dict.fromkeys([*cells, *earlier]))  # the asked ones first, in order; then every earlier one
     for cell in all_cells:
         if args.report_only and cell.replace("/", "_").replace(":", "-") not in done:
             continue

@@ -38,6 +38,7 @@ from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
 from loram.shared.records import check_source
 
+BASE = "base"  # --distill-from base: the original model named in the manifest
 REPORT = "align_report.json"
 CONFIG = "align_config.yaml"
 RESUME_SAME = ("data", "lr", "seq_len", "batch", "grad_accum", "seed", "warmup", "freeze_lm_head", "distill_from",
@@ -66,8 +67,9 @@ class AlignConfig(Config):
     save_every: int = option(200, "Write a checkpoint every N steps (each one a loadable pruned checkpoint).")
     keep_checkpoints: int = option(2, "Keep the newest N checkpoints (0 keeps all).")
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
-    distill_from: str | None = option(None, "Original model to distill from (folder or Hub id): adds a KL term "
-                                            "on its next-token distribution.")
+    distill_from: str | None = option(None, "Original model to distill from: a folder or Hub id, base (the model "
+                                            "the manifest was pruned from), or none. Enables --kd-weight and "
+                                            "--hidden-weight.")
     kd_weight: float = option(0.5, "With --distill-from: weight of the logit-distillation term (KL to the "
                                    "original's next-token distribution), in [0, 1]; the LM loss gets "
                                    "1 - --kd-weight - --hidden-weight.")
@@ -88,6 +90,8 @@ class AlignConfig(Config):
     overwrite: bool = option(False, "Replace an existing --out folder.")
 
     def check(self):
+        if self.distill_from is not None and self.distill_from.lower() == "none":
+            self.distill_from = None
         if not self.data:
             raise LoramError("--data: give at least one source, e.g. --data wiki")
         self.sources  # noqa: B018  (parses every SOURCE[:WEIGHT]; raises on a bad one)
@@ -281,7 +285,16 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     from loram.shared.hub import resolve_model
     from loram.shared.pruned_model import empty_model, from_pretrained
 
-    source = resolve_model(cfg.distill_from, endpoint=cfg.endpoint)
+    name, revision = cfg.distill_from, None
+    if name == BASE:  # the model the manifest says this checkpoint was pruned from, at its recorded revision
+        name = manifest.base.id
+        revision = None if Path(name).expanduser().exists() else manifest.base.revision
+    try:
+        source = resolve_model(name, revision, cfg.endpoint)
+    except LoramError as e:
+        raise LoramError(f"--distill-from {cfg.distill_from}: {e}" + (
+            f" (the manifest's base model); pass --distill-from PATH to the original model, or "
+            "--distill-from none for the LM loss alone" if cfg.distill_from == BASE else "")) from e
     teacher = (empty_model if cfg.fsdp else from_pretrained)(source.path, dtype=torch.float32)
     if teacher.config.vocab_size != pruned_config.vocab_size:
         raise LoramError(f"--distill-from {cfg.distill_from} has a vocabulary of {teacher.config.vocab_size}, the "

@@ -34,6 +34,9 @@ def root(tmp_path_factory):
     prune(base=str(root / "base"), out=root / "pruned", method="l2", ratio=0.5, layers="1:5")
     save_tiny_checkpoint(root / "base-untied", "llama-mha")
     prune(base=str(root / "base-untied"), out=root / "pruned-untied", method="l2", ratio=0.5, layers="1:5")
+    save_tiny_checkpoint(root / "gone-base", "llama-gqa")  # a pruned model whose base is no longer there
+    prune(base=str(root / "gone-base"), out=root / "pruned-moved", method="l2", ratio=0.5, layers="1:5")
+    shutil.rmtree(root / "gone-base")
     (root / "text.txt").write_text(TEXT)
     return root
 
@@ -151,6 +154,10 @@ def test_distillation_adds_a_kl_term_that_is_zero_against_itself(root):
     assert all(r["kd_loss"] > 0 for r in rows) and rows[-1]["kd_loss"] < rows[0]["kd_loss"]
     assert all(r["loss"] == pytest.approx(r["kd_loss"], rel=1e-4) for r in rows)
     assert Manifest.load(kd.out).alignment[-1]["distill"] == {"from": str(root / "base"), "kd_weight": 1.0}
+    # --distill-from base: the model the manifest names (here the same folder), so the same first step
+    named = _align(root, "kd-base", steps=1, distill_from="base", kd_weight=1.0)
+    assert named.report["losses"][0]["kd_loss"] == pytest.approx(rows[0]["kd_loss"], rel=1e-6)
+    assert _align(root, "kd-off", steps=1, distill_from="none").report["record"]["distill"] is None
 
 
 @pytest.mark.parametrize("kind", ["mse", "cosine"])
@@ -254,6 +261,8 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
     ({"hidden_weight": -1.0}, r"--hidden-weight must lie in \[0, 1\]"),
     ({"distill_from": "base", "kd_weight": 0.6, "hidden_weight": 0.5}, "exceed 1 .the LM loss gets 1 minus"),
     ({"distill_from": "base", "kd_weight": 0.0}, "distills nothing; set either weight"),
+    ({"distill_from": "base", "pruned": "pruned-moved"}, "--distill-from base: model .* is neither an existing "
+                                                         "folder.*the manifest's base model.*--distill-from none"),
     ({"eval_data": "nowhere.txt"}, "neither a file"),
 ])
 def test_bad_input_is_a_clear_error(root, kwargs, message):
