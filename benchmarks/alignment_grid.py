@@ -44,6 +44,7 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "lm": [],
     "kd": ["--distill-from", "{base}", "--kd-weight", "0.5"],
     "kd-pure": ["--distill-from", "{base}", "--kd-weight", "1"],
+    "hidden-mse-pure-lr3e-4": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--lr", "3e-4"],
     "hidden-mse": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "0.5"],
     "hidden-mse-pure": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1"],
     "hidden-cos-pure": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",

@@ -1,6 +1,7 @@
 """`loram demo`: the whole LoRAM loop on the embedded SmolLM2-135M-Instruct, with a report.
 
-    assets -> prune (Taylor, ratio 0.5) -> align (Wikipedia) -> publish (local folder repository,
+    assets -> prune (Taylor, ratio 0.5) -> align (hidden-state distillation from the original, on Wikipedia)
+    -> publish (local folder repository,
     and a Hub endpoint when given) -> pull (verified) -> train QLoRA on GSM8K (LoRA when 4-bit is
     unavailable) -> recover -> evaluate -> report.md + plots
 
@@ -27,6 +28,9 @@ from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 
 GSM8K_COLUMNS = "prompt=question,response=answer"
+# `loram publish align`'s default objective (hidden-state distillation from the manifest's base model), named in
+# the align stage's key so that a demo folder aligned with another objective is aligned again
+ALIGN_OBJECTIVE = "hidden-mse from base"
 # (full, --quick) defaults; docs/demo.md explains them.
 DEFAULTS = {
     "calib_samples": (32, 4),
@@ -116,7 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                  "kv_score": cfg.setting("kv_score")},
                        lambda f: _prune(model_dir, f, cfg))
     align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len,
-                                 "eval_limit": cfg.align_eval_limit},
+                                 "eval_limit": cfg.align_eval_limit, "objective": ALIGN_OBJECTIVE},
                        lambda f: _align(prune.folder / "pruned", f, cfg))
     publish = stages.run("publish", {"align": align.key, "publish_to": cfg.publish_to, "repo_id": cfg.repo_id},
                          lambda f: _publish(align.folder / "aligned", f, cfg))

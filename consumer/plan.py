@@ -103,6 +103,9 @@ class PlanConfig(Config):
                                 "above 1 the gradients stay alive through the next forward.")
     freeze_lm_head: bool = option(True, "Alignment: lm_head frozen (the `publish align` default) or trained.",
                                   flag="freeze-lm-head/train-lm-head")
+    distill: bool = option(True, "Alignment: count the original model held for distillation (the `publish align` "
+                                 "default, hidden states from the base model; --no-distill: `--distill-from none`).",
+                           flag="distill/no-distill")
     json: bool = option(False, "Print one JSON object instead of the table.")
 
     def check(self):
@@ -224,7 +227,8 @@ def _publisher_plan(values: dict, param_plan: ParamPlan | None, c: PlanConfig) -
                           batch=c.batch, seq_len=c.seq_len,
                           gradient_checkpointing=c.gradient_checkpointing, grad_accum=c.grad_accum,
                           freeze_lm_head=c.freeze_lm_head,
-                          device=c.device, devices=c.devices or (1, 2, 4, 8), device_memory=c.device_memory)
+                          device=c.device, devices=c.devices or (1, 2, 4, 8), device_memory=c.device_memory,
+                          teacher=values if param_plan is not None and c.distill else None)
 
 
 def table_rows(p: ParamPlan) -> list[dict]:

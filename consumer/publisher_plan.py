@@ -190,7 +190,8 @@ def taylor_memory(config, layers: range, *, samples: int = CALIBRATION[0], seq_l
 
 def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpointing: bool = False,
                  grad_accum: int = 1, freeze_lm_head: bool = True, device: str = "cuda", devices=(1, 2, 4, 8),
-                 budget=None, overhead_bytes: int | None = None) -> tuple[list[Estimate], list[Estimate], int | None, dict]:
+                 budget=None, overhead_bytes: int | None = None,
+                 teacher=None) -> tuple[list[Estimate], list[Estimate], int | None, dict]:
     """Per-device peak memory of `loram publish align` on the (pruned) model `config`: (DDP estimates, FSDP
     estimates, one per N in `devices`; the smallest N in 1..MAX_DEVICES for which FSDP fits `budget`; facts).
 
@@ -219,10 +220,15 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
                      copies without checkpointing: the backward frees what the forward saved while it fills
                      the gradients. With gradient accumulation the gradients stay alive through the next
                      micro-batches' forward: 0, both count.
+        teacher      with `teacher` (the original's config; the default alignment distills hidden states from
+                     it): its weights (p bytes: bf16 on GPUs, fp32 on CPUs), DDP p P_o, FSDP p (S(P_o, N) + one
+                     gathered teacher layer),
+                     plus its decoder-layer outputs kept for the hidden-state loss, 4 T H L (the student's are
+                     saved for backward anyway; no teacher logits: the default matches hidden states only)
         overhead     the runtime (OVERHEAD_BYTES); slack: SLACK x activations
 
     Not modeled: the load (the fp32 model is read whole on every process before FSDP shards it),
-    distillation's teacher, evaluation.
+    logit distillation's two [T, V] fp32 tensors (--kd-weight > 0), evaluation.
     """
     model = meta_model(config)
     shape = Shape.of(model.config)
@@ -256,8 +262,10 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
         ddp_freed += 0 if gradient_checkpointing else casts
     accumulating = grad_accum > 1
     ddp_overlap = 0 if accumulating else -min(4 * n_trained, ddp_freed)
+    teacher_ddp, teacher_fsdp = _teacher_memory(teacher, batch * seq_len, 2 if gpu else 4)
     ddp = [Estimate({"weights": 4 * total, "gradients": 4 * n_trained, "optimizer": ADAM_BYTES * n_trained,
-                     "buckets": 4 * n_trained if n > 1 else 0, "working": casts, "checkpoint": 0, "activations": ddp_act,
+                     "buckets": 4 * n_trained if n > 1 else 0, "working": casts, "checkpoint": 0,
+                     "teacher": teacher_ddp, "activations": ddp_act,
                      "overlap": ddp_overlap, "overhead": overhead, "slack": int(SLACK[device] * ddp_act)}, budget, n)
            for n in devices]
 
@@ -279,7 +287,7 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
         local_t = sum(math.ceil(rows / n) * cols * count for (rows, cols, t), count in shapes.items() if t)
         return Estimate({"weights": 4 * local, "gradients": 4 * local_t, "optimizer": ADAM_BYTES * local_t,
                          "buckets": 0, "working": gathered, "checkpoint": 0 if gpu else ADAM_BYTES * local_t,
-                         "activations": fsdp_act, "overlap": 0 if accumulating else -min(4 * local_t, fsdp_freed),
+                         "teacher": teacher_fsdp(n), "activations": fsdp_act, "overlap": 0 if accumulating else -min(4 * local_t, fsdp_freed),
                          "overhead": overhead, "slack": int(SLACK[device] * fsdp_act)}, budget, n)
 
     smallest = None
@@ -289,12 +297,31 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
     return ddp, [fsdp(n) for n in devices], smallest, facts
 
 
+def _teacher_memory(config, tokens: int, p_bytes: int):
+    """(DDP bytes, FSDP bytes as a function of N) of the distillation teacher `config` (None: no teacher), its
+    weights in p_bytes (bf16 on GPUs, fp32 on CPUs, as `loram publish align` loads it)."""
+    if config is None:
+        return 0, lambda n: 0
+    model = meta_model(config)
+    shape = Shape.of(model.config)
+    params = list(model.parameters())
+    outputs = 4 * tokens * shape.hidden * len(model.get_decoder().layers)
+    shapes = Counter((p.shape[0], p.numel() // p.shape[0]) for p in params)
+    layer = max(sum(p.numel() for p in block.parameters()) for block in model.get_decoder().layers)
+
+    def fsdp(n: int) -> int:
+        return p_bytes * (sum(math.ceil(rows / n) * cols * count for (rows, cols), count in shapes.items()) + layer) \
+            + outputs
+    return p_bytes * sum(p.numel() for p in params) + outputs, fsdp
+
+
 def publisher_plan(stock_config, aligned_config, layers: range | None, *, samples: int = CALIBRATION[0],
                    calib_seq_len: int = CALIBRATION[1], calib_batch: int = CALIB_BATCH, batch: int = 4, seq_len: int = 512,
                    gradient_checkpointing: bool = False, grad_accum: int = 1, freeze_lm_head: bool = True,
-                   device: str = "cuda", devices=(1, 2, 4, 8), device_memory=None) -> PublisherPlan:
+                   device: str = "cuda", devices=(1, 2, 4, 8), device_memory=None, teacher=None) -> PublisherPlan:
     """Taylor pruning of `stock_config` over `layers` (skipped when `stock_config` is None: a pruned checkpoint)
-    and alignment of `aligned_config` (the pruned model), per device, against `device_memory` each."""
+    and alignment of `aligned_config` (the pruned model), per device, against `device_memory` each; with
+    `teacher` (the original's config) the alignment holds it for distillation, as by default."""
     check_calibration(samples, calib_seq_len, calib_batch)
     if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
         raise LoramError(f"--grad-accum must be a whole number >= 1, got {grad_accum!r}")
@@ -305,7 +332,8 @@ def publisher_plan(stock_config, aligned_config, layers: range | None, *, sample
                                device=device, budget=device_memory)
     ddp, fsdp, smallest, facts = align_memory(
         aligned_config, batch=batch, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-        grad_accum=grad_accum, freeze_lm_head=freeze_lm_head, device=device, devices=devices, budget=device_memory)
+        grad_accum=grad_accum, freeze_lm_head=freeze_lm_head, device=device, devices=devices, budget=device_memory,
+        teacher=teacher)
     return PublisherPlan(
         device=device, taylor=taylor,
         taylor_options={"dtype": config_dtype(stock_config) if stock_config is not None else None,
@@ -314,6 +342,7 @@ def publisher_plan(stock_config, aligned_config, layers: range | None, *, sample
         align_options={"batch": batch, "seq_len": seq_len, "grad_accum": grad_accum,
                        "gradient_checkpointing": gradient_checkpointing,
                        "lm_head": "frozen" if freeze_lm_head else "trained",
+                       "teacher": "original (hidden-state distillation)" if teacher is not None else None,
                        "weights": "fp32, bf16 autocast (DDP) / bf16 FSDP2 mixed precision" if device == "cuda"
                        else "fp32"},
         ddp=ddp, fsdp=fsdp, fsdp_min_devices=smallest, budget_bytes=parse_bytes(device_memory), extra=facts)

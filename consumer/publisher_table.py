@@ -13,7 +13,7 @@ TAYLOR_TERMS = (("weights", "weights"), ("gradients", "gradients (one layer)"), 
                 ("overhead", "runtime overhead"), ("slack", "allocator slack"))
 ALIGN_TERMS = (("weights", "weights (fp32)"), ("gradients", "gradients (fp32)"), ("optimizer", "AdamW states"),
                ("buckets", "DDP gradient buckets"), ("working", "bf16 copies / gathered units"),
-               ("checkpoint", "checkpoint save"), ("activations", "activations"),
+               ("checkpoint", "checkpoint save"), ("teacher", "teacher (the original)"), ("activations", "activations"),
                ("overlap", "freed by backward"), ("overhead", "runtime overhead"), ("slack", "allocator slack"))
 
 

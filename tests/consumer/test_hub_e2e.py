@@ -185,7 +185,7 @@ def test_align_distills_from_a_hub_original_through_the_endpoint(hub, tmp_path):
     (tmp_path / "text.txt").write_text("\n\n".join(f"paragraph {i} " + "words " * 30 for i in range(30)))
     before = len(hub.requests)
     result = align(pruned=str(pruned.out), data=[str(tmp_path / "text.txt")], steps=2, seq_len=16, batch=2,
-                   distill_from="org/tiny", endpoint=hub.url, kd_weight=0.5, save_every=100,
+                   distill_from="org/tiny", endpoint=hub.url, kd_weight=0.5, hidden_weight=0.0, save_every=100,
                    out=tmp_path / "aligned")
     assert result.report["record"]["distill"] == {"from": "org/tiny", "kd_weight": 0.5}
     assert all("kd_loss" in r and r["kd_loss"] >= 0 for r in result.report["losses"]), result.report["losses"]

@@ -178,11 +178,18 @@ def test_publisher_table(configs):
     header = next(line for line in lines if line.startswith("GiB per device"))
     assert header.split()[3:] == ["DDP", "1", "DDP", "2+", "FSDP", "1", "FSDP", "2", "FSDP", "4", "FSDP", "8"]
     fits = next(line for line in lines if line.startswith("fits "))
-    assert fits.split()[1:] == ["no", "no", "no", "no", "yes", "yes"]
+    # the default alignment holds the original (bf16, sharded too) for hidden-state distillation
+    assert fits.split()[1:] == ["no", "no", "no", "no", "no", "yes"]
+    assert any(line.startswith("teacher (the original)") for line in lines)
     assert lines[-3].startswith("Taylor pruning on one device of 80GiB (80.00 GiB): does not fit")
     assert lines[-2] == "DDP alignment on devices of 80GiB (80.00 GiB): does not fit at any N"
-    assert lines[-1] == ("FSDP alignment: smallest N = 4 devices of 80GiB (80.00 GiB) (any whole N; as a power "
-                         "of two: 4)")
+    assert lines[-1] == ("FSDP alignment: smallest N = 7 devices of 80GiB (80.00 GiB) (any whole N; as a power "
+                         "of two: 8)")
+    # the paper's LM-only alignment (`publish align --distill-from none`) fits on 4
+    plain = runner.invoke(app, ["plan", str(configs["llama31"]), *PUBLISHER_70B, "--no-distill"]).stdout.splitlines()
+    assert next(line for line in plain if line.startswith("fits ")).split()[1:] == ["no", "no", "no", "no", "yes", "yes"]
+    assert plain[-1].startswith("FSDP alignment: smallest N = 4 devices") and not any(
+        line.startswith("teacher") for line in plain)
     # the consumer's section is still there, before the publisher's
     assert out.index("estimated peak training memory") < out.index("publisher memory")
 
@@ -202,8 +209,11 @@ def test_publisher_json(configs):
     assert [e["devices"] for e in align["ddp"]] == [e["devices"] for e in align["fsdp"]] == [1, 2, 4, 8]
     for e in align["ddp"] + align["fsdp"]:
         assert e["total_bytes"] == sum(v for k, v in e.items() if k.endswith("_bytes") and k != "total_bytes")
-    assert [e["fits"] for e in align["fsdp"]] == [False, False, True, True]
-    assert (align["fsdp_min_devices"], align["fsdp_min_devices_pow2"], align["ddp_fits"]) == (4, 4, False)
+    assert [e["fits"] for e in align["fsdp"]] == [False, False, False, True]  # the bf16 teacher, sharded too
+    assert (align["fsdp_min_devices"], align["fsdp_min_devices_pow2"], align["ddp_fits"]) == (7, 8, False)
+    assert align["teacher"] == "original (hidden-state distillation)"
+    # DDP: the whole bf16 original (70.6B x 2 bytes) + its 80 layer outputs (4 x 512 tokens x 8192 x 4 bytes each)
+    assert align["ddp"][0]["teacher_bytes"] == 2 * EXPECTED["llama31"][0] + 80 * 4 * 512 * 8192 * 4
     assert align["gradient_checkpointing"] is True and align["lm_head"] == "frozen"
     assert "publisher" not in json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json"]).stdout)
 
@@ -239,7 +249,8 @@ def test_publisher_for_a_pruned_checkpoint_and_non_structured(tmp_path, configs)
     d = json.loads(runner.invoke(app, ["plan", str(tmp_path), "--json", "--devices", "8", "--device-memory", "80GiB",
                                        "--gradient-checkpointing"]).stdout)
     stock = json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json", "--ratio", "0.85", "--devices",
-                                           "8", "--device-memory", "80GiB", "--gradient-checkpointing"]).stdout)
+                                           "8", "--device-memory", "80GiB", "--gradient-checkpointing",
+                                           "--no-distill"]).stdout)  # a pruned checkpoint does not name its original
     assert d["publisher"]["taylor"] is None and d["publisher"]["align"] == stock["publisher"]["align"]
     ns = json.loads(runner.invoke(app, ["plan", str(configs["llama2"]), "--json", "--kind", "non-structured",
                                         "--sparsity", "0.5", "--publisher"]).stdout)
@@ -253,7 +264,7 @@ def test_publisher_from_a_hub_repo_with_only_config_json(hub, tmp_path):
     push_files("org/llama31-70b", {"config.json": tmp_path / "config.json"}, endpoint=hub.url, message="config")
     result = runner.invoke(app, ["plan", "org/llama31-70b", "--endpoint", hub.url, "--json", *PUBLISHER_70B])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["publisher"]["align"]["fsdp_min_devices"] == 4
+    assert json.loads(result.stdout)["publisher"]["align"]["fsdp_min_devices"] == 7
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -43,7 +43,7 @@ def root(tmp_path_factory):
 
 def _align(root, out, **kwargs):
     args = dict(pruned=str(root / "pruned"), data=[str(root / "text.txt")], steps=6, seq_len=32, batch=4, lr=1e-3,
-                save_every=3, out=root / out)
+                save_every=3, out=root / out, distill_from="none")  # the LM loss alone unless a test distills
     return align(AlignConfig(**{**args, **kwargs}))
 
 
@@ -143,19 +143,19 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(root):
 def test_distillation_adds_a_kl_term_that_is_zero_against_itself(root):
     # Teacher = the pruned model itself: KL(p || p) = 0 at the first step, and the LM part is the plain loss.
     plain = _align(root, "kd-none", steps=1)
-    same = _align(root, "kd-self", steps=1, distill_from=str(root / "pruned"), kd_weight=0.5)
+    same = _align(root, "kd-self", steps=1, distill_from=str(root / "pruned"), kd_weight=0.5, hidden_weight=0.0)
     first = same.report["losses"][0]
     assert first["kd_loss"] == pytest.approx(0.0, abs=1e-6)
     assert first["lm_loss"] == pytest.approx(plain.losses[0], rel=1e-5)
     assert first["loss"] == pytest.approx(0.5 * plain.losses[0], rel=1e-5)
     # Teacher = the original (dense) model, pure distillation: the KL term is what gets minimized.
-    kd = _align(root, "kd", steps=4, distill_from=str(root / "base"), kd_weight=1.0)
+    kd = _align(root, "kd", steps=4, distill_from=str(root / "base"), kd_weight=1.0, hidden_weight=0.0)
     rows = kd.report["losses"]
     assert all(r["kd_loss"] > 0 for r in rows) and rows[-1]["kd_loss"] < rows[0]["kd_loss"]
     assert all(r["loss"] == pytest.approx(r["kd_loss"], rel=1e-4) for r in rows)
     assert Manifest.load(kd.out).alignment[-1]["distill"] == {"from": str(root / "base"), "kd_weight": 1.0}
     # --distill-from base: the model the manifest names (here the same folder), so the same first step
-    named = _align(root, "kd-base", steps=1, distill_from="base", kd_weight=1.0)
+    named = _align(root, "kd-base", steps=1, distill_from="base", kd_weight=1.0, hidden_weight=0.0)
     assert named.report["losses"][0]["kd_loss"] == pytest.approx(rows[0]["kd_loss"], rel=1e-6)
     assert _align(root, "kd-off", steps=1, distill_from="none").report["record"]["distill"] is None
 
@@ -257,10 +257,9 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
     ({"data": []}, "--data: give at least one source"),
     ({"steps": 0}, "--steps must be >= 1"),
     ({"kd_weight": 1.5}, r"--kd-weight must lie in \[0, 1\]"),
-    ({"hidden_weight": 1.0}, "--hidden-weight needs --distill-from ORIGINAL"),
     ({"hidden_weight": -1.0}, r"--hidden-weight must lie in \[0, 1\]"),
     ({"distill_from": "base", "kd_weight": 0.6, "hidden_weight": 0.5}, "exceed 1 .the LM loss gets 1 minus"),
-    ({"distill_from": "base", "kd_weight": 0.0}, "distills nothing; set either weight"),
+    ({"distill_from": "base", "hidden_weight": 0.0}, "distills nothing; set either weight"),
     ({"distill_from": "base", "pruned": "pruned-moved"}, "--distill-from base: model .* is neither an existing "
                                                          "folder.*the manifest's base model.*--distill-from none"),
     ({"eval_data": "nowhere.txt"}, "neither a file"),
@@ -295,6 +294,11 @@ def test_cli_mixes_sources_from_repeated_flags_and_reports_one_line_errors(root)
     assert "aligning" in proc.stderr  # the progress bar
     record = Manifest.load(root / "cli").alignment[-1]
     assert [d["weight"] for d in record["data"]] == [0.25, 0.75] and record["lm_head"] == "trained"
+    # the default objective: hidden-state distillation from the manifest's base model, every layer, no LM term
+    assert record["distill"] == {"from": "base", "kd_weight": 0.0,
+                                 "hidden": {"weight": 1.0, "loss": "mse", "layers": "all"}}
+    losses = json.loads((root / "cli" / "align_report.json").read_text())["losses"]
+    assert all(r["hidden_loss"] > 0 and r["loss"] == pytest.approx(r["hidden_loss"], rel=1e-5) for r in losses)
     from typer.testing import CliRunner
 
     from loram.cli import app
