@@ -7,7 +7,11 @@ its manifest, stream the sources into packed blocks of `--seq-len` tokens mixed 
 (`align_data.py`), load the model in fp32 and freeze `lm_head`, then train every other parameter with the
 Trainer (AdamW, cosine schedule, bf16 autocast on GPUs; DDP when started by torchrun / accelerate launch, FSDP2
 with `--fsdp`: `fully_shard` on every decoder layer, see docs/alignment.md),
-re-applying non-structured masks after every step and, optionally, distilling from the original model.
+re-applying non-structured masks after every step. The objective (publisher/distill.py): by default the pruned
+model learns to reproduce the original's residual stream after every decoder layer (hidden-state distillation
+from the base model named in the manifest: the objective measured best for what LoRAM gains,
+docs/alignment.md); `--distill-from none` is the paper's LM loss; `--kd-weight` / `--hidden-weight` mix LM,
+logit distillation and hidden states.
 Held-out perplexity is evaluated at the start, every `--eval-every` steps and at the end.
 
 Frozen with `--freeze-lm-head` (the default): the `lm_head` weight. When the model ties its input and

@@ -98,10 +98,10 @@ class AlignTrainer(SafeCheckpointTrainer):
             self._hidden[1].capturing = True
         try:
             with torch.no_grad():
-                if self.kd_weight > 0:
-                    teacher_logits = self.teacher(input_ids=input_ids).logits
-                else:  # only hidden states are matched: the decoder alone, no vocabulary projection
-                    self.teacher.model(input_ids=input_ids)
+                # only hidden states matched: the vocabulary projection of the last position alone (the whole
+                # model is still called, so FSDP's root unit gathers the embeddings)
+                out = self.teacher(input_ids=input_ids, **({} if self.kd_weight > 0 else {"logits_to_keep": 1}))
+                teacher_logits = out.logits
         finally:
             if self._hidden:
                 self._hidden[1].capturing = False

@@ -75,8 +75,10 @@ def _register() -> None:
             "loram publish align smollm2-p50 --data wiki --steps 300 --seq-len 256 --out aligned --resume",
             "torchrun --nproc_per_node 2 -m loram publish align smollm2-p50 --data wiki --steps 300 "
             "--seq-len 256 --batch 2 --out aligned",
+            "loram publish align smollm2-p50 --data wiki --steps 100 --seq-len 256 --distill-from none "
+            "--out aligned-lm   # the paper's LM loss instead of the default hidden-state distillation",
             "loram publish align smollm2-p50 --data wiki --steps 100 --seq-len 256 "
-            "--distill-from $(loram assets path model) --kd-weight 0.5 --out aligned-kd",
+            "--distill-from $(loram assets path model) --kd-weight 0.5 --hidden-weight 0 --out aligned-kd",
         ],
     )
 

@@ -160,12 +160,14 @@ def test_masks_stay_zero_under_fsdp_with_distillation(root):
     masks = save_masked_checkpoint(root / "sparse")
     save_tiny_checkpoint(root / "teacher", "llama-mha")
     # gradient accumulation too: the reduce-scatter waits for the last micro-batch
-    _run(_cmd(root, "sparse-out", 2, "--distill-from", str(root / "teacher"), "--grad-accum", "2", pruned="sparse",
-              steps=3, batch=1))
+    # logit and hidden-state distillation together: the teacher is sharded too, its layer outputs hooked
+    _run(_cmd(root, "sparse-out", 2, "--distill-from", str(root / "teacher"), "--kd-weight", "0.5", "--hidden-weight",
+              "0.5", "--grad-accum", "2", pruned="sparse", steps=3, batch=1))
     report = _report(root / "sparse-out")
     assert report["record"]["global_batch"] == 4
     assert report["fsdp"]["dtensor_parameters"] == report["fsdp"]["parameters"]
-    assert all("kd_loss" in r and "lm_loss" in r for r in report["losses"])
+    assert all(r["kd_loss"] > 0 and r["hidden_loss"] > 0 and "lm_loss" in r for r in report["losses"])
+    assert report["record"]["distill"]["hidden"] == {"weight": 0.5, "loss": "mse", "layers": "all"}
     for folder in (root / "sparse-out", root / "sparse-out" / "checkpoints" / "checkpoint-2"):
         after = _state(folder)
         for name, keep in masks.items():
