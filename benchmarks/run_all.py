@@ -68,6 +68,9 @@ BENCHMARKS = {
     "loram_effect": ([], lambda d: "; ".join(f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
     "align_loram_effect": (["--aligned", "--no-full-lora"], lambda d: "; ".join(
         f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
+    "alignment_grid": ([], lambda d: "LoRAM gap closed on GSM8K (original -> full LoRA): " + ", ".join(
+        f"{g['model']} {g['objective']} {g['steps']} steps {g['gap_closed']:.0%}" for g in d["summary"]
+        if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure"))),
 }
 BENCHMARKS["demo"] = ([], lambda d: "; ".join(f"loram demo{' --quick' if k == 'quick' else ''}: {r['wall_s']:.0f} s"
                                               for k, r in d["runs"].items()))

@@ -301,7 +301,7 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
         source = resolve_model(name, revision, cfg.endpoint)
     except LoramError as e:
         raise LoramError(f"--distill-from {cfg.distill_from}: {e}" + (
-            f" (the manifest's base model); pass --distill-from PATH to the original model, or "
+            " (the manifest's base model); pass --distill-from PATH to the original model, or "
             "--distill-from none for the LM loss alone" if cfg.distill_from == BASE else "")) from e
     # bf16 on GPUs that support it (no gradients or optimizer state: half the memory of fp32; at 70B 141 GB
     # instead of 282, sharded with --fsdp); fp32 on CPUs, where bf16 matmuls are slow
