@@ -103,7 +103,9 @@ class Evaluator:
 
     def __call__(self, adapter: str | None, model: str | None = None) -> dict:
         from loram.evaluate import load_spec, response_perplexity
+        from loram.shared.runtime import configure_threads
 
+        configure_threads()  # again for every model: the cores free now, not when the script started
         m, tok = load_spec(model or self.base, adapter, False)
         out = {}
         for name, (records, columns) in self.sets.items():

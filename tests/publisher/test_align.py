@@ -125,6 +125,17 @@ def test_nonstructured_masks_keep_their_zeros(root, monkeypatch):
     assert int((weight == 0).sum()) < int((~masks["model.layers.1.mlp.up_proj"]).sum())
 
 
+def test_hidden_layers_pruned_are_the_layers_the_plan_or_the_masks_change(root):
+    from loram.publisher.distill import hidden_layers
+
+    structured = Manifest.load(root / "pruned")  # pruned with layers="1:5" of 6
+    assert hidden_layers(structured, 6, "pruned") == [1, 2, 3, 4] and hidden_layers(structured, 6, "all") == list(
+        range(6))
+    masks = save_masked_checkpoint(root / "sparse-layers")
+    layers = sorted({int(name.split(".")[2]) for name in masks})
+    assert hidden_layers(Manifest.load(root / "sparse-layers"), 6, "pruned") == layers
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(root):
     text = dict(eval_data=str(root / "text.txt"), eval_limit=2, eval_every=3)
     full = _align(root, "full", **text)
