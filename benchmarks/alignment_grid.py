@@ -165,15 +165,22 @@ def table(rows: list[dict], refs: dict) -> list[str]:
     orig = refs["original"]
     lines = ["| pruned | alignment | steps | seed | GSM8K PPL | gap closed | news PPL | news vs original | "
              "wiki PPL after align | align s/step | align peak MiB |", "|---" * 11 + "|"]
-    for r in rows:
+    for r in sorted(rows, key=order):
         lora = refs[f"lora-{r['seed']}"]
         a = r["align"]
         lines.append(
             f"| {r['model']} | {r['objective']} | {r['steps']} | {r['seed']} | {r['gsm8k']:.3f} | "
             f"{gap(orig['gsm8k'], lora['gsm8k'], r['gsm8k']):.0%} | {r['news']:.3f} | "
-            f"{r['news'] - orig['news']:+.3f} | {a.get('wiki_ppl_end', float('nan')):.1f} | "
-            f"{a.get('s_per_step', float('nan')):.2f} | {a.get('peak_mib', float('nan')):.0f} |")
+            f"{r['news'] - orig['news']:+.3f} | " + (f"{a['wiki_ppl_end']:.1f} | {a['s_per_step']:.2f} | "
+                                                      f"{a['peak_mib']:.0f} |" if a else "- | - | - |"))
     return lines
+
+
+def order(r: dict) -> tuple:
+    """Rows by pruned model (as PRUNE), steps, objective (as OBJECTIVES), seed."""
+    objectives = list(OBJECTIVES)
+    return (list(PRUNE).index(r["model"]), r["steps"],
+            objectives.index(r["objective"]) if r["objective"] in objectives else len(objectives), r.get("seed", 0))
 
 
 def summary(rows: list[dict], refs: dict) -> list[dict]:
@@ -190,7 +197,7 @@ def summary(rows: list[dict], refs: dict) -> list[dict]:
                     "gap_closed": sum(gaps) / len(gaps), "gap_spread": max(gaps) - min(gaps),
                     "gsm8k": sum(r["gsm8k"] for r in rs) / len(rs), "news": sum(news) / len(news),
                     "news_spread": max(news) - min(news)})
-    return out
+    return sorted(out, key=order)
 
 
 def plot(groups: list[dict], path: Path) -> None:
@@ -199,14 +206,19 @@ def plot(groups: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted(groups, key=lambda g: (g["model"], g["steps"], g["gap_closed"]))
-    labels = [f"{g['model']} / {g['objective']} / {g['steps']}" for g in groups]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(groups) + 1.2))
-    ax.barh(labels, [100 * g["gap_closed"] for g in groups],
-            xerr=[50 * g["gap_spread"] for g in groups], color="#4c72b0")
+    groups = sorted(groups, key=order, reverse=True)  # first row on top
+    labels = [f"{g['model']} / {g['objective']} / {g['steps']} steps ({len(g['seeds'])} seed"
+              f"{'s' if len(g['seeds']) > 1 else ''})" for g in groups]
+    colors = ["#999999" if g["objective"] == "none" else "#d62728" if g["objective"] == DEFAULT else "#4c72b0"
+              for g in groups]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(groups) + 1.4))
+    values = [100 * g["gap_closed"] for g in groups]
+    ax.barh(labels, values, xerr=[50 * g["gap_spread"] for g in groups], color=colors)
+    for i, v in enumerate(values):
+        ax.text(v + 1, i, f"{v:.0f}%", va="center", fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
-    ax.axvline(100, color="gray", ls="--", lw=0.8)
-    ax.set_xlabel("% of the original -> full-LoRA gap closed on GSM8K held-out (100% = LoRA on the original)")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of the original -> LoRA gap closed on GSM8K held-out (grey: none; red: the default)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
