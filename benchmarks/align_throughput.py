@@ -62,14 +62,17 @@ def main() -> None:
         common = [pruned, "--data", "wiki", "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                   "--save-every", str(10 * args.steps)]
         align = [str(BIN / "loram"), "publish", "align"]
+        lm = ["--distill-from", "none"]  # the paper's LM objective: the baseline rows hold no teacher
         configs = [
-            ("1 process x 1 thread", align, args.batch, 1, []),
-            ("1 process x 2 threads", align, args.batch, 2, []),
+            ("1 process x 1 thread", align, args.batch, 1, lm),
+            ("1 process x 2 threads", align, args.batch, 2, lm),
             ("2 processes x 1 thread (torchrun)",
              [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "loram", "publish", "align"],
-             args.batch // 2, 1, []),
+             args.batch // 2, 1, lm),
             ("1 process x 1 thread, distillation (kd 0.5)", align, args.batch, 1,
-             ["--distill-from", base, "--kd-weight", "0.5"]),
+             ["--distill-from", base, "--kd-weight", "0.5", "--hidden-weight", "0"]),
+            ("1 process x 1 thread, hidden-state distillation (the default)", align, args.batch, 1,
+             ["--distill-from", base]),
         ]
         for i, (name, launcher, batch, threads, extra) in enumerate(configs):
             out = t / f"run{i}"

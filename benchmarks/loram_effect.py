@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--align-batch", type=int, default=2)
     ap.add_argument("--align-lr", type=float, default=1e-4)
     ap.add_argument("--align-warmup", type=int, default=10)
+    ap.add_argument("--align-distill", default="none",
+                    help="--distill-from of the alignment: none (the paper's LM loss, as results/align_loram_effect.* "
+                         "was measured) or base (align's default, hidden-state distillation)")
     args = ap.parse_args()
     base = sh("assets", "path", "model").strip()
     train = ["--data", "gsm8k-train", "--columns", "prompt=question,response=answer", "--steps", str(args.steps),
@@ -82,7 +85,8 @@ def main() -> None:
             if not args.aligned_from:
                 sh("publish", "align", pruned, "--data", "wiki", "--steps", str(args.align_steps),
                    "--seq-len", str(args.align_seq_len), "--batch", str(args.align_batch), "--lr", str(args.align_lr),
-                   "--warmup", str(args.align_warmup), "--save-every", str(args.align_steps), "--out", small["-aligned"])
+                   "--warmup", str(args.align_warmup), "--save-every", str(args.align_steps), "--distill-from",
+               args.align_distill, "--out", small["-aligned"])
         for tag, model in small.items():
             sh("train", model, *train, "--out", str(t / f"adapter{tag}"))
             sh("recover", str(t / f"adapter{tag}"), "--out", str(t / f"recovered{tag}"))
