@@ -125,6 +125,14 @@ def test_nonstructured_masks_keep_their_zeros(root, monkeypatch):
     assert int((weight == 0).sum()) < int((~masks["model.layers.1.mlp.up_proj"]).sum())
 
 
+def test_hidden_state_distillation_is_the_same_under_activation_checkpointing(root):
+    # the layer outputs are recorded in the forward only, not again when checkpointing recomputes them
+    runs = [_align(root, f"hs-gc-{gc}", steps=3, distill_from="base", hidden_weight=1.0, gradient_checkpointing=gc)
+            for gc in (False, True)]
+    plain, checkpointed = ([(r["loss"], r["grad_norm"]) for r in run.report["losses"]] for run in runs)
+    assert plain == pytest.approx(checkpointed, rel=1e-5) and all(g > 0 for _, g in plain)
+
+
 def test_hidden_layers_pruned_are_the_layers_the_plan_or_the_masks_change(root):
     from loram.publisher.distill import hidden_layers
 
