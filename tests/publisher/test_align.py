@@ -129,8 +129,8 @@ def test_hidden_state_distillation_is_the_same_under_activation_checkpointing(ro
     # the layer outputs are recorded in the forward only, not again when checkpointing recomputes them
     runs = [_align(root, f"hs-gc-{gc}", steps=3, distill_from="base", hidden_weight=1.0, gradient_checkpointing=gc)
             for gc in (False, True)]
-    plain, checkpointed = ([(r["loss"], r["grad_norm"]) for r in run.report["losses"]] for run in runs)
-    assert plain == pytest.approx(checkpointed, rel=1e-5) and all(g > 0 for _, g in plain)
+    plain, checkpointed = ([v for r in run.report["losses"] for v in (r["loss"], r["grad_norm"])] for run in runs)
+    assert plain == pytest.approx(checkpointed, rel=1e-5) and min(plain) > 0
 
 
 def test_hidden_layers_pruned_are_the_layers_the_plan_or_the_masks_change(root):
