@@ -28,9 +28,6 @@ from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 
 GSM8K_COLUMNS = "prompt=question,response=answer"
-# `loram publish align`'s default objective (hidden-state distillation from the manifest's base model), named in
-# the align stage's key so that a demo folder aligned with another objective is aligned again
-ALIGN_OBJECTIVE = "hidden-mse from base"
 # (full, --quick) defaults; docs/demo.md explains them.
 DEFAULTS = {
     "calib_samples": (32, 4),
@@ -120,7 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                  "kv_score": cfg.setting("kv_score")},
                        lambda f: _prune(model_dir, f, cfg))
     align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len,
-                                 "eval_limit": cfg.align_eval_limit, "objective": ALIGN_OBJECTIVE},
+                                 "eval_limit": cfg.align_eval_limit, "objective": _align_objective()},
                        lambda f: _align(prune.folder / "pruned", f, cfg))
     publish = stages.run("publish", {"align": align.key, "publish_to": cfg.publish_to, "repo_id": cfg.repo_id},
                          lambda f: _publish(align.folder / "aligned", f, cfg))
@@ -165,6 +162,17 @@ def _prune(model_dir: Path, folder: Path, cfg: DemoConfig) -> dict:
     return {"path": str(folder / "pruned"), "original_params": plan.original_params,
             "pruned_params": plan.training_params, "reduction": round(plan.reduction, 3),
             "reduction_4bit": round(plan.reduction_4bit, 3)}
+
+
+def _align_objective() -> dict:
+    """`loram publish align`'s default objective, read off its config; part of the align stage's key, so that a
+    demo folder aligned with another objective is aligned again."""
+    from dataclasses import fields
+
+    from loram.publisher.align import AlignConfig
+
+    names = ("distill_from", "kd_weight", "hidden_weight", "hidden_loss", "hidden_layers")
+    return {f.name: f.default for f in fields(AlignConfig) if f.name in names}
 
 
 def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:

@@ -28,8 +28,13 @@ def pivot(report: dict) -> list[dict]:
     return list(rows.values())
 
 
+def perplexity_table(report: dict) -> dict[tuple[str, str], float]:
+    """(variant, data) -> perplexity of every evaluated pair."""
+    return {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
+
+
 def verdicts(report: dict) -> list[tuple[str, bool, str]]:
-    ppl = {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
+    ppl = perplexity_table(report)
     out = []
     for data in DATA:
         o, lm, lo = ppl[(ORIGINAL, data)], ppl[(LORAM, data)], ppl[(LORA, data)]
@@ -87,9 +92,9 @@ def _plots(report: dict, out: Path) -> list[str]:
     return names
 
 
-def gap_closed(report: dict, data: str, variant: str) -> float:
-    """Fraction of the original -> LoRA-on-the-original perplexity gap that `variant` closes on `data`."""
-    ppl = {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
+def gap_closed(ppl: dict[tuple[str, str], float], data: str, variant: str) -> float:
+    """Fraction of the original -> LoRA-on-the-original perplexity gap that `variant` closes on `data`
+    (`ppl`: `perplexity_table(report)`)."""
     o, lo = ppl[(ORIGINAL, data)], ppl[(LORA, data)]
     return (o - ppl[(variant, data)]) / (o - lo) if o != lo else float("nan")
 
@@ -100,7 +105,7 @@ FINE_TUNED = {LORAM: "#1f77b4", UNALIGNED: "#9ecae1", LORA: "#2ca02c"}
 def _gap_plot(report: dict, plt):
     """Per evaluation set, each fine-tuned variant's perplexity change from the original (linear scale), labelled
     with the share of the original -> LoRA gap it closes: the differences that matter are a few percent."""
-    ppl = {(r["variant"], r["data"]): r["perplexity"] for r in report["results"]}
+    ppl = perplexity_table(report)
     fig, axes = plt.subplots(1, len(DATA), figsize=(11, 3.2))
     for ax, (data, title) in zip(axes, DATA.items(), strict=True):
         o = ppl[(ORIGINAL, data)]
@@ -112,7 +117,7 @@ def _gap_plot(report: dict, plt):
         ax.invert_yaxis()
         ax.set(title=f"{title}: original {o:.3f}", xlabel="perplexity minus the original's (lower is better)")
         for i, (v, d) in enumerate(zip(FINE_TUNED, deltas, strict=True)):
-            ax.text(d, i, f" {d:+.3f} ({gap_closed(report, data, v):.0%} of the gap)", va="center", fontsize=8,
+            ax.text(d, i, f" {d:+.3f} ({gap_closed(ppl, data, v):.0%} of the gap)", va="center", fontsize=8,
                     ha="left" if d >= 0 else "right")
         lo = min(deltas + [0.0])
         ax.set_xlim(lo * 1.9 - 0.01, max(deltas + [0.0]) + abs(lo) * 0.4 + 0.01)
@@ -133,7 +138,8 @@ def render(report: dict, plots: list[str]) -> str:
     lines += ["", "Share of the gap from the original to LoRA on the original that each fine-tuned variant closes "
               "(0% = no better than the original, 100% = LoRA on the original):", "",
               "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]
-    lines += [f"| {v} | " + " | ".join(f"{gap_closed(report, d, v):.0%}" for d in DATA) + " |" for v in (LORAM, UNALIGNED)]
+    ppl = perplexity_table(report)
+    lines += [f"| {v} | " + " | ".join(f"{gap_closed(ppl, d, v):.0%}" for d in DATA) + " |" for v in (LORAM, UNALIGNED)]
     lines += ["", "## What it shows (docs/method.md §8)", ""]
     checks = verdicts(report)
     for point, holds, text in checks:

@@ -282,9 +282,10 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
     gathered += (p_bytes + REDUCE_BYTES) * max(t for _, t in units)
     fsdp_act, fsdp_freed = activations(fsdp_mode)
 
+    trained_shapes = {key: count for key, count in shapes.items() if key[2]}
+
     def fsdp(n: int) -> Estimate:
-        local = sum(math.ceil(rows / n) * cols * count for (rows, cols, _), count in shapes.items())
-        local_t = sum(math.ceil(rows / n) * cols * count for (rows, cols, t), count in shapes.items() if t)
+        local, local_t = _sharded_numel(shapes, n), _sharded_numel(trained_shapes, n)
         return Estimate({"weights": 4 * local, "gradients": 4 * local_t, "optimizer": ADAM_BYTES * local_t,
                          "buckets": 0, "working": gathered, "checkpoint": 0 if gpu else ADAM_BYTES * local_t,
                          "teacher": teacher_fsdp(n), "activations": fsdp_act, "overlap": 0 if accumulating else -min(4 * local_t, fsdp_freed),
@@ -310,9 +311,14 @@ def _teacher_memory(config, tokens: int, p_bytes: int):
     layer = max(sum(p.numel() for p in block.parameters()) for block in model.get_decoder().layers)
 
     def fsdp(n: int) -> int:
-        return p_bytes * (sum(math.ceil(rows / n) * cols * count for (rows, cols), count in shapes.items()) + layer) \
-            + outputs
+        return p_bytes * (_sharded_numel(shapes, n) + layer) + outputs
     return p_bytes * sum(p.numel() for p in params) + outputs, fsdp
+
+
+def _sharded_numel(shapes, n: int) -> int:
+    """S(X, N): this rank's elements of the tensors counted in `shapes` ({(rows, columns, ...): count}) when
+    FSDP2 shards dim 0 over `n` ranks (padded: ceil(rows / n) rows each)."""
+    return sum(math.ceil(rows / n) * cols * count for (rows, cols, *_), count in shapes.items())
 
 
 def publisher_plan(stock_config, aligned_config, layers: range | None, *, samples: int = CALIBRATION[0],

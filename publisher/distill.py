@@ -35,7 +35,8 @@ class LayerOutputs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.capturing = False
         blocks = model.model.layers
-        self._handles = [blocks[i].register_forward_hook(self._hook(i)) for i in layers]
+        for i in layers:
+            blocks[i].register_forward_hook(self._hook(i))
 
     def _hook(self, index: int):
         def hook(module, args, output):
@@ -46,10 +47,6 @@ class LayerOutputs:
     def take(self) -> dict[int, torch.Tensor]:
         outputs, self.outputs = self.outputs, {}
         return outputs
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 def kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -79,8 +76,4 @@ def hidden_layers(manifest, num_layers: int, which: str) -> list[int]:
     the plan shrinks; non-structured: the layers holding masks)."""
     if which == "all":
         return list(range(num_layers))
-    pruned = set(manifest.pruned_layers)
-    for name in manifest.masks:
-        parts = name.split(".")
-        pruned |= {int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()}
-    return sorted(i for i in pruned if i < num_layers)
+    return sorted(i for i in {*manifest.pruned_layers, *manifest.masked_layers} if i < num_layers)

@@ -152,6 +152,11 @@ class Manifest:
     def pruned_layers(self) -> list[int]:
         return sorted(set(self.kept_kv_heads) | set(self.kept_mlp_channels))
 
+    @property
+    def masked_layers(self) -> list[int]:
+        """Decoder layers holding non-structured masks (validated names: every one is a layer's projection)."""
+        return sorted({found[0] for name in self.masks if (found := layer_module(name))})
+
     def kept_counts(self) -> dict[int, tuple[int, int]]:
         """layer -> (kept KV heads, kept MLP channels), the `kept` argument of `build_pruned_config`."""
         a = self.architecture

@@ -106,8 +106,7 @@ def pruned_card(folder: Path, manifest: Manifest, *, repo_id: str | None = None,
         "base": {"id": manifest.base.id, "revision": manifest.base.revision},
         "method": method,
         "parameters": {"original": counts["original"], "pruned": counts["pruned"], "reduction": counts["reduction"]},
-        "pruned_layers": manifest.pruned_layers if structured else
-        sorted({int(m.group(1)) for n in manifest.masks if (m := re.search(r"layers\.(\d+)\.", n))}),
+        "pruned_layers": manifest.pruned_layers if structured else manifest.masked_layers,
         "alignment": manifest.alignment,
         "evaluation": evals,
     }
