@@ -71,6 +71,10 @@ BENCHMARKS = {
     "alignment_grid": ([], lambda d: "LoRAM gap closed on GSM8K (original -> full LoRA): " + ", ".join(
         f"{g['model']} {g['objective']} {g['steps']} steps {g['gap_closed']:.0%}" for g in d["summary"]
         if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure"))),
+    "harness_tasks": ([], lambda d: "lm-eval gsm8k_chat vs the hand-written GSM8K accuracy on "
+                      f"{d['agreement']['items']} items: {len(d['agreement']['items_that_differ'])} differ; "
+                      + "; ".join(f"{m}: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in s["headline"].items())
+                                  for m, s in d["scores"].items())),
 }
 BENCHMARKS["demo"] = ([], lambda d: "; ".join(f"loram demo{' --quick' if k == 'quick' else ''}: {r['wall_s']:.0f} s"
                                               for k, r in d["runs"].items()))

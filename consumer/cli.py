@@ -61,12 +61,19 @@ def assets_list():
     print_table(rows, ["asset", "kind", "present", "source", "path"])
 
 
-@assets_app.command("path", epilog="Examples:\n\n  $ loram assets path model\n\n  $ loram assets path gsm8k-train")
+@assets_app.command("path", epilog="Examples:\n\n  $ loram assets path model\n\n  $ loram assets path gsm8k-train"
+                                   "\n\n  $ lm_eval --include_path $(loram assets path lm-eval-tasks) ...")
 @user_errors
-def assets_path(name: Annotated[str, typer.Argument(help="`model` or a data split name.")]):
+def assets_path(name: Annotated[str, typer.Argument(help="`model`, a data split name, or `lm-eval-tasks` (the "
+                                                         "offline lm-eval task folder; fetches the BIG-bench sdist).")]):
     """Print the path of one asset (fetching it first if needed)."""
     from loram.shared import assets
 
+    if name == "lm-eval-tasks":
+        from loram.harness import task_dir
+
+        typer.echo(task_dir())
+        return
     typer.echo(assets.model_dir() if name == "model" else assets.data_path(name))
 
 

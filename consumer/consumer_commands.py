@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         examples=["loram eval original=$(loram assets path model) loram=$(loram assets path model)+adapter-original "
                   "--data gsm8k-heldout",
                   "loram eval small=smollm2-p50+adapter-p50 --data news --json",
-                  "loram eval BASE+adapter-original --data gsm8k-heldout --limit 50 --gsm8k --shots 2"],
+                  "loram eval original=BASE loram=BASE+RECOVERED --tasks gsm8k_cot,strategyqa --limit 100 --no-perplexity"],
     )
     add_config_command(
         app, "generate", GenerateConfig, _generate,

@@ -1,11 +1,13 @@
-"""`loram eval`: compare models on response-token perplexity (and optionally GSM8K accuracy).
+"""`loram eval`: compare models on response-token perplexity and on lm-evaluation-harness tasks.
 
     loram eval original=BASE loram=BASE+RECOVERED small=PRUNED+ADAPTER --data gsm8k-heldout --json
+    loram eval original=BASE loram=BASE+RECOVERED --tasks gsm8k_cot,strategyqa --limit 100
 
 Each model spec is `MODEL`, `MODEL+ADAPTER` or `NAME=MODEL[+ADAPTER]`; MODEL is an original,
 pruned or merged checkpoint (folder or Hub id), ADAPTER a peft adapter folder. Perplexity is
 exp(mean NLL over response tokens) with the prompt masked (docs/method.md §8); plain-text data (`text`
-records such as the built-in `news` split) is scored on every token.
+records such as the built-in `news` split) is scored on every token. `--tasks` runs lm-eval's evaluator
+on the loaded model, offline (`loram.harness`, docs/harness.md).
 """
 
 import json
@@ -28,9 +30,13 @@ class EvalConfig(Config):
     seq_len: int = option(512, "Maximum tokens per example.")
     limit: int | None = option(None, "Evaluate only the first N records.")
     batch: int = option(4, "Sequences per forward pass.")
-    gsm8k: bool = option(False, "Also measure GSM8K accuracy by greedy generation (#### n answers).")
-    shots: int = option(0, "Few-shot examples from gsm8k-train for --gsm8k.")
-    max_new_tokens: int = option(256, "Generation length for --gsm8k.")
+    perplexity: bool = option(True, "Measure response-token perplexity on --data (--no-perplexity: tasks only).")
+    tasks: str | None = option(None, "lm-eval tasks, comma-separated: gsm8k, gsm8k_cot, gsm8k_chat, "
+                                     "elementary_math_qa, strategyqa, social_iqa (offline), or tasks of --include-path.")
+    include_path: str | None = option(None, "A folder of your own lm-eval task YAMLs (local data_files) for --tasks.")
+    shots: int | None = option(None, "Few-shot examples for --tasks (default: each task's own).")
+    max_new_tokens: int | None = option(None, "Generation length for generative --tasks (default: the task's, 256).")
+    seed: int = option(0, "Seed of lm-eval's few-shot sampling and generation for --tasks.")
     ignore_fingerprint: bool = option(False, "Evaluate an adapter on a base whose fingerprint differs.")
     revision: str | None = revision_option("each MODEL")
     endpoint: str | None = endpoint_option()
@@ -39,12 +45,15 @@ class EvalConfig(Config):
     def check(self):
         if not self.models:
             raise LoramError("name at least one model to evaluate")
+        if not self.perplexity and not self.tasks:
+            raise LoramError("--no-perplexity leaves nothing to measure; add --tasks NAMES")
         if self.limit is not None and self.limit < 1:
             raise LoramError("--limit must be >= 1")
         checks = [(self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
                   (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
-                  (self.shots >= 0, f"--shots must be >= 0, got {self.shots}"),
-                  (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")]
+                  (self.shots is None or self.shots >= 0, f"--shots must be >= 0, got {self.shots}"),
+                  (self.max_new_tokens is None or self.max_new_tokens >= 1,
+                   f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")]
         for ok, message in checks:
             if not ok:
                 raise LoramError(message)
@@ -107,29 +116,40 @@ def response_perplexity(model, tokenizer, records, columns, seq_len: int, batch:
 
 
 def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
-    """One row per model: name, model, adapter, perplexity, tokens (and gsm8k_accuracy)."""
-    from loram.shared.records import load_records
+    """One row per model: name, model, adapter, perplexity and tokens (unless --no-perplexity), and with
+    --tasks: `tasks` (lm-eval's metrics per task), `n` (items per task) and `scores` (headline columns)."""
     from loram.shared.runtime import configure_threads
 
     cfg = config or EvalConfig.resolve(**kwargs)
     configure_threads()
-    records, columns = eval_set(cfg.data, cfg.limit, cfg.columns)
+    tasks = None
+    if cfg.tasks:
+        from loram.harness import parse_tasks, task_manager
+
+        tasks = parse_tasks(cfg.tasks)
+        include = [cfg.include_path] if cfg.include_path else []
+        task_manager(tasks, include)  # every task checked (and its data fetched) before any model loads
+    records, columns = eval_set(cfg.data, cfg.limit, cfg.columns) if cfg.perplexity else (None, None)
     rows = []
     for spec in cfg.models:
         name, model_id, adapter = parse_spec(spec)
         model, tokenizer = load_spec(model_id, adapter, cfg.ignore_fingerprint, cfg.endpoint, cfg.revision)
-        ppl, tokens = response_perplexity(model, tokenizer, records, columns, cfg.seq_len, cfg.batch,
-                                          f"perplexity {name}")
-        row = {"name": name, "model": model_id, "adapter": adapter, "perplexity": round(ppl, 4), "tokens": tokens}
-        if cfg.gsm8k:
-            from loram.gsm8k import accuracy
+        row = {"name": name, "model": model_id, "adapter": adapter}
+        if cfg.perplexity:
+            ppl, tokens = response_perplexity(model, tokenizer, records, columns, cfg.seq_len, cfg.batch,
+                                              f"perplexity {name}")
+            row.update(perplexity=round(ppl, 4), tokens=tokens)
+            print(f"[loram eval] {name}: perplexity {ppl:.4f} over {tokens:,} tokens", file=sys.stderr, flush=True)
+        if tasks:
+            from loram.harness import format_score, headline, run_tasks
 
-            shots = [r for r in load_records("gsm8k-train").select(range(cfg.shots))] if cfg.shots else []
-            acc, _ = accuracy(model, tokenizer, [records[i] for i in range(len(records))], shots,
-                              cfg.max_new_tokens)
-            row["gsm8k_accuracy"] = round(acc, 4)
+            out = run_tasks(model, tokenizer, tasks, limit=cfg.limit, num_fewshot=cfg.shots, batch=cfg.batch,
+                            max_new_tokens=cfg.max_new_tokens, include_path=include, seed=cfg.seed)
+            row.update(tasks=out["results"], n=out["n"],
+                       scores={k: format_score(*v) for k, v in headline(out["results"]).items()})
+            print(f"[loram eval] {name}: " + ", ".join(f"{k} {v}" for k, v in row["scores"].items()),
+                  file=sys.stderr, flush=True)
         rows.append(row)
-        print(f"[loram eval] {name}: perplexity {ppl:.4f} over {tokens:,} tokens", file=sys.stderr, flush=True)
         del model
     return rows
 
@@ -139,6 +159,9 @@ def print_rows(rows: list[dict], as_json: bool) -> None:
         print(json.dumps({"results": rows}, indent=2))
         return
     from loram.shared.cli_support import print_table
+    from loram.shared.model_cards import evaluation_table
 
-    print_table(rows, [c for c in ("name", "perplexity", "tokens", "gsm8k_accuracy", "model", "adapter")
-                       if any(c in r for r in rows)])
+    columns, flat = evaluation_table(rows)
+    print_table(flat, columns)
+    if any(r.get("scores") for r in rows):
+        print("lm-eval scores: value ± 95% confidence half-width (1.96 x lm-eval's standard error).")

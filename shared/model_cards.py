@@ -70,6 +70,15 @@ def evaluation_results(folder: Path) -> list[dict]:
     return rows
 
 
+def evaluation_table(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """(columns, flat rows) of `loram eval` rows for a table: name, perplexity, tokens, one column per
+    lm-eval headline score (each row's `scores`), model, adapter; columns no row has are left out."""
+    flat = [{**{k: v for k, v in r.items() if k != "scores"}, **(r.get("scores") or {})} for r in rows]
+    scores = list(dict.fromkeys(k for r in rows for k in (r.get("scores") or {})))
+    columns = ["name", "perplexity", "tokens", "gsm8k_accuracy", *scores, "model", "adapter"]  # gsm8k_accuracy: older rows
+    return [c for c in columns if any(c in r for r in flat)], flat
+
+
 def _method_line(method: dict) -> str:
     if method["kind"] == "structured":
         layers = method.get("layers")
@@ -138,10 +147,9 @@ def pruned_card(folder: Path, manifest: Manifest, *, repo_id: str | None = None,
               "Without the `loram` package, pass `trust_remote_code=True` (the repository carries its modeling file).",
               ""]
     if evals:
-        columns = [c for c in ("name", "perplexity", "gsm8k_accuracy", "tokens", "model", "adapter")
-                   if any(c in r for r in evals)]
+        columns, flat = evaluation_table(evals)
         lines += ["## Evaluation", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in evals]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in flat]
         lines.append("")
     lines += ["## How it was made", ""]
     for recipe in RECIPES:

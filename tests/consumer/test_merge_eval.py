@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import loram
 from loram.evaluate import evaluate, parse_spec
 from loram.generate import generate
-from loram.gsm8k import extract_answer
+from loram.harness import gsm8k_answer as extract_answer
 from loram.merge import merge
 from loram.recover import recover
 from loram.shared.errors import LoramError
