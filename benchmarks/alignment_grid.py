@@ -52,6 +52,8 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "hidden-mse-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                           "--hidden-layers", "pruned"],
     "kd+hidden": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5"],
+    "hidden-mse-pure-train-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                                     "--train-layers", "pruned"],
 }
 DEFAULT = "hidden-mse-pure"  # `loram publish align`'s default objective
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o not in ("kd-pure", "hidden-mse-pruned")]

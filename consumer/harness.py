@@ -25,6 +25,7 @@ Any other lm-eval task is refused when its data would come from the Hub; a task 
 """
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -176,20 +177,27 @@ def _data_source(config: dict) -> str | None:
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def _manager(paths: tuple[str, ...], defaults: bool):
+    """lm-eval's TaskManager (indexing its ~10,000 task files takes seconds: built once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=defaults)
+
+
 def task_manager(names: list[str], include_path: list[str] = ()):
     """lm-eval's TaskManager over the shipped task folder and `include_path`; every name checked first:
     unknown tasks and tasks whose data would come from the Hub are refused in one line."""
     lm_eval = _lm_eval()
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
     for folder in include_path:
         if not Path(folder).is_dir():
             raise LoramError(f"--include-path {folder} is not a folder of task YAMLs")
     shipped = [n for n in names if n in SHIPPED]
-    paths = [str(task_dir(shipped)), *map(str, include_path)]
+    paths = (str(task_dir(shipped)), *map(str, include_path))
     others = [n for n in names if n not in SHIPPED]
-    manager = TaskManager(include_path=paths, include_defaults=bool(others))
+    manager = _manager(paths, bool(others))
     for name in others:
         entry = manager.task_index.get(name)
         if entry is None:

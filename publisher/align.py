@@ -46,7 +46,7 @@ BASE = "base"  # --distill-from base: the original model named in the manifest
 REPORT = "align_report.json"
 CONFIG = "align_config.yaml"
 RESUME_SAME = ("data", "lr", "seq_len", "batch", "grad_accum", "seed", "warmup", "freeze_lm_head", "distill_from",
-               "kd_weight", "hidden_weight", "hidden_loss", "hidden_layers", "shuffle_buffer")  # --resume refuses other values of these
+               "kd_weight", "hidden_weight", "hidden_loss", "hidden_layers", "train_layers", "shuffle_buffer")  # --resume refuses other values of these
 
 
 @dataclass
@@ -85,6 +85,8 @@ class AlignConfig(Config):
                                      "(1 - cos(s, t)), averaged over the matched layers.", choices=HIDDEN_LOSSES)
     hidden_layers: str = option("all", "Decoder layers whose outputs are matched: all, or pruned (only the layers "
                                        "the pruning changed).", choices=HIDDEN_LAYERS)
+    train_layers: str = option("all", "Decoder layers whose weights alignment updates: all, or pruned (only the layers "
+                                      "pruning changed; every other weight stays the original's, as LoRA will see it).")
     shuffle_buffer: int = option(1000, "Blocks in the seeded shuffle buffer of the training stream (0: off).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     fsdp: bool = option(False, "Shard the model, gradients and optimizer over the processes (FSDP2, one unit per "
@@ -114,6 +116,8 @@ class AlignConfig(Config):
                    "1 minus their sum); lower one"),
                   (not self.distills or self.kd_weight > 0 or self.hidden_weight > 0,
                    "--distill-from with --kd-weight 0 and no --hidden-weight distills nothing; set either weight"),
+                  (self.train_layers in ("all", "pruned"), f"--train-layers must be all or pruned, got "
+                                                             f"{self.train_layers!r}"),
                   (self.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0"),
                   (not (self.resume and self.overwrite), "--resume and --overwrite contradict each other; choose one")]
         for ok, message in checks:
@@ -190,6 +194,8 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     # FSDP: every process builds the model empty and later reads only its shards' rows (no full copy per process)
     model = (empty_model if cfg.fsdp else from_pretrained)(source.path, dtype=torch.float32)
     frozen = _freeze_lm_head(model) if cfg.freeze_lm_head else []
+    if cfg.train_layers == "pruned":
+        frozen += _freeze_all_but(model, hidden_layers(manifest, model_config.num_hidden_layers, "pruned"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reshard = _accelerate_fsdp_options(cfg)  # before the Trainer's accelerator reads the environment
     args = training.training_arguments(
@@ -285,6 +291,19 @@ def _freeze_lm_head(model) -> list[str]:
     return [name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
 
 
+def _freeze_all_but(model, layers: list[int]) -> list[str]:
+    """Freeze every parameter outside decoder layers `layers` (--train-layers pruned); returns one line
+    naming what stays frozen."""
+    if not layers:
+        raise LoramError("--train-layers pruned: the manifest records no pruned layer; use --train-layers all")
+    keep = {id(p) for i in layers for p in model.model.layers[i].parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    return [f"everything outside decoder layers {layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1))
+            else f"everything outside decoder layers {', '.join(map(str, layers))}"]
+
+
 def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     """The original model for distillation, frozen (same vocabulary as the pruned model), and its folder;
     on the meta device with --fsdp (sharded, then read row by row from that folder, as the student)."""
@@ -330,7 +349,7 @@ def _record(cfg: AlignConfig, source, trainer, final: bool) -> dict:
         "tokens": int(state.num_input_tokens_seen), "seq_len": cfg.seq_len,
         "global_batch": cfg.batch * cfg.grad_accum * trainer.args.world_size,
         "lr": cfg.lr, "schedule": "cosine", "warmup": cfg.warmup, "seed": cfg.seed,
-        "lm_head": "frozen" if cfg.freeze_lm_head else "trained",
+        "lm_head": "frozen" if cfg.freeze_lm_head else "trained", "train_layers": cfg.train_layers,
         "distill": _distill_record(cfg),
         "eval": None,
     }

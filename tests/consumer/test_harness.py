@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
-from tiny_models import run_loram
 
 import loram
 from loram import harness
@@ -134,22 +133,23 @@ def test_tasks_that_would_download_are_refused_in_one_line():
 
 
 def test_loram_eval_tasks_table(workspace, capsys):
-    """`loram eval --tasks` as a user runs it: original vs original + recovered adapter, a table with the
-    lm-eval score and its 95% interval, and --json with lm-eval's metrics."""
+    """`loram eval --tasks`: original vs original + recovered adapter, lm-eval's metrics per row and a table with
+    the score and its 95% interval."""
+    from loram.evaluate import EvalConfig, evaluate, print_rows
+
     specs = [f"original={workspace / 'base'}", f"loram={workspace / 'base'}+{workspace / 'rec'}"]
-    args = ["eval", *specs, "--tasks", "tiny_mc", "--include-path", workspace / "tasks", "--no-perplexity"]
-    proc = run_loram(*args, "--json")
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)["results"]
+    rows = evaluate(EvalConfig(models=specs, tasks="tiny_mc", include_path=str(workspace / "tasks"),
+                               perplexity=False))
     base = from_pretrained(workspace / "base").eval()
     tok = load_tokenizer(workspace / "base")
     assert rows[0]["tasks"]["tiny_mc"]["acc"] == pytest.approx(_expected_accuracy(base, tok), abs=1e-12)
+    assert "perplexity" not in rows[0] and rows[1]["n"] == {"tiny_mc": len(ITEMS)}
     assert rows[1]["scores"]["tiny_mc"].startswith(f"{rows[1]['tasks']['tiny_mc']['acc']:.3f} ± ")
-    from loram.evaluate import print_rows
-
     print_rows(rows, as_json=False)
     table = capsys.readouterr().out
     assert "tiny_mc" in table.splitlines()[0] and rows[1]["scores"]["tiny_mc"] in table and "95% confidence" in table
+    with pytest.raises(LoramError, match="--no-perplexity leaves nothing"):
+        EvalConfig(models=specs, perplexity=False).check()
 
 def _lm_eval_cli(workspace, model_args: str, out: Path):
     cli = str(Path(sys.executable).parent / "loram-lm-eval")
@@ -178,3 +178,22 @@ def test_lm_eval_cli_on_a_pruned_checkpoint_and_a_recovered_adapter(workspace, t
         assert _cli_acc(tmp_path / name) == pytest.approx(_expected_accuracy(model, tok), abs=1e-9)
     config = json.loads((workspace / "pruned" / "config.json").read_text())
     assert config["model_type"].startswith("loram_")  # not a stock type: plain lm_eval would need remote code
+
+
+@pytest.mark.slow
+def test_smollm2_original_and_pruned_on_a_shipped_bigbench_task(smollm2_pruned):
+    """The real model and a real pruned checkpoint on the shipped `strategyqa` (BIG-bench, from the sdist):
+    lm-eval's accuracy equals the choice log-likelihoods computed here, item by item."""
+    from loram.shared import assets
+    from loram.shared.assets.bigbench import bigbench_path
+
+    docs = [json.loads(line) for line in bigbench_path("strategyqa").read_text().splitlines()[:12]]
+    tok = load_tokenizer(assets.model_dir())
+    for folder in (assets.model_dir(), smollm2_pruned):
+        model = from_pretrained(folder).eval()
+        out = harness.run_tasks(model, tok, ["strategyqa"], limit=len(docs), batch=4)
+        hits = [max(range(len(d["multiple_choice_targets"])),
+                    key=lambda c, d=d: _choice_logprob(model, tok, d["inputs"].strip(), d["multiple_choice_targets"][c]))
+                == d["multiple_choice_scores"].index(1) for d in docs]
+        assert out["results"]["strategyqa"]["acc"] == pytest.approx(sum(hits) / len(hits), abs=1e-12)
+        assert out["n"]["strategyqa"] == len(docs)

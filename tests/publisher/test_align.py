@@ -103,6 +103,20 @@ def test_untied_model_freezes_only_lm_head(root, freeze):
     assert Manifest.load(result.out).alignment[-1]["lm_head"] == ("frozen" if freeze else "trained")
 
 
+def test_train_layers_pruned_updates_only_the_pruned_layers(root):
+    result = _align(root, "train-pruned", steps=2, distill_from="base", hidden_weight=1.0, train_layers="pruned")
+    before, after = _state(root / "pruned"), _state(result.out)
+    pruned = Manifest.load(root / "pruned").pruned_layers  # layers 1..4 of 6
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(int(k.split(".")[2]) in pruned for k in changed if k.startswith("model.layers."))
+    assert {int(k.split(".")[2]) for k in changed} == set(pruned)  # every pruned layer trained
+    assert not any(k.startswith(("model.norm", "model.embed")) for k in changed)
+    assert result.report["frozen"][-1] == "everything outside decoder layers 1..4"
+    assert Manifest.load(result.out).alignment[-1]["train_layers"] == "pruned"
+    with pytest.raises(LoramError, match="--train-layers must be all or pruned"):
+        AlignConfig(pruned="x", data=["wiki"], steps=1, seq_len=8, out=root / "never", train_layers="some")
+
+
 def test_nonstructured_masks_keep_their_zeros(root, monkeypatch):
     masks = save_masked_checkpoint(root / "sparse")
     dense = _state(root / "sparse")
