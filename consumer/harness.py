@@ -223,7 +223,11 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: int | None = None, n
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(names, include_path)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
+    if any(n in CHAT_TASKS for n in names) and not getattr(tokenizer, "chat_template", None):
+        raise LoramError(f"{', '.join(n for n in names if n in CHAT_TASKS)} prompts through the chat template, and "
+                         "this tokenizer has none; use gsm8k or gsm8k_cot")
+    with _quiet_logs():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
     out = {"results": {}, "n": {}, "samples": {}}
     groups = [[n for n in names if n in CHAT_TASKS], [n for n in names if n not in CHAT_TASKS]]
     for chat, group in zip((True, False), groups, strict=True):

@@ -197,3 +197,9 @@ def test_smollm2_original_and_pruned_on_a_shipped_bigbench_task(smollm2_pruned):
                 == d["multiple_choice_scores"].index(1) for d in docs]
         assert out["results"]["strategyqa"]["acc"] == pytest.approx(sum(hits) / len(hits), abs=1e-12)
         assert out["n"]["strategyqa"] == len(docs)
+
+
+def test_chat_task_needs_a_chat_template(workspace):
+    model, tok = from_pretrained(workspace / "base").eval(), load_tokenizer(workspace / "base")
+    with pytest.raises(LoramError, match="gsm8k_chat prompts through the chat template"):
+        harness.run_tasks(model, tok, ["gsm8k_chat"], limit=1)
