@@ -56,8 +56,8 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
                                      "--train-layers", "pruned"],
 }
 DEFAULT = "hidden-mse-pure"  # `loram publish align`'s default objective
-GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o not in ("kd-pure", "hidden-mse-pruned")]
-        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT)] + [f"taylor50/{DEFAULT}/{4 * DEMO_STEPS}/0"]
+GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o != "kd-pure"]
+        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, "hidden-mse-pure-train-pruned", "hidden-mse-pruned")] + [f"taylor50/{DEFAULT}/{4 * DEMO_STEPS}/0"]
         + [f"{m}/{o}/{DEMO_STEPS}/0" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", DEFAULT)])
 
 
