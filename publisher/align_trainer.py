@@ -71,14 +71,27 @@ class AlignTrainer(SafeCheckpointTrainer):
         if distilling and self._hidden:
             self._hidden[0].capturing = True
         try:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            if distilling and self.hidden_only:
+                # pure hidden-state distillation: the LM and KD terms weigh 0, so the student projects only the
+                # last position onto the vocabulary (a third of SmolLM2's step); 0 x that logit keeps the final
+                # norm in the graph, as DDP expects of every trainable parameter
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                logits_to_keep=1)
+                loss = 0.0 * outputs.logits.sum()
+            else:
+                loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                     num_items_in_batch=num_items_in_batch)
         finally:
             if self._hidden:
                 self._hidden[0].capturing = False
         if distilling:
             loss = self._distill(loss, outputs.logits, inputs["input_ids"], num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    @property
+    def hidden_only(self) -> bool:
+        """The objective is hidden-state distillation alone (no LM, no logit term)."""
+        return self._hidden is not None and self.kd_weight == 0 and self.hidden_weight >= 1.0
 
     def _distill(self, lm: torch.Tensor, student_logits: torch.Tensor, input_ids: torch.Tensor,
                  num_items_in_batch) -> torch.Tensor:
@@ -106,8 +119,11 @@ class AlignTrainer(SafeCheckpointTrainer):
             if self._hidden:
                 self._hidden[1].capturing = False
         per_token = 1.0 / (scale * positions)  # the logged parts are per-position means
-        self._parts["lm_loss"].append(lm.detach().float() * per_token)
-        loss = (1.0 - self.kd_weight - (self.hidden_weight if self._hidden else 0.0)) * lm
+        if self.hidden_only:
+            loss = lm  # 0 x the last logit (compute_loss); no LM loss was computed to log
+        else:
+            self._parts["lm_loss"].append(lm.detach().float() * per_token)
+            loss = (1.0 - self.kd_weight - (self.hidden_weight if self._hidden else 0.0)) * lm
         if self.kd_weight > 0:
             kd = kd_sum(student_logits, teacher_logits) * scale
             self._parts["kd_loss"].append(kd.detach().float() * per_token)
@@ -120,7 +136,7 @@ class AlignTrainer(SafeCheckpointTrainer):
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Add this rank's mean LM and KD losses since the last log line (distillation only)."""
-        if "loss" in logs and self._parts["lm_loss"]:
+        if "loss" in logs and any(self._parts.values()):
             for key, values in self._parts.items():
                 if values:
                     logs[key] = round(torch.stack(values).mean().item(), 6)

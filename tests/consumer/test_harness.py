@@ -67,9 +67,15 @@ def _acc(out) -> tuple[float, float]:
     return out["results"]["tiny_mc"]["acc"], out["results"]["tiny_mc"]["acc_stderr"]
 
 
-@pytest.mark.parametrize("which", ["original", "pruned", "original+recovered"])
+@pytest.mark.parametrize("which", ["original", "pruned", "original+recovered", "merged"])
 def test_multiple_choice_scores_are_exact(workspace, which):
-    if which == "original+recovered":
+    if which == "merged":
+        from loram.merge import merge
+
+        if not (workspace / "merged").is_dir():
+            merge(adapter=str(workspace / "rec"), out=workspace / "merged", dtype="fp32")
+        model = from_pretrained(workspace / "merged").eval()
+    elif which == "original+recovered":
         model = PeftModel.from_pretrained(from_pretrained(workspace / "base"), workspace / "rec").eval()
     else:
         model = from_pretrained(workspace / ("base" if which == "original" else "pruned")).eval()

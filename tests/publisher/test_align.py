@@ -226,6 +226,24 @@ def test_hidden_state_distillation_matches_the_originals_layer_outputs(root, kin
         "from": str(root / "base"), "kd_weight": 0.25, "hidden": {"weight": 0.5, "loss": kind, "layers": "pruned"}}
 
 
+def test_pure_hidden_distillation_skips_the_vocabulary_projection_and_trains_the_same(root, monkeypatch):
+    """The default objective: the student projects only the last position onto the vocabulary; the result is
+    the one of the full forward with an LM term of weight 0."""
+    from loram.publisher.align_trainer import AlignTrainer
+
+    fast = _align(root, "hs-pure-fast", steps=3, distill_from="base", hidden_weight=1.0, shuffle_buffer=0)
+    rows = fast.report["losses"]
+    assert all(r["loss"] == pytest.approx(r["hidden_loss"], rel=1e-5) and "lm_loss" not in r for r in rows)
+    monkeypatch.setattr(AlignTrainer, "hidden_only", property(lambda self: False))
+    full = _align(root, "hs-pure-full", steps=3, distill_from="base", hidden_weight=1.0, shuffle_buffer=0)
+    assert [r["hidden_loss"] for r in full.report["losses"]] == pytest.approx([r["hidden_loss"] for r in rows],
+                                                                            rel=1e-5)
+    a, b = _state(fast.out), _state(full.out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the final norm only feeds the vocabulary projection, which this objective does not score: untouched
+    assert torch.equal(a["model.norm.weight"], _state(root / "pruned")["model.norm.weight"])
+
+
 def test_sources_are_streamed_from_every_supported_form(tmp_path):
     docs = [f"Document number {i} talks about pruning." for i in range(20)]
     (tmp_path / "a.txt").write_text("\n\n".join(docs))
