@@ -73,6 +73,8 @@ def main() -> None:
              ["--distill-from", base, "--kd-weight", "0.5", "--hidden-weight", "0"]),
             ("1 process x 1 thread, hidden-state distillation (the default)", align, args.batch, 1,
              ["--distill-from", base]),
+            ("1 process x 1 thread, hidden 0.999 + LM 0.001 (every position projected onto the vocabulary)", align,
+             args.batch, 1, ["--distill-from", base, "--hidden-weight", "0.999"]),
         ]
         for i, (name, launcher, batch, threads, extra) in enumerate(configs):
             out = t / f"run{i}"

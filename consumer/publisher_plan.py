@@ -211,7 +211,8 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
                      (p + 4 per trained parameter: the gradient and its fp32 reduce-scatter input)
         activations  no checkpointing: T (sum(layer) + max(outside, max(layer)));
                      checkpointing:    T (L H r + max(outside, 2 max(layer))), r: the residual's bytes
-                     outside = 8(H+1) + 12 V (final norm; three fp32 copies of the logits)
+                     outside = 8(H+1) + 12 V (final norm; three fp32 copies of the logits), 8(H+1) with
+                     `teacher` (the default objective projects only the last position onto the vocabulary)
         checkpoint   FSDP on a CPU: 8 S(P_t, N), the copy of this rank's optimizer state that the checkpoint
                      save (torch.distributed.checkpoint) makes on top of the heap training left (on a GPU the
                      copy is in host memory)
@@ -243,7 +244,9 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
     def activations(mode: str) -> tuple[int, int]:
         """(activations, what of them is freed before the last gradients appear)."""
         per_layer = [layer_activations_full(d, mode, trained_norms=True) for d in _layers(model)]
-        outside = 8 * (shape.hidden + 1) + LOGIT_COPIES_BYTES * shape.vocab
+        # the default objective (hidden-state distillation, `teacher`) projects only the last position onto
+        # the vocabulary: no [T, V] logits then
+        outside = 8 * (shape.hidden + 1) + (0 if teacher is not None else LOGIT_COPIES_BYTES * shape.vocab)
         tokens = batch * seq_len
         if gradient_checkpointing:
             residual = 2 if mode == "bf16" else 4
