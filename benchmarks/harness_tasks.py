@@ -16,7 +16,6 @@ Writes benchmarks/results/harness_tasks.{md,json}.
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -26,19 +25,12 @@ MC_TASKS = ("elementary_math_qa", "strategyqa", "social_iqa")
 GEN_TASKS = ("gsm8k_cot", "gsm8k_chat")
 
 
-def _answer(text: str) -> str | None:
-    """The reference extraction (as the earlier consumer/gsm8k.py): `#### n`, else the last number."""
-    match = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
-    found = match.group(1) if match else (re.findall(r"-?[\d,]*\.?\d+", text) or [None])[-1]
-    if found is None:
-        return None
-    found = found.replace(",", "").rstrip(".")
-    return found[:-2] if found.endswith(".0") else found
-
-
 def reference_gsm8k(model, tokenizer, items: list[dict], max_new_tokens: int = 256) -> list[int]:
-    """1/0 per item: greedy reply to the question as the chat template's user turn, answer compared exactly."""
+    """1/0 per item: greedy reply to the question as the chat template's user turn, answer compared exactly
+    (the earlier consumer/gsm8k.py loop; the answer extraction is the one function both use)."""
     import torch
+
+    from loram.harness import gsm8k_answer as _answer
 
     hits = []
     for item in items:
