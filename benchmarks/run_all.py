@@ -70,7 +70,7 @@ BENCHMARKS = {
         f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
     "alignment_grid": ([], lambda d: "LoRAM gap closed on GSM8K (original -> full LoRA): " + ", ".join(
         f"{g['model']} {g['objective']} {g['steps']} steps {g['gap_closed']:.0%}" for g in d["summary"]
-        if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure"))),
+        if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure", "hidden-mse-pruned"))),
     "harness_tasks": ([], lambda d: "lm-eval gsm8k_chat vs the hand-written GSM8K accuracy on "
                       f"{d['agreement']['items']} items: {len(d['agreement']['items_that_differ'])} differ; "
                       + "; ".join(f"{m}: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in s["headline"].items())

@@ -83,8 +83,8 @@ class AlignConfig(Config):
                                        "(docs/alignment.md).")
     hidden_loss: str = option("mse", "Hidden-state loss per position: mse (||s - t||^2 / ||t||^2) or cosine "
                                      "(1 - cos(s, t)), averaged over the matched layers.", choices=HIDDEN_LOSSES)
-    hidden_layers: str = option("all", "Decoder layers whose outputs are matched: all, or pruned (only the layers "
-                                       "the pruning changed).", choices=HIDDEN_LAYERS)
+    hidden_layers: str = option("pruned", "Decoder layers whose outputs are matched: pruned (the layers the pruning "
+                                          "changed; the default, measured best) or all.", choices=HIDDEN_LAYERS)
     train_layers: str = option("all", "Decoder layers whose weights alignment updates: all, or pruned (only the layers "
                                       "pruning changed; every other weight stays the original's, as LoRA will see it).")
     shuffle_buffer: int = option(1000, "Blocks in the seeded shuffle buffer of the training stream (0: off).")

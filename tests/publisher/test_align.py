@@ -345,9 +345,10 @@ def test_cli_mixes_sources_from_repeated_flags_and_reports_one_line_errors(root)
     assert "aligning" in proc.stderr  # the progress bar
     record = Manifest.load(root / "cli").alignment[-1]
     assert [d["weight"] for d in record["data"]] == [0.25, 0.75] and record["lm_head"] == "trained"
-    # the default objective: hidden-state distillation from the manifest's base model, every layer, no LM term
+    # the default objective: hidden-state distillation from the manifest's base model at the pruned layers,
+    # no LM term
     assert record["distill"] == {"from": "base", "kd_weight": 0.0,
-                                 "hidden": {"weight": 1.0, "loss": "mse", "layers": "all"}}
+                                 "hidden": {"weight": 1.0, "loss": "mse", "layers": "pruned"}}
     losses = json.loads((root / "cli" / "align_report.json").read_text())["losses"]
     assert all(r["hidden_loss"] > 0 and r["loss"] == pytest.approx(r["hidden_loss"], rel=1e-5) for r in losses)
     from typer.testing import CliRunner
