@@ -190,8 +190,8 @@ def taylor_memory(config, layers: range, *, samples: int = CALIBRATION[0], seq_l
 
 def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpointing: bool = False,
                  grad_accum: int = 1, freeze_lm_head: bool = True, device: str = "cuda", devices=(1, 2, 4, 8),
-                 budget=None, overhead_bytes: int | None = None,
-                 teacher=None) -> tuple[list[Estimate], list[Estimate], int | None, dict]:
+                 budget=None, overhead_bytes: int | None = None, teacher=None,
+                 matched_layers: int | None = None) -> tuple[list[Estimate], list[Estimate], int | None, dict]:
     """Per-device peak memory of `loram publish align` on the (pruned) model `config`: (DDP estimates, FSDP
     estimates, one per N in `devices`; the smallest N in 1..MAX_DEVICES for which FSDP fits `budget`; facts).
 
@@ -224,7 +224,7 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
         teacher      with `teacher` (the original's config; the default alignment distills hidden states from
                      it): its weights (p bytes: bf16 on GPUs, fp32 on CPUs), DDP p P_o, FSDP p (S(P_o, N) + one
                      gathered teacher layer),
-                     plus its decoder-layer outputs kept for the hidden-state loss, 4 T H L (the student's are
+                     plus its outputs of the matched layers (the pruned ones by default), 4 T H L_m (the student's are
                      saved for backward anyway; no teacher logits: the default matches hidden states only)
         overhead     the runtime (OVERHEAD_BYTES); slack: SLACK x activations
 
@@ -265,7 +265,7 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
         ddp_freed += 0 if gradient_checkpointing else casts
     accumulating = grad_accum > 1
     ddp_overlap = 0 if accumulating else -min(4 * n_trained, ddp_freed)
-    teacher_ddp, teacher_fsdp = _teacher_memory(teacher, batch * seq_len, 2 if gpu else 4)
+    teacher_ddp, teacher_fsdp = _teacher_memory(teacher, batch * seq_len, 2 if gpu else 4, matched_layers)
     ddp = [Estimate({"weights": 4 * total, "gradients": 4 * n_trained, "optimizer": ADAM_BYTES * n_trained,
                      "buckets": 4 * n_trained if n > 1 else 0, "working": casts, "checkpoint": 0,
                      "teacher": teacher_ddp, "activations": ddp_act,
@@ -301,15 +301,17 @@ def align_memory(config, *, batch: int = 4, seq_len: int = 512, gradient_checkpo
     return ddp, [fsdp(n) for n in devices], smallest, facts
 
 
-def _teacher_memory(config, tokens: int, p_bytes: int):
+def _teacher_memory(config, tokens: int, p_bytes: int, matched_layers: int | None = None):
     """(DDP bytes, FSDP bytes as a function of N) of the distillation teacher `config` (None: no teacher), its
-    weights in p_bytes (bf16 on GPUs, fp32 on CPUs, as `loram publish align` loads it)."""
+    weights in p_bytes (bf16 on GPUs, fp32 on CPUs, as `loram publish align` loads it), and the outputs of the
+    `matched_layers` whose hidden states are matched (None: every layer)."""
     if config is None:
         return 0, lambda n: 0
     model = meta_model(config)
     shape = Shape.of(model.config)
     params = list(model.parameters())
-    outputs = 4 * tokens * shape.hidden * len(model.get_decoder().layers)
+    matched = len(model.get_decoder().layers) if matched_layers is None else matched_layers
+    outputs = 4 * tokens * shape.hidden * matched
     shapes = Counter((p.shape[0], p.numel() // p.shape[0]) for p in params)
     layer = max(sum(p.numel() for p in block.parameters()) for block in model.get_decoder().layers)
 
@@ -342,7 +344,7 @@ def publisher_plan(stock_config, aligned_config, layers: range | None, *, sample
     ddp, fsdp, smallest, facts = align_memory(
         aligned_config, batch=batch, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         grad_accum=grad_accum, freeze_lm_head=freeze_lm_head, device=device, devices=devices, budget=device_memory,
-        teacher=teacher)
+        teacher=teacher, matched_layers=len(layers) if layers is not None and len(layers) else None)
     return PublisherPlan(
         device=device, taylor=taylor,
         taylor_options={"dtype": config_dtype(stock_config) if stock_config is not None else None,
