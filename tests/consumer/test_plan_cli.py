@@ -212,8 +212,9 @@ def test_publisher_json(configs):
     assert [e["fits"] for e in align["fsdp"]] == [False, False, False, True]  # the bf16 teacher, sharded too
     assert (align["fsdp_min_devices"], align["fsdp_min_devices_pow2"], align["ddp_fits"]) == (7, 8, False)
     assert align["teacher"] == "original (hidden-state distillation)"
-    # DDP: the whole bf16 original (70.6B x 2 bytes) + its 80 layer outputs (4 x 512 tokens x 8192 x 4 bytes each)
-    assert align["ddp"][0]["teacher_bytes"] == 2 * EXPECTED["llama31"][0] + 80 * 4 * 512 * 8192 * 4
+    # DDP: the whole bf16 original (70.6B x 2 bytes) + the outputs of the 74 matched (pruned) layers [4, 78)
+    # (4 x 512 tokens x 8192 x 4 bytes each)
+    assert align["ddp"][0]["teacher_bytes"] == 2 * EXPECTED["llama31"][0] + 74 * 4 * 512 * 8192 * 4
     assert align["gradient_checkpointing"] is True and align["lm_head"] == "frozen"
     assert "publisher" not in json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json"]).stdout)
 
