@@ -22,27 +22,45 @@ from pathlib import Path
 from _common import machine, write
 
 MC_TASKS = ("elementary_math_qa", "strategyqa", "social_iqa")
-GEN_TASKS = ("gsm8k_cot", "gsm8k_chat")
+GEN_TASKS = ("gsm8k_cot",)  # gsm8k_chat: part 1
 
 
-def reference_gsm8k(model, tokenizer, items: list[dict], max_new_tokens: int = 256) -> list[int]:
-    """1/0 per item: greedy reply to the question as the chat template's user turn, answer compared exactly
-    (the earlier consumer/gsm8k.py loop; the answer extraction is the one function both use)."""
+def reference_gsm8k(model, tokenizer, items: list[dict], max_new_tokens: int) -> list[str]:
+    """The greedy reply to each question as the chat template's user turn (the earlier consumer/gsm8k.py loop)."""
     import torch
 
-    from loram.harness import gsm8k_answer as _answer
-
-    hits = []
+    replies = []
     for item in items:
         enc = tokenizer.apply_chat_template([{"role": "user", "content": item["question"]}],
                                             add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        reply = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        got = _answer(reply)
-        hits.append(int(got is not None and got == _answer(item["answer"])))
-    return hits
+        replies.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return replies
+
+
+def agreement(model, tok, items: list[dict], max_new_tokens: int) -> dict:
+    """The reference loop and lm-eval's gsm8k_chat on the same items: replies, extracted answers, scores."""
+    from loram import harness
+
+    t0 = time.perf_counter()
+    ref = reference_gsm8k(model, tok, items, max_new_tokens)
+    t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = harness.run_tasks(model, tok, ["gsm8k_chat"], limit=len(items), batch=1, max_new_tokens=max_new_tokens,
+                            log_samples=True)
+    t_lm = time.perf_counter() - t0
+    lm = [s["resps"][0][0] for s in sorted(got["samples"]["gsm8k_chat"], key=lambda s: s["doc_id"])]
+    gold = [harness.gsm8k_answer(it["answer"]) for it in items]
+    ref_answers, lm_answers = [harness.gsm8k_answer(r) for r in ref], [harness.gsm8k_answer(r) for r in lm]
+    ref_acc = sum(a is not None and a == g for a, g in zip(ref_answers, gold, strict=True)) / len(items)
+    return {"items": len(items), "max_new_tokens": max_new_tokens,
+            "identical_replies": sum(a.strip() == b.strip() for a, b in zip(ref, lm, strict=True)),
+            "same_answer": sum(a == b for a, b in zip(ref_answers, lm_answers, strict=True)),
+            "answers": [[a, b, g] for a, b, g in zip(ref_answers, lm_answers, gold, strict=True)],
+            "reference_accuracy": ref_acc, "lm_eval_accuracy": got["results"]["gsm8k_chat"]["exact_match"],
+            "reference_s": round(t_ref, 1), "lm_eval_s": round(t_lm, 1)}
 
 
 def models(work: Path, base: str) -> dict[str, tuple[str, str | None]]:
@@ -61,7 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/loram-alignment-grid"))
     ap.add_argument("--mc-items", type=int, default=100, help="items per multiple-choice task")
-    ap.add_argument("--gsm8k-items", type=int, default=16, help="items per GSM8K task (generation is slow on CPUs)")
+    ap.add_argument("--gsm8k-items", type=int, default=12, help="items per GSM8K task (generation is slow on CPUs)")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="generation length of the GSM8K tasks")
     args = ap.parse_args()
     from loram import harness
     from loram.evaluate import load_spec
@@ -73,22 +92,10 @@ def main() -> None:
     configure_threads()
     started = time.perf_counter()
 
-    # 1. agreement on the same items (the original model)
-    model, tok = load_spec(base, None, False)
-    items = assets.read_records("gsm8k-heldout")[:args.gsm8k_items]
-    t0 = time.perf_counter()
-    reference = reference_gsm8k(model, tok, items)
-    t_ref = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    got = harness.run_tasks(model, tok, ["gsm8k_chat"], limit=args.gsm8k_items, batch=1, log_samples=True)
-    t_lm = time.perf_counter() - t0
-    by_doc = sorted(got["samples"]["gsm8k_chat"], key=lambda s: s["doc_id"])
-    lm_hits = [int(s["exact_match"]) for s in by_doc]
-    agreement = {"items": len(items), "reference_accuracy": sum(reference) / len(items),
-                 "lm_eval_accuracy": got["results"]["gsm8k_chat"]["exact_match"],
-                 "items_that_differ": [i for i, (a, b) in enumerate(zip(reference, lm_hits, strict=True)) if a != b],
-                 "reference_s": round(t_ref, 1), "lm_eval_s": round(t_lm, 1)}
-    print(json.dumps(agreement), flush=True)
+    # 1. agreement on the same items (LoRA on the original: the model most likely to answer some correctly)
+    model, tok = load_spec(*chosen["LoRA"], False)
+    agree = agreement(model, tok, assets.read_records("gsm8k-heldout")[:args.gsm8k_items], args.max_new_tokens)
+    print(json.dumps({k: v for k, v in agree.items() if k != "answers"}), flush=True)
     del model
 
     # 2. scores per model
@@ -96,7 +103,8 @@ def main() -> None:
     for name, (model_id, adapter) in chosen.items():
         model, tok = load_spec(model_id, adapter, False)
         mc = harness.run_tasks(model, tok, list(MC_TASKS), limit=args.mc_items, batch=8)
-        gen = harness.run_tasks(model, tok, list(GEN_TASKS), limit=args.gsm8k_items, batch=4)
+        gen = harness.run_tasks(model, tok, list(GEN_TASKS), limit=args.gsm8k_items, batch=4,
+                                max_new_tokens=args.max_new_tokens)
         results = {**mc["results"], **gen["results"]}
         scores[name] = {"results": results, "n": {**mc["n"], **gen["n"]},
                         "headline": {k: list(v) for k, v in harness.headline(results).items()}}
@@ -105,10 +113,11 @@ def main() -> None:
 
     columns = list(next(iter(scores.values()))["headline"])
     lines = ["# lm-evaluation-harness tasks on SmolLM2-135M (offline)", "",
-             f"`python benchmarks/harness_tasks.py --mc-items {args.mc_items} --gsm8k-items {args.gsm8k_items}` "
+             f"`python benchmarks/harness_tasks.py --mc-items {args.mc_items} --gsm8k-items {args.gsm8k_items} "
+             f"--max-new-tokens {args.max_new_tokens}` "
              f"({time.perf_counter() - started:.0f} s). Value ± 95% confidence half-width (1.96 x lm-eval's "
-             "standard error). LoRAM: the original + the recovered adapter trained on the default-aligned Taylor "
-             "0.5 model; LoRA: trained on the original; both the demo's recipe (15 steps, nf4), seed 0.", "",
+             "standard error). LoRAM: the original + the recovered adapter trained on the Taylor 0.5 model aligned "
+             "with the default objective; LoRA: trained on the original; both the demo's recipe (15 steps, nf4), seed 0.", "",
              "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, s in scores.items():
         lines.append(f"| {name} | " + " | ".join(harness.format_score(*s["headline"][c]) for c in columns) + " |")
@@ -116,11 +125,13 @@ def main() -> None:
     lines += ["", "Items per task: " + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Chance: strategyqa 0.5, "
               "social_iqa 0.33, elementary_math_qa 0.2 (5 choices).", "",
               "## lm-eval's gsm8k_chat against the earlier hand-written GSM8K accuracy", "",
-              f"Same {agreement['items']} gsm8k-heldout items, the original model: hand-written "
-              f"{agreement['reference_accuracy']:.3f} ({agreement['reference_s']:.0f} s), lm-eval "
-              f"{agreement['lm_eval_accuracy']:.3f} ({agreement['lm_eval_s']:.0f} s); items scored differently: "
-              f"{agreement['items_that_differ'] or 'none'}."]
-    payload = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "agreement": agreement,
+              f"Same {agree['items']} gsm8k-heldout items, LoRA on the original, greedy, {agree['max_new_tokens']} "
+              f"new tokens: identical replies on {agree['identical_replies']} of {agree['items']} items, the same "
+              f"extracted answer on {agree['same_answer']}; accuracy hand-written {agree['reference_accuracy']:.3f} "
+              f"({agree['reference_s']:.0f} s), lm-eval {agree['lm_eval_accuracy']:.3f} ({agree['lm_eval_s']:.0f} s).",
+              "", "| item | hand-written answer | lm-eval answer | gold |", "|---|---|---|---|"]
+    lines += [f"| {i} | {a} | {b} | {g} |" for i, (a, b, g) in enumerate(agree["answers"])]
+    payload = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "agreement": agree,
                "scores": scores}
     write("harness_tasks", payload, lines)
 

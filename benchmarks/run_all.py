@@ -72,7 +72,7 @@ BENCHMARKS = {
         f"{g['model']} {g['objective']} {g['steps']} steps {g['gap_closed']:.0%}" for g in d["summary"]
         if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure", "hidden-mse-pruned"))),
     "harness_tasks": ([], lambda d: "lm-eval gsm8k_chat vs the hand-written GSM8K accuracy on "
-                      f"{d['agreement']['items']} items: {len(d['agreement']['items_that_differ'])} differ; "
+                      f"{d['agreement']['items']} items: {d['agreement']['identical_replies']} identical replies; "
                       + "; ".join(f"{m}: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in s["headline"].items())
                                   for m, s in d["scores"].items())),
 }
