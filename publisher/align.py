@@ -195,7 +195,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     model = (empty_model if cfg.fsdp else from_pretrained)(source.path, dtype=torch.float32)
     frozen = _freeze_lm_head(model) if cfg.freeze_lm_head else []
     if cfg.train_layers == "pruned":
-        frozen += _freeze_all_but(model, hidden_layers(manifest, model_config.num_hidden_layers, "pruned"))
+        frozen += _freeze_all_but(model, sorted({*manifest.pruned_layers, *manifest.masked_layers}))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reshard = _accelerate_fsdp_options(cfg)  # before the Trainer's accelerator reads the environment
     args = training.training_arguments(

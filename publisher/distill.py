@@ -73,7 +73,8 @@ def hidden_sum(student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor
 
 def hidden_layers(manifest, num_layers: int, which: str) -> list[int]:
     """Decoder layers whose outputs are matched: every layer, or the pruned ones (structured: the layers
-    the plan shrinks; non-structured: the layers holding masks)."""
+    the plan shrinks; non-structured: the layers holding masks; every layer when no layer was pruned)."""
     if which == "all":
         return list(range(num_layers))
-    return sorted(i for i in {*manifest.pruned_layers, *manifest.masked_layers} if i < num_layers)
+    pruned = sorted(i for i in {*manifest.pruned_layers, *manifest.masked_layers} if i < num_layers)
+    return pruned or list(range(num_layers))  # nothing pruned (e.g. a layer range too short to shrink): every layer
