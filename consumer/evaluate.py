@@ -128,7 +128,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
 
         tasks = parse_tasks(cfg.tasks)
         include = [cfg.include_path] if cfg.include_path else []
-        task_manager(tasks, include)  # every task checked (and its data fetched) before any model loads
+        manager = task_manager(tasks, include)  # every task checked (and its data fetched) before any model loads
     records, columns = eval_set(cfg.data, cfg.limit, cfg.columns) if cfg.perplexity else (None, None)
     rows = []
     for spec in cfg.models:
@@ -144,7 +144,8 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
             from loram.harness import format_score, headline, run_tasks
 
             out = run_tasks(model, tokenizer, tasks, limit=cfg.limit, num_fewshot=cfg.shots, batch=cfg.batch,
-                            max_new_tokens=cfg.max_new_tokens, include_path=include, seed=cfg.seed)
+                            max_new_tokens=cfg.max_new_tokens, include_path=include, seed=cfg.seed,
+                            manager=manager)
             row.update(tasks=out["results"], n=out["n"],
                        scores={k: format_score(*v) for k, v in headline(out["results"]).items()})
             print(f"[loram eval] {name}: " + ", ".join(f"{k} {v}" for k, v in row["scores"].items()),

@@ -217,14 +217,15 @@ def task_manager(names: list[str], include_path: list[str] = ()):
 
 def run_tasks(model, tokenizer, names: list[str], *, limit: int | None = None, num_fewshot: int | None = None,
               batch: int = 4, max_new_tokens: int | None = None, include_path: list[str] = (), seed: int = 0,
-              log_samples: bool = False) -> dict:
-    """lm-eval's results for `names` on an in-memory model: {"results": {short name: {metric: value,
+              log_samples: bool = False, manager=None) -> dict:
+    """lm-eval's results for `names` on an in-memory model (`manager`: a `task_manager(names, include_path)`
+    already built, else built here): {"results": {short name: {metric: value,
     "<metric>_stderr": se}}, "n": {short name: items}, "samples": ... (with log_samples)}."""
     _lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(names, include_path)
+    manager = manager or task_manager(names, include_path)
     if any(n in CHAT_TASKS for n in names) and not getattr(tokenizer, "chat_template", None):
         raise LoramError(f"{', '.join(n for n in names if n in CHAT_TASKS)} prompts through the chat template, and "
                          "this tokenizer has none; use gsm8k or gsm8k_cot")
