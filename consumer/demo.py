@@ -36,6 +36,7 @@ DEFAULTS = {
     "align_steps": (40, 2),
     "train_steps": (15, 2),
     "eval_limit": (32, 6),
+    "seq_len": (256, 128),
 }
 
 
@@ -53,13 +54,14 @@ class DemoConfig(Config):
     publish_to: str | None = option(None, "Also push the aligned checkpoint to the Hub at this endpoint URL (as "
                                           "--repo-id) and pull it back from there.")
     repo_id: str = option("loram-demo/smollm2-135m-loram", "Hub repository for --publish-to.")
-    seq_len: int = option(256, "Tokens per training and evaluation sequence.")
+    seq_len: int | None = option(None, "Tokens per alignment, training and evaluation sequence (default 256; "
+                                       "--quick 128).")
 
     def check(self):
         self.ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
         if not 0 < self.ratio < 1:
             raise LoramError(f"--ratio must lie in (0, 1), got {self.ratio}")
-        for name in ("align_steps", "train_steps", "eval_limit"):
+        for name in ("align_steps", "train_steps", "eval_limit", "seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LoramError(f"--{name.replace('_', '-')} must be >= 1")
@@ -107,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages = Stages(out / "stages", log=_log)
     model_dir, data_dir = assets.model_dir(), assets.data_dir()
     asset_key = [json.loads((d / assets.RECORD_FILE).read_text())["sha256"] for d in (model_dir, data_dir)]
-    quant, seq_len, n_eval = cfg.resolved_quant, cfg.seq_len, cfg.setting("eval_limit")
+    quant, seq_len, n_eval = cfg.resolved_quant, cfg.setting("seq_len"), cfg.setting("eval_limit")
     train_args = ["--data", "gsm8k-train", "--columns", GSM8K_COLUMNS, "--quant", quant,
                   "--steps", cfg.setting("train_steps"), "--lr", "3e-4", "--batch", "4", "--seq-len", seq_len,
                   "--save-every", 1000, "--overwrite"]
@@ -177,7 +179,7 @@ def _align_objective() -> dict:
 
 def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:
     steps = cfg.setting("align_steps")
-    _loram("publish", "align", pruned, "--data", "wiki", "--steps", steps, "--seq-len", cfg.seq_len,
+    _loram("publish", "align", pruned, "--data", "wiki", "--steps", steps, "--seq-len", cfg.setting("seq_len"),
            "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
            "--eval-limit", cfg.align_eval_limit, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")
