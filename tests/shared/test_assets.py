@@ -90,45 +90,44 @@ def test_corrupted_cache_files_are_detected_and_rebuilt(data_folder, isolated_ca
     record = json.loads((rebuilt / assets.RECORD_FILE).read_text())
     assert record["sha256"]["news.jsonl"] == sha256_file(rebuilt / "news.jsonl")
     assert (rebuilt / "news.jsonl").read_bytes() == (data_folder / "news.jsonl").read_bytes()
-    assert sorted(p.name for p in isolated_cache.iterdir()) == ["data", "wheels"]  # no temporary leftovers
+    # no temporary leftovers; the lock file serialising builds of `data` stays (a few bytes, reused)
+    assert sorted(p.name for p in isolated_cache.iterdir()) == [".data.lock", "data", "wheels"]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = assets.model_dir()
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
-
-
-@pytest.mark.slow
-def test_converted_model_is_a_plain_safetensors_llama(smollm2):
-    model, _ = smollm2
-    folder = assets.model_dir()
-    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
-    config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "llama" and "quantization_config" not in config
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]) == (9, 3, 576)
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+BUILD_DATA = """
+import json, sys
+from loram.shared import assets
+folder = assets.data_dir()
+print(json.dumps({"folder": str(folder), "verified": assets._verified(folder)}))
+"""
 
 
-@pytest.mark.slow
-def test_converted_model_answers_paris(smollm2):
-    model, tok = smollm2
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**enc, max_new_tokens=16, do_sample=False)
-    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+def test_two_processes_building_the_data_at_once_build_it_once(data_folder, isolated_cache):
+    """Two ranks of torchrun (or two test workers) asking for the data on an empty cache: one builds, the
+    other waits for it and reads the verified folder; neither builds over the other's files. The test holds
+    the lock until both are waiting, so that they do meet."""
+    import subprocess
+    import sys
 
+    from loram.shared.cache import build_lock
 
-@pytest.mark.slow
-def test_converted_model_news_perplexity(smollm2, data_folder):
-    from loram.perplexity import perplexity, text_windows
-
-    model, tok = smollm2
-    windows = text_windows(tok, assets.read_texts("news"), 1024, max_windows=1)
-    assert windows.shape == (1, 1024)
-    ppl = perplexity(model, windows, progress=False)
-    assert 20 < ppl < 40, ppl
+    wheels = isolated_cache / "wheels"
+    wheels.mkdir(parents=True)
+    for w in (assets.GENSIM_WHEEL, assets.GSM8K_WHEEL):
+        shutil.copy(data_folder.parent / "wheels" / w.filename, wheels / w.filename)
+    env = {**os.environ, "LORAM_CACHE": str(isolated_cache)}
+    with build_lock(isolated_cache / "data"):
+        procs = [subprocess.Popen([sys.executable, "-c", BUILD_DATA], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        first = []
+        for p in procs:  # each says it waits, then blocks
+            first.append(p.stderr.readline())
+        assert all("another process is building" in line for line in first), first
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert all(r == {"folder": str(isolated_cache / "data"), "verified": True} for r in results), results
+    errs = [err for _, err in outs]
+    # the first to get the lock builds; the other, still waiting, then finds it verified
+    assert sum("extracting the Wikipedia sample" in e for e in errs) == 1, errs
+    assert (isolated_cache / "data" / "news.jsonl").read_bytes() == (data_folder / "news.jsonl").read_bytes()
