@@ -1,7 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs files on 2 workers: one core each, not 2 x 2 threads
+    os.environ.setdefault("LORAM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (tiny_models) importable by name
 
