@@ -149,9 +149,19 @@ def task_dir(names=SHIPPED) -> Path:
 
 @contextlib.contextmanager
 def _offline():
+    """Hub and datasets offline for lm-eval's run: the environment (for anything imported from here on) and
+    the module constants huggingface_hub and datasets read it into at import (for what already is)."""
+    import datasets.config
+    import huggingface_hub.constants
+
     keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    constants = [(huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                 (datasets.config, "HF_DATASETS_OFFLINE")]
     saved = {k: os.environ.get(k) for k in keys}
+    saved_constants = [(module, name, getattr(module, name)) for module, name in constants if hasattr(module, name)]
     os.environ.update({k: "1" for k in keys})
+    for module, name, _ in saved_constants:
+        setattr(module, name, True)
     try:
         yield
     finally:
@@ -160,6 +170,8 @@ def _offline():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        for module, name, value in saved_constants:
+            setattr(module, name, value)
 
 
 def parse_tasks(text: str) -> list[str]:

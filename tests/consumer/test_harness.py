@@ -128,6 +128,24 @@ def test_gsm8k_chat_scoring(reply, gold, hit):
     assert harness.gsm8k_chat_results({"answer": gold}, [reply]) == {"exact_match": hit}
 
 
+def test_the_run_is_offline_for_modules_imported_before_it(monkeypatch, tmp_path):
+    """huggingface_hub and datasets read HF_HUB_OFFLINE when imported (here: long before the run): inside the
+    run a Hub download is refused without a request, and afterwards the constants are as they were."""
+    import datasets.config
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with harness._offline():
+        assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_DATASETS_OFFLINE is True
+        with pytest.raises(Exception, match="outgoing traffic has been disabled"):
+            huggingface_hub.hf_hub_download("openai/gsm8k", "README.md", repo_type="dataset",
+                                            cache_dir=tmp_path / "hub")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False and datasets.config.HF_DATASETS_OFFLINE is False
+
+
 def test_tasks_that_would_download_are_refused_in_one_line():
     with pytest.raises(LoramError, match=r"downloads its data from the Hub \(.*hellaswag.*--include-path"):
         harness.task_manager(["hellaswag"])
