@@ -140,18 +140,22 @@ def _verified(folder: Path) -> bool:
     return True
 
 
+def built(folder: Path, build) -> Path:
+    """`folder` of the cache, verified; when it is not, `build(folder)` makes it under the folder's lock, unless
+    another process built it while this one waited."""
+    if _verified(folder):
+        return folder
+    with build_lock(folder) as waited:
+        if not (waited and _verified(folder)):
+            build(folder)
+    return folder
+
+
 # --- the model --------------------------------------------------------------------------------
 
 def model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct checkpoint (safetensors + tokenizer), built once."""
-    folder = cache_dir() / "models" / MODEL_NAME
-    if _verified(folder):
-        return folder
-    with build_lock(folder) as waited:
-        if waited and _verified(folder):  # another process built it while this one waited
-            return folder
-        _build_model(folder)
-    return folder
+    return built(cache_dir() / "models" / MODEL_NAME, _build_model)
 
 
 def _build_model(folder: Path) -> None:
@@ -189,14 +193,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def data_dir() -> Path:
     """The folder holding every data split (see the module docstring), built once."""
-    folder = cache_dir() / "data"
-    if _verified(folder):
-        return folder
-    with build_lock(folder) as waited:
-        if waited and _verified(folder):
-            return folder
-        _build_data(folder)
-    return folder
+    return built(cache_dir() / "data", _build_data)
 
 
 def _build_data(folder: Path) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loram.shared.assets import CACHE_FIX, Wheel, _log, _record, _verified, _write_jsonl, fetch_wheel
-from loram.shared.cache import build_lock, cache_dir
+from loram.shared.assets import CACHE_FIX, Wheel, _log, _record, _write_jsonl, built, fetch_wheel
+from loram.shared.cache import cache_dir
 from loram.shared.errors import LoramError
 from loram.shared.outputs import atomic_output_dir
 
@@ -71,14 +71,7 @@ def format_examples(task: dict) -> list[dict]:
 
 def bigbench_dir() -> Path:
     """The folder of converted BIG-bench sets (one `<name>.jsonl` per TASK_FILES entry), built once."""
-    folder = cache_dir() / "bigbench"
-    if _verified(folder):
-        return folder
-    with build_lock(folder) as waited:
-        if waited and _verified(folder):  # another process built it while this one waited
-            return folder
-        _build(folder)
-    return folder
+    return built(cache_dir() / "bigbench", _build)
 
 
 def _build(folder: Path) -> None:
