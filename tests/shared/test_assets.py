@@ -131,3 +131,44 @@ def test_two_processes_building_the_data_at_once_build_it_once(data_folder, isol
     # the first to get the lock builds; the other, still waiting, then finds it verified
     assert sum("extracting the Wikipedia sample" in e for e in errs) == 1, errs
     assert (isolated_cache / "data" / "news.jsonl").read_bytes() == (data_folder / "news.jsonl").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = assets.model_dir()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_converted_model_is_a_plain_safetensors_llama(smollm2):
+    model, _ = smollm2
+    folder = assets.model_dir()
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]) == (9, 3, 576)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+@pytest.mark.slow
+def test_converted_model_answers_paris(smollm2):
+    model, tok = smollm2
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_converted_model_news_perplexity(smollm2, data_folder):
+    from loram.perplexity import perplexity, text_windows
+
+    model, tok = smollm2
+    windows = text_windows(tok, assets.read_texts("news"), 1024, max_windows=1)
+    assert windows.shape == (1, 1024)
+    ppl = perplexity(model, windows, progress=False)
+    assert 20 < ppl < 40, ppl
