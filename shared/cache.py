@@ -10,7 +10,7 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:  # not on Windows: there builds are not serialised
+except ImportError:  # Windows has no fcntl: there concurrent builds are not serialised
     fcntl = None
 
 

@@ -350,7 +350,7 @@ def test_taylor_prune_peak_within_25_percent(tmp_path):
 
     `--kv-score taylor` measures the Taylor pass alone, what `taylor_memory` counts: the default loss-scored
     KV pass runs after it without gradients and holds less (one hidden-state tensor); with it the command
-    measured within the same 25% (and took 263 s of this test's time instead of about 75)."""
+    measured within the same 25% (and took 263 s of this test's time instead of 87)."""
     from loram.shared import assets
 
     base = assets.model_dir()
