@@ -52,6 +52,8 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
                         "--hidden-loss", "cosine", "--hidden-layers", "all"],
     "hidden-mse-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                           "--hidden-layers", "pruned"],
+    "hidden-mse-local": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                         "--hidden-layers", "pruned", "--hidden-inputs", "original"],
     "kd+hidden": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5", "--hidden-layers", "all"],
     "hidden-mse-pure-train-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                                      "--train-layers", "pruned", "--hidden-layers", "all"],
@@ -125,13 +127,16 @@ def run_cell(work: Path, cell: str, base: str, evaluate: Evaluator) -> dict:
     model, objective, steps, seed = cell.split("/")
     steps, seed = int(steps), int(seed)
     pruned = work / "pruned" / model
-    if not (pruned / "loram_manifest.json").is_file():
-        sh("publish", "prune", base, *PRUNE[model], "--out", pruned, "--overwrite")
+
+    def prune() -> None:  # only when a stage that is not cached needs the pruned model
+        if not (pruned / "loram_manifest.json").is_file():
+            sh("publish", "prune", base, *PRUNE[model], "--out", pruned, "--overwrite")
     folder = work / "cells" / cell.replace("/", "_").replace(":", "-")
     align: dict = {}
     trained_on = pruned
     if OBJECTIVES[objective] is not None:
         def do_align() -> dict:
+            prune()
             started = time.perf_counter()
             sh("publish", "align", pruned, *align_args(objective, steps, seed, base), "--out", folder / "aligned")
             report = json.loads((folder / "aligned" / "align_report.json").read_text())
@@ -145,6 +150,7 @@ def run_cell(work: Path, cell: str, base: str, evaluate: Evaluator) -> dict:
         trained_on = folder / "aligned"
 
     def do_train() -> dict:
+        prune()
         sh("train", trained_on, *train_args(seed), "--out", folder / "adapter")
         sh("recover", folder / "adapter", "--out", folder / "recovered", "--overwrite")
         return evaluate(str(folder / "recovered"))

@@ -173,7 +173,7 @@ def _align_objective() -> dict:
 
     from loram.publisher.align import AlignConfig
 
-    names = ("distill_from", "kd_weight", "hidden_weight", "hidden_loss", "hidden_layers")
+    names = ("distill_from", "kd_weight", "hidden_weight", "hidden_loss", "hidden_layers", "hidden_inputs", "train_layers")
     return {f.name: f.default for f in fields(AlignConfig) if f.name in names}
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loram.publisher.align_data import Source, probabilities
-from loram.publisher.distill import HIDDEN_LAYERS, HIDDEN_LOSSES
+from loram.publisher.distill import HIDDEN_INPUTS, HIDDEN_LAYERS, HIDDEN_LOSSES
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
@@ -46,7 +46,8 @@ BASE = "base"  # --distill-from base: the original model named in the manifest
 REPORT = "align_report.json"
 CONFIG = "align_config.yaml"
 RESUME_SAME = ("data", "lr", "seq_len", "batch", "grad_accum", "seed", "warmup", "freeze_lm_head", "distill_from",
-               "kd_weight", "hidden_weight", "hidden_loss", "hidden_layers", "train_layers", "shuffle_buffer")  # --resume refuses other values of these
+               "kd_weight", "hidden_weight", "hidden_loss", "hidden_layers", "hidden_inputs",
+               "train_layers", "shuffle_buffer")  # --resume refuses other values of these
 
 
 @dataclass
@@ -85,6 +86,10 @@ class AlignConfig(Config):
                                      "(1 - cos(s, t)), averaged over the matched layers.", choices=HIDDEN_LOSSES)
     hidden_layers: str = option("pruned", "Decoder layers whose outputs are matched: pruned (the layers the pruning "
                                           "changed; the default, measured best) or all.", choices=HIDDEN_LAYERS)
+    hidden_inputs: str = option("pruned", "What each matched layer runs on: pruned (the pruned model's own stream, "
+                                          "matched end to end) or original (the original's input to that layer: "
+                                          "layer-local reconstruction; only the matched layers train).",
+                                choices=HIDDEN_INPUTS)
     train_layers: str = option("all", "Decoder layers whose weights alignment updates: all, or pruned (only the layers "
                                       "pruning changed; every other weight stays the original's, as LoRA will see it).")
     shuffle_buffer: int = option(1000, "Blocks in the seeded shuffle buffer of the training stream (0: off).")
@@ -116,6 +121,10 @@ class AlignConfig(Config):
                    "1 minus their sum); lower one"),
                   (not self.distills or self.kd_weight > 0 or self.hidden_weight > 0,
                    "--distill-from with --kd-weight 0 and no --hidden-weight distills nothing; set either weight"),
+                  (self.hidden_inputs == "pruned" or (self.distills and self.kd_weight == 0
+                                                       and self.hidden_weight == 1),
+                   "--hidden-inputs original trains each matched layer on the original's inputs alone, with no LM or "
+                   "logit term: use it with --distill-from (default base), --kd-weight 0 and --hidden-weight 1"),
                   (self.train_layers in ("all", "pruned"), f"--train-layers must be all or pruned, got "
                                                              f"{self.train_layers!r}"),
                   (self.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0"),
@@ -194,7 +203,10 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     # FSDP: every process builds the model empty and later reads only its shards' rows (no full copy per process)
     model = (empty_model if cfg.fsdp else from_pretrained)(source.path, dtype=torch.float32)
     frozen = _freeze_lm_head(model) if cfg.freeze_lm_head else []
-    if cfg.train_layers == "pruned":
+    matched = hidden_layers(manifest, model_config.num_hidden_layers, cfg.hidden_layers)
+    if cfg.hidden_inputs == "original":  # layer-local: nothing outside the matched layers gets a gradient
+        frozen += _freeze_all_but(model, matched, "--hidden-inputs original")
+    elif cfg.train_layers == "pruned":
         frozen += _freeze_all_but(model, sorted({*manifest.pruned_layers, *manifest.masked_layers}))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reshard = _accelerate_fsdp_options(cfg)  # before the Trainer's accelerator reads the environment
@@ -228,8 +240,8 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_blocks,
         processing_class=tokenizer, callbacks=[c for c in (progress, keeper) if c is not None],
         write_manifest=write_checkpoint_manifest, teacher=teacher, kd_weight=cfg.kd_weight,
-        hidden_weight=cfg.hidden_weight, hidden_loss=cfg.hidden_loss,
-        hidden_layers=hidden_layers(manifest, model_config.num_hidden_layers, cfg.hidden_layers))
+        hidden_weight=cfg.hidden_weight, hidden_loss=cfg.hidden_loss, hidden_layers=matched,
+        hidden_inputs=cfg.hidden_inputs)
     training.begin(folder, trainer)
     training.run(trainer, folder)
 
@@ -291,11 +303,11 @@ def _freeze_lm_head(model) -> list[str]:
     return [name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
 
 
-def _freeze_all_but(model, layers: list[int]) -> list[str]:
-    """Freeze every parameter outside decoder layers `layers` (--train-layers pruned); returns one line
-    naming what stays frozen."""
+def _freeze_all_but(model, layers: list[int], why: str = "--train-layers pruned") -> list[str]:
+    """Freeze every parameter outside decoder layers `layers` (--train-layers pruned, --hidden-inputs original);
+    returns one line naming what stays frozen."""
     if not layers:
-        raise LoramError("--train-layers pruned: the manifest records no pruned layer; use --train-layers all")
+        raise LoramError(f"{why}: the manifest records no pruned layer; use --train-layers all")
     keep = {id(p) for i in layers for p in model.model.layers[i].parameters()}
     for p in model.parameters():
         if id(p) not in keep:
@@ -364,7 +376,8 @@ def _distill_record(cfg: AlignConfig) -> dict | None:
         return None
     record = {"from": cfg.distill_from, "kd_weight": cfg.kd_weight}
     if cfg.hidden_weight > 0:
-        record["hidden"] = {"weight": cfg.hidden_weight, "loss": cfg.hidden_loss, "layers": cfg.hidden_layers}
+        record["hidden"] = {"weight": cfg.hidden_weight, "loss": cfg.hidden_loss, "layers": cfg.hidden_layers,
+                            "inputs": cfg.hidden_inputs}
     return record
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from loram.publisher.distill import LayerOutputs, hidden_sum, kd_sum
+from loram.publisher.distill import LayerFeed, LayerOutputs, hidden_sum, kd_sum
 from loram.shared.checkpoints import SafeCheckpointTrainer, local_rows, materialize_
 from loram.shared.errors import LoramError
 from loram.shared.manifest import PackedMask
@@ -38,16 +38,19 @@ class AlignTrainer(SafeCheckpointTrainer):
 
     def __init__(self, *args, write_manifest: Callable[[Path, int], None], teacher=None, kd_weight: float = 0.0,
                  hidden_weight: float = 0.0, hidden_loss: str = "mse", hidden_layers: list[int] | None = None,
-                 **kwargs):
+                 hidden_inputs: str = "pruned", **kwargs):
         super().__init__(*args, **kwargs)
         self.write_manifest = write_manifest
         self.teacher, self.kd_weight = teacher, kd_weight
         self.hidden_weight, self.hidden_loss = hidden_weight, hidden_loss
         self._parts = {"lm_loss": [], "kd_loss": [], "hidden_loss": []}  # per micro-batch, drained into each log line
-        self._hidden = None
+        self._hidden = self._feed = None
         if teacher is not None and hidden_weight > 0:
             layers = list(range(len(teacher.model.layers))) if hidden_layers is None else hidden_layers
-            self._hidden = (LayerOutputs(self.model, layers), LayerOutputs(teacher, layers))
+            local = hidden_inputs == "original"
+            self._hidden = (LayerOutputs(self.model, layers), LayerOutputs(teacher, layers, inputs=local))
+            if local:
+                self._feed = LayerFeed(self.model, layers)
 
     # -- checkpoints --
 
@@ -68,6 +71,8 @@ class AlignTrainer(SafeCheckpointTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         distilling = self.teacher is not None and model.training
+        # the teacher first: with --hidden-inputs original its layer inputs are what the student's layers run on
+        teacher_logits = self._teacher_forward(inputs["input_ids"]) if distilling else None
         if distilling and self._hidden:
             self._hidden[0].capturing = True
         try:
@@ -85,16 +90,35 @@ class AlignTrainer(SafeCheckpointTrainer):
             if self._hidden:
                 self._hidden[0].capturing = False
         if distilling:
-            loss = self._distill(loss, outputs.logits, inputs["input_ids"], num_items_in_batch)
+            loss = self._distill(loss, outputs.logits, teacher_logits, inputs["input_ids"], num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (only the last position's unless logit distillation needs them all), its matched
+        layers' outputs recorded and, for layer-local reconstruction, their inputs handed to the student's feed."""
+        if next(self.teacher.parameters()).device != input_ids.device:
+            self.teacher.to(input_ids.device)
+        if self._hidden:
+            self._hidden[1].capturing = True
+        try:
+            with torch.no_grad():
+                # only hidden states matched: the vocabulary projection of the last position alone (the whole
+                # model is still called, so FSDP's root unit gathers the embeddings)
+                out = self.teacher(input_ids=input_ids, **({} if self.kd_weight > 0 else {"logits_to_keep": 1}))
+        finally:
+            if self._hidden:
+                self._hidden[1].capturing = False
+        if self._feed:
+            self._feed.feed = self._hidden[1].take_inputs()
+        return out.logits
 
     @property
     def hidden_only(self) -> bool:
         """The objective is hidden-state distillation alone (no LM, no logit term)."""
         return self._hidden is not None and self.kd_weight == 0 and self.hidden_weight >= 1.0
 
-    def _distill(self, lm: torch.Tensor, student_logits: torch.Tensor, input_ids: torch.Tensor,
-                 num_items_in_batch) -> torch.Tensor:
+    def _distill(self, lm: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 input_ids: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         """(1 - w_kd - w_hidden) * LM + w_kd * KL + w_hidden * hidden, each normalized as the Trainer normalized LM."""
         b, t = input_ids.shape
         positions = b * (t - 1)
@@ -105,19 +129,6 @@ class AlignTrainer(SafeCheckpointTrainer):
             scale = 1.0 / float(num_items_in_batch)
             if self.args.average_tokens_across_devices:
                 scale *= self.accelerator.num_processes
-        if next(self.teacher.parameters()).device != input_ids.device:
-            self.teacher.to(input_ids.device)
-        if self._hidden:
-            self._hidden[1].capturing = True
-        try:
-            with torch.no_grad():
-                # only hidden states matched: the vocabulary projection of the last position alone (the whole
-                # model is still called, so FSDP's root unit gathers the embeddings)
-                out = self.teacher(input_ids=input_ids, **({} if self.kd_weight > 0 else {"logits_to_keep": 1}))
-                teacher_logits = out.logits
-        finally:
-            if self._hidden:
-                self._hidden[1].capturing = False
         per_token = 1.0 / (scale * positions)  # the logged parts are per-position means
         if self.hidden_only:
             loss = lm  # 0 x the last logit (compute_loss); no LM loss was computed to log

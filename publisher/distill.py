@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 HIDDEN_LOSSES = ("mse", "cosine")
 HIDDEN_LAYERS = ("all", "pruned")
+HIDDEN_INPUTS = ("pruned", "original")  # what each matched layer runs on: its own model's stream, or the original's
 
 
 class LayerOutputs:
@@ -31,12 +32,15 @@ class LayerOutputs:
     only around the training forward, so recomputation under activation checkpointing records nothing.
     """
 
-    def __init__(self, model, layers: list[int]):
+    def __init__(self, model, layers: list[int], inputs: bool = False):
         self.outputs: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, torch.Tensor] = {}  # each layer's input too, when `inputs` (the teacher's, to feed)
         self.capturing = False
         blocks = model.model.layers
         for i in layers:
             blocks[i].register_forward_hook(self._hook(i))
+            if inputs:
+                blocks[i].register_forward_pre_hook(self._input_hook(i))
 
     def _hook(self, index: int):
         def hook(module, args, output):
@@ -44,9 +48,45 @@ class LayerOutputs:
                 self.outputs[index] = output[0] if isinstance(output, tuple) else output
         return hook
 
+    def _input_hook(self, index: int):
+        def hook(module, args):
+            if self.capturing:
+                self.inputs[index] = args[0]
+        return hook
+
     def take(self) -> dict[int, torch.Tensor]:
         outputs, self.outputs = self.outputs, {}
         return outputs
+
+    def take_inputs(self) -> dict[int, torch.Tensor]:
+        inputs, self.inputs = self.inputs, {}
+        return inputs
+
+
+class LayerFeed:
+    """Layer-local reconstruction (`--hidden-inputs original`): the given decoder layers of `model` run on
+    the inputs in `feed` (the original's inputs to the same layers, same positions) instead of their own
+    stream, so each one learns to reproduce the original layer's output from the original layer's input.
+
+    A forward pre-hook, active in training mode only: evaluation runs the model as it is, and the recomputation
+    of activation checkpointing (training mode, in the backward pass) is fed the same inputs again, since a feed
+    stays until the next one replaces it."""
+
+    def __init__(self, model, layers: list[int]):
+        self.feed: dict[int, torch.Tensor] = {}
+        blocks = model.model.layers
+        for i in layers:
+            blocks[i].register_forward_pre_hook(self._hook(i))
+
+    def _hook(self, index: int):
+        def hook(module, args):
+            fed = self.feed.get(index)
+            if not module.training or fed is None:
+                return None
+            if fed.shape != args[0].shape:
+                raise RuntimeError(f"decoder layer {index}: fed {list(fed.shape)}, runs on {list(args[0].shape)}")
+            return (fed.to(args[0].dtype), *args[1:])
+        return hook
 
 
 def kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

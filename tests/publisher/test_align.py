@@ -139,10 +139,12 @@ def test_nonstructured_masks_keep_their_zeros(root, monkeypatch):
     assert int((weight == 0).sum()) < int((~masks["model.layers.1.mlp.up_proj"]).sum())
 
 
-def test_hidden_state_distillation_is_the_same_under_activation_checkpointing(root):
-    # the layer outputs are recorded in the forward only, not again when checkpointing recomputes them
-    runs = [_align(root, f"hs-gc-{gc}", steps=3, distill_from="base", hidden_weight=1.0, gradient_checkpointing=gc)
-            for gc in (False, True)]
+@pytest.mark.parametrize("inputs", ["pruned", "original"])
+def test_hidden_state_distillation_is_the_same_under_activation_checkpointing(root, inputs):
+    # the layer outputs are recorded in the forward only, not again when checkpointing recomputes them; a layer
+    # fed the original's inputs is fed them again in the recomputation
+    runs = [_align(root, f"hs-gc-{inputs}-{gc}", steps=3, distill_from="base", hidden_weight=1.0,
+                   hidden_inputs=inputs, gradient_checkpointing=gc) for gc in (False, True)]
     plain, checkpointed = ([v for r in run.report["losses"] for v in (r["loss"], r["grad_norm"])] for run in runs)
     assert plain == pytest.approx(checkpointed, rel=1e-5) and min(plain) > 0
 
@@ -223,7 +225,41 @@ def test_hidden_state_distillation_matches_the_originals_layer_outputs(root, kin
                for r in rows)
     assert rows[-1]["hidden_loss"] < rows[0]["hidden_loss"]
     assert Manifest.load(run.out).alignment[-1]["distill"] == {
-        "from": str(root / "base"), "kd_weight": 0.25, "hidden": {"weight": 0.5, "loss": kind, "layers": "pruned"}}
+        "from": str(root / "base"), "kd_weight": 0.25, "hidden": {"weight": 0.5, "loss": kind, "layers": "pruned",
+                                                      "inputs": "pruned"}}
+
+
+def test_layer_local_reconstruction_fits_each_pruned_layer_to_the_originals_inputs(root):
+    """--hidden-inputs original: each pruned layer runs on the original's input to it; the loss is, per layer,
+    the relative error of its output against the original layer's output; only those layers train."""
+    run = _align(root, "hs-local", steps=6, distill_from="base", hidden_weight=1.0, hidden_inputs="original",
+                 shuffle_buffer=0)
+    tokenizer = tiny_tokenizer()
+    batch = collate_blocks(list(islice(mixture([Source(str(root / "text.txt"))], tokenizer, 32, 0, 0), 4)))["input_ids"]
+    student, teacher = (AutoModelForCausalLM.from_pretrained(root / f) for f in ("pruned", "base"))
+    with torch.no_grad():
+        t = teacher(batch, output_hidden_states=True).hidden_states  # t[l]: the input of layer l, t[l + 1] its output
+        positions = torch.arange(batch.shape[1])[None]
+        rotary = student.model.rotary_emb(t[0], positions)
+        per_layer = []
+        for i in range(1, 5):
+            s = student.model.layers[i](t[i], attention_mask=None, position_ids=positions, position_embeddings=rotary)
+            s, target = s[:, :-1], t[i + 1][:, :-1]
+            per_layer.append(((s - target).pow(2).sum(-1) / target.pow(2).sum(-1)).mean())
+    rows = run.report["losses"]
+    assert rows[0]["hidden_loss"] == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-4)
+    end_to_end = _align(root, "hs-e2e", steps=1, distill_from="base", hidden_weight=1.0, shuffle_buffer=0)
+    assert end_to_end.report["losses"][0]["hidden_loss"] != pytest.approx(rows[0]["hidden_loss"], rel=1e-3)
+    assert rows[-1]["hidden_loss"] < rows[0]["hidden_loss"]
+    before, after = _state(root / "pruned"), _state(run.out)
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert {int(k.split(".")[2]) for k in changed if k.startswith("model.layers.")} == {1, 2, 3, 4}
+    assert all(k.startswith("model.layers.") for k in changed)
+    assert run.report["frozen"][-1] == "everything outside decoder layers 1..4"
+    assert Manifest.load(run.out).alignment[-1]["distill"]["hidden"]["inputs"] == "original"
+    with pytest.raises(LoramError, match="--hidden-inputs original trains each matched layer"):
+        AlignConfig(pruned="x", data=["wiki"], steps=1, seq_len=8, out=root / "never", hidden_inputs="original",
+                    kd_weight=0.5, hidden_weight=0.5)
 
 
 def test_pure_hidden_distillation_skips_the_vocabulary_projection_and_trains_the_same(root, monkeypatch):
@@ -348,7 +384,7 @@ def test_cli_mixes_sources_from_repeated_flags_and_reports_one_line_errors(root)
     # the default objective: hidden-state distillation from the manifest's base model at the pruned layers,
     # no LM term
     assert record["distill"] == {"from": "base", "kd_weight": 0.0,
-                                 "hidden": {"weight": 1.0, "loss": "mse", "layers": "pruned"}}
+                                 "hidden": {"weight": 1.0, "loss": "mse", "layers": "pruned", "inputs": "pruned"}}
     losses = json.loads((root / "cli" / "align_report.json").read_text())["losses"]
     assert all(r["hidden_loss"] > 0 and r["loss"] == pytest.approx(r["hidden_loss"], rel=1e-5) for r in losses)
     from typer.testing import CliRunner

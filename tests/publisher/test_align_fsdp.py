@@ -167,7 +167,8 @@ def test_masks_stay_zero_under_fsdp_with_distillation(root):
     assert report["record"]["global_batch"] == 4
     assert report["fsdp"]["dtensor_parameters"] == report["fsdp"]["parameters"]
     assert all(r["kd_loss"] > 0 and r["hidden_loss"] > 0 and "lm_loss" in r for r in report["losses"])
-    assert report["record"]["distill"]["hidden"] == {"weight": 0.5, "loss": "mse", "layers": "pruned"}
+    assert report["record"]["distill"]["hidden"] == {"weight": 0.5, "loss": "mse", "layers": "pruned",
+                                                          "inputs": "pruned"}
     for folder in (root / "sparse-out", root / "sparse-out" / "checkpoints" / "checkpoint-2"):
         after = _state(folder)
         for name, keep in masks.items():
