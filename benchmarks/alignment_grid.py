@@ -52,6 +52,8 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
                         "--hidden-loss", "cosine", "--hidden-layers", "all"],
     "hidden-mse-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                           "--hidden-layers", "pruned"],
+    "hidden-mse-pruned-lr3e-5": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                                 "--hidden-layers", "pruned", "--lr", "3e-5"],
     "hidden-mse-local": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                          "--hidden-layers", "pruned", "--hidden-inputs", "original"],
     "kd+hidden": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5", "--hidden-layers", "all"],

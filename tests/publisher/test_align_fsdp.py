@@ -175,3 +175,14 @@ def test_masks_stay_zero_under_fsdp_with_distillation(root):
             weight = after[f"{name}.weight"]
             assert torch.equal(weight == 0, ~keep), name  # pruned weights exactly zero, kept ones trained
     _no_pickle(root / "sparse-out")
+
+
+def test_layer_local_reconstruction_under_fsdp_matches_one_process(root):
+    # --hidden-inputs original: the teacher's sharded layers hand their inputs to the student's sharded layers
+    _run(_cmd(root, "local-fsdp", 2, "--distill-from", "base", "--hidden-inputs", "original", steps=3))
+    single = align(pruned=str(root / "pruned"), data=[str(root / "text.txt")], steps=3, seq_len=32, lr=1e-3,
+                   batch=4, save_every=2, distill_from="base", hidden_inputs="original", out=root / "local-one")
+    report = _report(root / "local-fsdp")
+    assert report["record"]["distill"]["hidden"]["inputs"] == "original"
+    assert report["frozen"][-1] == "everything outside decoder layers 1..4"
+    assert _losses(root / "local-fsdp") == pytest.approx(single.losses, rel=1e-4) and min(single.losses) > 0
