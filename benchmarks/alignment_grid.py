@@ -56,6 +56,10 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
                                  "--hidden-layers", "pruned", "--lr", "3e-5"],
     "hidden-mse-local": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                          "--hidden-layers", "pruned", "--hidden-inputs", "original"],
+    "hidden-mse-pruned-wikichat": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                                   "--hidden-layers", "pruned", "--data", "{work}/data/wiki-chat.jsonl"],
+    "hidden-mse-pruned-selfgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                                  "--hidden-layers", "pruned", "--data", "{work}/data/selfgen.jsonl"],
     "kd+hidden": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5", "--hidden-layers", "all"],
     "hidden-mse-pure-train-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                                      "--train-layers", "pruned", "--hidden-layers", "all"],
@@ -93,9 +97,10 @@ def train_args(seed: int) -> list[str]:
             "--seed", str(seed), "--overwrite"]
 
 
-def align_args(objective: str, steps: int, seed: int, base: str) -> list[str]:
-    flags = [f.format(base=base) for f in OBJECTIVES[objective]]
-    return ["--data", "wiki", "--steps", steps, "--seq-len", 256, "--batch", 2, "--lr", "1e-4",
+def align_args(objective: str, steps: int, seed: int, base: str, work: Path) -> list[str]:
+    flags = [f.format(base=base, work=work) for f in OBJECTIVES[objective]]
+    data = [] if "--data" in flags else ["--data", "wiki"]
+    return [*data, "--steps", steps, "--seq-len", 256, "--batch", 2, "--lr", "1e-4",
             "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout", "--eval-limit", 16,
             "--eval-every", steps, "--save-every", steps, "--seed", seed, *flags, "--overwrite"]
 
@@ -140,7 +145,7 @@ def run_cell(work: Path, cell: str, base: str, evaluate: Evaluator) -> dict:
         def do_align() -> dict:
             prune()
             started = time.perf_counter()
-            sh("publish", "align", pruned, *align_args(objective, steps, seed, base), "--out", folder / "aligned")
+            sh("publish", "align", pruned, *align_args(objective, steps, seed, base, work), "--out", folder / "aligned")
             report = json.loads((folder / "aligned" / "align_report.json").read_text())
             evals = report["evals"]
             return {"wall_s": round(time.perf_counter() - started, 1),
@@ -169,6 +174,50 @@ def references(work: Path, base: str, seeds: set[int], evaluate: Evaluator) -> d
             return evaluate(str(folder))
         refs[f"lora-{seed}"] = cached(work / "ref" / f"lora-{seed}.json", lora)
     return refs
+
+
+def ceiling(work: Path, base: str, model: str, seed: int, evaluate: Evaluator) -> dict:
+    """What perfect alignment could give: LoRA on the original, confined to what a recovered LoRAM adapter reaches.
+
+    A LoRAM adapter of a structured model, recovered, is zero in the columns of A and the rows of B that the
+    pruning removed. Trained on the pruned model, it sees the pruned model's activations; the best any
+    alignment can do is make them the original's. This trains the demo's recipe (same seed, so the same A
+    init) on the original itself with those positions held at zero (zeroed at init, gradient masked), so
+    the adapter reaches exactly the recovered adapter's positions and sees exactly the original's
+    activations. Its gap closed is the ceiling of alignment for that pruned model and recipe.
+    """
+    def make() -> dict:
+        import peft
+        import torch
+        from safetensors.torch import load_file
+
+        from loram.train import train
+
+        recovered = sorted((work / "cells").glob(f"{model.replace(':', '-')}_*/recovered/adapter_model.safetensors"))
+        if not recovered:
+            run_cell(work, f"{model}/none/{DEMO_STEPS}/{seed}", base, evaluate)
+            recovered = sorted((work / "cells").glob(f"{model.replace(':', '-')}_*/recovered/adapter_model.safetensors"))
+        masks = {k: (v != 0) for k, v in load_file(recovered[0]).items()}
+        real = peft.get_peft_model
+
+        def confined(m, config, *args, **kwargs):
+            m = real(m, config, *args, **kwargs)
+            for name, param in m.named_parameters():
+                if param.requires_grad:
+                    mask = masks[name.replace(".default", "")].to(param.dtype)
+                    with torch.no_grad():
+                        param.mul_(mask)
+                    param.register_hook(lambda g, mask=mask: g * mask)
+            return m
+        peft.get_peft_model = confined
+        try:
+            folder = work / "ref" / f"ceiling-{model.replace(':', '-')}-{seed}"
+            train(model=base, data="gsm8k-train", columns="prompt=question,response=answer", quant=QUANT, steps=15,
+                  lr=3e-4, batch=4, seq_len=256, save_every=1000, seed=seed, out=folder, overwrite=True)  # train_args
+        finally:
+            peft.get_peft_model = real
+        return evaluate(str(folder))
+    return cached(work / "ref" / f"ceiling-{model.replace(':', '-')}-{seed}.json", make)
 
 
 def gap(original: float, lora: float, value: float) -> float:
@@ -214,7 +263,7 @@ def summary(rows: list[dict], refs: dict) -> list[dict]:
     return sorted(out, key=order)
 
 
-def plot(groups: list[dict], path: Path) -> None:
+def plot(groups: list[dict], path: Path, ceiling: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,6 +280,10 @@ def plot(groups: list[dict], path: Path) -> None:
     for i, v in enumerate(values):
         ax.text(v + 1, i, f"{v:.0f}%", va="center", fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
+    if ceiling is not None:
+        ax.axvline(100 * ceiling, color="#2ca02c", ls="--", lw=1.2)
+        ax.text(100 * ceiling - 1, len(groups) - 0.5, f"ceiling of alignment (taylor50): {ceiling:.0%}",
+                ha="right", va="bottom", fontsize=8, color="#2ca02c")
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of the original -> LoRA gap closed on GSM8K held-out (grey: none; red: the default)")
     fig.tight_layout()
@@ -260,6 +313,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("cell", "gsm8k", "news")}), flush=True)
     refs = references(args.work, base, {r["seed"] for r in rows} | {0}, evaluate)
+    refs["ceiling-taylor50-0"] = ceiling(args.work, base, "taylor50", 0, evaluate)
     groups = summary(rows, refs)
     lines = ["# Alignment that pays: LoRAM on SmolLM2-135M by alignment objective", "",
              "Original: GSM8K held-out " + f"{refs['original']['gsm8k']:.3f}, news {refs['original']['news']:.3f}; "
@@ -270,7 +324,12 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {g['model']} | {g['objective']} | {g['steps']} | {len(g['seeds'])} | {g['gap_closed']:.1%} | "
               f"{g['gap_spread']:.1%} | {g['news']:.3f} | {g['news_spread']:.3f} |" for g in groups]
-    plot(groups, RESULTS / "alignment_grid.png")
+    top = refs["ceiling-taylor50-0"]
+    ceiling_gap = gap(refs["original"]["gsm8k"], refs["lora-0"]["gsm8k"], top["gsm8k"])
+    lines[3:3] = ["", f"Ceiling of alignment for taylor50 (LoRA on the original confined to a recovered LoRAM "
+                      f"adapter's positions, seed 0): GSM8K {top['gsm8k']:.3f} ({ceiling_gap:.0%} of the gap), "
+                      f"news {top['news']:.3f}"]
+    plot(groups, RESULTS / "alignment_grid.png", ceiling_gap)
     write("alignment_grid", {"machine": machine(), "items": args.items, "references": refs, "rows": rows,
                              "summary": groups}, lines)
 
