@@ -287,7 +287,7 @@ def plot(groups: list[dict], path: Path, ceiling: float | None = None) -> None:
         ax.text(100 * ceiling - 1, len(groups) - 0.5, f"ceiling of alignment (taylor50): {ceiling:.0%}",
                 ha="right", va="bottom", fontsize=8, color="#2ca02c")
     ax.set_xlim(0, 100)
-    ax.set_xlabel("% of the original -> LoRA gap closed on GSM8K held-out (grey: none; red: the default)")
+    ax.set_xlabel("% of the original -> LoRA gap closed on GSM8K held-out\n(grey: no alignment; red: the default)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
