@@ -93,10 +93,15 @@ def cached(path: Path, make) -> dict:
     return result
 
 
+def train_recipe(seed: int) -> dict:
+    """The demo's LoRA recipe as `loram.train.train` keywords (`train_args` renders it as `loram train` flags)."""
+    return {"data": "gsm8k-train", "columns": "prompt=question,response=answer", "quant": QUANT, "steps": 15,
+            "lr": 3e-4, "batch": 4, "seq_len": 256, "save_every": 1000, "seed": seed}
+
+
 def train_args(seed: int) -> list[str]:
-    return ["--data", "gsm8k-train", "--columns", "prompt=question,response=answer", "--quant", QUANT,
-            "--steps", "15", "--lr", "3e-4", "--batch", "4", "--seq-len", "256", "--save-every", "1000",
-            "--seed", str(seed), "--overwrite"]
+    flags = [x for k, v in train_recipe(seed).items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return [*flags, "--overwrite"]
 
 
 def align_args(objective: str, steps: int, seed: int, base: str, work: Path) -> list[str]:
@@ -195,11 +200,11 @@ def ceiling(work: Path, base: str, model: str, seed: int, evaluate: Evaluator) -
 
         from loram.train import train
 
-        recovered = sorted((work / "cells").glob(f"{model.replace(':', '-')}_*/recovered/adapter_model.safetensors"))
-        if not recovered:
+        def recovered() -> list[Path]:
+            return sorted((work / "cells").glob(f"{name}_*/recovered/adapter_model.safetensors"))
+        if not recovered():
             run_cell(work, f"{model}/none/{DEMO_STEPS}/{seed}", base, evaluate)
-            recovered = sorted((work / "cells").glob(f"{model.replace(':', '-')}_*/recovered/adapter_model.safetensors"))
-        masks = {k: (v != 0) for k, v in load_file(recovered[0]).items()}
+        masks = {k: (v != 0) for k, v in load_file(recovered()[0]).items()}
         real = peft.get_peft_model
 
         def confined(m, config, *args, **kwargs):
@@ -213,13 +218,13 @@ def ceiling(work: Path, base: str, model: str, seed: int, evaluate: Evaluator) -
             return m
         peft.get_peft_model = confined
         try:
-            folder = work / "ref" / f"ceiling-{model.replace(':', '-')}-{seed}"
-            train(model=base, data="gsm8k-train", columns="prompt=question,response=answer", quant=QUANT, steps=15,
-                  lr=3e-4, batch=4, seq_len=256, save_every=1000, seed=seed, out=folder, overwrite=True)  # train_args
+            train(model=base, out=folder, overwrite=True, **train_recipe(seed))
         finally:
             peft.get_peft_model = real
         return evaluate(str(folder))
-    return cached(work / "ref" / f"ceiling-{model.replace(':', '-')}-{seed}.json", make)
+    name = model.replace(":", "-")
+    folder = work / "ref" / f"ceiling-{name}-{seed}"
+    return cached(work / "ref" / f"ceiling-{name}-{seed}.json", make)
 
 
 def gap(original: float, lora: float, value: float) -> float:
