@@ -1,19 +1,18 @@
-"""Chat-format general text for the alignment grid: is the alignment data's form what limits LoRAM?
+"""Self-generated chat-format alignment text for the alignment grid: does the original's own voice align better?
 
 The demo's adapter is trained and evaluated on chat-rendered examples (system prompt, user turn, assistant
-turn of SmolLM2's template); the default alignment text is plain Wikipedia. Two general-text files in the
-chat form, neither drawn from GSM8K or news:
+turn of SmolLM2's template). `loram publish align --data wiki-chat` renders the `wiki` split in that form
+(publisher/align_data.py); this script writes the other chat-form general text the grid measured, drawn
+from neither GSM8K nor news:
 
-    wiki-chat.jsonl   the `wiki` split, each article cut into ~700-character runs of paragraphs, each run the
-                      assistant's answer to "Tell me about TITLE." (the first) or "Tell me more about TITLE."
     selfgen.jsonl     the original's own answers (sampled: temperature 0.7, top-p 0.9, 192 new tokens, seed 0)
                       to 128 general prompts: three questions about each `wiki` title and the first message
                       of 400 chitchat-dataset conversations (chitchat-dataset 0.9.0 on PyPI, pinned), shuffled
 
-    python benchmarks/alignment_data.py --out DIR          # writes DIR/wiki-chat.jsonl, DIR/selfgen.jsonl
+    python benchmarks/alignment_data.py --out DIR          # writes DIR/selfgen.jsonl
 
-Each file holds {"text": rendered conversation} records, which `loram publish align --data FILE` reads.
-Generating selfgen.jsonl takes about 10 minutes on 2 CPU cores (16 prompts per batch).
+The file holds {"text": rendered conversation} records, which `loram publish align --data FILE` reads.
+Generating it takes about 10 minutes on 2 CPU cores (16 prompts per batch).
 """
 
 import argparse
@@ -21,8 +20,6 @@ import json
 import random
 import zipfile
 from pathlib import Path
-
-PARAGRAPH_RUN = 700  # characters of paragraphs per wiki-chat answer
 
 
 def chitchat_wheel():
@@ -36,27 +33,6 @@ def _write(path: Path, texts: list[str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tmp.replace(path)
-
-
-def wiki_chat(tokenizer) -> list[str]:
-    from loram.shared.assets import read_records
-
-    out = []
-    for record in read_records("wiki"):
-        runs, run, size = [], [], 0
-        for paragraph in (p for p in record["text"].split("\n\n") if p.strip()):
-            run.append(paragraph)
-            size += len(paragraph)
-            if size > PARAGRAPH_RUN:
-                runs.append(run)
-                run, size = [], 0
-        runs += [run] if run else []
-        for i, paragraphs in enumerate(runs):
-            ask = f"Tell me {'more ' if i else ''}about {record['title']}."
-            out.append(tokenizer.apply_chat_template(
-                [{"role": "user", "content": ask}, {"role": "assistant", "content": "\n\n".join(paragraphs)}],
-                tokenize=False))
-    return out
 
 
 def prompts(count: int, seed: int = 0) -> list[str]:
@@ -99,7 +75,7 @@ def self_generated(model, tokenizer, asks: list[str], batch: int = 16) -> list[s
 
 
 def build(out: Path, count: int = 128) -> None:
-    """Write out/wiki-chat.jsonl and out/selfgen.jsonl where missing."""
+    """Write out/selfgen.jsonl where missing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,8 +83,6 @@ def build(out: Path, count: int = 128) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    if not (out / "wiki-chat.jsonl").is_file():
-        _write(out / "wiki-chat.jsonl", wiki_chat(tokenizer))
     if not (out / "selfgen.jsonl").is_file():
         torch.manual_seed(0)
         asks = prompts(count)  # seeds python's random after torch's, as the grid's files were made

@@ -17,7 +17,8 @@ Every cell is cached under --work (a re-run measures only what is missing).
     python benchmarks/alignment_grid.py --report-only          # rebuild results/alignment_grid.* from --work
 
 Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant). The `-wikichat`
-and `-selfgen` objectives align on chat-format general text that `alignment_data.py` writes under --work/data.
+objective aligns on `--data wiki-chat` (the wiki split in the chat template), `-selfgen` on the original's own
+chat answers that `alignment_data.py` writes under --work/data.
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -59,7 +60,7 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "hidden-mse-local": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                          "--hidden-layers", "pruned", "--hidden-inputs", "original"],
     "hidden-mse-pruned-wikichat": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                                   "--hidden-layers", "pruned", "--data", "{work}/data/wiki-chat.jsonl"],
+                                   "--hidden-layers", "pruned", "--data", "wiki-chat"],
     "hidden-mse-pruned-selfgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                                   "--hidden-layers", "pruned", "--data", "{work}/data/selfgen.jsonl"],
     "kd+hidden": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5", "--hidden-layers", "all"],

@@ -1,6 +1,7 @@
 """`loram demo`: the whole LoRAM loop on the embedded SmolLM2-135M-Instruct, with a report.
 
-    assets -> prune (Taylor, ratio 0.5) -> align (hidden-state distillation from the original, on Wikipedia)
+    assets -> prune (Taylor, ratio 0.5) -> align (hidden-state distillation from the original, on Wikipedia
+    in the chat template)
     -> publish (local folder repository,
     and a Hub endpoint when given) -> pull (verified) -> train QLoRA on GSM8K (LoRA when 4-bit is
     unavailable) -> recover -> evaluate -> report.md + plots
@@ -28,6 +29,7 @@ from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 
 GSM8K_COLUMNS = "prompt=question,response=answer"
+ALIGN_DATA = "wiki-chat"  # the wiki split in the model's chat template: measured above plain wiki (docs/alignment.md)
 # (full, --quick) defaults; docs/demo.md explains them.
 DEFAULTS = {
     "calib_samples": (32, 4),
@@ -119,7 +121,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                                  "kv_score": cfg.setting("kv_score")},
                        lambda f: _prune(model_dir, f, cfg))
     align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len,
-                                 "eval_limit": cfg.align_eval_limit, "objective": _align_objective()},
+                                 "eval_limit": cfg.align_eval_limit, "objective": _align_objective(),
+                                 "data": ALIGN_DATA},
                        lambda f: _align(prune.folder / "pruned", f, cfg))
     publish = stages.run("publish", {"align": align.key, "publish_to": cfg.publish_to, "repo_id": cfg.repo_id},
                          lambda f: _publish(align.folder / "aligned", f, cfg))
@@ -179,7 +182,7 @@ def _align_objective() -> dict:
 
 def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:
     steps = cfg.setting("align_steps")
-    _loram("publish", "align", pruned, "--data", "wiki", "--steps", steps, "--seq-len", cfg.setting("seq_len"),
+    _loram("publish", "align", pruned, "--data", ALIGN_DATA, "--steps", steps, "--seq-len", cfg.setting("seq_len"),
            "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
            "--eval-limit", cfg.align_eval_limit, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")

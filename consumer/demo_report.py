@@ -129,7 +129,7 @@ def render(report: dict, plots: list[str]) -> str:
     cfg = report["config"]
     lines = ["# LoRAM demo report", "",
              f"SmolLM2-135M-Instruct, structured Taylor pruning at ratio {cfg['ratio']}, aligned on the Wikipedia "
-             f"sample for {report['align']['steps']} steps, {report['quant']} LoRA (r=8) on the GSM8K fine-tune "
+             f"sample in the chat template for {report['align']['steps']} steps, {report['quant']} LoRA (r=8) on the GSM8K fine-tune "
              f"split; response-token perplexity on held-out GSM8K and on news text. Wall time "
              f"{report['wall_time_s']:.0f} s{' (--quick: a smoke run, numbers are not meaningful)' if cfg['quick'] else ''}.",
              "", "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]

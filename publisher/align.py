@@ -35,12 +35,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loram.publisher.align_data import Source, probabilities
+from loram.publisher.align_data import Source, check_text_source, probabilities
 from loram.publisher.distill import HIDDEN_INPUTS, HIDDEN_LAYERS, HIDDEN_LOSSES
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
-from loram.shared.records import check_source
 
 BASE = "base"  # --distill-from base: the original model named in the manifest
 REPORT = "align_report.json"
@@ -55,7 +54,9 @@ class AlignConfig(Config):
     pruned: str = option(help="The pruned checkpoint to align: a folder or Hub repo id with loram_manifest.json.",
                          argument=True)
     data: list[str] = option(help="Training text as SOURCE[:WEIGHT]; repeat to mix sources by weight. SOURCE: a "
-                                  ".txt/.jsonl/.json/.parquet file, a saved datasets folder, or wiki / news.")
+                                  ".txt/.jsonl/.json/.parquet file, a saved datasets folder, wiki / news, or "
+                                  "wiki-chat (wiki in the model's chat template: measured best for LoRAM on an "
+                                  "instruct model).")
     steps: int = option(help="Optimizer steps.")
     seq_len: int = option(help="Tokens per packed training block (at most the model's max_position_embeddings).")
     out: Path = option(help="Output folder: the aligned pruned checkpoint, its report and its checkpoints.")
@@ -66,7 +67,7 @@ class AlignConfig(Config):
     freeze_lm_head: bool = option(True, "Freeze lm_head (the paper's setting); with tied embeddings that is the "
                                         "shared embedding matrix.", flag="freeze-lm-head/train-lm-head")
     eval_data: str | None = option(None, "Held-out text evaluated periodically (same forms as --data, no "
-                                         "weight), e.g. wiki-heldout.")
+                                         "weight), e.g. wiki-heldout or wiki-heldout-chat.")
     eval_limit: int = option(80, "Held-out blocks of --seq-len tokens (the first N of --eval-data).")
     eval_every: int = option(50, "Evaluate held-out perplexity every N steps (with --eval-data).")
     save_every: int = option(200, "Write a checkpoint every N steps (each one a loadable pruned checkpoint).")
@@ -191,7 +192,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     if max_positions is not None and cfg.seq_len > max_positions:
         raise LoramError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
     for s in cfg.sources + ([Source(cfg.eval_data)] if cfg.eval_data else []):
-        check_source(s.name)
+        check_text_source(s.name)
     try:
         tokenizer = load_tokenizer(source.path)
     except (OSError, ValueError) as e:

@@ -10,6 +10,13 @@ Packing: each document is tokenized without special tokens and followed by a bla
 separator calibration text uses too); documents are concatenated and cut into blocks of exactly L tokens
 (the partial block at the end of a pass is dropped). A block is one training sequence, labels = inputs.
 
+Chat form (`wiki-chat`, `wiki-heldout-chat`): the built-in article split in the model's own chat template,
+the form an instruction-tuned model is fine-tuned and used in. Each article is cut into runs of paragraphs
+(a run ends once it passes 700 characters); each run is one document, the assistant's answer to "Tell me
+about TITLE." (an article's first run) or "Tell me more about TITLE." (its later runs). Measured on
+SmolLM2: LoRAM recovers more of the gap to LoRA when alignment reads `wiki-chat` than `wiki`
+(docs/alignment.md), which is why the demo aligns on it.
+
 Mixing: each source's blocks repeat endlessly and `datasets.interleave_datasets` draws the source of every
 block with probabilities weight / sum(weights), seeded. The weights are therefore fractions of training
 tokens, whatever the sources' sizes: a small source is repeated, a large one is sampled. A seeded shuffle
@@ -27,9 +34,11 @@ from pathlib import Path
 import torch
 
 from loram.shared.errors import LoramError
-from loram.shared.records import SEPARATOR, iter_texts
+from loram.shared.records import SEPARATOR, check_source, iter_texts
 
 TOKENIZE_BATCH = 64  # documents per tokenizer call
+CHAT_SPLITS = {"wiki-chat": "wiki", "wiki-heldout-chat": "wiki-heldout"}  # chat form -> built-in article split
+CHAT_RUN = 700  # characters of paragraphs after which a chat-form answer ends
 
 
 @dataclass(frozen=True)
@@ -63,10 +72,40 @@ def probabilities(sources: list[Source]) -> list[float]:
     return [s.weight / total for s in sources]
 
 
+def check_text_source(name: str) -> None:
+    """Refuse a source that is neither a chat-form split nor a text source `iter_texts` reads (one-line error)."""
+    if name not in CHAT_SPLITS:
+        check_source(name)
+
+
+def chat_texts(name: str, tokenizer) -> Iterator[str]:
+    """The documents of a chat-form split (`CHAT_SPLITS`), rendered with the tokenizer's chat template."""
+    from loram.shared.assets import read_records
+
+    split = CHAT_SPLITS[name]
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoramError(f"--data {name} renders {split} in the model's chat template, and this tokenizer has "
+                         f"none; use --data {split}")
+    for record in read_records(split):
+        runs, run, size = [], [], 0
+        for paragraph in (p for p in record["text"].split("\n\n") if p.strip()):
+            run.append(paragraph)
+            size += len(paragraph)
+            if size > CHAT_RUN:
+                runs.append(run)
+                run, size = [], 0
+        runs += [run] if run else []
+        for i, paragraphs in enumerate(runs):
+            ask = f"Tell me {'more ' if i else ''}about {record['title']}."
+            yield tokenizer.apply_chat_template(
+                [{"role": "user", "content": ask}, {"role": "assistant", "content": "\n\n".join(paragraphs)}],
+                tokenize=False)
+
+
 def iter_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:
     """One pass over a source as packed blocks {"input_ids": [seq_len ids]} (see the module docstring)."""
     buffer: list[int] = []
-    docs = iter_texts(name)
+    docs = chat_texts(name, tokenizer) if name in CHAT_SPLITS else iter_texts(name)
     while batch := list(islice(docs, TOKENIZE_BATCH)):
         for ids in tokenizer([t + SEPARATOR for t in batch], add_special_tokens=False)["input_ids"]:
             buffer.extend(ids)

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import loram
 from loram.publisher.align import AlignConfig, align
-from loram.publisher.align_data import Source, collate_blocks, eval_blocks, mixture
+from loram.publisher.align_data import CHAT_RUN, Source, chat_texts, collate_blocks, eval_blocks, mixture
 from loram.publisher.prune import prune
+from loram.shared.assets import read_records
 from loram.shared.errors import LoramError
 from loram.shared.manifest import Manifest, verify_files
 from loram.shared.records import iter_texts
@@ -298,6 +299,37 @@ def test_sources_are_streamed_from_every_supported_form(tmp_path):
     stream = mixture([Source(str(tmp_path / "a.parquet"))], tok, 16)
     assert isinstance(stream, datasets.IterableDataset)  # never materialized
     assert len(list(islice(stream, 500))) == 500  # endless: a small source repeats
+
+
+CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+
+
+def test_wiki_chat_renders_every_paragraph_of_wiki_in_the_models_chat_template():
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT
+    docs = list(chat_texts("wiki-chat", tok))
+    answers: dict[str, list[str]] = {}
+    for doc in docs:
+        ask, _, rest = doc.removeprefix("<user>").partition("</user><assistant>")
+        assert doc.startswith("<user>Tell me ") and rest.endswith("</assistant>")
+        title = ask.removeprefix("Tell me more about ").removeprefix("Tell me about ").removesuffix(".")
+        assert ask.startswith("Tell me more") == (title in answers)  # "more" on every run after an article's first
+        answers.setdefault(title, []).append(rest.removesuffix("</assistant>"))
+    wiki = read_records("wiki")
+    assert list(answers) == [r["title"] for r in wiki]
+    for r in wiki:  # every paragraph, in order, once; a run closes once it passes CHAT_RUN characters
+        paragraphs = [p for p in r["text"].split("\n\n") if p.strip()]
+        assert "\n\n".join(answers[r["title"]]) == "\n\n".join(paragraphs)
+        assert all(sum(map(len, a.split("\n\n"))) > CHAT_RUN for a in answers[r["title"]][:-1])
+    blocks = eval_blocks("wiki-heldout-chat", tok, 64, 3)
+    assert tok.decode(blocks[0]["input_ids"]).startswith("<user>Tell me about " + read_records("wiki-heldout")[0]["title"])
+
+
+def test_wiki_chat_without_a_chat_template_is_a_one_line_error(root):
+    with pytest.raises(LoramError, match="--data wiki-chat renders wiki in the model's chat template, and this "
+                                         "tokenizer has none; use --data wiki"):
+        _align(root, "bad-chat", data=["wiki-chat"])
+    assert not (root / "bad-chat").exists()
 
 
 def test_sources_are_mixed_by_weight(tmp_path):
