@@ -1,0 +1,156 @@
+"""Where LoRAM's adapter parts from LoRA's: per-layer agreement of the weight updates, from the alignment grid.
+
+For every cell of an alignment grid work folder (`alignment_grid.py --work DIR`) that kept its recovered
+adapter, the update each adapted module makes, dW = B @ A (scaled alike in every adapter: same rank and
+alpha), is compared with the same module's update in LoRA trained on the original (same seed), in the
+ceiling (`alignment_grid.ceiling()`: LoRA on the original confined to the recovered adapter's positions) and
+in the unaligned LoRAM adapter: the cosine similarity of the flattened updates, averaged over the modules of
+three groups of decoder layers: before the pruned range, the pruned layers, after it.
+
+The layers before the pruned range run the same weights on the same inputs in the pruned and the original
+model, so there the forward pass is identical and only the backward signal (what the layers downstream
+make of the loss) differs: an agreement far below LoRA-vs-ceiling there says the gap lies in the gradient the
+pruned model passes back, not in the activations it feeds forward.
+
+A second table puts the same question without the optimizer in between: the gradient of the demo's
+fine-tuning loss (the first 16 GSM8K training examples, 256 tokens) with respect to each adapted weight of
+the unpruned layers, in the original, the pruned model and every aligned model the folder kept, fp32:
+cosine similarity to the original's gradient. Adam's first steps move every entry by about the learning
+rate whatever the gradient's size, so two adapters can disagree far more than their gradients do.
+
+    python benchmarks/alignment_grid.py --work DIR --cells ...     # the cells and references first
+    python benchmarks/adapter_agreement.py --work DIR               # writes results/adapter_agreement.{md,json}
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from _common import machine, write
+
+
+def updates(folder: Path) -> dict:
+    """{module: B @ A} of a peft LoRA adapter folder, in float32."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "adapter_model.safetensors"))
+    return {k.removesuffix(".lora_A.weight"): sd[k.replace("lora_A", "lora_B")].float() @ a.float()
+            for k, a in sd.items() if k.endswith(".lora_A.weight")}
+
+
+def agreement(a: dict, b: dict, groups: dict[str, range]) -> dict:
+    """Mean cosine similarity of the updates over the modules of each layer group (and of all)."""
+    import torch
+
+    def layer(name: str) -> int:
+        return int(re.search(r"\.layers\.(\d+)\.", name).group(1))
+    cos = {k: torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), 0).item() for k in a}
+    out = {"all": sum(cos.values()) / len(cos)}
+    for name, layers in groups.items():
+        vals = [c for k, c in cos.items() if layer(k) in layers]
+        out[name] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def gradients(path: Path, batches: list[dict], layers: list[int]) -> dict:
+    """{module name: d loss / d weight} over `batches` for the adapted modules of decoder `layers` (fp32)."""
+    import torch
+
+    from loram.memory_plan import TARGETS
+    from loram.shared.pruned_model import from_pretrained
+
+    model = from_pretrained(path, dtype=torch.float32)
+    wanted = {f"model.layers.{i}." for i in layers}
+    params = {n.removesuffix(".weight"): p for n, p in model.named_parameters()
+              if any(n.startswith(w) for w in wanted) and n.split(".")[-2].removesuffix("_proj") in TARGETS}
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params.values()))
+    for batch in batches:
+        model(**batch).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in params.items()}
+
+
+def gradient_rows(work: Path, model: str, groups: dict[str, range]) -> list[dict]:
+    """Gradient agreement of the pruned model and of every kept aligned model with the original's."""
+    import torch
+
+    from loram.sft_format import tokenize_sft
+    from loram.shared.assets import model_dir
+    from loram.shared.pruned_model import load_tokenizer
+    from loram.shared.records import load_records
+
+    unpruned = {k: v for k, v in groups.items() if "pruned" not in k}
+    layers = [i for r in unpruned.values() for i in r]
+    tok = load_tokenizer(model_dir())
+    data = tokenize_sft(load_records("gsm8k-train").select(range(16)), tok, 256,
+                        {"prompt": "question", "response": "answer"})
+    batches = []
+    for i in range(0, len(data), 4):
+        rows = data[i:i + 4]
+        width = max(map(len, rows["input_ids"]))  # right-padded, padding masked out of attention and loss
+        batches.append({k: torch.tensor([x + [fill] * (width - len(x)) for x in rows[k]]) for k, fill in
+                        (("input_ids", tok.pad_token_id or 0), ("attention_mask", 0), ("labels", -100))})
+    original = gradients(model_dir(), batches, layers)
+    models = {f"{model} (no alignment)": work / "pruned" / model}
+    for f in sorted((work / "cells").glob(f"{model}_*")):
+        if (f / "aligned" / "model.safetensors").is_file() and (f / "cell.json").is_file():
+            models[json.loads((f / "cell.json").read_text())["cell"]] = f / "aligned"
+    return [{"a": name, "b": "original", **agreement(gradients(path, batches, layers), original, unpruned)}
+            for name, path in models.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, required=True, help="an alignment_grid.py --work folder")
+    ap.add_argument("--model", default="taylor50", help="the grid's pruned model whose cells to compare")
+    args = ap.parse_args()
+    from loram.shared.manifest import Manifest
+
+    manifest = Manifest.load(args.work / "pruned" / args.model)
+    pruned = sorted(manifest.pruned_layers)
+    n = manifest.architecture.num_layers
+    groups = {f"layers 0-{pruned[0] - 1} (before)": range(pruned[0]),
+              f"layers {pruned[0]}-{pruned[-1]} (pruned)": range(pruned[0], pruned[-1] + 1),
+              f"layers {pruned[-1] + 1}-{n - 1} (after)": range(pruned[-1] + 1, n)}
+    cells = {json.loads((f / "cell.json").read_text())["cell"]: f for f in sorted((args.work / "cells").glob(
+        f"{args.model}_*")) if (f / "recovered" / "adapter_model.safetensors").is_file() and (f / "cell.json").is_file()}
+    if not cells:
+        raise SystemExit(f"no cell of {args.model} under {args.work}/cells kept its recovered adapter; run the grid first")
+    ceiling = updates(args.work / "ref" / f"ceiling-{args.model}-0")
+    rows = []
+    for seed in sorted({int(c.split("/")[3]) for c in cells}):
+        lora = updates(args.work / "ref" / f"lora-{seed}")
+        if seed == 0:
+            rows.append({"a": "ceiling", "b": f"lora-{seed}", **agreement(ceiling, lora, groups)})
+        unaligned = next((f for c, f in cells.items() if c.split("/")[1] == "none" and c.endswith(f"/{seed}")), None)
+        for cell, folder in cells.items():
+            if not cell.endswith(f"/{seed}"):
+                continue
+            mine = updates(folder / "recovered")
+            rows.append({"a": cell, "b": f"lora-{seed}", **agreement(mine, lora, groups)})
+            if seed == 0:
+                rows.append({"a": cell, "b": "ceiling", **agreement(mine, ceiling, groups)})
+            if unaligned is not None and folder != unaligned:
+                rows.append({"a": cell, "b": f"{args.model}/none (seed {seed})",
+                             **agreement(mine, updates(unaligned / "recovered"), groups)})
+    keys = ["all", *groups]
+    grads = gradient_rows(args.work, args.model, groups)
+    gkeys = ["all", *(k for k in groups if "pruned" not in k)]
+    table = ["# Where LoRAM's adapter parts from LoRA's: agreement of the weight updates (B @ A)", "",
+             f"Mean cosine similarity over the adapted modules; {args.model}, pruned layers {pruned[0]}-{pruned[-1]} "
+             f"of {n}. `python benchmarks/adapter_agreement.py --work DIR`", "",
+             "| adapter | compared with | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for r in rows:
+        table.append(f"| {r['a']} | {r['b']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    table += ["", "Gradient of the fine-tuning loss (16 GSM8K training examples) with respect to each adapted weight of "
+              "the unpruned layers, against the original's (mean cosine similarity):", "",
+              "| model | compared with | " + " | ".join(gkeys) + " |", "|---" * (len(gkeys) + 2) + "|"]
+    for r in grads:
+        table.append(f"| {r['a']} | {r['b']} | " + " | ".join(f"{r[k]:.3f}" for k in gkeys) + " |")
+    write("adapter_agreement", {"machine": machine(), "model": args.model, "groups": list(groups), "rows": rows,
+                                "gradient_rows": grads}, table)
+
+
+if __name__ == "__main__":
+    main()
