@@ -70,7 +70,12 @@ BENCHMARKS = {
         f"{r['name']}: {r['perplexity']}" for r in d["rows"])),
     "alignment_grid": ([], lambda d: "LoRAM gap closed on GSM8K (original -> full LoRA): " + ", ".join(
         f"{g['model']} {g['objective']} {g['steps']} steps {g['gap_closed']:.0%}" for g in d["summary"]
-        if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure", "hidden-mse-pruned"))),
+        if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure", "hidden-mse-pruned",
+                                                           "hidden-mse-pruned-wikichat"))),
+    # after alignment_grid, on its default --work folder
+    "adapter_agreement": (["--work", "/tmp/loram-alignment-grid"], lambda d: "gradient agreement with the original "
+                          "(cosine, layers before the pruned range): " + ", ".join(
+                              f"{r['a']} {r[d['groups'][0]]:.2f}" for r in d["gradient_rows"])),
     "harness_tasks": ([], lambda d: "lm-eval gsm8k_chat vs the hand-written GSM8K accuracy on "
                       f"{d['agreement']['items']} items: {d['agreement']['identical_replies']} identical replies; "
                       + "; ".join(f"{m}: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in s["headline"].items())
