@@ -7,10 +7,11 @@ ceiling (`alignment_grid.ceiling()`: LoRA on the original confined to the recove
 in the unaligned LoRAM adapter: the cosine similarity of the flattened updates, averaged over the modules of
 three groups of decoder layers: before the pruned range, the pruned layers, after it.
 
-The layers before the pruned range run the same weights on the same inputs in the pruned and the original
-model, so there the forward pass is identical and only the backward signal (what the layers downstream
-make of the loss) differs: an agreement far below LoRA-vs-ceiling there says the gap lies in the gradient the
-pruned model passes back, not in the activations it feeds forward.
+The layers before the pruned range run the same weights on the same inputs in the unaligned pruned model
+and the original, so there the forward pass is identical and only the backward signal (what the layers
+downstream make of the loss) differs: an agreement far below LoRA-vs-ceiling there says the gap lies in the
+gradient the pruned model passes back, not in the activations it feeds forward. (Alignment with
+`--train-layers all`, the default, also moves those layers a little.)
 
 A second table puts the same question without the optimizer in between: the gradient of the demo's
 fine-tuning loss (the first 16 GSM8K training examples, 256 tokens) with respect to each adapted weight of
@@ -37,6 +38,13 @@ def updates(folder: Path) -> dict:
     sd = load_file(str(folder / "adapter_model.safetensors"))
     return {k.removesuffix(".lora_A.weight"): sd[k.replace("lora_A", "lora_B")].float() @ a.float()
             for k, a in sd.items() if k.endswith(".lora_A.weight")}
+
+
+def reference(folder: Path) -> Path:
+    """A reference adapter folder of the grid, or a one-line exit naming what to run."""
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise SystemExit(f"no adapter in {folder}: run the grid (alignment_grid.py) on this --work folder first")
+    return folder
 
 
 def agreement(a: dict, b: dict, groups: dict[str, range]) -> dict:
@@ -105,22 +113,29 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="an alignment_grid.py --work folder")
     ap.add_argument("--model", default="taylor50", help="the grid's pruned model whose cells to compare")
     args = ap.parse_args()
+    from loram.shared.errors import LoramError
     from loram.shared.manifest import Manifest
 
-    manifest = Manifest.load(args.work / "pruned" / args.model)
+    try:
+        manifest = Manifest.load(args.work / "pruned" / args.model)
+    except LoramError as e:
+        raise SystemExit(f"{e} (the grid's pruned models live under --work/pruned)") from None
     pruned = sorted(manifest.pruned_layers)
+    if not pruned:
+        raise SystemExit(f"{args.model} is not a structured pruned model (no pruned layers): compare a structured one")
+
     n = manifest.architecture.num_layers
     groups = {f"layers 0-{pruned[0] - 1} (before)": range(pruned[0]),
               f"layers {pruned[0]}-{pruned[-1]} (pruned)": range(pruned[0], pruned[-1] + 1),
               f"layers {pruned[-1] + 1}-{n - 1} (after)": range(pruned[-1] + 1, n)}
     cells = {json.loads((f / "cell.json").read_text())["cell"]: f for f in sorted((args.work / "cells").glob(
-        f"{args.model}_*")) if (f / "recovered" / "adapter_model.safetensors").is_file() and (f / "cell.json").is_file()}
+        f"{args.model.replace(':', '-')}_*")) if (f / "recovered" / "adapter_model.safetensors").is_file() and (f / "cell.json").is_file()}
     if not cells:
         raise SystemExit(f"no cell of {args.model} under {args.work}/cells kept its recovered adapter; run the grid first")
-    ceiling = updates(args.work / "ref" / f"ceiling-{args.model}-0")
+    ceiling = updates(reference(args.work / "ref" / f"ceiling-{args.model}-0"))
     rows = []
     for seed in sorted({int(c.split("/")[3]) for c in cells}):
-        lora = updates(args.work / "ref" / f"lora-{seed}")
+        lora = updates(reference(args.work / "ref" / f"lora-{seed}"))
         if seed == 0:
             rows.append({"a": "ceiling", "b": f"lora-{seed}", **agreement(ceiling, lora, groups)})
         unaligned = next((f for c, f in cells.items() if c.split("/")[1] == "none" and c.endswith(f"/{seed}")), None)
@@ -142,12 +157,12 @@ def main() -> None:
              f"of {n}. `python benchmarks/adapter_agreement.py --work DIR`", "",
              "| adapter | compared with | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for r in rows:
-        table.append(f"| {r['a']} | {r['b']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+        table.append(f"| {r['a']} | {r['b']} | " + " | ".join("-" if r[k] is None else f"{r[k]:.3f}" for k in keys) + " |")
     table += ["", "Gradient of the fine-tuning loss (16 GSM8K training examples) with respect to each adapted weight of "
               "the unpruned layers, against the original's (mean cosine similarity):", "",
               "| model | compared with | " + " | ".join(gkeys) + " |", "|---" * (len(gkeys) + 2) + "|"]
     for r in grads:
-        table.append(f"| {r['a']} | {r['b']} | " + " | ".join(f"{r[k]:.3f}" for k in gkeys) + " |")
+        table.append(f"| {r['a']} | {r['b']} | " + " | ".join("-" if r[k] is None else f"{r[k]:.3f}" for k in gkeys) + " |")
     write("adapter_agreement", {"machine": machine(), "model": args.model, "groups": list(groups), "rows": rows,
                                 "gradient_rows": grads}, table)
 

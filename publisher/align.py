@@ -55,8 +55,8 @@ class AlignConfig(Config):
                          argument=True)
     data: list[str] = option(help="Training text as SOURCE[:WEIGHT]; repeat to mix sources by weight. SOURCE: a "
                                   ".txt/.jsonl/.json/.parquet file, a saved datasets folder, wiki / news, or "
-                                  "wiki-chat (wiki in the model's chat template: measured best for LoRAM on an "
-                                  "instruct model).")
+                                  "wiki-chat (wiki in the model's chat template: measured better than wiki for "
+                                  "LoRAM on an instruct model).")
     steps: int = option(help="Optimizer steps.")
     seq_len: int = option(help="Tokens per packed training block (at most the model's max_position_embeddings).")
     out: Path = option(help="Output folder: the aligned pruned checkpoint, its report and its checkpoints.")

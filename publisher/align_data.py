@@ -84,8 +84,8 @@ def chat_texts(name: str, tokenizer) -> Iterator[str]:
 
     split = CHAT_SPLITS[name]
     if not getattr(tokenizer, "chat_template", None):
-        raise LoramError(f"--data {name} renders {split} in the model's chat template, and this tokenizer has "
-                         f"none; use --data {split}")
+        raise LoramError(f"data source {name} renders {split} in the model's chat template, and this tokenizer "
+                         f"has none; use {split} instead")
     for record in read_records(split):
         runs, run, size = [], [], 0
         for paragraph in (p for p in record["text"].split("\n\n") if p.strip()):
@@ -97,9 +97,14 @@ def chat_texts(name: str, tokenizer) -> Iterator[str]:
         runs += [run] if run else []
         for i, paragraphs in enumerate(runs):
             ask = f"Tell me {'more ' if i else ''}about {record['title']}."
-            yield tokenizer.apply_chat_template(
-                [{"role": "user", "content": ask}, {"role": "assistant", "content": "\n\n".join(paragraphs)}],
-                tokenize=False)
+            try:
+                yield tokenizer.apply_chat_template(
+                    [{"role": "user", "content": ask}, {"role": "assistant", "content": "\n\n".join(paragraphs)}],
+                    tokenize=False)
+            except Exception as e:  # jinja errors, a template's own raise_exception: the template is at fault
+                raise LoramError(f"data source {name}: the tokenizer's chat template failed on a user + assistant "
+                                 f"turn ({type(e).__name__}: {' '.join(str(e).split())}); use {split} "
+                                 "instead") from e
 
 
 def iter_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:

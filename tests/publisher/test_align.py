@@ -325,11 +325,16 @@ def test_wiki_chat_renders_every_paragraph_of_wiki_in_the_models_chat_template()
     assert tok.decode(blocks[0]["input_ids"]).startswith("<user>Tell me about " + read_records("wiki-heldout")[0]["title"])
 
 
-def test_wiki_chat_without_a_chat_template_is_a_one_line_error(root):
-    with pytest.raises(LoramError, match="--data wiki-chat renders wiki in the model's chat template, and this "
-                                         "tokenizer has none; use --data wiki"):
+def test_wiki_chat_without_a_working_chat_template_is_a_one_line_error(root):
+    with pytest.raises(LoramError, match="data source wiki-chat renders wiki in the model's chat template, and "
+                                         "this tokenizer has none; use wiki instead"):
         _align(root, "bad-chat", data=["wiki-chat"])
     assert not (root / "bad-chat").exists()
+    tok = tiny_tokenizer()
+    tok.chat_template = "{{ raise_exception('only user turns') }}"
+    with pytest.raises(LoramError, match=r"data source wiki-heldout-chat: the tokenizer's chat template failed .*"
+                                         "only user turns.*use wiki-heldout instead"):
+        eval_blocks("wiki-heldout-chat", tok, 16, 1)
 
 
 def test_sources_are_mixed_by_weight(tmp_path):
