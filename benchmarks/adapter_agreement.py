@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 
 from _common import machine, write
+from alignment_grid import folder_name
 
 
 def updates(folder: Path) -> dict:
@@ -72,8 +73,9 @@ def gradients(path: Path, batches: list[dict], layers: list[int]) -> dict:
     wanted = {f"model.layers.{i}." for i in layers}
     params = {n.removesuffix(".weight"): p for n, p in model.named_parameters()
               if any(n.startswith(w) for w in wanted) and n.split(".")[-2].removesuffix("_proj") in TARGETS}
+    wanted_ids = {id(p) for p in params.values()}
     for p in model.parameters():
-        p.requires_grad_(any(p is q for q in params.values()))
+        p.requires_grad_(id(p) in wanted_ids)
     for batch in batches:
         model(**batch).loss.backward()
     return {n: p.grad.detach().clone() for n, p in params.items()}
@@ -81,27 +83,21 @@ def gradients(path: Path, batches: list[dict], layers: list[int]) -> dict:
 
 def gradient_rows(work: Path, model: str, groups: dict[str, range]) -> list[dict]:
     """Gradient agreement of the pruned model and of every kept aligned model with the original's."""
-    import torch
-
-    from loram.sft_format import tokenize_sft
+    from loram.evaluate import eval_set
+    from loram.sft_format import SFTCollator, tokenize_sft
     from loram.shared.assets import model_dir
     from loram.shared.pruned_model import load_tokenizer
-    from loram.shared.records import load_records
 
     unpruned = {k: v for k, v in groups.items() if "pruned" not in k}
     layers = [i for r in unpruned.values() for i in r]
     tok = load_tokenizer(model_dir())
-    data = tokenize_sft(load_records("gsm8k-train").select(range(16)), tok, 256,
-                        {"prompt": "question", "response": "answer"})
-    batches = []
-    for i in range(0, len(data), 4):
-        rows = data[i:i + 4]
-        width = max(map(len, rows["input_ids"]))  # right-padded, padding masked out of attention and loss
-        batches.append({k: torch.tensor([x + [fill] * (width - len(x)) for x in rows[k]]) for k, fill in
-                        (("input_ids", tok.pad_token_id or 0), ("attention_mask", 0), ("labels", -100))})
+    records, columns = eval_set("gsm8k-train", 16)  # the built-in split's question / answer columns
+    data = tokenize_sft(records, tok, 256, columns)
+    collate = SFTCollator.for_tokenizer(tok)
+    batches = [collate([data[j] for j in range(i, min(i + 4, len(data)))]) for i in range(0, len(data), 4)]
     original = gradients(model_dir(), batches, layers)
     models = {f"{model} (no alignment)": work / "pruned" / model}
-    for f in sorted((work / "cells").glob(f"{model}_*")):
+    for f in sorted((work / "cells").glob(f"{folder_name(model)}_*")):
         if (f / "aligned" / "model.safetensors").is_file() and (f / "cell.json").is_file():
             models[json.loads((f / "cell.json").read_text())["cell"]] = f / "aligned"
     return [{"a": name, "b": "original", **agreement(gradients(path, batches, layers), original, unpruned)}
@@ -128,17 +124,19 @@ def main() -> None:
     groups = {f"layers 0-{pruned[0] - 1} (before)": range(pruned[0]),
               f"layers {pruned[0]}-{pruned[-1]} (pruned)": range(pruned[0], pruned[-1] + 1),
               f"layers {pruned[-1] + 1}-{n - 1} (after)": range(pruned[-1] + 1, n)}
-    cells = {json.loads((f / "cell.json").read_text())["cell"]: f for f in sorted((args.work / "cells").glob(
-        f"{args.model.replace(':', '-')}_*")) if (f / "recovered" / "adapter_model.safetensors").is_file() and (f / "cell.json").is_file()}
+    cells = {json.loads((f / "cell.json").read_text())["cell"]: f
+             for f in sorted((args.work / "cells").glob(f"{folder_name(args.model)}_*"))
+             if (f / "recovered" / "adapter_model.safetensors").is_file() and (f / "cell.json").is_file()}
     if not cells:
         raise SystemExit(f"no cell of {args.model} under {args.work}/cells kept its recovered adapter; run the grid first")
-    ceiling = updates(reference(args.work / "ref" / f"ceiling-{args.model}-0"))
+    ceiling = updates(reference(args.work / "ref" / f"ceiling-{folder_name(args.model)}-0"))
     rows = []
     for seed in sorted({int(c.split("/")[3]) for c in cells}):
         lora = updates(reference(args.work / "ref" / f"lora-{seed}"))
         if seed == 0:
             rows.append({"a": "ceiling", "b": f"lora-{seed}", **agreement(ceiling, lora, groups)})
         unaligned = next((f for c, f in cells.items() if c.split("/")[1] == "none" and c.endswith(f"/{seed}")), None)
+        unaligned_updates = updates(unaligned / "recovered") if unaligned is not None else None
         for cell, folder in cells.items():
             if not cell.endswith(f"/{seed}"):
                 continue
@@ -148,7 +146,7 @@ def main() -> None:
                 rows.append({"a": cell, "b": "ceiling", **agreement(mine, ceiling, groups)})
             if unaligned is not None and folder != unaligned:
                 rows.append({"a": cell, "b": f"{args.model}/none (seed {seed})",
-                             **agreement(mine, updates(unaligned / "recovered"), groups)})
+                             **agreement(mine, unaligned_updates, groups)})
     keys = ["all", *groups]
     grads = gradient_rows(args.work, args.model, groups)
     gkeys = ["all", *(k for k in groups if "pruned" not in k)]

@@ -85,6 +85,11 @@ def sh(*args) -> str:
     return proc.stdout
 
 
+def folder_name(cell: str) -> str:
+    """A cell (or pruned model) name as a folder name: taylor50/lm/40/0 -> taylor50_lm_40_0, sparsegpt2:4 -> 2-4."""
+    return cell.replace("/", "_").replace(":", "-")
+
+
 def cached(path: Path, make) -> dict:
     """The JSON result stored at `path`, made (and stored) when missing."""
     if path.is_file():
@@ -147,7 +152,7 @@ def run_cell(work: Path, cell: str, base: str, evaluate: Evaluator) -> dict:
     def prune() -> None:  # only when a stage that is not cached needs the pruned model
         if not (pruned / "loram_manifest.json").is_file():
             sh("publish", "prune", base, *PRUNE[model], "--out", pruned, "--overwrite")
-    folder = work / "cells" / cell.replace("/", "_").replace(":", "-")
+    folder = work / "cells" / folder_name(cell)
     align: dict = {}
     trained_on = pruned
     if OBJECTIVES[objective] is not None:
@@ -224,7 +229,7 @@ def ceiling(work: Path, base: str, model: str, seed: int, evaluate: Evaluator) -
         finally:
             peft.get_peft_model = real
         return evaluate(str(folder))
-    name = model.replace(":", "-")
+    name = folder_name(model)
     folder = work / "ref" / f"ceiling-{name}-{seed}"
     return cached(work / "ref" / f"ceiling-{name}-{seed}.json", make)
 
@@ -319,10 +324,10 @@ def main() -> None:
 
         alignment_data.build(args.work / "data")  # the chat-format alignment files, where missing
     for cell in all_cells:
-        if args.report_only and cell.replace("/", "_").replace(":", "-") not in done:
+        if args.report_only and folder_name(cell) not in done:
             continue
         row = run_cell(args.work, cell, base, evaluate)
-        (args.work / "cells" / cell.replace("/", "_").replace(":", "-") / "cell.json").write_text(json.dumps(row))
+        (args.work / "cells" / folder_name(cell) / "cell.json").write_text(json.dumps(row))
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("cell", "gsm8k", "news")}), flush=True)
     refs = references(args.work, base, {r["seed"] for r in rows} | {0}, evaluate)
