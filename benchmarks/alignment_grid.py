@@ -70,10 +70,10 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 DEMO = "hidden-mse-pruned-wikichat"  # what `loram demo` aligns with: the default objective on --data wiki-chat
 # Non-structured models hold masks in every layer, so there --hidden-layers pruned is all: hidden-mse-pure is the
-# default there too. The 4x-budget row measured hidden-mse-pure (the default before hidden-mse-pruned won).
+# default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won) and the demo's.
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o != "kd-pure"]
         + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned")]
-        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"]
+        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0", f"taylor50/{DEMO}/{4 * DEMO_STEPS}/0"]
         + [f"{m}/{o}/{DEMO_STEPS}/0" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")])
 
 

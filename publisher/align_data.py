@@ -75,7 +75,7 @@ def probabilities(sources: list[Source]) -> list[float]:
 def check_text_source(name: str) -> None:
     """Refuse a source that is neither a chat-form split nor a text source `iter_texts` reads (one-line error)."""
     if name not in CHAT_SPLITS:
-        check_source(name)
+        check_source(name, also=tuple(CHAT_SPLITS))
 
 
 def chat_texts(name: str, tokenizer) -> Iterator[str]:

@@ -139,8 +139,9 @@ def quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def check_source(name: str) -> None:
-    """Refuse a source that is neither a built-in split, a supported file nor a saved dataset folder."""
+def check_source(name: str, also: tuple[str, ...] = ()) -> None:
+    """Refuse a source that is neither a built-in split, a supported file nor a saved dataset folder; `also`:
+    more built-in names the caller reads itself (named in the error)."""
     if name in TEXT_SPLITS:
         return
     path = Path(name).expanduser()
@@ -148,7 +149,7 @@ def check_source(name: str) -> None:
         return
     if not path.is_file():
         raise LoramError(f"data source {name!r} is neither a file, a saved dataset folder nor a built-in "
-                         f"name ({', '.join(TEXT_SPLITS)})")
+                         f"name ({', '.join((*TEXT_SPLITS, *also))})")
     if path.suffix.lower() not in TEXT_BUILDERS:
         raise LoramError(f"data source {path} must be {', '.join(TEXT_BUILDERS)} or a folder saved with "
                          "Dataset.save_to_disk")

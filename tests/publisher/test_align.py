@@ -387,6 +387,7 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
     ({"distill_from": "base", "pruned": "pruned-moved"}, "--distill-from base: model .* is neither an existing "
                                                          "folder.*the manifest's base model.*--distill-from none"),
     ({"eval_data": "nowhere.txt"}, "neither a file"),
+    ({"data": ["wiki_chat"]}, r"neither a file.*built-in name \(wiki, .*wiki-chat, wiki-heldout-chat\)"),
 ])
 def test_bad_input_is_a_clear_error(root, kwargs, message):
     if "pruned" in kwargs:
