@@ -46,7 +46,7 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "none": None,
     "lm": [],
     "kd": ["--distill-from", "{base}", "--kd-weight", "0.5"],
-    "kd-pure": ["--distill-from", "{base}", "--kd-weight", "1"],
+    "kd-pure": ["--distill-from", "{base}", "--kd-weight", "1", "--hidden-weight", "0"],
     "hidden-mse-pure-lr3e-4": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--lr", "3e-4",
                                "--hidden-layers", "all"],
     "hidden-mse": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "0.5", "--hidden-layers", "all"],
@@ -71,10 +71,12 @@ DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 DEMO = "hidden-mse-pruned-wikichat"  # what `loram demo` aligns with: the default objective on --data wiki-chat
 # Non-structured models hold masks in every layer, so there --hidden-layers pruned is all: hidden-mse-pure is the
 # default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won) and the demo's.
-GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o != "kd-pure"]
+# Two seeds for the leading variants: the defaults, the demo's alignment (both budgets) and the non-structured models.
+GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
         + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned")]
-        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0", f"taylor50/{DEMO}/{4 * DEMO_STEPS}/0"]
-        + [f"{m}/{o}/{DEMO_STEPS}/0" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")])
+        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"] + [f"taylor50/{DEMO}/{4 * DEMO_STEPS}/{s}" for s in (0, 1)]
+        + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")
+           for s in (0, 1)])
 
 
 def sh(*args) -> str:
