@@ -79,7 +79,7 @@ GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
         + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"] + [f"taylor50/{DEMO}/{4 * DEMO_STEPS}/{s}" for s in (0, 1)]
         + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")
            for s in (0, 1)]
-        + ["sparsegpt2:4/hidden-mse-pruned-wikichat/40/0"])  # the demo's alignment on the non-structured model closest to 2x
+        + [f"sparsegpt2:4/{DEMO}/{DEMO_STEPS}/0"])  # the demo's alignment on the non-structured model closest to 2x
 
 
 def sh(*args) -> str:
@@ -103,11 +103,6 @@ def cached(path: Path, make) -> dict:
     result = make()
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
-
-
-def tokens_per_step(config: dict) -> int:
-    """Training tokens in one optimizer step of an align run (its report's config)."""
-    return config["batch"] * config["grad_accum"] * config["seq_len"]
 
 
 def train_recipe(seed: int) -> dict:
@@ -173,7 +168,8 @@ def run_cell(work: Path, cell: str, base: str, evaluate: Evaluator) -> dict:
             report = json.loads((folder / "aligned" / "align_report.json").read_text())
             evals = report["evals"]
             return {"wall_s": round(time.perf_counter() - started, 1),
-                    "s_per_step": round(tokens_per_step(report["config"]) / report["tokens_per_second"], 3), "tokens_per_s": report["tokens_per_second"],
+                    "s_per_step": round(report["tokens_seen"] / report["steps"] / report["tokens_per_second"], 3),
+                    "tokens_per_s": report["tokens_per_second"],
                     "peak_mib": round(report["peak_memory_bytes"] / 2**20, 1),
                     "wiki_ppl_start": evals[0]["perplexity"], "wiki_ppl_end": evals[-1]["perplexity"],
                     "final_losses": report["losses"][-1]}
