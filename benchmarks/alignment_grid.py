@@ -9,7 +9,10 @@ For each pruned model and alignment variant (objective x steps x seed), with the
     response-token perplexity, next to the original and LoRA trained on the original (same seed).
 
 Gap closed = (original - LoRAM) / (original - LoRA): 0 is no better than the original, 1 is full LoRA.
-Alignment uses general text only (the built-in wiki split); news and GSM8K stay out of it.
+Alignment uses general text (the built-in wiki split, or the chat-form files below); news and GSM8K stay out of
+it, except in the `oracle-gsm8k` rows: a diagnostic bound aligned on GSM8K fine-tuning items the demo's LoRA
+does not train on (what aligning on the task's own domain could give; no publisher can do it for an unknown task).
+Objectives in PROTOTYPES are not `loram publish align`'s: a benchmark script extends it (gradient_matching.py).
 Every cell is cached under --work (a re-run measures only what is missing).
 
     python benchmarks/alignment_grid.py                        # the default grid (see GRID)
@@ -17,8 +20,9 @@ Every cell is cached under --work (a re-run measures only what is missing).
     python benchmarks/alignment_grid.py --report-only          # rebuild results/alignment_grid.* from --work
 
 Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant). The `-wikichat`
-objective aligns on `--data wiki-chat` (the wiki split in the chat template), `-selfgen` on the original's own
-chat answers that `alignment_data.py` writes under --work/data.
+objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen` and `-mathgen` on the
+original's own chat answers (general prompts; requests for worked math problems) and `oracle-gsm8k` on GSM8K
+items 500..999 as chat, files that `alignment_data.py` writes under --work/data.
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -68,23 +72,48 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "kd+hidden": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5", "--hidden-layers", "all"],
     "hidden-mse-pure-train-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                                      "--train-layers", "pruned", "--hidden-layers", "all"],
+    # logit distillation with the layers after the pruned range kept the original's (does KD fail there only?)
+    "kd-pure-train-pruned-wikichat": ["--distill-from", "{base}", "--kd-weight", "1", "--hidden-weight", "0",
+                                      "--train-layers", "pruned", "--data", "wiki-chat"],
+    "kd+hidden-pruned-train-pruned-wikichat": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight",
+                                               "0.5", "--hidden-layers", "pruned", "--train-layers", "pruned",
+                                               "--data", "wiki-chat"],
+    # a prototype objective (PROTOTYPES): the demo's alignment + matching the original's weight gradients
+    "gradmatch-wikichat": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                           "--hidden-layers", "pruned", "--data", "wiki-chat"],
+    # the original's own worked math problems (alignment_data.py): math-domain text made without a dataset
+    "hidden-mse-pruned-mathgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                                  "--hidden-layers", "pruned", "--data", "{work}/data/mathgen.jsonl"],
+    "gradmatch-mathgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                          "--hidden-layers", "pruned", "--data", "{work}/data/mathgen.jsonl"],
+    # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
+    "oracle-gsm8k": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--hidden-layers",
+                     "pruned", "--data", "{work}/data/gsm8k-oracle.jsonl"],
+    "gradmatch-oracle-gsm8k": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                               "--hidden-layers", "pruned", "--data", "{work}/data/gsm8k-oracle.jsonl"],
 }
+# objectives that `loram publish align` does not have, run by a benchmark script that extends it (its flags first)
+PROTOTYPES = {o: ["gradient_matching.py", "--weight", "1"]
+              for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-oracle-gsm8k")}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 DEMO = "hidden-mse-pruned-wikichat"  # what `loram demo` aligns with: the default objective on --data wiki-chat
 # Non-structured models hold masks in every layer, so there --hidden-layers pruned is all: hidden-mse-pure is the
 # default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won) and the demo's.
 # Two seeds for the leading variants: the defaults, the demo's alignment (both budgets) and the non-structured models.
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
-        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned")]
+        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
+                                                     "gradmatch-oracle-gsm8k")]
         + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"] + [f"taylor50/{DEMO}/{4 * DEMO_STEPS}/{s}" for s in (0, 1)]
         + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")
            for s in (0, 1)]
         + [f"sparsegpt2:4/{DEMO}/{DEMO_STEPS}/0"])  # the demo's alignment on the non-structured model closest to 2x
 
 
-def sh(*args) -> str:
-    print("$ loram " + " ".join(map(str, args)), flush=True)
-    proc = subprocess.run([LORAM, *map(str, args)], capture_output=True, text=True)
+def sh(*args, prototype: list[str] | None = None) -> str:
+    """`loram ARGS`, or with `prototype` (a PROTOTYPES entry) `python SCRIPT FLAGS -- ARGS`; its stdout."""
+    command = [sys.executable, str(Path(__file__).parent / prototype[0]), *prototype[1:], "--"] if prototype else [LORAM]
+    print("$ " + " ".join([*(command[1:] if prototype else ["loram"]), *map(str, args)]), flush=True)
+    proc = subprocess.run([*command, *map(str, args)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return proc.stdout
@@ -164,7 +193,8 @@ def run_cell(work: Path, cell: str, base: str, evaluate: Evaluator) -> dict:
         def do_align() -> dict:
             prune()
             started = time.perf_counter()
-            sh("publish", "align", pruned, *align_args(objective, steps, seed, base, work), "--out", folder / "aligned")
+            sh("publish", "align", pruned, *align_args(objective, steps, seed, base, work), "--out", folder / "aligned",
+               prototype=PROTOTYPES.get(objective))
             report = json.loads((folder / "aligned" / "align_report.json").read_text())
             evals = report["evals"]
             return {"wall_s": round(time.perf_counter() - started, 1),
@@ -292,8 +322,8 @@ def plot(groups: list[dict], path: Path, ceiling: float | None = None) -> None:
     groups = sorted(groups, key=order, reverse=True)  # first row on top
     labels = [f"{g['model']} / {g['objective']} / {g['steps']} steps ({len(g['seeds'])} seed"
               f"{'s' if len(g['seeds']) > 1 else ''})" for g in groups]
-    colors = ["#999999" if g["objective"] == "none" else "#d62728" if g["objective"] == DEMO else "#4c72b0"
-              for g in groups]
+    colors = ["#999999" if g["objective"] == "none" else "#d62728" if g["objective"] == DEMO
+              else "#e69f00" if "oracle" in g["objective"] else "#4c72b0" for g in groups]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(groups) + 1.4))
     values = [100 * g["gap_closed"] for g in groups]
     ax.barh(labels, values, xerr=[50 * g["gap_spread"] for g in groups], color=colors)
@@ -305,7 +335,8 @@ def plot(groups: list[dict], path: Path, ceiling: float | None = None) -> None:
         ax.text(100 * ceiling - 1, len(groups) - 0.5, f"ceiling of alignment (taylor50): {ceiling:.0%}",
                 ha="right", va="bottom", fontsize=8, color="#2ca02c")
     ax.set_xlim(0, 100)
-    ax.set_xlabel("% of the original -> LoRA gap closed on GSM8K held-out\n(grey: no alignment; red: what loram demo aligns with)")
+    ax.set_xlabel("% of the original -> LoRA gap closed on GSM8K held-out\n(grey: no alignment; red: what loram demo aligns with;\n"
+                  "orange: aligned on GSM8K text itself, a bound no publisher can use)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -325,10 +356,12 @@ def main() -> None:
     earlier = [json.loads((args.work / "cells" / d / "cell.json").read_text())["cell"]
                for d in sorted(done) if (args.work / "cells" / d / "cell.json").is_file()]
     all_cells = list(dict.fromkeys([*cells, *earlier]))  # the asked ones first, in order; then every earlier one
-    if not args.report_only and any("{work}/data" in " ".join(OBJECTIVES[c.split("/")[1]] or []) for c in cells):
+    wanted = {f.split("/")[-1].removesuffix(".jsonl") for c in cells for f in OBJECTIVES[c.split("/")[1]] or []
+              if f.startswith("{work}/data/")}
+    if not args.report_only and wanted:
         import alignment_data
 
-        alignment_data.build(args.work / "data")  # the chat-format alignment files, where missing
+        alignment_data.build(args.work / "data", files=wanted)  # the grid's own alignment files, where missing
     for cell in all_cells:
         if args.report_only and folder_name(cell) not in done:
             continue
