@@ -21,6 +21,9 @@ rate whatever the gradient's size, so two adapters can disagree far more than th
 
     python benchmarks/alignment_grid.py --work DIR --cells ...     # the cells and references first
     python benchmarks/adapter_agreement.py --work DIR               # writes results/adapter_agreement.{md,json}
+    python benchmarks/adapter_agreement.py --work DIR --gradients-only
+        # only the second table, for every aligned model the folder kept, next to each cell's gap closed: does
+        # the gap closed follow the gradient agreement? (needs no reference adapters; results/gradient_agreement.*)
 """
 
 import argparse
@@ -104,10 +107,38 @@ def gradient_rows(work: Path, model: str, groups: dict[str, range]) -> list[dict
             for name, path in models.items()]
 
 
+def gradients_only(work: Path, model: str, groups: dict[str, range]) -> None:
+    """The gradient table alone, each aligned model next to its cell's gap closed on GSM8K held-out."""
+    from alignment_grid import gap
+
+    grads = gradient_rows(work, model, groups)
+    refs = {p.stem: json.loads(p.read_text()) for p in (work / "ref").glob("*.json")}
+    for r in grads:
+        folder = work / "cells" / folder_name(r["a"])
+        cell = json.loads((folder / "cell.json").read_text()) if (folder / "cell.json").is_file() else None
+        if r["a"].endswith("(no alignment)"):  # the unaligned cells of seed 0
+            cell = json.loads((work / "cells" / folder_name(f"{model}/none/40/0") / "cell.json").read_text())
+        r["gap_closed"] = (gap(refs["original"]["gsm8k"], refs[f"lora-{cell['seed']}"]["gsm8k"], cell["gsm8k"])
+                           if cell and f"lora-{cell['seed']}" in refs else None)
+    keys = ["all", *(k for k in groups if "pruned" not in k)]
+    table = ["# Does LoRAM's gain follow the fine-tuning gradient's agreement with the original's?", "",
+             "Gradient of the fine-tuning loss (16 GSM8K training examples) with respect to each adapted weight of the "
+             f"unpruned layers of {model}, against the original's (mean cosine similarity), and the cell's share of the "
+             "original -> LoRA gap closed on GSM8K held-out. "
+             "`python benchmarks/adapter_agreement.py --work DIR --gradients-only`", "",
+             "| model | " + " | ".join(keys) + " | gap closed |", "|---" * (len(keys) + 2) + "|"]
+    for r in sorted(grads, key=lambda r: r[keys[1]]):
+        table.append(f"| {r['a']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " | "
+                     + ("-" if r["gap_closed"] is None else f"{r['gap_closed']:.1%}") + " |")
+    write("gradient_agreement", {"machine": machine(), "model": model, "gradient_rows": grads}, table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="an alignment_grid.py --work folder")
     ap.add_argument("--model", default="taylor50", help="the grid's pruned model whose cells to compare")
+    ap.add_argument("--gradients-only", action="store_true",
+                    help="only the gradient table, with each cell's gap closed (results/gradient_agreement.*)")
     args = ap.parse_args()
     from loram.shared.errors import LoramError
     from loram.shared.manifest import Manifest
@@ -124,6 +155,8 @@ def main() -> None:
     groups = {f"layers 0-{pruned[0] - 1} (before)": range(pruned[0]),
               f"layers {pruned[0]}-{pruned[-1]} (pruned)": range(pruned[0], pruned[-1] + 1),
               f"layers {pruned[-1] + 1}-{n - 1} (after)": range(pruned[-1] + 1, n)}
+    if args.gradients_only:
+        return gradients_only(args.work, args.model, groups)
     cells = {json.loads((f / "cell.json").read_text())["cell"]: f
              for f in sorted((args.work / "cells").glob(f"{folder_name(args.model)}_*"))
              if (f / "recovered" / "adapter_model.safetensors").is_file() and (f / "cell.json").is_file()}

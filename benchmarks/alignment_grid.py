@@ -86,6 +86,10 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
                                   "--hidden-layers", "pruned", "--data", "{work}/data/mathgen.jsonl"],
     "gradmatch-mathgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                           "--hidden-layers", "pruned", "--data", "{work}/data/mathgen.jsonl"],
+    # the paper's recipe in spirit: general text and math-domain text, half and half
+    "hidden-mse-pruned-wikichat+mathgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
+                                           "--hidden-layers", "pruned", "--data", "wiki-chat:1",
+                                           "--data", "{work}/data/mathgen.jsonl:1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--hidden-layers",
                      "pruned", "--data", "{work}/data/gsm8k-oracle.jsonl"],
@@ -102,7 +106,7 @@ DEMO = "hidden-mse-pruned-wikichat"  # what `loram demo` aligns with: the defaul
 # Two seeds for the leading variants: the defaults, the demo's alignment (both budgets) and the non-structured models.
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
         + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
-                                                     "gradmatch-oracle-gsm8k")]
+                                                     "hidden-mse-pruned-mathgen", "gradmatch-oracle-gsm8k")]
         + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"] + [f"taylor50/{DEMO}/{4 * DEMO_STEPS}/{s}" for s in (0, 1)]
         + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")
            for s in (0, 1)]
@@ -356,7 +360,7 @@ def main() -> None:
     earlier = [json.loads((args.work / "cells" / d / "cell.json").read_text())["cell"]
                for d in sorted(done) if (args.work / "cells" / d / "cell.json").is_file()]
     all_cells = list(dict.fromkeys([*cells, *earlier]))  # the asked ones first, in order; then every earlier one
-    wanted = {f.split("/")[-1].removesuffix(".jsonl") for c in cells for f in OBJECTIVES[c.split("/")[1]] or []
+    wanted = {f.split("/")[-1].split(".jsonl")[0] for c in cells for f in OBJECTIVES[c.split("/")[1]] or []
               if f.startswith("{work}/data/")}
     if not args.report_only and wanted:
         import alignment_data

@@ -71,11 +71,17 @@ BENCHMARKS = {
     "alignment_grid": ([], lambda d: "LoRAM gap closed on GSM8K (original -> full LoRA): " + ", ".join(
         f"{g['model']} {g['objective']} {g['steps']} steps {g['gap_closed']:.0%}" for g in d["summary"]
         if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure", "hidden-mse-pruned",
-                                                           "hidden-mse-pruned-wikichat"))),
+                                                           "hidden-mse-pruned-wikichat", "gradmatch-wikichat",
+                                                           "gradmatch-oracle-gsm8k"))),
     # after alignment_grid, on its default --work folder
     "adapter_agreement": (["--work", "/tmp/loram-alignment-grid"], lambda d: "gradient agreement with the original "
                           "(cosine, layers before the pruned range): " + ", ".join(
                               f"{r['a']} {r[d['groups'][0]]:.2f}" for r in d["gradient_rows"])),
+    "gradient_agreement": (["--work", "/tmp/loram-alignment-grid", "--gradients-only"], lambda d: "layers before the "
+                           "pruned range, gradient cosine -> gap closed: " + ", ".join(
+                               f"{r['a']} {r[[k for k in r if k.startswith('layers')][0]]:.2f} -> "
+                               + ("-" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}")
+                               for r in d["gradient_rows"])),
     "harness_tasks": ([], lambda d: "lm-eval gsm8k_chat vs the hand-written GSM8K accuracy on "
                       f"{d['agreement']['items']} items: {d['agreement']['identical_replies']} identical replies; "
                       + "; ".join(f"{m}: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in s["headline"].items())
@@ -84,7 +90,7 @@ BENCHMARKS = {
 BENCHMARKS["demo"] = ([], lambda d: "; ".join(f"loram demo{' --quick' if k == 'quick' else ''}: {r['wall_s']:.0f} s"
                                               for k, r in d["runs"].items()))
 SCRIPTS = {"align_loram_effect": "loram_effect", "demo": "demo_time", "prune_quality_variants": "prune_quality",
-           "prune_quality_calibration": "prune_quality"}  # benchmarks run by another benchmark's script
+           "prune_quality_calibration": "prune_quality", "gradient_agreement": "adapter_agreement"}  # benchmarks run by another benchmark's script
 
 
 def _result_name(name: str, args: list[str]) -> str:
