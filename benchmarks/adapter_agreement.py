@@ -127,7 +127,7 @@ def gradients_only(work: Path, model: str, groups: dict[str, range]) -> None:
              "original -> LoRA gap closed on GSM8K held-out. "
              "`python benchmarks/adapter_agreement.py --work DIR --gradients-only`", "",
              "| model | " + " | ".join(keys) + " | gap closed |", "|---" * (len(keys) + 2) + "|"]
-    for r in sorted(grads, key=lambda r: r[keys[1]]):
+    for r in sorted(grads, key=lambda r: r["all"]):
         table.append(f"| {r['a']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " | "
                      + ("-" if r["gap_closed"] is None else f"{r['gap_closed']:.1%}") + " |")
     write("gradient_agreement", {"machine": machine(), "model": model, "gradient_rows": grads}, table)

@@ -340,7 +340,7 @@ def plot(groups: list[dict], path: Path, ceiling: float | None = None) -> None:
                 ha="right", va="bottom", fontsize=8, color="#2ca02c")
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of the original -> LoRA gap closed on GSM8K held-out\n(grey: no alignment; red: what loram demo aligns with;\n"
-                  "orange: aligned on GSM8K text itself, a bound no publisher can use)")
+                  "orange: aligned on GSM8K text, a bound)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
