@@ -46,6 +46,7 @@ PRUNE = {  # name -> `loram publish prune` flags
     "sparsegpt50": ["--method", "sparsegpt", "--sparsity", "0.5", "--samples", "32", "--seq-len", "256"],
     "sparsegpt2:4": ["--method", "sparsegpt", "--nm", "2:4", "--samples", "32", "--seq-len", "256"],
 }
+PRUNED_MSE = ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--hidden-layers", "pruned"]
 OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe ({base}: the original)
     "none": None,
     "lm": [],
@@ -57,18 +58,12 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "hidden-mse-pure": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--hidden-layers", "all"],
     "hidden-cos-pure": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                         "--hidden-loss", "cosine", "--hidden-layers", "all"],
-    "hidden-mse-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                          "--hidden-layers", "pruned"],
-    "hidden-mse-pruned-lr3e-5": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                                 "--hidden-layers", "pruned", "--lr", "3e-5"],
-    "hidden-mse-local": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                         "--hidden-layers", "pruned", "--hidden-inputs", "original"],
-    "hidden-mse-pruned-wikichat": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                                   "--hidden-layers", "pruned", "--data", "wiki-chat"],
-    "hidden-mse-pruned-selfgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                                  "--hidden-layers", "pruned", "--data", "{work}/data/selfgen.jsonl"],
-    "hidden-mse-pruned-wikichat-batch8": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                                          "--hidden-layers", "pruned", "--data", "wiki-chat", "--batch", "8"],
+    "hidden-mse-pruned": [*PRUNED_MSE],
+    "hidden-mse-pruned-lr3e-5": [*PRUNED_MSE, "--lr", "3e-5"],
+    "hidden-mse-local": [*PRUNED_MSE, "--hidden-inputs", "original"],
+    "hidden-mse-pruned-wikichat": [*PRUNED_MSE, "--data", "wiki-chat"],
+    "hidden-mse-pruned-selfgen": [*PRUNED_MSE, "--data", "{work}/data/selfgen.jsonl"],
+    "hidden-mse-pruned-wikichat-batch8": [*PRUNED_MSE, "--data", "wiki-chat", "--batch", "8"],
     "kd+hidden": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5", "--hidden-layers", "all"],
     "hidden-mse-pure-train-pruned": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
                                      "--train-layers", "pruned", "--hidden-layers", "all"],
@@ -79,22 +74,15 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
                                                "0.5", "--hidden-layers", "pruned", "--train-layers", "pruned",
                                                "--data", "wiki-chat"],
     # a prototype objective (PROTOTYPES): the demo's alignment + matching the original's weight gradients
-    "gradmatch-wikichat": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                           "--hidden-layers", "pruned", "--data", "wiki-chat"],
+    "gradmatch-wikichat": [*PRUNED_MSE, "--data", "wiki-chat"],
     # the original's own worked math problems (alignment_data.py): math-domain text made without a dataset
-    "hidden-mse-pruned-mathgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                                  "--hidden-layers", "pruned", "--data", "{work}/data/mathgen.jsonl"],
-    "gradmatch-mathgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                          "--hidden-layers", "pruned", "--data", "{work}/data/mathgen.jsonl"],
+    "hidden-mse-pruned-mathgen": [*PRUNED_MSE, "--data", "{work}/data/mathgen.jsonl"],
+    "gradmatch-mathgen": [*PRUNED_MSE, "--data", "{work}/data/mathgen.jsonl"],
     # the paper's recipe in spirit: general text and math-domain text, half and half
-    "hidden-mse-pruned-wikichat+mathgen": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                                           "--hidden-layers", "pruned", "--data", "wiki-chat:1",
-                                           "--data", "{work}/data/mathgen.jsonl:1"],
+    "hidden-mse-pruned-wikichat+mathgen": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/mathgen.jsonl:1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
-    "oracle-gsm8k": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--hidden-layers",
-                     "pruned", "--data", "{work}/data/gsm8k-oracle.jsonl"],
-    "gradmatch-oracle-gsm8k": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1",
-                               "--hidden-layers", "pruned", "--data", "{work}/data/gsm8k-oracle.jsonl"],
+    "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
+    "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
 }
 # objectives that `loram publish align` does not have, run by a benchmark script that extends it (its flags first)
 PROTOTYPES = {o: ["gradient_matching.py", "--weight", "1"]
