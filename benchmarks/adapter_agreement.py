@@ -109,15 +109,16 @@ def gradient_rows(work: Path, model: str, groups: dict[str, range]) -> list[dict
 
 def gradients_only(work: Path, model: str, groups: dict[str, range]) -> None:
     """The gradient table alone, each aligned model next to its cell's gap closed on GSM8K held-out."""
-    from alignment_grid import gap
+    from alignment_grid import DEMO_STEPS, gap
 
     grads = gradient_rows(work, model, groups)
     refs = {p.stem: json.loads(p.read_text()) for p in (work / "ref").glob("*.json")}
     for r in grads:
         folder = work / "cells" / folder_name(r["a"])
         cell = json.loads((folder / "cell.json").read_text()) if (folder / "cell.json").is_file() else None
-        if r["a"].endswith("(no alignment)"):  # the unaligned cells of seed 0
-            cell = json.loads((work / "cells" / folder_name(f"{model}/none/40/0") / "cell.json").read_text())
+        if r["a"].endswith("(no alignment)"):  # gradient_rows' unaligned model: the grid's seed-0 "none" cell
+            none = work / "cells" / folder_name(f"{model}/none/{DEMO_STEPS}/0") / "cell.json"
+            cell = json.loads(none.read_text()) if none.is_file() else None
         r["gap_closed"] = (gap(refs["original"]["gsm8k"], refs[f"lora-{cell['seed']}"]["gsm8k"], cell["gsm8k"])
                            if cell and f"lora-{cell['seed']}" in refs else None)
     keys = ["all", *(k for k in groups if "pruned" not in k)]

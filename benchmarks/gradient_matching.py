@@ -94,7 +94,8 @@ class GradientMatch:
         hidden = hidden_sum(trainer._hidden[0].take(), teacher_hidden, trainer.hidden_loss) / (b * (t - 1))
         trainer._parts["hidden_loss"].append(hidden.detach().float())
         trainer._parts["lm_loss"].append(out.loss.detach().float())
-        trainer._parts.setdefault("gradient_loss", []).append(disagreement.detach().float())  # logged per line
+        # added to the Trainer's log lines (AlignTrainer.log); align_report.json keeps only shared.training.LOSS_KEYS
+        trainer._parts.setdefault("gradient_loss", []).append(disagreement.detach().float())
         loss = hidden + self.weight * disagreement
         return (loss, out) if return_outputs else loss
 

@@ -77,11 +77,11 @@ BENCHMARKS = {
     "adapter_agreement": (["--work", "/tmp/loram-alignment-grid"], lambda d: "gradient agreement with the original "
                           "(cosine, layers before the pruned range): " + ", ".join(
                               f"{r['a']} {r[d['groups'][0]]:.2f}" for r in d["gradient_rows"])),
-    "gradient_agreement": (["--work", "/tmp/loram-alignment-grid", "--gradients-only"], lambda d: "layers before the "
-                           "pruned range, gradient cosine -> gap closed: " + ", ".join(
-                               f"{r['a']} {r[[k for k in r if k.startswith('layers')][0]]:.2f} -> "
+    "gradient_agreement": (["--work", "/tmp/loram-alignment-grid", "--gradients-only"], lambda d: "gradient cosine "
+                           "over the unpruned layers -> gap closed: " + ", ".join(
+                               f"{r['a']} {r['all']:.2f} -> "
                                + ("-" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}")
-                               for r in d["gradient_rows"])),
+                               for r in sorted(d["gradient_rows"], key=lambda r: r["all"]))),
     "harness_tasks": ([], lambda d: "lm-eval gsm8k_chat vs the hand-written GSM8K accuracy on "
                       f"{d['agreement']['items']} items: {d['agreement']['identical_replies']} identical replies; "
                       + "; ".join(f"{m}: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in s["headline"].items())
