@@ -9,15 +9,18 @@ from neither GSM8K nor news:
                       to 128 general prompts: three questions about each `wiki` title and the first message
                       of 400 chitchat-dataset conversations (chitchat-dataset 0.9.0 on PyPI, pinned), shuffled
     mathgen.jsonl     the original's own answers (sampled as selfgen, 256 new tokens) to 128 generic requests for a
-                      grade-school math word problem with a worked solution (MATH_TOPICS x MATH_ASKS, shuffled):
+                      grade-school math word problem with a worked solution (`loram publish selfgen --prompts math`'s
+                      built-in prompts, in its order; batches of 16):
                       math-domain text a publisher can make without any dataset, in the spirit of the paper's
                       OpenWebMath share, and nothing of GSM8K in it
+    demo-math.jsonl   exactly what `loram demo` aligns on besides wiki-chat: `loram publish selfgen` with the demo's
+                      flags (consumer/demo.py `selfgen_args`)
     gsm8k-oracle.jsonl  NOT general text, a diagnostic bound: GSM8K fine-tuning items 500..999 (`gsm8k-train`;
                       the demo's LoRA trains on items 0..59, the held-out set is items 1000+) rendered as chat
                       (question as the user turn, answer as the assistant's): what aligning on the fine-tuning
                       task's own domain could give, which no publisher can do for a task it does not know
 
-    python benchmarks/alignment_data.py --out DIR          # writes DIR/selfgen.jsonl, mathgen.jsonl, gsm8k-oracle.jsonl
+    python benchmarks/alignment_data.py --out DIR    # writes DIR/selfgen.jsonl, mathgen.jsonl, demo-math.jsonl, gsm8k-oracle.jsonl
 
 Each file holds {"text": rendered conversation} records, which `loram publish align --data FILE` reads.
 On 2 CPU cores (16 prompts per batch) selfgen takes about 10 minutes to generate, mathgen about 4.
@@ -61,44 +64,19 @@ def prompts(count: int, seed: int = 0) -> list[str]:
     return asks[:count]
 
 
-MATH_TOPICS = ("apples at a market", "a bakery", "a school trip", "saving pocket money", "a train journey", "a garden",
-               "a bookshop", "a football team", "baking cookies", "a farm", "a birthday party", "painting a fence",
-               "a car trip", "a library", "a pet shop", "a lemonade stand", "a swimming pool", "a pizza order",
-               "a classroom", "buying school supplies", "a zoo", "a bike ride", "a toy store", "a concert",
-               "a recipe", "a road race", "a fruit basket", "a movie night", "a coffee shop", "a fishing trip",
-               "a craft fair", "a parking lot")
-MATH_ASKS = ("Write a short grade-school math word problem about {}, then solve it step by step and give the "
-             "final answer.",
-             "Make up an arithmetic word problem involving {} and explain how to solve it.",
-             "Give me a two-step math problem about {} and its worked solution.",
-             "Create a math question about {} that needs multiplication or division, and answer it step by step.")
-
-
 def math_prompts(count: int, seed: int = 0) -> list[str]:
-    asks = [a.format(t) for t in MATH_TOPICS for a in MATH_ASKS]
-    random.Random(seed).shuffle(asks)
-    return asks[:count]
+    """The first `count` of `loram publish selfgen --prompts math --seed SEED`'s prompt order."""
+    from loram.publisher.selfgen import MATH_PROMPTS, prompt_order
+
+    return prompt_order(list(MATH_PROMPTS), count, seed)
 
 
 def self_generated(model, tokenizer, asks: list[str], batch: int = 16, new_tokens: int = 192) -> list[str]:
-    import torch
+    """The original's answers as chat records: `loram publish selfgen`'s sampling (temperature 0.7, top-p 0.9)."""
+    from loram.publisher.selfgen import conversations
 
-    tokenizer.padding_side = "left"
-    texts = []
-    for i in range(0, len(asks), batch):
-        part = asks[i:i + batch]
-        rendered = [tokenizer.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
-                                                  add_generation_prompt=True) for a in part]
-        enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=True, temperature=0.7, top_p=0.9,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        for ask, ids in zip(part, gen[:, enc.input_ids.shape[1]:], strict=True):
-            answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            texts.append(tokenizer.apply_chat_template(
-                [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}], tokenize=False))
-        print(f"self-generated: {len(texts)}/{len(asks)}", flush=True)
-    return texts
+    return conversations(model, tokenizer, asks, batch, new_tokens,
+                         progress=lambda n: print(f"self-generated: +{n} of {len(asks)}", flush=True))[0]
 
 
 ORACLE_ITEMS = range(500, 1000)  # of gsm8k-train: disjoint from the demo's 60 training items and the held-out set
@@ -114,8 +92,11 @@ def oracle(tokenizer) -> list[str]:
             for i in ORACLE_ITEMS]
 
 
-def build(out: Path, count: int = 128, files=("selfgen", "mathgen", "gsm8k-oracle")) -> None:
-    """Write out/NAME.jsonl for each of `files` (selfgen, mathgen, gsm8k-oracle) where missing."""
+FILES = ("selfgen", "mathgen", "demo-math", "gsm8k-oracle")
+
+
+def build(out: Path, count: int = 128, files=FILES) -> None:
+    """Write out/NAME.jsonl for each of `files` (FILES) where missing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,13 +119,22 @@ def build(out: Path, count: int = 128, files=("selfgen", "mathgen", "gsm8k-oracl
     if "mathgen" in files and not (out / "mathgen.jsonl").is_file():
         torch.manual_seed(0)
         _write(out / "mathgen.jsonl", self_generated(original(), tokenizer, math_prompts(count), new_tokens=256))
+    if "demo-math" in files and not (out / "demo-math.jsonl").is_file():
+        import subprocess
+        import sys
+
+        from loram.demo import DemoConfig, selfgen_args
+
+        loram = Path(sys.executable).parent / "loram"
+        subprocess.run([loram, "publish", "selfgen", model_dir(), *map(str, selfgen_args(DemoConfig())), "--out",
+                        out / "demo-math.jsonl"], check=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--count", type=int, default=128, help="self-generated conversations")
-    ap.add_argument("--files", nargs="+", default=["selfgen", "mathgen", "gsm8k-oracle"], help="which files to write")
+    ap.add_argument("--files", nargs="+", default=list(FILES), choices=FILES, help="which files to write")
     args = ap.parse_args()
     build(args.out, args.count, args.files)
 

@@ -18,6 +18,7 @@ Every cell is cached under --work (a re-run measures only what is missing).
     python benchmarks/alignment_grid.py                        # the default grid (see GRID)
     python benchmarks/alignment_grid.py --cells taylor50/lm/40/0 taylor50/hidden-mse/40/1
     python benchmarks/alignment_grid.py --report-only          # rebuild results/alignment_grid.* from --work
+    python benchmarks/alignment_grid.py --restore --cells ...  # on a new machine: the stored cells, and new ones
 
 Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant). The `-wikichat`
 objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen` and `-mathgen` on the
@@ -80,6 +81,9 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "gradmatch-mathgen": [*PRUNED_MSE, "--data", "{work}/data/mathgen.jsonl"],
     # the paper's recipe in spirit: general text and math-domain text, half and half
     "hidden-mse-pruned-wikichat+mathgen": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/mathgen.jsonl:1"],
+    # what `loram demo` aligns on: wiki-chat and the math problems `loram publish selfgen` writes with the demo's flags
+    "hidden-mse-pruned-wikichat+demo-math": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
+                                             "{work}/data/demo-math.jsonl:1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
@@ -88,17 +92,18 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
 PROTOTYPES = {o: ["gradient_matching.py", "--weight", "1"]
               for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-oracle-gsm8k")}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
-DEMO = "hidden-mse-pruned-wikichat"  # what `loram demo` aligns with: the default objective on --data wiki-chat
+WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
+DEMO = "hidden-mse-pruned-wikichat+demo-math"  # what `loram demo` aligns with (consumer/demo.py ALIGN_DATA)
 # Non-structured models hold masks in every layer, so there --hidden-layers pruned is all: hidden-mse-pure is the
 # default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won) and the demo's.
 # Two seeds for the leading variants: the defaults, the demo's alignment (both budgets) and the non-structured models.
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
-        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
+        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
                                                      "hidden-mse-pruned-mathgen", "gradmatch-oracle-gsm8k")]
-        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"] + [f"taylor50/{DEMO}/{4 * DEMO_STEPS}/{s}" for s in (0, 1)]
+        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"] + [f"taylor50/{WIKICHAT}/{4 * DEMO_STEPS}/{s}" for s in (0, 1)]
         + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")
            for s in (0, 1)]
-        + [f"sparsegpt2:4/{DEMO}/{DEMO_STEPS}/0"])  # the demo's alignment on the non-structured model closest to 2x
+        + [f"sparsegpt2:4/{WIKICHAT}/{DEMO_STEPS}/0"])  # wiki-chat on the non-structured model closest to 2x
 
 
 def sh(*args, prototype: list[str] | None = None) -> str:
@@ -262,6 +267,33 @@ def ceiling(work: Path, base: str, model: str, seed: int, evaluate: Evaluator) -
     return cached(work / "ref" / f"ceiling-{name}-{seed}.json", make)
 
 
+def restore(work: Path) -> int:
+    """Rebuild --work's records (every cell's results, the references) from results/alignment_grid.json, where missing.
+
+    The trained models are not restored: a restored cell is reported, not re-run; a new cell is measured next to
+    them (the same references, the pruned model made again: pruning is deterministic for a thread count). Returns
+    the number of cells restored."""
+    saved = json.loads((RESULTS / "alignment_grid.json").read_text())
+    for name, result in saved["references"].items():
+        path = work / "ref" / f"{name}.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1) + "\n")
+    restored = 0
+    for row in saved["rows"]:
+        folder = work / "cells" / folder_name(row["cell"])
+        if (folder / "cell.json").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        if row["align"]:
+            (folder / "align.json").write_text(json.dumps(row["align"], indent=1) + "\n")
+        (folder / "eval.json").write_text(json.dumps({k: v for k, v in row.items() if k.startswith(("gsm8k", "news"))},
+                                                     indent=1) + "\n")
+        (folder / "cell.json").write_text(json.dumps(row))
+        restored += 1
+    return restored
+
+
 def gap(original: float, lora: float, value: float) -> float:
     return (original - value) / (original - lora)
 
@@ -339,7 +371,11 @@ def main() -> None:
     ap.add_argument("--cells", nargs="*", default=None, help="MODEL/OBJECTIVE/STEPS/SEED (default: GRID)")
     ap.add_argument("--items", type=int, default=100, help="GSM8K held-out items (news: half as many)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--restore", action="store_true", help="first rebuild --work's records from results/alignment_grid.json "
+                                                           "(a new machine: measure new cells next to the stored ones)")
     args = ap.parse_args()
+    if args.restore:
+        print(f"restored {restore(args.work)} cells into {args.work}", flush=True)
     base = sh("assets", "path", "model").strip()
     evaluate = Evaluator(base, args.items)
     done = {p.parent.name for p in (args.work / "cells").glob("*/eval.json")}

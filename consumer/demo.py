@@ -1,8 +1,8 @@
 """`loram demo`: the whole LoRAM loop on the embedded SmolLM2-135M-Instruct, with a report.
 
-    assets -> prune (Taylor, ratio 0.5) -> align (hidden-state distillation from the original, on Wikipedia
-    in the chat template)
-    -> publish (local folder repository,
+    assets -> prune (Taylor, ratio 0.5) -> selfgen (the original writes worked math problems) -> align
+    (hidden-state distillation from the original, on Wikipedia in the chat template and those problems, half
+    and half) -> publish (local folder repository,
     and a Hub endpoint when given) -> pull (verified) -> train QLoRA on GSM8K (LoRA when 4-bit is
     unavailable) -> recover -> evaluate -> report.md + plots
 
@@ -29,13 +29,19 @@ from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 
 GSM8K_COLUMNS = "prompt=question,response=answer"
-ALIGN_DATA = "wiki-chat"  # the wiki split in the model's chat template: measured above plain wiki (docs/alignment.md)
+# General text and math-domain text the original writes itself, half and half: the paper's FineWeb + OpenWebMath
+# recipe in small, measured above wiki-chat alone for LoRAM on GSM8K (docs/alignment.md)
+ALIGN_DATA = ("wiki-chat:1", "{selfgen}:1")
+SELFGEN_FILE = "math.jsonl"
 # (full, --quick) defaults; docs/demo.md explains them.
 DEFAULTS = {
     "calib_samples": (32, 4),
     # how prune scores KV groups: the default (the loss with each removed); --quick first-order, a smoke run
     "kv_score": ("loss", "taylor"),
     "align_steps": (40, 2),
+    # `loram publish selfgen --prompts math`: conversations, tokens per answer, batch (one batch: fastest on CPU)
+    "selfgen_count": (48, 4),
+    "selfgen_tokens": (192, 48),
     "train_steps": (15, 2),
     "eval_limit": (32, 6),
     "seq_len": (256, 128),
@@ -47,7 +53,7 @@ class DemoConfig(Config):
     out: Path = option(Path("loram-demo"), "Folder for the report, its plots and every stage's output.")
     quick: bool = option(False, "A smoke run of a few minutes: tiny alignment, training and evaluation.")
     ratio: float | None = ratio_options()[0]  # Taylor on layers [4, L-2); docs/demo.md: why 0.5
-    align_steps: int | None = option(None, "Alignment steps on the Wikipedia sample (default 40; --quick 2).")
+    align_steps: int | None = option(None, "Alignment steps on Wikipedia and the original's own math problems (default 40; --quick 2).")
     train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 15; --quick 2).")
     eval_limit: int | None = option(None, "Held-out GSM8K items evaluated, and half as many news documents "
                                            "(default 32; --quick 6).")
@@ -120,10 +126,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     prune = stages.run("prune", {"assets": asset_key, "ratio": cfg.ratio, "samples": cfg.setting("calib_samples"),
                                  "kv_score": cfg.setting("kv_score")},
                        lambda f: _prune(model_dir, f, cfg))
-    align = stages.run("align", {"prune": prune.key, "steps": cfg.setting("align_steps"), "seq_len": seq_len,
-                                 "eval_limit": cfg.align_eval_limit, "objective": _align_objective(),
-                                 "data": ALIGN_DATA},
-                       lambda f: _align(prune.folder / "pruned", f, cfg))
+    generated = stages.run("selfgen", {"assets": asset_key, "args": selfgen_args(cfg)},
+                           lambda f: _selfgen(model_dir, f, cfg))
+    align_data = [d.format(selfgen=generated.folder / SELFGEN_FILE) for d in ALIGN_DATA]
+    align = stages.run("align", {"prune": prune.key, "selfgen": generated.key, "steps": cfg.setting("align_steps"),
+                                 "seq_len": seq_len, "eval_limit": cfg.align_eval_limit,
+                                 "objective": _align_objective(), "data": ALIGN_DATA},
+                       lambda f: _align(prune.folder / "pruned", f, cfg, align_data))
     publish = stages.run("publish", {"align": align.key, "publish_to": cfg.publish_to, "repo_id": cfg.repo_id},
                          lambda f: _publish(align.folder / "aligned", f, cfg))
     pulled = _pull(publish, cfg)
@@ -150,7 +159,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     report = {
         "config": cfg.to_dict(), "quant": quant, "model": str(model_dir),
         "stages": {n: {"seconds": s.seconds, "reused": s.reused, "folder": str(s.folder)} for n, s in stages.done.items()},
-        "prune": prune.result, "align": align.result, "publish": publish.result,
+        "prune": prune.result, "selfgen": generated.result, "align": align.result, "publish": publish.result,
         "training": {n: t.result for n, t in trained.items()}, "results": evaluated.result["rows"],
     }
     report["wall_time_s"] = round(time.time() - started, 1)
@@ -180,9 +189,22 @@ def _align_objective() -> dict:
     return {f.name: f.default for f in fields(AlignConfig) if f.name in names}
 
 
-def _align(pruned: Path, folder: Path, cfg: DemoConfig) -> dict:
+def selfgen_args(cfg: DemoConfig) -> list:
+    """`loram publish selfgen` flags of the demo (after the model, before --out)."""
+    count = cfg.setting("selfgen_count")
+    return ["--prompts", "math", "--count", count, "--max-new-tokens", cfg.setting("selfgen_tokens"),
+            "--batch", count, "--seed", 0]
+
+
+def _selfgen(model_dir: Path, folder: Path, cfg: DemoConfig) -> dict:
+    _loram("publish", "selfgen", model_dir, *selfgen_args(cfg), "--out", folder / SELFGEN_FILE)
+    lines = (folder / SELFGEN_FILE).read_text().splitlines()
+    return {"path": str(folder / SELFGEN_FILE), "conversations": len(lines), "prompts": "math"}
+
+
+def _align(pruned: Path, folder: Path, cfg: DemoConfig, data: list[str]) -> dict:
     steps = cfg.setting("align_steps")
-    _loram("publish", "align", pruned, "--data", ALIGN_DATA, "--steps", steps, "--seq-len", cfg.setting("seq_len"),
+    _loram("publish", "align", pruned, *[x for d in data for x in ("--data", d)], "--steps", steps, "--seq-len", cfg.setting("seq_len"),
            "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
            "--eval-limit", cfg.align_eval_limit, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")

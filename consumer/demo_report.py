@@ -125,11 +125,20 @@ def _gap_plot(report: dict, plt):
     return fig
 
 
+def _align_text(report: dict) -> str:
+    """What the alignment read, in words."""
+    generated = report.get("selfgen")
+    if not generated:  # a report written before the demo aligned on self-generated text
+        return "the Wikipedia sample in the chat template"
+    return (f"the Wikipedia sample in the chat template and {generated['conversations']} worked math problems the "
+            "original wrote itself (`loram publish selfgen --prompts math`), half and half")
+
+
 def render(report: dict, plots: list[str]) -> str:
     cfg = report["config"]
     lines = ["# LoRAM demo report", "",
-             f"SmolLM2-135M-Instruct, structured Taylor pruning at ratio {cfg['ratio']}, aligned on the Wikipedia "
-             f"sample in the chat template for {report['align']['steps']} steps, {report['quant']} LoRA (r=8) on the GSM8K fine-tune "
+             f"SmolLM2-135M-Instruct, structured Taylor pruning at ratio {cfg['ratio']}, aligned for "
+             f"{report['align']['steps']} steps on {_align_text(report)}, {report['quant']} LoRA (r=8) on the GSM8K fine-tune "
              f"split; response-token perplexity on held-out GSM8K and on news text. Wall time "
              f"{report['wall_time_s']:.0f} s{' (--quick: a smoke run, numbers are not meaningful)' if cfg['quick'] else ''}.",
              "", "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]

@@ -44,7 +44,7 @@ class PullConfig(Config):
     revision: str | None = revision_option("REPO_ID")
     out: Path | None = option(None, "Also copy the verified files into this folder (default: the Hub cache only).")
     endpoint: str | None = endpoint_option()
-    overwrite: bool = option(False, "Replace an existing --out folder.")
+    overwrite: bool = option(False, "Replace an existing --out.")
 
 
 @dataclass

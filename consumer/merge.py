@@ -36,7 +36,7 @@ class MergeConfig(Config):
     max_shard_size: str = option("5GB", "Largest safetensors shard.")
     revision: str | None = revision_option("ADAPTER")
     endpoint: str | None = endpoint_option()
-    overwrite: bool = option(False, "Replace an existing --out folder.")
+    overwrite: bool = option(False, "Replace an existing --out.")
 
 
 def check_original(adapter_dir: Path, base_dir: Path, ignore: bool) -> None:

@@ -56,7 +56,7 @@ class RecoverConfig(Config):
     revision: str | None = revision_option("ADAPTER")
     endpoint: str | None = endpoint_option()
     verify: bool = verify_option()
-    overwrite: bool = option(False, "Replace an existing --out folder.")
+    overwrite: bool = option(False, "Replace an existing --out.")
 
 
 @dataclass

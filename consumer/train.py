@@ -64,7 +64,7 @@ class TrainConfig(Config):
     revision: str | None = revision_option("MODEL")
     endpoint: str | None = endpoint_option()
     verify: bool = verify_option()
-    overwrite: bool = option(False, "Replace an existing --out folder.")
+    overwrite: bool = option(False, "Replace an existing --out.")
 
     def check(self):
         self.targets = list(parse_targets(self.targets))  # "q,v" and "q_proj,v_proj" alike

@@ -101,7 +101,7 @@ class AlignConfig(Config):
     revision: str | None = revision_option("PRUNED")
     endpoint: str | None = endpoint_option()
     verify: bool = verify_option()
-    overwrite: bool = option(False, "Replace an existing --out folder.")
+    overwrite: bool = option(False, "Replace an existing --out.")
 
     def check(self):
         if self.distill_from is None or self.distill_from.lower() == "none":

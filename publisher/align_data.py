@@ -17,7 +17,7 @@ about TITLE." (an article's first run) or "Tell me more about TITLE." (its later
 SmolLM2: LoRAM recovers more of the gap to LoRA when alignment reads `wiki-chat` than `wiki`
 (docs/alignment.md), which is why the demo aligns on it.
 
-Mixing: each source's blocks repeat endlessly and `datasets.interleave_datasets` draws the source of every
+Mixing: each source's blocks repeat endlessly (a small source from memory after its first pass) and `datasets.interleave_datasets` draws the source of every
 block with probabilities weight / sum(weights), seeded. The weights are therefore fractions of training
 tokens, whatever the sources' sizes: a small source is repeated, a large one is sampled. A seeded shuffle
 buffer of blocks then breaks up runs of consecutive blocks from one long document. The stream is a pure
@@ -26,6 +26,7 @@ skips the blocks already trained on.
 """
 
 import math
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -39,6 +40,7 @@ from loram.shared.records import SEPARATOR, check_source, iter_texts
 TOKENIZE_BATCH = 64  # documents per tokenizer call
 CHAT_SPLITS = {"wiki-chat": "wiki", "wiki-heldout-chat": "wiki-heldout"}  # chat form -> built-in article split
 CHAT_RUN = 700  # characters of paragraphs after which a chat-form answer ends
+REPLAY_TOKENS = 1 << 24  # a source with at most this many tokens of blocks is read once, then replayed (64 MiB)
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,36 @@ def iter_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:
         del buffer[:start]
 
 
-def _blocks_dataset(name: str, tokenizer, seq_len: int):
+def repeated_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:
+    """`iter_blocks(name)` pass after pass, endlessly (nothing when the source holds no block).
+
+    A source whose blocks hold at most REPLAY_TOKENS tokens is read and tokenized once and then replayed from
+    memory (4 bytes a token); a larger one is streamed again on every pass. The blocks are the same either way.
+    Why: opening a streaming reader costs a fraction of a second, and a small source mixed with a large one is
+    passed over hundreds of times just to fill the shuffle buffer (48 self-generated conversations next to
+    wiki-chat: 12 passes; 4 of them at --seq-len 128: 170 passes, half a minute before the first step)."""
+    kept: list[array] | None = []
+    for block in iter_blocks(name, tokenizer, seq_len):
+        if kept is not None:
+            kept.append(array("i", block["input_ids"]))
+            if len(kept) * seq_len > REPLAY_TOKENS:
+                kept = None  # too large to hold: stream every pass
+        yield block
+    if kept is None:
+        while True:
+            yield from iter_blocks(name, tokenizer, seq_len)
+    while kept:
+        for ids in kept:
+            yield {"input_ids": ids.tolist()}
+
+
+def _blocks_dataset(name: str, tokenizer, seq_len: int, endless: bool = False):
     import datasets
 
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
     return datasets.IterableDataset.from_generator(
-        iter_blocks, features=features, gen_kwargs={"name": name, "tokenizer": tokenizer, "seq_len": seq_len})
+        repeated_blocks if endless else iter_blocks, features=features,
+        gen_kwargs={"name": name, "tokenizer": tokenizer, "seq_len": seq_len})
 
 
 def mixture(sources: list[Source], tokenizer, seq_len: int, seed: int = 0, shuffle_buffer: int = 1000):
@@ -145,7 +171,7 @@ def mixture(sources: list[Source], tokenizer, seq_len: int, seed: int = 0, shuff
         if first is None:
             raise LoramError(f"data source {s.name} is empty or shorter than one block of --seq-len {seq_len} "
                              "tokens; give more text or a shorter --seq-len")
-    streams = [_blocks_dataset(s.name, tokenizer, seq_len).repeat(None) for s in sources]
+    streams = [_blocks_dataset(s.name, tokenizer, seq_len, endless=True) for s in sources]
     mixed = datasets.interleave_datasets(streams, probabilities=probabilities(sources), seed=seed,
                                          stopping_strategy="first_exhausted")  # endless: no source runs out
     return mixed.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else mixed

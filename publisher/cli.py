@@ -1,10 +1,10 @@
-"""`loram publish ...`: the publisher's commands (prune, align, push)."""
+"""`loram publish ...`: the publisher's commands (prune, align, selfgen, push)."""
 
 import typer
 
 from loram.shared.cli_support import add_config_command
 
-app = typer.Typer(help="Publisher toolkit: prune, align and publish a model.", no_args_is_help=True)
+app = typer.Typer(help="Publisher toolkit: prune, align (on text of your choice, or text the original writes: selfgen) and publish a model.", no_args_is_help=True)
 
 
 def _prune(cfg) -> None:
@@ -40,6 +40,14 @@ def _align(cfg) -> None:
                f"{last}{ppl}, {result.tokens_per_second or 0:,.0f} tokens/s, "
                f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     typer.echo(f"aligned pruned checkpoint: {result.out}  (report: {result.out / 'align_report.json'})")
+
+
+def _selfgen(cfg) -> None:
+    from loram.publisher.selfgen import selfgen
+
+    result = selfgen(cfg)
+    typer.echo(f"wrote {result.conversations} conversations ({result.tokens:,} answer tokens) in "
+               f"{result.seconds:.0f} s: {result.out}")
 
 
 def _register() -> None:
@@ -79,6 +87,21 @@ def _register() -> None:
             "--out aligned-lm   # the paper's LM loss instead of the default hidden-state distillation",
             "loram publish align smollm2-p50 --data wiki --steps 100 --seq-len 256 "
             "--distill-from $(loram assets path model) --kd-weight 0.5 --hidden-weight 0 --out aligned-kd",
+        ],
+    )
+
+    from loram.publisher.selfgen import SelfgenConfig
+
+    add_config_command(
+        app, "selfgen", SelfgenConfig, _selfgen,
+        help="Write alignment text of a chosen domain with the original model itself: its sampled answers to "
+             "prompts (built-in math, or a .txt file), as chat-form JSON lines for `loram publish align --data`.",
+        examples=[
+            "loram publish selfgen $(loram assets path model) --prompts math --count 128 --out mathgen.jsonl",
+            "loram publish align smollm2-p50 --data wiki-chat:1 --data mathgen.jsonl:1 --steps 40 --seq-len 256 "
+            "--out aligned   # general and math-domain text, half and half (the paper's recipe in small)",
+            "loram publish selfgen meta-llama/Llama-3.1-70B-Instruct --prompts my_prompts.txt --count 20000 "
+            "--batch 64 --out domain.jsonl",
         ],
     )
 

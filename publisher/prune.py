@@ -125,7 +125,7 @@ class PruneConfig(Config):
                                        "instead of recalibrating.")
     revision: str | None = revision_option("BASE")
     endpoint: str | None = endpoint_option()
-    overwrite: bool = option(False, "Replace an existing --out folder.")
+    overwrite: bool = option(False, "Replace an existing --out.")
 
     def check(self):
         given = [f"--{n.replace('_', '-')}" for n in ("ratio", "attn_ratio", "mlp_ratio", "scores", "device_map",

@@ -38,7 +38,7 @@ def test_cli_reference_is_in_sync():
 def test_the_command_walk_finds_every_command():
     commands = dict(_commands())
     expected_leaves = {"demo", "train", "recover", "merge", "eval", "plan", "generate", "pull", "push",
-                       "publish prune", "publish align", "publish push", "assets fetch", "assets list",
+                       "publish prune", "publish align", "publish selfgen", "publish push", "assets fetch", "assets list",
                        "assets path"}
     assert {f"loram {c}" for c in expected_leaves} <= {c for c, group in commands.items() if not group}
     assert {"loram", "loram assets", "loram publish"} <= {c for c, group in commands.items() if group}

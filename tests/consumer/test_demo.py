@@ -102,6 +102,7 @@ def _report(ppl: dict) -> dict:
                 for k, m, t in (("train-loram", 3000, 10), ("train-loram-unaligned", 3000, 10), ("train-lora", 4000, 12))}
     return {"config": {"ratio": 0.5, "quick": False}, "quant": "nf4", "results": rows, "training": training,
             "align": {"steps": 200, "perplexities": [{"step": 0, "perplexity": 150.0}, {"step": 200, "perplexity": 60.0}]},
+            "selfgen": {"conversations": 48, "prompts": "math"},
             "prune": {"original_params": 100, "pruned_params": 70, "reduction": 1.43, "reduction_4bit": 5.71},
             "stages": {"prune": {"seconds": 30, "reused": False}}, "wall_time_s": 600}
 
@@ -115,6 +116,8 @@ def test_verdicts_state_plainly_what_holds():
     assert "Point 3 (gsm8k-heldout): holds: LoRAM with alignment 3.700 < without 3.800" in text
     assert "Point 3 (news): holds: LoRAM with alignment 29.600 < without 30.400" in text
     assert "![loss.png](loss.png)" in text and "150.00 (step 0) -> 60.00 (step 200)" in text
+    assert ("aligned for 200 steps on the Wikipedia sample in the chat template and 48 worked math problems the "
+            "original wrote itself") in text
     # the share of the original -> LoRA gap: (4.0 - 3.7) / (4.0 - 2.8) = 25%, unaligned (4.0 - 3.8) / 1.2 = 17%
     assert f"| {LORAM} | 25% | 25% |" in text and f"| {UNALIGNED} | 17% | 17% |" in text
     worse = {**base, (LORAM, "news"): 30.5}  # alignment helped in-domain only this time

@@ -349,6 +349,30 @@ def test_sources_are_mixed_by_weight(tmp_path):
     assert again == blocks[:50]  # seeded: the same stream every time (what makes resume exact)
 
 
+@pytest.mark.parametrize("replay_tokens", [1 << 24, 40])  # the small source held in memory / streamed every pass
+def test_a_small_source_is_read_once_and_the_stream_is_what_repeating_it_gives(tmp_path, monkeypatch, replay_tokens):
+    from loram.publisher import align_data
+
+    (tmp_path / "big.txt").write_text("\n\n".join(f"paragraph {i} of the big source." for i in range(300)))
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"text": f"SMALL RECORD {i}."}) + "\n" for i in range(4)))
+    sources = [Source(str(tmp_path / "big.txt")), Source(str(tmp_path / "small.jsonl"))]
+    tok = tiny_tokenizer()
+
+    def repeating(s):  # what the stream was before replay: the datasets library re-reading the source every pass
+        return align_data._blocks_dataset(s.name, tok, 8).repeat(None)
+    reads = []
+    real = align_data.iter_texts
+    monkeypatch.setattr(align_data, "iter_texts", lambda name: reads.append(name) or real(name))
+    monkeypatch.setattr(align_data, "REPLAY_TOKENS", replay_tokens)
+    stream = list(islice(mixture(sources, tok, 8, seed=3, shuffle_buffer=50), 400))
+    passes = reads.count(str(tmp_path / "small.jsonl")) - 1  # less mixture's check of the first block
+    assert passes == 1 if replay_tokens > 40 else passes > 20  # 8 blocks a pass, about 200 drawn
+    mixed = datasets.interleave_datasets([repeating(s) for s in sources], probabilities=[0.5, 0.5], seed=3,
+                                         stopping_strategy="first_exhausted").shuffle(seed=3, buffer_size=50)
+    assert stream == list(islice(mixed, 400))  # the same blocks in the same order: resume and results unchanged
+    assert list(align_data.repeated_blocks(str(tmp_path / "small.jsonl"), tok, 1000)) == []  # no block: no loop
+
+
 @pytest.mark.parametrize("spec,message", [
     ("text.txt:0", "weight must be a positive number"),
     ("text.txt:-2", "weight must be a positive number"),

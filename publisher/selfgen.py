@@ -1,0 +1,177 @@
+"""`loram publish selfgen`: alignment text of a chosen domain, written by the original model itself.
+
+    loram publish selfgen ORIGINAL --prompts math --count 128 --out mathgen.jsonl
+    loram publish align PRUNED --data wiki-chat:1 --data mathgen.jsonl:1 ... --out aligned
+
+The paper aligns on general text and text of its consumers' domain, half and half (FineWeb + OpenWebMath for
+math tasks). A publisher without a corpus of that domain can ask the original for one: each prompt is a user
+turn, the original's sampled answer the assistant turn, and the conversation, rendered in the model's chat
+template, is one record `{"text": ...}` of a JSON-lines file that `--data FILE.jsonl` reads. No dataset goes
+in, so nothing of a consumer's fine-tuning or evaluation set can leak into alignment.
+
+Prompts (`--prompts`): `math` (built in, `MATH_PROMPTS`: 32 everyday topics x 4 requests for a grade-school
+math word problem with a worked solution, shuffled with `--seed`), or a `.txt` file with one prompt per line.
+With `--count` above the number of prompts, the prompts repeat and each repetition is sampled anew.
+
+Sampling: `--temperature` 0.7 and `--top-p` 0.9, seeded, `--batch` prompts at a time padded on the left. Not
+temperature 1: text sampled from the original's own distribution carries, on average, no LM-loss gradient for
+it, and tempered sampling keeps the text the original finds most typical. The same seed, batch and number of
+CPU threads give the same file (`LORAM_THREADS` fixes the thread count).
+
+Measured on SmolLM2-135M (docs/alignment.md): the default alignment objective on 128 `math` conversations closes
+51% of the gap from the original to LoRA on GSM8K, against 40% on Wikipedia in chat form (`wiki-chat`) and 30%
+without alignment; half `wiki-chat`, half `math` 50%.
+"""
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loram.shared.configs import Config, option
+from loram.shared.errors import LoramError
+from loram.shared.hub import endpoint_option, resolve_model, revision_option
+
+MATH_TOPICS = ("apples at a market", "a bakery", "a school trip", "saving pocket money", "a train journey", "a garden",
+               "a bookshop", "a football team", "baking cookies", "a farm", "a birthday party", "painting a fence",
+               "a car trip", "a library", "a pet shop", "a lemonade stand", "a swimming pool", "a pizza order",
+               "a classroom", "buying school supplies", "a zoo", "a bike ride", "a toy store", "a concert",
+               "a recipe", "a road race", "a fruit basket", "a movie night", "a coffee shop", "a fishing trip",
+               "a craft fair", "a parking lot")
+MATH_ASKS = ("Write a short grade-school math word problem about {}, then solve it step by step and give the "
+             "final answer.",
+             "Make up an arithmetic word problem involving {} and explain how to solve it.",
+             "Give me a two-step math problem about {} and its worked solution.",
+             "Create a math question about {} that needs multiplication or division, and answer it step by step.")
+MATH_PROMPTS = tuple(a.format(t) for t in MATH_TOPICS for a in MATH_ASKS)
+BUILT_IN = {"math": MATH_PROMPTS}
+
+
+@dataclass
+class SelfgenConfig(Config):
+    model: str = option(help="The original model (folder or Hub id): it writes the text.", argument=True)
+    out: Path = option(help="The JSON-lines file to write ({\"text\": conversation} per line).")
+    prompts: str = option("math", "Built-in prompt set (math: requests for worked grade-school math problems) or a "
+                                  ".txt file with one prompt per line.")
+    count: int = option(128, "Conversations to write (prompts repeat, each sampled anew, when there are fewer).")
+    max_new_tokens: int = option(256, "Most tokens of each answer.")
+    temperature: float = option(0.7, "Sampling temperature (> 0).")
+    top_p: float = option(0.9, "Nucleus sampling: the smallest set of tokens with this much probability.")
+    batch: int = option(16, "Prompts generated together.")
+    seed: int = option(0, "Seed for the prompt order and for sampling.")
+    overwrite: bool = option(False, "Replace an existing --out.")
+    revision: str | None = revision_option("MODEL")
+    endpoint: str | None = endpoint_option()
+
+    def check(self):
+        for name in ("count", "max_new_tokens", "batch"):
+            if getattr(self, name) < 1:
+                raise LoramError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.temperature < float("inf"):
+            raise LoramError(f"--temperature must be a number > 0 (the text is sampled), got {self.temperature:g}")
+        if not 0 < self.top_p <= 1:
+            raise LoramError(f"--top-p must lie in (0, 1], got {self.top_p:g}")
+        if self.out.suffix != ".jsonl":
+            raise LoramError(f"--out {self.out}: write a .jsonl file (what `loram publish align --data` reads as "
+                             "records with a text field)")
+        if self.out.is_dir():
+            raise LoramError(f"--out {self.out} is a folder; name a .jsonl file")
+        if self.out.exists() and not self.overwrite:
+            raise LoramError(f"--out {self.out} already exists; choose another --out or pass --overwrite")
+
+
+@dataclass
+class SelfgenResult:
+    out: Path
+    conversations: int
+    tokens: int  # answer tokens generated
+    seconds: float
+
+
+def read_prompts(spec: str) -> list[str]:
+    """A built-in prompt set by name, or the non-empty lines of a .txt file."""
+    if spec in BUILT_IN:
+        return list(BUILT_IN[spec])
+    path = Path(spec)
+    if path.suffix != ".txt" or not path.is_file():
+        raise LoramError(f"--prompts {spec}: neither a built-in prompt set ({', '.join(BUILT_IN)}) nor a .txt "
+                         "file with one prompt per line")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise LoramError(f"--prompts {spec} is not UTF-8 text; give a .txt file with one prompt per line") from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise LoramError(f"--prompts {spec} holds no prompt; write one prompt per line")
+    return prompts
+
+
+def prompt_order(prompts: list[str], count: int, seed: int) -> list[str]:
+    """`count` prompts: the set shuffled with `seed`, repeated (each pass shuffled anew) as often as needed."""
+    rng, order = random.Random(seed), []
+    while len(order) < count:
+        batch = list(prompts)
+        rng.shuffle(batch)
+        order += batch
+    return order[:count]
+
+
+def conversations(model, tokenizer, asks: list[str], batch: int = 16, max_new_tokens: int = 256,
+                  temperature: float = 0.7, top_p: float = 0.9, progress=None) -> tuple[list[str], int]:
+    """The original's sampled answer to each ask, rendered with the ask as one chat; and the answer tokens.
+
+    Sampling follows torch's global RNG (seed it first). `progress(n)` is called after each batch."""
+    import torch
+
+    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    texts, tokens = [], 0
+    for i in range(0, len(asks), batch):
+        part = asks[i:i + batch]
+        rendered = [tokenizer.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
+                                                  add_generation_prompt=True) for a in part]
+        enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                       top_p=top_p, pad_token_id=pad)
+        for ask, ids in zip(part, generated[:, enc.input_ids.shape[1]:], strict=True):
+            tokens += int((ids != pad).sum())
+            answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            texts.append(tokenizer.apply_chat_template(
+                [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}], tokenize=False))
+        if progress:
+            progress(len(part))
+    return texts, tokens
+
+
+def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
+    """Write `--count` conversations of the original with itself to `--out` (whole or not at all)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from loram.shared.outputs import atomic_file, check_writable
+    from loram.shared.pruned_model import from_pretrained, load_tokenizer
+    from loram.shared.runtime import configure_threads, default_device
+
+    cfg = config or SelfgenConfig.resolve(**kwargs)
+    asks = prompt_order(read_prompts(cfg.prompts), cfg.count, cfg.seed)
+    check_writable(cfg.out, fix="choose another --out")
+    source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
+    tokenizer = load_tokenizer(source.path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoramError(f"{cfg.model}: its tokenizer has no chat template, and selfgen writes conversations; use an "
+                         "instruction-tuned model or align on plain text")
+    configure_threads()
+    device = default_device()
+    placement = {"device_map": "auto"} if device.type == "cuda" else {}
+    model = from_pretrained(source.path, dtype="auto" if device.type == "cuda" else torch.float32, **placement).eval()
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    with tqdm(total=len(asks), desc="selfgen", unit="conversation") as bar:
+        texts, tokens = conversations(model, tokenizer, asks, cfg.batch, cfg.max_new_tokens, cfg.temperature,
+                                      cfg.top_p, progress=bar.update)
+    with atomic_file(cfg.out) as tmp:
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return SelfgenResult(cfg.out, len(texts), tokens, round(time.perf_counter() - started, 1))
