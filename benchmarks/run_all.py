@@ -52,6 +52,8 @@ BENCHMARKS = {
     "prune_sparse_quality": ([], lambda d: "held-out PPL relative to dense: " + ", ".join(
         f"{r['method']} {r['setting']} {r['relative']}x" for r in d["rows"])),
     "align_throughput": ([], lambda d: json.dumps(d.get("headline", ""))[1:-1]),
+    "align_stream": ([], lambda d: "first 1000+ blocks of the demo's data mix: " + ", ".join(
+        f"seq {r['seq_len']} {r['baseline_s']} s -> {r['replay_s']} s ({r['speedup']}x)" for r in d["rows"])),
     "train_loram": ([], lambda d: f"`loram train` step time {d['overhead']['ratio']}x a plain peft + Trainer script; "
                                   + ", ".join(f"{k} {v['tokens_per_second']} tok/s" for k, v in d["runs"].items())),
     "recover_70b": ([], lambda d: f"recovery {d['time_ratio']}x a plain copy, peak {d['peak_over_output']}x the "
@@ -72,6 +74,7 @@ BENCHMARKS = {
         f"{g['model']} {g['objective']} {g['steps']} steps {g['gap_closed']:.0%}" for g in d["summary"]
         if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure", "hidden-mse-pruned",
                                                            "hidden-mse-pruned-wikichat", "gradmatch-wikichat",
+                                                           "hidden-mse-pruned-wikichat+demo-math",
                                                            "gradmatch-oracle-gsm8k"))),
     # after alignment_grid, on its default --work folder
     "adapter_agreement": (["--work", "/tmp/loram-alignment-grid"], lambda d: "gradient agreement with the original "

@@ -47,7 +47,8 @@ def _selfgen(cfg) -> None:
 
     result = selfgen(cfg)
     typer.echo(f"wrote {result.conversations} conversations ({result.tokens:,} answer tokens) in "
-               f"{result.seconds:.0f} s: {result.out}")
+               f"{result.seconds:.0f} s ({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s, peak memory "
+               f"{result.peak_memory_bytes / 2**20:,.0f} MiB): {result.out}")
 
 
 def _register() -> None:

@@ -86,7 +86,8 @@ class SelfgenResult:
     out: Path
     conversations: int
     tokens: int  # answer tokens generated
-    seconds: float
+    seconds: float  # generation, without loading the model
+    peak_memory_bytes: int  # GPU: peak allocated; CPU: the process's peak RSS
 
 
 def read_prompts(spec: str) -> list[str]:
@@ -152,6 +153,7 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     from tqdm.auto import tqdm
 
     from loram.shared.outputs import atomic_file, check_writable
+    from loram.shared.progress import peak_memory_bytes
     from loram.shared.pruned_model import from_pretrained, load_tokenizer
     from loram.shared.runtime import configure_threads, default_device
 
@@ -172,6 +174,7 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     with tqdm(total=len(asks), desc="selfgen", unit="conversation") as bar:
         texts, tokens = conversations(model, tokenizer, asks, cfg.batch, cfg.max_new_tokens, cfg.temperature,
                                       cfg.top_p, progress=bar.update)
+    seconds = time.perf_counter() - started
     with atomic_file(cfg.out) as tmp:
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    return SelfgenResult(cfg.out, len(texts), tokens, round(time.perf_counter() - started, 1))
+    return SelfgenResult(cfg.out, len(texts), tokens, round(seconds, 1), peak_memory_bytes())
