@@ -11,7 +11,7 @@ passed over many times to supply its share. Side by side in one process, the sam
 
 Both must yield the same blocks in the same order (checked). Writes benchmarks/results/align_stream.{md,json}.
 
-    python benchmarks/align_stream.py                      # the demo's selfgen file, made with its flags if missing
+    python benchmarks/align_stream.py                      # the demo's selfgen files (full and --quick), made anew
     python benchmarks/align_stream.py --small FILE.jsonl
 """
 
@@ -47,7 +47,7 @@ def timed(stream) -> tuple[list, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--small", type=Path, help="a small .jsonl source (default: the demo's selfgen file)")
+    ap.add_argument("--small", type=Path, help="a small .jsonl source instead of the demo's selfgen files")
     args = ap.parse_args()
     from loram.demo import DemoConfig, selfgen_args
     from loram.publisher.align_data import Source, mixture
@@ -55,28 +55,33 @@ def main() -> None:
     from loram.shared.pruned_model import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir())
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        small = args.small
-        if small is None:
-            small = Path(tmp) / "math.jsonl"
-            loram = Path(sys.executable).parent / "loram"
-            subprocess.run([loram, "publish", "selfgen", model_dir(), *map(str, selfgen_args(DemoConfig())),
-                            "--out", small], check=True)
-        rows = []
-        for seq_len in (256, 128):
+        if args.small:
+            cases = {args.small.name: (args.small, 256)}
+        else:  # the demo's selfgen file and its --quick one, each at the demo's --seq-len
+            cases = {}
+            for name, cfg in (("loram demo", DemoConfig()), ("loram demo --quick", DemoConfig(quick=True))):
+                path = Path(tmp) / f"{len(cases)}.jsonl"
+                loram = Path(sys.executable).parent / "loram"
+                subprocess.run([loram, "publish", "selfgen", model_dir(), *map(str, selfgen_args(cfg)), "--out", path],
+                               check=True)
+                cases[f"{name}: {cfg.setting('selfgen_count')} conversations"] = (path, cfg.setting("seq_len"))
+        for name, (small, seq_len) in cases.items():
             sources = [Source("wiki-chat"), Source(str(small))]
             old, old_s = timed(baseline(sources, tokenizer, seq_len))
             new, new_s = timed(mixture(sources, tokenizer, seq_len))
             assert old == new, "the replayed stream differs from the re-read one"
-            rows.append({"seq_len": seq_len, "blocks": BLOCKS, "baseline_s": round(old_s, 2),
+            rows.append({"small": name, "seq_len": seq_len, "blocks": BLOCKS, "baseline_s": round(old_s, 2),
                          "replay_s": round(new_s, 2), "speedup": round(old_s / new_s, 1)})
             print(rows[-1], flush=True)
     lines = ["# Alignment data stream: a small source replayed from memory", "",
-             f"First {BLOCKS} blocks of `--data wiki-chat:1 --data {small.name if args.small else 'DEMO-SELFGEN'}:1` "
-             "(the demo's mix), seed 0, shuffle buffer 1000; identical blocks in both columns (checked). "
+             f"First {BLOCKS} blocks of `--data wiki-chat:1 --data SMALL:1`, seed 0, shuffle buffer 1000 (what align "
+             "draws before its first step, and 100 steps more); identical blocks in both columns (checked). "
              "`python benchmarks/align_stream.py`", "",
-             "| --seq-len | re-read every pass (s) | replayed (s) | speedup |", "|---|---|---|---|"]
-    lines += [f"| {r['seq_len']} | {r['baseline_s']:.2f} | {r['replay_s']:.2f} | {r['speedup']:.1f}x |" for r in rows]
+             "| SMALL | --seq-len | re-read every pass (s) | replayed (s) | speedup |", "|---|---|---|---|---|"]
+    lines += [f"| {r['small']} | {r['seq_len']} | {r['baseline_s']:.2f} | {r['replay_s']:.2f} | {r['speedup']:.1f}x |"
+              for r in rows]
     write("align_stream", {"machine": machine(), "rows": rows}, lines)
 
 

@@ -52,8 +52,8 @@ BENCHMARKS = {
     "prune_sparse_quality": ([], lambda d: "held-out PPL relative to dense: " + ", ".join(
         f"{r['method']} {r['setting']} {r['relative']}x" for r in d["rows"])),
     "align_throughput": ([], lambda d: json.dumps(d.get("headline", ""))[1:-1]),
-    "align_stream": ([], lambda d: "first 1000+ blocks of the demo's data mix: " + ", ".join(
-        f"seq {r['seq_len']} {r['baseline_s']} s -> {r['replay_s']} s ({r['speedup']}x)" for r in d["rows"])),
+    "align_stream": ([], lambda d: "first 1200 blocks of wiki-chat + a small source: " + ", ".join(
+        f"{r['small']} {r['baseline_s']} s -> {r['replay_s']} s ({r['speedup']}x)" for r in d["rows"])),
     "train_loram": ([], lambda d: f"`loram train` step time {d['overhead']['ratio']}x a plain peft + Trainer script; "
                                   + ", ".join(f"{k} {v['tokens_per_second']} tok/s" for k, v in d["runs"].items())),
     "recover_70b": ([], lambda d: f"recovery {d['time_ratio']}x a plain copy, peak {d['peak_over_output']}x the "
