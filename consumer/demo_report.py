@@ -49,6 +49,21 @@ def verdicts(report: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def no_gap_left(report: dict, enough: float = 0.9) -> list[str]:
+    """Why point 3 fails on a set where there was nothing for alignment to win: LoRAM without alignment already
+    closes at least `enough` of the original -> LoRA gap there."""
+    ppl = perplexity_table(report)
+    out = []
+    for data in DATA:
+        unaligned = gap_closed(ppl, data, UNALIGNED)
+        if ppl[(LORAM, data)] >= ppl[(UNALIGNED, data)] and unaligned >= enough:
+            out.append(f"Point 3 ({data}): LoRAM without alignment already closes {unaligned:.0%} of the gap to LoRA "
+                       f"on the original there (aligned: {gap_closed(ppl, data, LORAM):.0%}), so no gap is left for "
+                       f"alignment to close; the difference, {ppl[(LORAM, data)] - ppl[(UNALIGNED, data)]:+.3f}, is "
+                       "within what this many items can separate.")
+    return out
+
+
 def memory_lines(report: dict) -> list[str]:
     p, t = report["prune"], report["training"]
     mib = {k: (v.get("peak_memory_bytes") or 0) / 2**20 for k, v in t.items()}
@@ -153,6 +168,7 @@ def render(report: dict, plots: list[str]) -> str:
     checks = verdicts(report)
     for point, holds, text in checks:
         lines.append(f"- Point {point}: {'holds' if holds else 'does NOT hold'}: {text}.")
+    lines += [f"- {reason}" for reason in no_gap_left(report)]
     if not all(holds for _, holds, _ in checks):
         lines.append("- Why a point can fail at this scale and these settings, and longer runs where it holds: "
                      "docs/demo.md of the LoRAM repository.")

@@ -123,6 +123,12 @@ def test_verdicts_state_plainly_what_holds():
     worse = {**base, (LORAM, "news"): 30.5}  # alignment helped in-domain only this time
     point3 = {v[0]: v[1] for v in verdicts(_report(worse)) if v[0].startswith("3")}
     assert point3 == {"3 (gsm8k-heldout)": True, "3 (news)": False} and "does NOT hold" in render(_report(worse), [])
+    assert "no gap is left" not in render(_report(worse), [])  # unaligned closes 17% there: a real failure
+    # unaligned LoRAM already at LoRA's level on news (the demo's case): the report says why point 3 fails there
+    closed = {**worse, (UNALIGNED, "news"): 22.3, (LORAM, "news"): 22.4}  # news: original 32, LoRA 22.4
+    text = render(_report(closed), [])
+    assert ("Point 3 (news): LoRAM without alignment already closes 101% of the gap to LoRA on the original there "
+            "(aligned: 100%), so no gap is left for alignment to close; the difference, +0.100,") in text
 
 
 def test_gap_plot_is_written(tmp_path):
