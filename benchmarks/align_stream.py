@@ -69,6 +69,7 @@ def main() -> None:
                 cases[f"{name}: {cfg.setting('selfgen_count')} conversations"] = (path, cfg.setting("seq_len"))
         for name, (small, seq_len) in cases.items():
             sources = [Source("wiki-chat"), Source(str(small))]
+            list(itertools.islice(mixture(sources, tokenizer, seq_len, shuffle_buffer=0), 8))  # warm: imports, caches
             old, old_s = timed(baseline(sources, tokenizer, seq_len))
             new, new_s = timed(mixture(sources, tokenizer, seq_len))
             assert old == new, "the replayed stream differs from the re-read one"

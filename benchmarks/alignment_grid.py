@@ -21,9 +21,9 @@ Every cell is cached under --work (a re-run measures only what is missing).
     python benchmarks/alignment_grid.py --restore --cells ...  # on a new machine: the stored cells, and new ones
 
 Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant). The `-wikichat`
-objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen` and `-mathgen` on the
-original's own chat answers (general prompts; requests for worked math problems) and `oracle-gsm8k` on GSM8K
-items 500..999 as chat, files that `alignment_data.py` writes under --work/data.
+objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen`, `-mathgen` and `-demo-math` on
+the original's own chat answers (general prompts; requests for worked math problems, 128 of them or the 48 `loram demo`
+writes) and `oracle-gsm8k` on GSM8K items 500..999 as chat, files that `alignment_data.py` writes under --work/data.
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -74,7 +74,7 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "kd+hidden-pruned-train-pruned-wikichat": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight",
                                                "0.5", "--hidden-layers", "pruned", "--train-layers", "pruned",
                                                "--data", "wiki-chat"],
-    # a prototype objective (PROTOTYPES): the demo's alignment + matching the original's weight gradients
+    # a prototype objective (PROTOTYPES): the wiki-chat alignment + matching the original's weight gradients
     "gradmatch-wikichat": [*PRUNED_MSE, "--data", "wiki-chat"],
     # the original's own worked math problems (alignment_data.py): math-domain text made without a dataset
     "hidden-mse-pruned-mathgen": [*PRUNED_MSE, "--data", "{work}/data/mathgen.jsonl"],
@@ -95,8 +95,9 @@ DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
 DEMO = "hidden-mse-pruned-wikichat+demo-math"  # what `loram demo` aligns with (consumer/demo.py ALIGN_DATA)
 # Non-structured models hold masks in every layer, so there --hidden-layers pruned is all: hidden-mse-pure is the
-# default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won) and the demo's.
-# Two seeds for the leading variants: the defaults, the demo's alignment (both budgets) and the non-structured models.
+# default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won) and wiki-chat's.
+# Two seeds for the leading variants: the defaults, the demo's alignments (now and before) and the non-structured
+# models.
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
         + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
                                                      "hidden-mse-pruned-mathgen", "gradmatch-oracle-gsm8k")]
@@ -267,13 +268,15 @@ def ceiling(work: Path, base: str, model: str, seed: int, evaluate: Evaluator) -
     return cached(work / "ref" / f"ceiling-{name}-{seed}.json", make)
 
 
-def restore(work: Path) -> int:
+def restore(work: Path, items: int) -> int:
     """Rebuild --work's records (every cell's results, the references) from results/alignment_grid.json, where missing.
 
     The trained models are not restored: a restored cell is reported, not re-run; a new cell is measured next to
     them (the same references, the pruned model made again: pruning is deterministic for a thread count). Returns
     the number of cells restored."""
     saved = json.loads((RESULTS / "alignment_grid.json").read_text())
+    if saved["items"] != items:
+        raise SystemExit(f"--restore: the stored cells were evaluated on {saved['items']} GSM8K items, not --items {items}")
     for name, result in saved["references"].items():
         path = work / "ref" / f"{name}.json"
         if not path.is_file():
@@ -375,7 +378,7 @@ def main() -> None:
                                                            "(a new machine: measure new cells next to the stored ones)")
     args = ap.parse_args()
     if args.restore:
-        print(f"restored {restore(args.work)} cells into {args.work}", flush=True)
+        print(f"restored {restore(args.work, args.items)} cells into {args.work}", flush=True)
     base = sh("assets", "path", "model").strip()
     evaluate = Evaluator(base, args.items)
     done = {p.parent.name for p in (args.work / "cells").glob("*/eval.json")}

@@ -8,14 +8,16 @@
 
 Next to LoRAM it trains LoRAM on the unaligned pruned model (does alignment help?) and LoRA on the
 original (the upper bound), and evaluates on held-out GSM8K (in-domain) and news (out-of-domain).
-Every stage runs the same code a user would, under `--out/stages/<name>/`: prune, align and each
+Every stage runs the same code a user would, under `--out/stages/<name>/`: prune, selfgen, align and each
 training run the `loram` command in a process of their own (so each training's peak memory is its own);
 publish, pull, recover and evaluate call the same functions in the demo's process; a stage whose inputs did not change is reused, so a
 re-run or a run after an interruption continues from the last completed stage.
 """
 
+import hashlib
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,7 @@ GSM8K_COLUMNS = "prompt=question,response=answer"
 # recipe in small, measured above wiki-chat alone for LoRAM on GSM8K (docs/alignment.md)
 ALIGN_DATA = ("wiki-chat:1", "{selfgen}:1")
 SELFGEN_FILE = "math.jsonl"
+SELFGEN_PROMPTS = "math"  # `loram publish selfgen --prompts`: the built-in requests for worked math problems
 # (full, --quick) defaults; docs/demo.md explains them.
 DEFAULTS = {
     "calib_samples": (32, 4),
@@ -40,7 +43,7 @@ DEFAULTS = {
     "kv_score": ("loss", "taylor"),
     "align_steps": (40, 2),
     # `loram publish selfgen --prompts math`: conversations, tokens per answer, batch (one batch: fastest on CPU)
-    "selfgen_count": (48, 4),
+    "selfgen_count": (48, 6),
     "selfgen_tokens": (192, 48),
     "train_steps": (15, 2),
     "eval_limit": (32, 6),
@@ -53,7 +56,8 @@ class DemoConfig(Config):
     out: Path = option(Path("loram-demo"), "Folder for the report, its plots and every stage's output.")
     quick: bool = option(False, "A smoke run of a few minutes: tiny alignment, training and evaluation.")
     ratio: float | None = ratio_options()[0]  # Taylor on layers [4, L-2); docs/demo.md: why 0.5
-    align_steps: int | None = option(None, "Alignment steps on Wikipedia and the original's own math problems (default 40; --quick 2).")
+    align_steps: int | None = option(None, "Alignment steps on Wikipedia and the original's own math problems "
+                                           "(default 40; --quick 2).")
     train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 15; --quick 2).")
     eval_limit: int | None = option(None, "Held-out GSM8K items evaluated, and half as many news documents "
                                            "(default 32; --quick 6).")
@@ -126,7 +130,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     prune = stages.run("prune", {"assets": asset_key, "ratio": cfg.ratio, "samples": cfg.setting("calib_samples"),
                                  "kv_score": cfg.setting("kv_score")},
                        lambda f: _prune(model_dir, f, cfg))
-    generated = stages.run("selfgen", {"assets": asset_key, "args": selfgen_args(cfg)},
+    generated = stages.run("selfgen", {"assets": asset_key, **_selfgen_key(cfg)},
                            lambda f: _selfgen(model_dir, f, cfg))
     align_data = [d.format(selfgen=generated.folder / SELFGEN_FILE) for d in ALIGN_DATA]
     align = stages.run("align", {"prune": prune.key, "selfgen": generated.key, "steps": cfg.setting("align_steps"),
@@ -190,16 +194,29 @@ def _align_objective() -> dict:
 
 
 def selfgen_args(cfg: DemoConfig) -> list:
-    """`loram publish selfgen` flags of the demo (after the model, before --out)."""
-    count = cfg.setting("selfgen_count")
-    return ["--prompts", "math", "--count", count, "--max-new-tokens", cfg.setting("selfgen_tokens"),
-            "--batch", count, "--seed", 0]
+    """`loram publish selfgen` flags of the demo (after the model, before --out), every sampling setting spelled
+    out so that the selfgen stage's key holds them. At least 2 x --seq-len / answer tokens conversations: each
+    is longer than its answer (system prompt and request), so the file holds a few alignment blocks at any
+    --seq-len (align refuses a source shorter than one block)."""
+    tokens = cfg.setting("selfgen_tokens")
+    count = max(cfg.setting("selfgen_count"), math.ceil(2 * cfg.setting("seq_len") / tokens))
+    return ["--prompts", SELFGEN_PROMPTS, "--count", count, "--max-new-tokens", tokens, "--batch", count,
+            "--temperature", 0.7, "--top-p", 0.9, "--seed", 0]
+
+
+def _selfgen_key(cfg: DemoConfig) -> dict:
+    """What the generated file depends on besides the model: the flags and the built-in prompts' text."""
+    from loram.publisher.selfgen import BUILT_IN
+
+    prompts = hashlib.sha256("\n".join(BUILT_IN[SELFGEN_PROMPTS]).encode()).hexdigest()
+    return {"args": selfgen_args(cfg), "prompts": prompts}
 
 
 def _selfgen(model_dir: Path, folder: Path, cfg: DemoConfig) -> dict:
     _loram("publish", "selfgen", model_dir, *selfgen_args(cfg), "--out", folder / SELFGEN_FILE)
     lines = (folder / SELFGEN_FILE).read_text().splitlines()
-    return {"path": str(folder / SELFGEN_FILE), "conversations": len(lines), "prompts": "math"}
+    return {"path": str(folder / SELFGEN_FILE), "conversations": len(lines), "prompts": SELFGEN_PROMPTS,
+            "data": list(ALIGN_DATA)}
 
 
 def _align(pruned: Path, folder: Path, cfg: DemoConfig, data: list[str]) -> dict:

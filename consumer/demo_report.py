@@ -59,8 +59,7 @@ def no_gap_left(report: dict, enough: float = 0.9) -> list[str]:
         if ppl[(LORAM, data)] >= ppl[(UNALIGNED, data)] and unaligned >= enough:
             out.append(f"Point 3 ({data}): LoRAM without alignment already closes {unaligned:.0%} of the gap to LoRA "
                        f"on the original there (aligned: {gap_closed(ppl, data, LORAM):.0%}), so no gap is left for "
-                       f"alignment to close; the difference, {ppl[(LORAM, data)] - ppl[(UNALIGNED, data)]:+.3f}, is "
-                       "within what this many items can separate.")
+                       f"alignment to close (aligned minus unaligned: {ppl[(LORAM, data)] - ppl[(UNALIGNED, data)]:+.3f}).")
     return out
 
 

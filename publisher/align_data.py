@@ -15,7 +15,7 @@ the form an instruction-tuned model is fine-tuned and used in. Each article is c
 (a run ends once it passes 700 characters); each run is one document, the assistant's answer to "Tell me
 about TITLE." (an article's first run) or "Tell me more about TITLE." (its later runs). Measured on
 SmolLM2: LoRAM recovers more of the gap to LoRA when alignment reads `wiki-chat` than `wiki`
-(docs/alignment.md), which is why the demo aligns on it.
+(docs/alignment.md), which is why it is half of what the demo aligns on.
 
 Mixing: each source's blocks repeat endlessly (a small source from memory after its first pass) and `datasets.interleave_datasets` draws the source of every
 block with probabilities weight / sum(weights), seeded. The weights are therefore fractions of training

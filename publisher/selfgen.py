@@ -13,10 +13,11 @@ Prompts (`--prompts`): `math` (built in, `MATH_PROMPTS`: 32 everyday topics x 4 
 math word problem with a worked solution, shuffled with `--seed`), or a `.txt` file with one prompt per line.
 With `--count` above the number of prompts, the prompts repeat and each repetition is sampled anew.
 
-Sampling: `--temperature` 0.7 and `--top-p` 0.9, seeded, `--batch` prompts at a time padded on the left. Not
-temperature 1: text sampled from the original's own distribution carries, on average, no LM-loss gradient for
-it, and tempered sampling keeps the text the original finds most typical. The same seed, batch and number of
-CPU threads give the same file (`LORAM_THREADS` fixes the thread count).
+Sampling: `--temperature` 0.7 and `--top-p` 0.9 (the settings measured; temperature 1 and greedy were not),
+seeded, `--batch` prompts at a time padded on the left (with the end-of-sequence token when the tokenizer has
+no pad token). The same seed, batch and number of CPU threads give the same file (`LORAM_THREADS` fixes the
+thread count). Every conversation is held in memory and the file is written once, whole, at the end: for a
+very large `--count`, run several smaller ones with different `--seed`s and mix or concatenate the files.
 
 Measured on SmolLM2-135M (docs/alignment.md): the default alignment objective on 128 `math` conversations closes
 51% of the gap from the original to LoRA on GSM8K, against 40% on Wikipedia in chat form (`wiki-chat`) and 30%
@@ -87,7 +88,7 @@ class SelfgenResult:
     conversations: int
     tokens: int  # answer tokens generated
     seconds: float  # generation, without loading the model
-    peak_memory_bytes: int  # GPU: peak allocated; CPU: the process's peak RSS
+    peak_memory_bytes: int  # CPU: the process's peak RSS; GPU: peak allocated on the current device
 
 
 def read_prompts(spec: str) -> list[str]:
@@ -122,29 +123,49 @@ def conversations(model, tokenizer, asks: list[str], batch: int = 16, max_new_to
                   temperature: float = 0.7, top_p: float = 0.9, progress=None) -> tuple[list[str], int]:
     """The original's sampled answer to each ask, rendered with the ask as one chat; and the answer tokens.
 
-    Sampling follows torch's global RNG (seed it first). `progress(n)` is called after each batch."""
+    Sampling follows torch's global RNG (seed it first). `progress(n)` is called after each batch. The tokenizer
+    is set to pad on the left (generation continues every row from its last prompt token), with its
+    end-of-sequence token when it has no pad token; the caller's tokenizer keeps those settings."""
     import torch
 
-    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    pad_left(tokenizer)
+    device = model.get_input_embeddings().weight.device  # where the input ids go, also under device_map="auto"
     texts, tokens = [], 0
     for i in range(0, len(asks), batch):
         part = asks[i:i + batch]
-        rendered = [tokenizer.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
-                                                  add_generation_prompt=True) for a in part]
+        rendered = [chat(tokenizer, [{"role": "user", "content": a}], add_generation_prompt=True) for a in part]
         enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
             generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                       top_p=top_p, pad_token_id=pad)
-        for ask, ids in zip(part, generated[:, enc.input_ids.shape[1]:], strict=True):
-            tokens += int((ids != pad).sum())
+                                       top_p=top_p, pad_token_id=tokenizer.pad_token_id)
+        for ask, ids in zip(part, generated[:, enc.input_ids.shape[1]:].tolist(), strict=True):
+            stop = tokenizer.eos_token_id
+            tokens += ids.index(stop) + 1 if stop in ids else len(ids)  # up to the end of the answer, its stop token too
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            texts.append(tokenizer.apply_chat_template(
-                [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}], tokenize=False))
+            texts.append(chat(tokenizer, [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]))
         if progress:
             progress(len(part))
     return texts, tokens
+
+
+def pad_left(tokenizer) -> None:
+    """Pad on the left, with the end-of-sequence token when the tokenizer has no pad token (Llama-3's has none)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LoramError("the tokenizer has neither a pad nor an end-of-sequence token, and generation pads "
+                             "its batches; use a tokenizer that defines one")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def chat(tokenizer, turns: list[dict], **kwargs) -> str:
+    """`turns` rendered with the tokenizer's chat template; a template that fails is one LoramError."""
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+    except Exception as e:  # jinja errors, a template's own raise_exception: the template is at fault
+        raise LoramError(f"the tokenizer's chat template failed on a {' + '.join(t['role'] for t in turns)} turn "
+                         f"({type(e).__name__}: {' '.join(str(e).split())}); fix the template or use another "
+                         "model") from e
 
 
 def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
@@ -165,6 +186,7 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     if not getattr(tokenizer, "chat_template", None):
         raise LoramError(f"{cfg.model}: its tokenizer has no chat template, and selfgen writes conversations; use an "
                          "instruction-tuned model or align on plain text")
+    pad_left(tokenizer)  # refuses a tokenizer that cannot pad before the model is loaded
     configure_threads()
     device = default_device()
     placement = {"device_map": "auto"} if device.type == "cuda" else {}
@@ -177,4 +199,4 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     seconds = time.perf_counter() - started
     with atomic_file(cfg.out) as tmp:
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    return SelfgenResult(cfg.out, len(texts), tokens, round(seconds, 1), peak_memory_bytes())
+    return SelfgenResult(cfg.out, len(texts), tokens, seconds, peak_memory_bytes())

@@ -128,7 +128,7 @@ def test_verdicts_state_plainly_what_holds():
     closed = {**worse, (UNALIGNED, "news"): 22.3, (LORAM, "news"): 22.4}  # news: original 32, LoRA 22.4
     text = render(_report(closed), [])
     assert ("Point 3 (news): LoRAM without alignment already closes 101% of the gap to LoRA on the original there "
-            "(aligned: 100%), so no gap is left for alignment to close; the difference, +0.100,") in text
+            "(aligned: 100%), so no gap is left for alignment to close (aligned minus unaligned: +0.100).") in text
 
 
 def test_gap_plot_is_written(tmp_path):

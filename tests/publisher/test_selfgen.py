@@ -122,3 +122,21 @@ def test_a_model_without_a_chat_template_or_a_failed_run_writes_nothing(original
     with pytest.raises(KeyboardInterrupt):
         selfgen(model=str(original), count=2, out=tmp_path / "gen.jsonl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # no file, no temporary left behind
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_a_failing_template_is_one_line(tmp_path):
+    model_dir = tmp_path / "no-pad"
+    save_tiny_checkpoint(model_dir, "llama-gqa")
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    tok.pad_token = None  # as Llama-3's tokenizer
+    tok.save_pretrained(model_dir)
+    result = selfgen(model=str(model_dir), count=3, batch=3, max_new_tokens=6, out=tmp_path / "gen.jsonl")
+    assert result.conversations == len(_records(tmp_path / "gen.jsonl")) == 3
+    assert 3 <= result.tokens <= 18  # each answer counted up to its stop token, at most 6 tokens
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    tok.save_pretrained(model_dir)
+    with pytest.raises(LoramError, match=r"^the tokenizer's chat template failed on a user turn \(TemplateError: "
+                                         r"roles must alternate\); fix the template or use another model$"):
+        selfgen(model=str(model_dir), count=2, out=tmp_path / "bad.jsonl")
+    assert not (tmp_path / "bad.jsonl").exists()
