@@ -217,7 +217,13 @@ def test_smollm2_original_and_pruned_on_a_shipped_bigbench_task(smollm2_pruned):
     from loram.shared import assets
     from loram.shared.assets.bigbench import bigbench_path
 
-    docs = [json.loads(line) for line in bigbench_path("strategyqa").read_text().splitlines()[:12]]
+    try:
+        path = bigbench_path("strategyqa")
+    except LoramError as e:  # the sdist comes from the package registry, once; some registries do not carry it
+        if "could not fetch bigbench==" not in str(e):
+            raise
+        pytest.skip(f"the BIG-bench sdist is neither cached nor offered by this package registry: {e}")
+    docs = [json.loads(line) for line in path.read_text().splitlines()[:12]]
     tok = load_tokenizer(assets.model_dir())
     for folder in (assets.model_dir(), smollm2_pruned):
         model = from_pretrained(folder).eval()
