@@ -101,7 +101,8 @@ DEMO = "hidden-mse-pruned-wikichat+demo-math"  # what `loram demo` aligns with (
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
         + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
                                                      "hidden-mse-pruned-mathgen", "gradmatch-oracle-gsm8k")]
-        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"] + [f"taylor50/{WIKICHAT}/{4 * DEMO_STEPS}/{s}" for s in (0, 1)]
+        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"]
+        + [f"taylor50/{o}/{4 * DEMO_STEPS}/{s}" for o in (WIKICHAT, DEMO) for s in (0, 1)]
         + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")
            for s in (0, 1)]
         + [f"sparsegpt2:4/{WIKICHAT}/{DEMO_STEPS}/0"])  # wiki-chat on the non-structured model closest to 2x

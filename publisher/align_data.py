@@ -129,8 +129,8 @@ def repeated_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:
     A source whose blocks hold at most REPLAY_TOKENS tokens is read and tokenized once and then replayed from
     memory (4 bytes a token); a larger one is streamed again on every pass. The blocks are the same either way.
     Why: opening a streaming reader costs a fraction of a second, and a small source mixed with a large one is
-    passed over many times just to fill the shuffle buffer: next to wiki-chat, the quick demo's 4 self-generated
-    conversations at --seq-len 128 took 53 s to the first 1200 blocks re-read every pass, 0.6 s replayed
+    passed over many times just to fill the shuffle buffer: next to wiki-chat, the quick demo's 6 self-generated
+    conversations at --seq-len 128 took 33 s to the first 1200 blocks re-read every pass, 0.65 s replayed
     (benchmarks/align_stream.py)."""
     kept: list[array] | None = []
     for block in iter_blocks(name, tokenizer, seq_len):
