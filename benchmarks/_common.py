@@ -11,6 +11,16 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def demo_selfgen(cfg, out: Path) -> Path:
+    """`loram publish selfgen` on the embedded model with the flags `loram demo` (config `cfg`) uses; returns `out`."""
+    from loram.demo import selfgen_args
+    from loram.shared.assets import model_dir
+
+    loram = Path(sys.executable).parent / "loram"
+    subprocess.run([loram, "publish", "selfgen", model_dir(), *map(str, selfgen_args(cfg)), "--out", out], check=True)
+    return out
+
+
 def machine() -> dict:
     import torch
 

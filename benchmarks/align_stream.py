@@ -17,13 +17,11 @@ Both must yield the same blocks in the same order (checked). Writes benchmarks/r
 
 import argparse
 import itertools
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, write
+from _common import demo_selfgen, machine, write
 
 BLOCKS = 1200  # the shuffle buffer (1000) and the first 100 steps of 2 blocks
 
@@ -49,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", type=Path, help="a small .jsonl source instead of the demo's selfgen files")
     args = ap.parse_args()
-    from loram.demo import DemoConfig, selfgen_args
+    from loram.demo import DemoConfig
     from loram.publisher.align_data import Source, mixture
     from loram.shared.assets import model_dir
     from loram.shared.pruned_model import load_tokenizer
@@ -62,10 +60,7 @@ def main() -> None:
         else:  # the demo's selfgen file and its --quick one, each at the demo's --seq-len
             cases = {}
             for name, cfg in (("loram demo", DemoConfig()), ("loram demo --quick", DemoConfig(quick=True))):
-                path = Path(tmp) / f"{len(cases)}.jsonl"
-                loram = Path(sys.executable).parent / "loram"
-                subprocess.run([loram, "publish", "selfgen", model_dir(), *map(str, selfgen_args(cfg)), "--out", path],
-                               check=True)
+                path = demo_selfgen(cfg, Path(tmp) / f"{len(cases)}.jsonl")
                 cases[f"{name}: {cfg.setting('selfgen_count')} conversations"] = (path, cfg.setting("seq_len"))
         for name, (small, seq_len) in cases.items():
             sources = [Source("wiki-chat"), Source(str(small))]

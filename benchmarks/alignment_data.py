@@ -120,14 +120,11 @@ def build(out: Path, count: int = 128, files=FILES) -> None:
         torch.manual_seed(0)
         _write(out / "mathgen.jsonl", self_generated(original(), tokenizer, math_prompts(count), new_tokens=256))
     if "demo-math" in files and not (out / "demo-math.jsonl").is_file():
-        import subprocess
-        import sys
+        from _common import demo_selfgen
 
-        from loram.demo import DemoConfig, selfgen_args
+        from loram.demo import DemoConfig
 
-        loram = Path(sys.executable).parent / "loram"
-        subprocess.run([loram, "publish", "selfgen", model_dir(), *map(str, selfgen_args(DemoConfig())), "--out",
-                        out / "demo-math.jsonl"], check=True)
+        demo_selfgen(DemoConfig(), out / "demo-math.jsonl")
 
 
 def main() -> None:

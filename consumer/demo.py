@@ -215,14 +215,13 @@ def _selfgen_key(cfg: DemoConfig) -> dict:
 def _selfgen(model_dir: Path, folder: Path, cfg: DemoConfig) -> dict:
     _loram("publish", "selfgen", model_dir, *selfgen_args(cfg), "--out", folder / SELFGEN_FILE)
     lines = (folder / SELFGEN_FILE).read_text().splitlines()
-    return {"path": str(folder / SELFGEN_FILE), "conversations": len(lines), "prompts": SELFGEN_PROMPTS,
-            "data": list(ALIGN_DATA)}
+    return {"path": str(folder / SELFGEN_FILE), "conversations": len(lines), "prompts": SELFGEN_PROMPTS}
 
 
 def _align(pruned: Path, folder: Path, cfg: DemoConfig, data: list[str]) -> dict:
     steps = cfg.setting("align_steps")
-    _loram("publish", "align", pruned, *[x for d in data for x in ("--data", d)], "--steps", steps, "--seq-len", cfg.setting("seq_len"),
-           "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
+    _loram("publish", "align", pruned, *[x for d in data for x in ("--data", d)], "--steps", steps,
+           "--seq-len", cfg.setting("seq_len"), "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
            "--eval-limit", cfg.align_eval_limit, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")
     report = json.loads((folder / "aligned" / "align_report.json").read_text())

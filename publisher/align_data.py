@@ -17,8 +17,8 @@ about TITLE." (an article's first run) or "Tell me more about TITLE." (its later
 SmolLM2: LoRAM recovers more of the gap to LoRA when alignment reads `wiki-chat` than `wiki`
 (docs/alignment.md), which is why it is half of what the demo aligns on.
 
-Mixing: each source's blocks repeat endlessly (a small source from memory after its first pass) and `datasets.interleave_datasets` draws the source of every
-block with probabilities weight / sum(weights), seeded. The weights are therefore fractions of training
+Mixing: each source's blocks repeat endlessly (a small source from memory after its first pass) and
+`datasets.interleave_datasets` draws the source of every block with probabilities weight / sum(weights), seeded. The weights are therefore fractions of training
 tokens, whatever the sources' sizes: a small source is repeated, a large one is sampled. A seeded shuffle
 buffer of blocks then breaks up runs of consecutive blocks from one long document. The stream is a pure
 function of (sources, tokenizer, L, seed), which is what makes `--resume` exact: the Trainer re-reads and
@@ -99,14 +99,19 @@ def chat_texts(name: str, tokenizer) -> Iterator[str]:
         runs += [run] if run else []
         for i, paragraphs in enumerate(runs):
             ask = f"Tell me {'more ' if i else ''}about {record['title']}."
-            try:
-                yield tokenizer.apply_chat_template(
-                    [{"role": "user", "content": ask}, {"role": "assistant", "content": "\n\n".join(paragraphs)}],
-                    tokenize=False)
-            except Exception as e:  # jinja errors, a template's own raise_exception: the template is at fault
-                raise LoramError(f"data source {name}: the tokenizer's chat template failed on a user + assistant "
-                                 f"turn ({type(e).__name__}: {' '.join(str(e).split())}); use {split} "
-                                 "instead") from e
+            yield render_chat(tokenizer, [{"role": "user", "content": ask},
+                                          {"role": "assistant", "content": "\n\n".join(paragraphs)}],
+                              fix=f"use {split} instead", prefix=f"data source {name}: ")
+
+
+def render_chat(tokenizer, turns: list[dict], fix: str, prefix: str = "", **kwargs) -> str:
+    """`turns` rendered (as text) with the tokenizer's chat template; a template that fails is one LoramError,
+    `prefix` + what failed + `fix`."""
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+    except Exception as e:  # jinja errors, a template's own raise_exception: the template is at fault
+        raise LoramError(f"{prefix}the tokenizer's chat template failed on a {' + '.join(t['role'] for t in turns)} "
+                         f"turn ({type(e).__name__}: {' '.join(str(e).split())}); {fix}") from e
 
 
 def iter_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:

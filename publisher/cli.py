@@ -4,7 +4,8 @@ import typer
 
 from loram.shared.cli_support import add_config_command
 
-app = typer.Typer(help="Publisher toolkit: prune, write alignment text (selfgen), align and publish a model.", no_args_is_help=True)
+app = typer.Typer(help="Publisher toolkit: prune, write alignment text (selfgen), align and publish a model.",
+                  no_args_is_help=True)
 
 
 def _prune(cfg) -> None:

@@ -160,12 +160,9 @@ def pad_left(tokenizer) -> None:
 
 def chat(tokenizer, turns: list[dict], **kwargs) -> str:
     """`turns` rendered with the tokenizer's chat template; a template that fails is one LoramError."""
-    try:
-        return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
-    except Exception as e:  # jinja errors, a template's own raise_exception: the template is at fault
-        raise LoramError(f"the tokenizer's chat template failed on a {' + '.join(t['role'] for t in turns)} turn "
-                         f"({type(e).__name__}: {' '.join(str(e).split())}); fix the template or use another "
-                         "model") from e
+    from loram.publisher.align_data import render_chat
+
+    return render_chat(tokenizer, turns, fix="fix the template or use another model", **kwargs)
 
 
 def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
