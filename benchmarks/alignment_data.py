@@ -15,12 +15,18 @@ from neither GSM8K nor news:
                       OpenWebMath share, and nothing of GSM8K in it
     demo-math.jsonl   exactly what `loram demo` aligns on besides wiki-chat: `loram publish selfgen` with the demo's
                       flags (consumer/demo.py `selfgen_args`)
+    dmmath.jsonl      600 conversations of 4 questions each from DeepMind's mathematics_dataset 1.0.1 (PyPI, pinned:
+                      a generator of school-level arithmetic, algebra, number, measurement and probability questions
+                      with their answers; module and generator drawn at random, seed 0), each answered "The answer
+                      is X.": math text the original did not write, so its LM-loss gradient is not the original's
+                      own sampling noise (the gradient-matching question in docs/alignment.md); each build is
+                      another draw of the same mix (`dm_math`)
     gsm8k-oracle.jsonl  NOT general text, a diagnostic bound: GSM8K fine-tuning items 500..999 (`gsm8k-train`;
                       the demo's LoRA trains on items 0..59, the held-out set is items 1000+) rendered as chat
                       (question as the user turn, answer as the assistant's): what aligning on the fine-tuning
                       task's own domain could give, which no publisher can do for a task it does not know
 
-    python benchmarks/alignment_data.py --out DIR    # writes DIR/selfgen.jsonl, mathgen.jsonl, demo-math.jsonl, gsm8k-oracle.jsonl
+    python benchmarks/alignment_data.py --out DIR    # writes every file above into DIR
 
 Each file holds {"text": rendered conversation} records, which `loram publish align --data FILE` reads.
 On 2 CPU cores (16 prompts per batch) selfgen takes about 10 minutes to generate, mathgen about 4.
@@ -29,6 +35,7 @@ On 2 CPU cores (16 prompts per batch) selfgen takes about 10 minutes to generate
 import argparse
 import json
 import random
+import sys
 import zipfile
 from pathlib import Path
 
@@ -38,6 +45,61 @@ def chitchat_wheel():
 
     return Wheel("chitchat-dataset", "0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl",
                  "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e")
+
+
+# mathematics_dataset and the two packages it imports that the project does not install (wheels, pinned)
+DM_MATH_WHEELS = (("mathematics-dataset", "1.0.1", "mathematics_dataset-1.0.1-py3-none-any.whl",
+                   "8ebfe083ed65e07a9a555c9a51449c8e7c0ee097a96880a7183d2e8606081de6"),
+                  ("absl-py", "2.5.1", "absl_py-2.5.1-py3-none-any.whl",
+                   "721200f2f0e9960f2ca9dc3a2a706b201f5f75d812c158f059cbbe29eeafbdb8"),
+                  ("six", "1.17.0", "six-1.17.0-py2.py3-none-any.whl",
+                   "4721f391ed90541fddacab5acf947aa0d3dc7d27b2e1e8eda2be8970586c3274"))
+
+
+def dm_math(tokenizer, out: Path, count: int = 600, per_conversation: int = 4) -> list[str]:
+    """`count` chat conversations of mathematics_dataset questions (user) and "The answer is X." (assistant).
+
+    Seeded, yet each run is another draw of the same mix: the package picks among sets of its own objects (hashed
+    by identity) and of strings (hashed by PYTHONHASHSEED). The grid's file was one draw (sha256 6349bf2c...,
+    recorded in its aligned checkpoints' manifests)."""
+    import numpy as np
+
+    from loram.shared.assets import Wheel, fetch_wheel
+
+    lib = out / ".dmmath-lib"
+    for name, version, filename, sha in DM_MATH_WHEELS:
+        with zipfile.ZipFile(fetch_wheel(Wheel(name, version, filename, sha))) as zf:
+            zf.extractall(lib)
+    sys.path.insert(0, str(lib))
+    from sympy.solvers.diophantine.diophantine import base_solution_linear
+
+    # the 2019 package imports it from the package, where sympy < 1.7 had it
+    sys.modules["sympy.solvers.diophantine"].base_solution_linear = base_solution_linear
+    from absl import flags
+    from mathematics_dataset import generate
+    from mathematics_dataset.modules import modules
+
+    flags.FLAGS(["alignment_data"])
+    np.random.seed(0)
+    random.seed(0)
+    generators = [fn for module in modules.train(generate._make_entropy_fn(0, 1)).values() for fn in module.values()]
+    def draw():  # a random generator's problem; None for the few that need numpy < 2 (ndarray.itemset)
+        try:
+            return random.choice(generators)()
+        except Exception:
+            return None
+    texts = []
+    while len(texts) < count:
+        if draw() is None:  # a first draw, discarded, as the grid's file was made
+            continue
+        turns = []
+        for problem in (draw() for _ in range(per_conversation)):
+            if problem is not None:
+                turns += [{"role": "user", "content": str(problem.question)},
+                          {"role": "assistant", "content": f"The answer is {problem.answer}."}]
+        if turns:
+            texts.append(tokenizer.apply_chat_template(turns, tokenize=False))
+    return texts
 
 
 def _write(path: Path, texts: list[str]) -> None:
@@ -92,7 +154,7 @@ def oracle(tokenizer) -> list[str]:
             for i in ORACLE_ITEMS]
 
 
-FILES = ("selfgen", "mathgen", "demo-math", "gsm8k-oracle")
+FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "gsm8k-oracle")
 
 
 def build(out: Path, count: int = 128, files=FILES) -> None:
@@ -119,6 +181,8 @@ def build(out: Path, count: int = 128, files=FILES) -> None:
     if "mathgen" in files and not (out / "mathgen.jsonl").is_file():
         torch.manual_seed(0)
         _write(out / "mathgen.jsonl", self_generated(original(), tokenizer, math_prompts(count), new_tokens=256))
+    if "dmmath" in files and not (out / "dmmath.jsonl").is_file():
+        _write(out / "dmmath.jsonl", dm_math(tokenizer, out))
     if "demo-math" in files and not (out / "demo-math.jsonl").is_file():
         from _common import demo_selfgen
 

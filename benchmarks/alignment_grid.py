@@ -84,13 +84,17 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     # what `loram demo` aligns on: wiki-chat and the math problems `loram publish selfgen` writes with the demo's flags
     "hidden-mse-pruned-wikichat+demo-math": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
                                              "{work}/data/demo-math.jsonl:1"],
+    # DeepMind's mathematics_dataset (a PyPI generator of school-level questions with answers, as chat): math text
+    # the original did not write, so its LM-loss gradient is not the original's own sampling noise
+    "hidden-mse-pruned-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
+    "gradmatch-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
 }
 # objectives that `loram publish align` does not have, run by a benchmark script that extends it (its flags first)
 PROTOTYPES = {o: ["gradient_matching.py", "--weight", "1"]
-              for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-oracle-gsm8k")}
+              for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-oracle-gsm8k")}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
 DEMO = "hidden-mse-pruned-wikichat+demo-math"  # what `loram demo` aligns with (consumer/demo.py ALIGN_DATA)

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loram.publisher.align_data import Source, check_text_source, probabilities
+from loram.publisher.align_data import Source, check_text_source, probabilities, source_record
 from loram.publisher.distill import HIDDEN_INPUTS, HIDDEN_LAYERS, HIDDEN_LOSSES
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
@@ -199,6 +199,8 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
         raise LoramError(f"{cfg.pruned} has no tokenizer; alignment needs one to read text") from e
 
     train_set = mixture(cfg.sources, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_buffer)
+    data = [{**source_record(s.name), "weight": round(p, 6)}  # hashed once: every checkpoint records it
+            for s, p in zip(cfg.sources, probabilities(cfg.sources), strict=True)]
     eval_set = eval_blocks(cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_limit) if cfg.eval_data else None
     teacher, teacher_path = _load_teacher(cfg, manifest, model_config) if cfg.distills else (None, None)
     # FSDP: every process builds the model empty and later reads only its shards' rows (no full copy per process)
@@ -235,7 +237,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     progress = TrainingProgress("aligning") if args.process_index == 0 else None
 
     def write_checkpoint_manifest(checkpoint: Path, step: int) -> None:
-        _carry_manifest(manifest, _record(cfg, source, trainer, final=False)).save(checkpoint)
+        _carry_manifest(manifest, _record(cfg, source, trainer, data, final=False)).save(checkpoint)
 
     trainer = AlignTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_blocks,
@@ -246,7 +248,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     training.begin(folder, trainer)
     training.run(trainer, folder)
 
-    record = _record(cfg, source, trainer, final=True)
+    record = _record(cfg, source, trainer, data, final=True)
     report = training.training_report(cfg, source, trainer, progress, trainable=trainable, started=started,
                                       record=record, frozen=frozen, **({"fsdp": sharding} if sharding else {}))
     gathered = folder.work / ".final-weights.partial"  # FSDP: every rank joins the gather, rank 0 writes here
@@ -349,15 +351,14 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     return teacher.requires_grad_(False).eval(), source.path
 
 
-def _record(cfg: AlignConfig, source, trainer, final: bool) -> dict:
+def _record(cfg: AlignConfig, source, trainer, data: list[dict], final: bool) -> dict:
     """The alignment record appended to the manifest (of a checkpoint, or of the final output)."""
     from loram.shared.training import evaluations
 
     state, evals = trainer.state, evaluations(trainer.state)
     record = {
         "tool": "loram publish align", "model": {"id": source.id, "revision": source.revision},
-        "data": [{"source": s.name, "weight": round(p, 6)}
-                 for s, p in zip(cfg.sources, probabilities(cfg.sources), strict=True)],
+        "data": data,
         "steps": state.global_step, "max_steps": cfg.steps, "complete": final,
         "tokens": int(state.num_input_tokens_seen), "seq_len": cfg.seq_len,
         "global_batch": cfg.batch * cfg.grad_accum * trainer.args.world_size,

@@ -25,6 +25,7 @@ function of (sources, tokenizer, L, seed), which is what makes `--resume` exact:
 skips the blocks already trained on.
 """
 
+import hashlib
 import math
 from array import array
 from collections.abc import Iterator
@@ -35,7 +36,8 @@ from pathlib import Path
 import torch
 
 from loram.shared.errors import LoramError
-from loram.shared.records import SEPARATOR, check_source, iter_texts
+from loram.shared.manifest import sha256_file
+from loram.shared.records import SEPARATOR, TEXT_SPLITS, check_source, iter_texts
 
 TOKENIZE_BATCH = 64  # documents per tokenizer call
 CHAT_SPLITS = {"wiki-chat": "wiki", "wiki-heldout-chat": "wiki-heldout"}  # chat form -> built-in article split
@@ -67,6 +69,20 @@ class Source:
         if not name:
             raise LoramError(f"--data {spec}: names no source; write SOURCE or SOURCE:WEIGHT")
         return cls(name, weight)
+
+
+def source_record(name: str) -> dict:
+    """How the manifest records a `--data` source: a built-in by its name; a file or folder by its own name, size
+    and sha256 (a folder's: over each file's relative path and sha256, in order), never by the local path, which
+    the model card would publish and nobody else could open."""
+    path = Path(name).expanduser()
+    if name in TEXT_SPLITS or name in CHAT_SPLITS or not path.exists():
+        return {"source": name}
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    digests = [(f.relative_to(path).as_posix() if f != path else "", sha256_file(f)) for f in files]
+    digest = digests[0][1] if path.is_file() else hashlib.sha256(
+        "".join(f"{rel} {h}\n" for rel, h in digests).encode()).hexdigest()
+    return {"source": path.resolve().name, "sha256": digest, "bytes": sum(f.stat().st_size for f in files)}
 
 
 def probabilities(sources: list[Source]) -> list[float]:

@@ -19,7 +19,7 @@ from loram.publisher.align_data import CHAT_RUN, Source, chat_texts, collate_blo
 from loram.publisher.prune import prune
 from loram.shared.assets import read_records
 from loram.shared.errors import LoramError
-from loram.shared.manifest import Manifest, verify_files
+from loram.shared.manifest import Manifest, sha256_file, verify_files
 from loram.shared.records import iter_texts
 
 loram.register()  # pruned checkpoints load with the Auto classes
@@ -71,7 +71,9 @@ def test_output_and_every_checkpoint_are_pruned_checkpoints_with_an_alignment_re
         verify_files(folder)  # the sha256 list covers every file, checkpoint state included
         record = manifest.alignment[-1]
         assert (record["steps"], record["complete"], record["tokens"]) == (steps, complete, steps * 4 * 32)
-        assert record["data"] == [{"source": str(root / "text.txt"), "weight": 1.0}]
+        # a file by its name, size and hash, never by the local path the model card would publish
+        assert record["data"] == [{"source": "text.txt", "sha256": sha256_file(root / "text.txt"),
+                                   "bytes": (root / "text.txt").stat().st_size, "weight": 1.0}]
         assert (record["lr"], record["seq_len"], record["global_batch"], record["lm_head"]) == (1e-3, 32, 4, "frozen")
         assert record["eval"]["step"] == steps and record["eval"]["blocks"] == 4
     assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in out.rglob("*"))
@@ -470,3 +472,20 @@ def test_smollm2_alignment_lowers_held_out_perplexity(tmp_path):
     assert (start, end) == (0, 4) and after < before
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "aligned")
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)  # still tied, and frozen
+
+
+def test_source_record_names_a_file_by_its_hash_not_its_path(tmp_path, monkeypatch):
+    from loram.publisher.align_data import source_record
+
+    (tmp_path / "text.txt").write_text("some text\n")
+    assert source_record(str(tmp_path / "text.txt")) == {
+        "source": "text.txt", "sha256": sha256_file(tmp_path / "text.txt"), "bytes": 10}
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": ["a b c", "d e"]}).save_to_disk(folder)
+    record = source_record(str(folder) + "/")
+    assert record["source"] == "saved" and record["bytes"] == sum(f.stat().st_size for f in folder.rglob("*"))
+    (folder / "dataset_info.json").write_text((folder / "dataset_info.json").read_text() + " ")
+    assert source_record(str(folder))["sha256"] != record["sha256"]  # any file of the folder changes it
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wiki").mkdir()  # a built-in name is the built-in, as the reader takes it, even beside such a folder
+    assert source_record("wiki") == {"source": "wiki"} and source_record("wiki-chat") == {"source": "wiki-chat"}

@@ -13,7 +13,9 @@ from loram.shared.errors import LoramError
 from loram.shared.manifest import Manifest
 from loram.shared.model_cards import adapter_card, card_metadata, parameter_counts, pruned_card
 
-RECORD = {"tool": "loram publish align", "data": [{"source": "wiki", "weight": 1.0}], "steps": 40,
+RECORD = {"tool": "loram publish align", "steps": 40,
+          "data": [{"source": "wiki", "weight": 0.5}, {"source": "math.jsonl", "sha256": "ab12" * 16, "bytes": 9,
+                                                      "weight": 0.5}],
           "tokens": 20480, "eval": {"source": "wiki-heldout", "perplexity": 31.5, "perplexity_at_start": 48.2}}
 
 
@@ -49,7 +51,8 @@ def test_pruned_card_metadata_mirrors_the_manifest(pruned, tmp_path):
     assert loram["alignment"] == [RECORD] and loram["evaluation"][0]["perplexity"] == 57.25
     # prose: method, counts, alignment, evaluation, the exact recipe, how to use it
     assert f"{result.original_params:,} -> {result.pruned_params:,}" in card
-    assert "40 steps, 20,480 tokens, on wiki (weight 1.0), held-out perplexity 31.5" in card
+    assert ("40 steps, 20,480 tokens, on wiki (weight 0.5), math.jsonl (weight 0.5, sha256 ab12ab12ab12), "
+            "held-out perplexity 31.5") in card
     assert "| pruned | 57.25 | 900 |" in card
     recipe = (folder / "prune_config.yaml").read_text().rstrip()
     assert f"```yaml\n{recipe}\n```" in card and "loram publish prune --config prune_config.yaml" in card
