@@ -88,13 +88,16 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     # the original did not write, so its LM-loss gradient is not the original's own sampling noise
     "hidden-mse-pruned-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
     "gradmatch-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
+    # prototype: the demo's alignment + matching the per-token gradient at every layer's output (residual stream)
+    "resmatch-wikichat+demo-math": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
 }
 # objectives that `loram publish align` does not have, run by a benchmark script that extends it (its flags first)
-PROTOTYPES = {o: ["gradient_matching.py", "--weight", "1"]
-              for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-oracle-gsm8k")}
+PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
+                 for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-oracle-gsm8k")},
+              "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"]}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
 DEMO = "hidden-mse-pruned-wikichat+demo-math"  # what `loram demo` aligns with (consumer/demo.py ALIGN_DATA)

@@ -18,6 +18,9 @@ step on SmolLM2 (8.6 s against 2.3 s for the default objective on the same machi
     python benchmarks/gradient_matching.py --weight 1 -- publish align PRUNED --data wiki-chat --steps 40 \\
         --distill-from base --kd-weight 0 --hidden-weight 1 --hidden-layers pruned ... --out ALIGNED
 
+`--match residual` compares instead the gradient with respect to each layer's output, at every position
+(ResidualGradientMatch; 29.6% on the demo's text, worse than none).
+
 The arguments after `--` are those of `loram publish align` (one process; `--fsdp` is not supported here).
 The output is an ordinary aligned checkpoint (its manifest record says the hidden-state objective; the
 gradient term is this script's). The grid runs it for the objectives in `alignment_grid.PROTOTYPES`.
@@ -58,21 +61,23 @@ class GradientMatch:
                 self.pairs.append((s_layer.get_submodule(mod.path).weight, t_layer.get_submodule(mod.path).weight,
                                    rows, cols))
 
-    def teacher_gradients(self, trainer, ids: torch.Tensor) -> list[torch.Tensor]:
+    def teacher_gradients(self, teacher, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The original's LM-loss gradients, at the positions the pruned model keeps."""
         weights = [t for _, t, _, _ in self.pairs]
         for w in weights:
             w.requires_grad_(True)
-        trainer._hidden[1].capturing = True
         try:
-            with torch.enable_grad():
-                loss = trainer.teacher(input_ids=ids, labels=ids).loss
-            grads = torch.autograd.grad(loss, weights)
+            grads = torch.autograd.grad(teacher(input_ids=ids, labels=ids).loss, weights)
         finally:
-            trainer._hidden[1].capturing = False
             for w in weights:
                 w.requires_grad_(False)
         return [g[r] if r is not None else g[:, c] if c is not None else g
                 for g, (_, _, r, c) in zip(grads, self.pairs, strict=True)]
+
+    def student_gradients(self, model, ids: torch.Tensor):
+        """The pruned model's output and its LM-loss gradients, differentiable (second order)."""
+        out = model(input_ids=ids, labels=ids)
+        return out, torch.autograd.grad(out.loss, [s for s, _, _, _ in self.pairs], create_graph=True)
 
     def __call__(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the LM loss, as align reports it
@@ -80,14 +85,18 @@ class GradientMatch:
         if self.pairs is None:
             self.setup(trainer, model)
         ids = inputs["input_ids"]
-        target = self.teacher_gradients(trainer, ids)
+        trainer._hidden[1].capturing = True
+        try:
+            with torch.enable_grad():
+                target = self.teacher_gradients(trainer.teacher, ids)
+        finally:
+            trainer._hidden[1].capturing = False
         teacher_hidden = {k: v.detach() for k, v in trainer._hidden[1].take().items()}
         trainer._hidden[0].capturing = True
         try:
-            out = model(input_ids=ids, labels=ids)
+            out, grads = self.student_gradients(model, ids)
         finally:
             trainer._hidden[0].capturing = False
-        grads = torch.autograd.grad(out.loss, [s for s, _, _, _ in self.pairs], create_graph=True)
         disagreement = torch.stack([1 - F.cosine_similarity(g.flatten(), t.flatten(), dim=0, eps=1e-20)
                                     for g, t in zip(grads, target, strict=True)]).mean()
         b, t = ids.shape
@@ -100,9 +109,49 @@ class GradientMatch:
         return (loss, out) if return_outputs else loss
 
 
+class ResidualGradientMatch(GradientMatch):
+    """`--match residual`: hidden-state loss + weight x the disagreement of the LM-loss gradient with respect to
+    each decoder layer's output (the residual stream), over the layers but the last:
+
+        1 - cos(dL_pruned/dH_l, dL_original/dH_l), H_l: layer l's outputs at every position, as one vector; mean over l
+
+    The weight gradient a LoRA follows is, per token, a layer's input times the gradient at its output; the
+    default objective matches the inputs, this term the gradients token by token (a cosine, so the pruned model
+    cannot agree by merely shrinking them): on text the original sampled itself they do not cancel, as their sum
+    over the batch, which `--match weights` compares, does."""
+
+    def setup(self, trainer, model) -> None:
+        if trainer.teacher is None or trainer._hidden is None:
+            raise SystemExit("gradient_matching.py needs --distill-from and --hidden-weight > 0")
+        for m in (model, trainer.teacher):
+            m.config._attn_implementation = "eager"  # double backward through attention
+        self.pairs = []  # set up: this objective pairs layer outputs, not weights
+
+    @staticmethod
+    def residual_gradients(m, ids: torch.Tensor, create_graph: bool):
+        embeds = m.get_input_embeddings()(ids)
+        if not embeds.requires_grad:  # a frozen model (the original): differentiate from its embeddings on
+            embeds = embeds.detach().requires_grad_(True)
+        out = m(inputs_embeds=embeds, labels=ids, output_hidden_states=True)
+        states = out.hidden_states[1:-1]  # outputs of layers 0..N-2 (the last entry is after the final norm)
+        return out, torch.autograd.grad(out.loss, states, create_graph=create_graph)
+
+    def teacher_gradients(self, teacher, ids: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.residual_gradients(teacher, ids, create_graph=False)[1])
+
+    def student_gradients(self, model, ids: torch.Tensor):
+        return self.residual_gradients(model, ids, create_graph=True)
+
+
+MATCHES = {"weights": GradientMatch, "residual": ResidualGradientMatch}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weight", type=float, default=1.0, help="weight of the gradient-disagreement term")
+    ap.add_argument("--match", choices=list(MATCHES), default="weights",
+                    help="weights: per-module cosine of the batch's weight gradients; residual: per-token gradients "
+                         "at every layer's output")
     ap.add_argument("align", nargs=argparse.REMAINDER, help="-- publish align PRUNED ... (loram's arguments)")
     args = ap.parse_args()
     argv = args.align[1:] if args.align[:1] == ["--"] else args.align
@@ -110,7 +159,7 @@ def main() -> None:
         raise SystemExit("usage: gradient_matching.py --weight W -- publish align PRUNED ... (see --help)")
     if "--fsdp" in argv or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("gradient_matching.py runs in one process, without --fsdp")
-    patch = GradientMatch(args.weight, argv[2])
+    patch = MATCHES[args.match](args.weight, argv[2])
     align_trainer.AlignTrainer.compute_loss = lambda self, *a, **k: patch(self, *a, **k)
     from loram.cli import main as loram
 
