@@ -39,7 +39,8 @@ from _common import RESULTS, machine, write
 
 LORAM = str(Path(sys.executable).parent / "loram")
 QUANT = "nf4" if importlib.util.find_spec("bitsandbytes") else "none"  # as `loram demo --quant auto`
-DEMO_STEPS = 40  # the demo's alignment budget (consumer/demo.py); 4x is 160
+DEMO_STEPS = 40  # the demo's alignment budget in the grid's steps of 2 x 256 tokens; 4x is 160 (consumer/demo.py
+# spends the same 20,480 tokens as 80 steps of one sequence: the DEMO objective, batch 1)
 PRUNE = {  # name -> `loram publish prune` flags
     "taylor50": ["--method", "taylor", "--ratio", "0.5", "--samples", "32"],  # the demo's pruned model
     # calibration as benchmarks/prune_sparse_quality.py (the references' 128 x 2048 takes ~30x longer on 2 cores)
@@ -88,6 +89,9 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     # the original did not write, so its LM-loss gradient is not the original's own sampling noise
     "hidden-mse-pruned-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
     "gradmatch-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
+    # what `loram demo` runs now: the same tokens and compute in twice the optimizer steps (batch 1, 80 steps)
+    "hidden-mse-pruned-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
+                                                    "{work}/data/demo-math.jsonl:1", "--batch", "1"],
     # prototype: the demo's alignment + matching the per-token gradient at every layer's output (residual stream)
     "resmatch-wikichat+demo-math": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
@@ -100,16 +104,18 @@ PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
               "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"]}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
-DEMO = "hidden-mse-pruned-wikichat+demo-math"  # what `loram demo` aligns with (consumer/demo.py ALIGN_DATA)
+DEMO = "hidden-mse-pruned-wikichat+demo-math-batch1"  # what `loram demo` aligns with (consumer/demo.py), at 80 steps
+DEMO_BATCH2 = "hidden-mse-pruned-wikichat+demo-math"  # the same in the grid's steps of 2: what the demo ran before
 # Non-structured models hold masks in every layer, so there --hidden-layers pruned is all: hidden-mse-pure is the
 # default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won) and wiki-chat's.
 # Two seeds for the leading variants: the defaults, the demo's alignments (now and before) and the non-structured
 # models.
-GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES]
-        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
+GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o != DEMO]
+        + [f"taylor50/{DEMO}/{2 * DEMO_STEPS}/{s}" for s in (0, 1)] + [f"taylor50/{DEMO}/{8 * DEMO_STEPS}/0"]
+        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO_BATCH2, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
                                                      "hidden-mse-pruned-mathgen", "gradmatch-oracle-gsm8k")]
         + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"]
-        + [f"taylor50/{o}/{4 * DEMO_STEPS}/{s}" for o in (WIKICHAT, DEMO) for s in (0, 1)]
+        + [f"taylor50/{o}/{4 * DEMO_STEPS}/{s}" for o in (WIKICHAT, DEMO_BATCH2) for s in (0, 1)]
         + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")
            for s in (0, 1)]
         + [f"sparsegpt2:4/{WIKICHAT}/{DEMO_STEPS}/0"])  # wiki-chat on the non-structured model closest to 2x

@@ -34,6 +34,7 @@ GSM8K_COLUMNS = "prompt=question,response=answer"
 # General text and math-domain text the original writes itself, half and half: the paper's FineWeb + OpenWebMath
 # recipe in small, measured above wiki-chat alone for LoRAM on GSM8K (docs/alignment.md)
 ALIGN_DATA = ("wiki-chat:1", "{selfgen}:1")
+ALIGN_BATCH = 1  # sequences per alignment step (DEFAULTS' align_steps)
 SELFGEN_FILE = "math.jsonl"
 SELFGEN_PROMPTS = "math"  # `loram publish selfgen --prompts`: the built-in requests for worked math problems
 # (full, --quick) defaults; docs/demo.md explains them.
@@ -41,7 +42,9 @@ DEFAULTS = {
     "calib_samples": (32, 4),
     # how prune scores KV groups: the default (the loss with each removed); --quick first-order, a smoke run
     "kv_score": ("loss", "taylor"),
-    "align_steps": (40, 2),
+    # alignment: 20,480 tokens (--quick 512) in steps of one sequence: at this budget twice the optimizer steps of
+    # batch 2 close more of the gap in the same time (docs/alignment.md)
+    "align_steps": (80, 4),
     # `loram publish selfgen --prompts math`: conversations, tokens per answer, batch (one batch: fastest on CPU)
     "selfgen_count": (48, 6),
     "selfgen_tokens": (192, 48),
@@ -57,7 +60,7 @@ class DemoConfig(Config):
     quick: bool = option(False, "A smoke run of a few minutes: tiny alignment, training and evaluation.")
     ratio: float | None = ratio_options()[0]  # Taylor on layers [4, L-2); docs/demo.md: why 0.5
     align_steps: int | None = option(None, "Alignment steps on Wikipedia and the original's own math problems "
-                                           "(default 40; --quick 2).")
+                                           "(of one sequence each; default 80; --quick 4).")
     train_steps: int | None = option(None, "LoRA steps on the GSM8K fine-tune split (default 15; --quick 2).")
     eval_limit: int | None = option(None, "Held-out GSM8K items evaluated, and half as many news documents "
                                            "(default 32; --quick 6).")
@@ -135,7 +138,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     align_data = [d.format(selfgen=generated.folder / SELFGEN_FILE) for d in ALIGN_DATA]
     align = stages.run("align", {"prune": prune.key, "selfgen": generated.key, "steps": cfg.setting("align_steps"),
                                  "seq_len": seq_len, "eval_limit": cfg.align_eval_limit,
-                                 "objective": _align_objective(), "data": ALIGN_DATA},
+                                 "objective": _align_objective(), "data": ALIGN_DATA, "batch": ALIGN_BATCH},
                        lambda f: _align(prune.folder / "pruned", f, cfg, align_data))
     publish = stages.run("publish", {"align": align.key, "publish_to": cfg.publish_to, "repo_id": cfg.repo_id},
                          lambda f: _publish(align.folder / "aligned", f, cfg))
@@ -221,7 +224,8 @@ def _selfgen(model_dir: Path, folder: Path, cfg: DemoConfig) -> dict:
 def _align(pruned: Path, folder: Path, cfg: DemoConfig, data: list[str]) -> dict:
     steps = cfg.setting("align_steps")
     _loram("publish", "align", pruned, *[x for d in data for x in ("--data", d)], "--steps", steps,
-           "--seq-len", cfg.setting("seq_len"), "--batch", 2, "--lr", "1e-4", "--warmup", max(1, steps // 20), "--eval-data", "wiki-heldout",
+           "--seq-len", cfg.setting("seq_len"), "--batch", ALIGN_BATCH, "--lr", "1e-4", "--warmup", max(1, steps // 20),
+           "--eval-data", "wiki-heldout",
            "--eval-limit", cfg.align_eval_limit, "--eval-every", max(1, steps // 2), "--save-every", steps,
            "--out", folder / "aligned")
     report = json.loads((folder / "aligned" / "align_report.json").read_text())
