@@ -75,6 +75,7 @@ BENCHMARKS = {
         if g["model"] == "taylor50" and g["objective"] in ("none", "lm", "hidden-mse-pure", "hidden-mse-pruned",
                                                            "hidden-mse-pruned-wikichat", "gradmatch-wikichat",
                                                            "hidden-mse-pruned-wikichat+demo-math",
+                                                           "hidden-mse-pruned-wikichat+demo-math-batch1",
                                                            "gradmatch-oracle-gsm8k"))),
     # after alignment_grid, on its default --work folder
     "adapter_agreement": (["--work", "/tmp/loram-alignment-grid"], lambda d: "gradient agreement with the original "
