@@ -83,11 +83,18 @@ def dm_math(tokenizer, out: Path, count: int = 600, per_conversation: int = 4) -
     np.random.seed(0)
     random.seed(0)
     generators = [fn for module in modules.train(generate._make_entropy_fn(0, 1)).values() for fn in module.values()]
+    failed = [0]
+
     def draw():  # a random generator's problem; None for the few that need numpy < 2 (ndarray.itemset)
         try:
-            return random.choice(generators)()
-        except Exception:
+            problem = random.choice(generators)()
+        except AttributeError:
+            failed[0] += 1
+            if failed[0] >= 100:
+                raise SystemExit("mathematics_dataset: 100 draws in a row failed; its numpy or sympy is too new") from None
             return None
+        failed[0] = 0
+        return problem
     texts = []
     while len(texts) < count:
         if draw() is None:  # a first draw, discarded, as the grid's file was made

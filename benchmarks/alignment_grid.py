@@ -23,7 +23,8 @@ Every cell is cached under --work (a re-run measures only what is missing).
 Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant). The `-wikichat`
 objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen`, `-mathgen` and `-demo-math` on
 the original's own chat answers (general prompts; requests for worked math problems, 128 of them or the 48 `loram demo`
-writes) and `oracle-gsm8k` on GSM8K items 500..999 as chat, files that `alignment_data.py` writes under --work/data.
+writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, and `oracle-gsm8k` on GSM8K items
+500..999 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence.
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -112,8 +113,9 @@ DEMO_BATCH2 = "hidden-mse-pruned-wikichat+demo-math"  # the same in the grid's s
 # models.
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o != DEMO]
         + [f"taylor50/{DEMO}/{2 * DEMO_STEPS}/{s}" for s in (0, 1)] + [f"taylor50/{DEMO}/{8 * DEMO_STEPS}/0"]
-        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO_BATCH2, "hidden-mse-pure", "hidden-mse-pure-train-pruned",
-                                                     "hidden-mse-pruned-mathgen", "gradmatch-oracle-gsm8k")]
+        + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO_BATCH2, "hidden-mse-pure",
+                                                     "hidden-mse-pure-train-pruned", "hidden-mse-pruned-mathgen",
+                                                     "gradmatch-oracle-gsm8k")]
         + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"]
         + [f"taylor50/{o}/{4 * DEMO_STEPS}/{s}" for o in (WIKICHAT, DEMO_BATCH2) for s in (0, 1)]
         + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")

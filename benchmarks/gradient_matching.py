@@ -19,7 +19,7 @@ step on SmolLM2 (8.6 s against 2.3 s for the default objective on the same machi
         --distill-from base --kd-weight 0 --hidden-weight 1 --hidden-layers pruned ... --out ALIGNED
 
 `--match residual` compares instead the gradient with respect to each layer's output, at every position
-(ResidualGradientMatch; 29.6% on the demo's text, worse than none).
+(ResidualGradientMatch; 29.6% on the demo's text, no better than none).
 
 The arguments after `--` are those of `loram publish align` (one process; `--fsdp` is not supported here).
 The output is an ordinary aligned checkpoint (its manifest record says the hidden-state objective; the

@@ -201,6 +201,9 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     train_set = mixture(cfg.sources, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_buffer)
     data = [{**source_record(s.name), "weight": round(p, 6)}  # hashed once: every checkpoint records it
             for s, p in zip(cfg.sources, probabilities(cfg.sources), strict=True)]
+    evaluated = source_record(cfg.eval_data) if cfg.eval_data else None
+    if folder.resume_from is not None:
+        _check_same_text(folder.resume_from, data, cfg.out)
     eval_set = eval_blocks(cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_limit) if cfg.eval_data else None
     teacher, teacher_path = _load_teacher(cfg, manifest, model_config) if cfg.distills else (None, None)
     # FSDP: every process builds the model empty and later reads only its shards' rows (no full copy per process)
@@ -237,7 +240,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     progress = TrainingProgress("aligning") if args.process_index == 0 else None
 
     def write_checkpoint_manifest(checkpoint: Path, step: int) -> None:
-        _carry_manifest(manifest, _record(cfg, source, trainer, data, final=False)).save(checkpoint)
+        _carry_manifest(manifest, _record(cfg, source, trainer, data, evaluated, final=False)).save(checkpoint)
 
     trainer = AlignTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_blocks,
@@ -248,7 +251,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     training.begin(folder, trainer)
     training.run(trainer, folder)
 
-    record = _record(cfg, source, trainer, data, final=True)
+    record = _record(cfg, source, trainer, data, evaluated, final=True)
     report = training.training_report(cfg, source, trainer, progress, trainable=trainable, started=started,
                                       record=record, frozen=frozen, **({"fsdp": sharding} if sharding else {}))
     gathered = folder.work / ".final-weights.partial"  # FSDP: every rank joins the gather, rank 0 writes here
@@ -351,7 +354,23 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     return teacher.requires_grad_(False).eval(), source.path
 
 
-def _record(cfg: AlignConfig, source, trainer, data: list[dict], final: bool) -> dict:
+def _check_same_text(checkpoint: Path, data: list[dict], out) -> None:
+    """`--resume` skips the blocks already trained on, which is exact only on the same text: a file source whose
+    hash differs from the one the checkpoint recorded is refused (a checkpoint without hashes is not checked)."""
+    from loram.shared.manifest import MANIFEST_JSON
+
+    try:
+        recorded = json.loads((checkpoint / MANIFEST_JSON).read_text())["alignment"][-1]["data"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return
+    for now, then in zip(data, recorded, strict=False):
+        if now.get("sha256") and then.get("sha256") and now["sha256"] != then["sha256"]:
+            raise LoramError(f"--resume: data source {now['source']} changed since the run in {out} recorded it "
+                             f"(sha256 {then['sha256'][:12]}... then, {now['sha256'][:12]}... now); resume with the "
+                             "same text, or start again with --overwrite")
+
+
+def _record(cfg: AlignConfig, source, trainer, data: list[dict], evaluated: dict | None, final: bool) -> dict:
     """The alignment record appended to the manifest (of a checkpoint, or of the final output)."""
     from loram.shared.training import evaluations
 
@@ -368,7 +387,7 @@ def _record(cfg: AlignConfig, source, trainer, data: list[dict], final: bool) ->
         "eval": None,
     }
     if cfg.eval_data and evals:
-        record["eval"] = {"source": cfg.eval_data, "blocks": cfg.eval_limit, "step": evals[-1]["step"],
+        record["eval"] = {**evaluated, "blocks": cfg.eval_limit, "step": evals[-1]["step"],
                           "perplexity": evals[-1]["perplexity"], "perplexity_at_start": evals[0]["perplexity"]}
     return record
 

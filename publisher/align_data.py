@@ -27,6 +27,7 @@ skips the blocks already trained on.
 
 import hashlib
 import math
+import os
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,17 +73,27 @@ class Source:
 
 
 def source_record(name: str) -> dict:
-    """How the manifest records a `--data` source: a built-in by its name; a file or folder by its own name, size
-    and sha256 (a folder's: over each file's relative path and sha256, in order), never by the local path, which
-    the model card would publish and nobody else could open."""
+    """How the manifest's alignment record names a source: a built-in by its name; a file or folder by its own
+    name, size and sha256 (a folder's: over each file's relative path and sha256, in order, hidden files left
+    out as in a checkpoint's hashes), not by its path on the publisher's disk, which nobody else could open.
+    Every process of a run hashes (a changed file is refused on `--resume` by all of them alike)."""
     path = Path(name).expanduser()
     if name in TEXT_SPLITS or name in CHAT_SPLITS or not path.exists():
         return {"source": name}
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    digests = [(f.relative_to(path).as_posix() if f != path else "", sha256_file(f)) for f in files]
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(f for f in path.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    try:
+        digests = [(f.relative_to(path).as_posix() if f != path else "", sha256_file(f)) for f in files]
+        size = sum(f.stat().st_size for f in files)
+    except OSError as e:
+        raise LoramError(f"data source {name}: cannot read {e.filename} ({e.strerror}); check its permissions") from e
     digest = digests[0][1] if path.is_file() else hashlib.sha256(
         "".join(f"{rel} {h}\n" for rel, h in digests).encode()).hexdigest()
-    return {"source": path.resolve().name, "sha256": digest, "bytes": sum(f.stat().st_size for f in files)}
+    # the name as given, not as symlinks resolve it (a Hub cache snapshot links to blobs named by hash)
+    return {"source": Path(os.path.abspath(path)).name, "sha256": digest, "bytes": size}
 
 
 def probabilities(sources: list[Source]) -> list[float]:

@@ -90,8 +90,10 @@ def _method_line(method: dict) -> str:
 
 
 def _alignment_line(record: dict) -> str:
-    data = ", ".join(f"{d.get('source')} (weight {d.get('weight')}"
-                     + (f", sha256 {d['sha256'][:12]}" if d.get("sha256") else "") + ")" for d in record.get("data") or [])
+    def named(d: dict) -> str:
+        digest = f", sha256 {d['sha256'][:12]}" if d.get("sha256") else ""
+        return f"{d.get('source')} (weight {d.get('weight')}{digest})"
+    data = ", ".join(named(d) for d in record.get("data") or [])
     ppl = (record.get("eval") or {}).get("perplexity")
     parts = [f"{record.get('steps')} steps", f"{record.get('tokens', 0):,} tokens" if record.get("tokens") else "",
              f"on {data}" if data else "", f"held-out perplexity {ppl}" if ppl is not None else ""]

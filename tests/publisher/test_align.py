@@ -178,6 +178,19 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(root):
     assert record["steps"] == 6 and record["tokens"] == 6 * 4 * 32
 
 
+def test_resume_refuses_text_that_changed_since_the_checkpoint(root, tmp_path):
+    text = tmp_path / "text.txt"
+    shutil.copy(root / "text.txt", text)
+    first = _align(root, "changed", data=[str(text)], steps=2, save_every=1)
+    shutil.rmtree(first.out / "checkpoints" / "checkpoint-2")  # interrupted after step 1
+    text.write_text(text.read_text() + "\n\nOne more paragraph, added after the run started.\n")
+    weights = (first.out / "model.safetensors").read_bytes()
+    changed = r"--resume: data source text.txt changed since the run .* \(sha256 [0-9a-f]{12}... then, [0-9a-f]{12}"
+    with pytest.raises(LoramError, match=changed):
+        _align(root, "changed", data=[str(text)], steps=2, save_every=1, resume=True)
+    assert (first.out / "model.safetensors").read_bytes() == weights  # nothing touched
+
+
 def test_distillation_adds_a_kl_term_that_is_zero_against_itself(root):
     # Teacher = the pruned model itself: KL(p || p) = 0 at the first step, and the LM part is the plain loss.
     plain = _align(root, "kd-none", steps=1)
@@ -484,8 +497,13 @@ def test_source_record_names_a_file_by_its_hash_not_its_path(tmp_path, monkeypat
     datasets.Dataset.from_dict({"text": ["a b c", "d e"]}).save_to_disk(folder)
     record = source_record(str(folder) + "/")
     assert record["source"] == "saved" and record["bytes"] == sum(f.stat().st_size for f in folder.rglob("*"))
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x").write_text("local state")  # hidden files are left out, as in a checkpoint's hashes
+    assert source_record(str(folder)) == record
     (folder / "dataset_info.json").write_text((folder / "dataset_info.json").read_text() + " ")
     assert source_record(str(folder))["sha256"] != record["sha256"]  # any file of the folder changes it
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "text.txt")  # named as given, not as the link resolves
+    assert source_record(str(tmp_path / "link.jsonl"))["source"] == "link.jsonl"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "wiki").mkdir()  # a built-in name is the built-in, as the reader takes it, even beside such a folder
     assert source_record("wiki") == {"source": "wiki"} and source_record("wiki-chat") == {"source": "wiki-chat"}
