@@ -50,16 +50,21 @@ class GradientMatch:
     def setup(self, trainer, model) -> None:
         if trainer.teacher is None or trainer._hidden is None:
             raise SystemExit("gradient_matching.py needs --distill-from and --hidden-weight > 0")
-        manifest = Manifest.load(self.pruned)
         for m in (model, trainer.teacher):
             m.config._attn_implementation = "eager"  # double backward through attention
+        self.pairs = self.paired_weights(model, trainer.teacher)
+
+    def paired_weights(self, model, teacher) -> list:
+        """(student weight, teacher weight, kept rows, kept columns) of every decoder linear module."""
+        manifest = Manifest.load(self.pruned)
         pruned = set(manifest.pruned_layers)
-        self.pairs = []
-        for i, (s_layer, t_layer) in enumerate(zip(model.model.layers, trainer.teacher.model.layers, strict=True)):
+        pairs = []
+        for i, (s_layer, t_layer) in enumerate(zip(model.model.layers, teacher.model.layers, strict=True)):
             for mod in PRUNED_MODULES:
                 rows, cols = manifest.kept_indices(i, mod.path) if i in pruned else (None, None)
-                self.pairs.append((s_layer.get_submodule(mod.path).weight, t_layer.get_submodule(mod.path).weight,
-                                   rows, cols))
+                pairs.append((s_layer.get_submodule(mod.path).weight, t_layer.get_submodule(mod.path).weight,
+                              rows, cols))
+        return pairs
 
     def teacher_gradients(self, teacher, ids: torch.Tensor) -> list[torch.Tensor]:
         """The original's LM-loss gradients, at the positions the pruned model keeps."""
@@ -120,12 +125,8 @@ class ResidualGradientMatch(GradientMatch):
     cannot agree by merely shrinking them): on text the original sampled itself they do not cancel, as their sum
     over the batch, which `--match weights` compares, does."""
 
-    def setup(self, trainer, model) -> None:
-        if trainer.teacher is None or trainer._hidden is None:
-            raise SystemExit("gradient_matching.py needs --distill-from and --hidden-weight > 0")
-        for m in (model, trainer.teacher):
-            m.config._attn_implementation = "eager"  # double backward through attention
-        self.pairs = []  # set up: this objective pairs layer outputs, not weights
+    def paired_weights(self, model, teacher) -> list:
+        return []  # this objective pairs layer outputs, not weights
 
     @staticmethod
     def residual_gradients(m, ids: torch.Tensor, create_graph: bool):

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from loram.shared.errors import LoramError
-from loram.shared.manifest import sha256_file
+from loram.shared.manifest import sha256_file, visible_file_hashes
 from loram.shared.records import SEPARATOR, TEXT_SPLITS, check_source, iter_texts
 
 TOKENIZE_BATCH = 64  # documents per tokenizer call
@@ -80,18 +80,15 @@ def source_record(name: str) -> dict:
     path = Path(name).expanduser()
     if name in TEXT_SPLITS or name in CHAT_SPLITS or not path.exists():
         return {"source": name}
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(f for f in path.rglob("*") if f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
     try:
-        digests = [(f.relative_to(path).as_posix() if f != path else "", sha256_file(f)) for f in files]
-        size = sum(f.stat().st_size for f in files)
+        if path.is_file():
+            digest, size = sha256_file(path), path.stat().st_size
+        else:
+            digests = visible_file_hashes(path)
+            digest = hashlib.sha256("".join(f"{rel} {h}\n" for rel, h in digests.items()).encode()).hexdigest()
+            size = sum((path / rel).stat().st_size for rel in digests)
     except OSError as e:
         raise LoramError(f"data source {name}: cannot read {e.filename} ({e.strerror}); check its permissions") from e
-    digest = digests[0][1] if path.is_file() else hashlib.sha256(
-        "".join(f"{rel} {h}\n" for rel, h in digests).encode()).hexdigest()
     # the name as given, not as symlinks resolve it (a Hub cache snapshot links to blobs named by hash)
     return {"source": Path(os.path.abspath(path)).name, "sha256": digest, "bytes": size}
 

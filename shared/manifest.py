@@ -31,7 +31,7 @@ from loram.shared.outputs import atomic_file
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_JSON", "MANIFEST_TENSORS", "BaseModelInfo", "Calibration", "Manifest",
            "Method", "PackedMask", "checkpoint_hashes", "fingerprint", "pack_mask", "unpack_mask", "verify_files",
-           "verify_hashes"]
+           "verify_hashes", "visible_file_hashes"]
 
 FORMAT_VERSION = 1
 MANIFEST_JSON = "loram_manifest.json"
@@ -255,10 +255,16 @@ def _dumps(data: dict) -> str:
 def checkpoint_hashes(model_dir: str | Path) -> dict[str, str]:
     """sha256 of every checkpoint file under `model_dir` (relative POSIX paths), except hidden files,
     the manifest itself and the model card."""
-    root = Path(model_dir)
+    return visible_file_hashes(model_dir, skip=_NOT_HASHED)
+
+
+def visible_file_hashes(root: str | Path, skip=()) -> dict[str, str]:
+    """sha256 of every file under `root` by relative POSIX path, in order, except hidden files (a name or folder
+    starting with '.') and the names in `skip`."""
+    root = Path(root)
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     return {n: sha256_file(root / n) for n in names
-            if n not in _NOT_HASHED and not any(part.startswith(".") for part in n.split("/"))}
+            if n not in skip and not any(part.startswith(".") for part in n.split("/"))}
 
 
 def fingerprint(model_dir: str | Path, names=None) -> dict[str, str]:
