@@ -24,7 +24,8 @@ Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap c
 objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen`, `-mathgen` and `-demo-math` on
 the original's own chat answers (general prompts; requests for worked math problems, 128 of them or the 48 `loram demo`
 writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, and `oracle-gsm8k` on GSM8K items
-500..999 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence.
+500..999 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
+aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py).
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -95,6 +96,13 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
                                                     "{work}/data/demo-math.jsonl:1", "--batch", "1"],
     # prototype: the demo's alignment + matching the per-token gradient at every layer's output (residual stream)
     "resmatch-wikichat+demo-math": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1"],
+    # the demo's alignment at twice the peak learning rate (steps of one: is 80 steps short of converged?)
+    "hidden-mse-pruned-wikichat+demo-math-batch1-lr2e-4": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
+                                                           "{work}/data/demo-math.jsonl:1", "--batch", "1",
+                                                           "--lr", "2e-4"],
+    # prototype: the demo's alignment, the student's decoder linears computing in NF4 as a QLoRA consumer's do
+    "qat-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1",
+                                      "--batch", "1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
@@ -102,21 +110,25 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
 # objectives that `loram publish align` does not have, run by a benchmark script that extends it (its flags first)
 PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
                  for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-oracle-gsm8k")},
-              "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"]}
+              "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"],
+              "qat-wikichat+demo-math-batch1": ["quant_aware.py"]}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
 DEMO = "hidden-mse-pruned-wikichat+demo-math-batch1"  # what `loram demo` aligns with (consumer/demo.py), at 80 steps
 DEMO_BATCH2 = "hidden-mse-pruned-wikichat+demo-math"  # the same in the grid's steps of 2: what the demo ran before
 # Non-structured models hold masks in every layer, so there --hidden-layers pruned is all: hidden-mse-pure is the
-# default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won) and wiki-chat's.
+# default there too. The 4x-budget rows: hidden-mse-pure (the default before hidden-mse-pruned won), mathgen, wiki-chat
+# and the demo's text.
 # Two seeds for the leading variants: the defaults, the demo's alignments (now and before) and the non-structured
 # models.
-GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o != DEMO]
-        + [f"taylor50/{DEMO}/{2 * DEMO_STEPS}/{s}" for s in (0, 1)] + [f"taylor50/{DEMO}/{8 * DEMO_STEPS}/0"]
+BATCH1 = [o for o in OBJECTIVES if "batch1" in o]  # steps of one sequence: the demo's budget is 80 of them
+GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o not in BATCH1]
+        + [f"taylor50/{o}/{2 * DEMO_STEPS}/0" for o in BATCH1] + [f"taylor50/{DEMO}/{2 * DEMO_STEPS}/1"]
+        + [f"taylor50/{DEMO}/{8 * DEMO_STEPS}/0"]
         + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO_BATCH2, "hidden-mse-pure",
                                                      "hidden-mse-pure-train-pruned", "hidden-mse-pruned-mathgen",
                                                      "gradmatch-oracle-gsm8k")]
-        + [f"taylor50/hidden-mse-pure/{4 * DEMO_STEPS}/0"]
+        + [f"taylor50/{o}/{4 * DEMO_STEPS}/0" for o in ("hidden-mse-pure", "hidden-mse-pruned-mathgen")]
         + [f"taylor50/{o}/{4 * DEMO_STEPS}/{s}" for o in (WIKICHAT, DEMO_BATCH2) for s in (0, 1)]
         + [f"{m}/{o}/{DEMO_STEPS}/{s}" for m in ("wanda50", "sparsegpt50", "sparsegpt2:4") for o in ("none", "hidden-mse-pure")
            for s in (0, 1)]

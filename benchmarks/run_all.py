@@ -30,6 +30,7 @@ def _gpu() -> bool:
     return torch.cuda.is_available()
 
 
+_DEMO_CELL = "hidden-mse-pruned-wikichat+demo-math-batch1"  # the alignment `loram demo` runs, as the grid names it
 # name -> (script arguments, headline from its JSON)
 BENCHMARKS = {
     "prune_taylor": ([], lambda d: f"Taylor prune {d['time_ratio']}x the time and {d['peak_ratio']}x the peak of one "
@@ -86,6 +87,15 @@ BENCHMARKS = {
                                f"{r['a']} {r['all']:.2f} -> "
                                + ("-" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}")
                                for r in sorted(d["gradient_rows"], key=lambda r: r["all"]))),
+    "recovered_ablation": (["--work", "/tmp/loram-alignment-grid", "--cell", f"taylor50/{_DEMO_CELL}/80/0"],
+                           lambda d: "the demo's recovered adapter, gap closed with some layers' deltas zeroed: "
+                           + ", ".join(f"{r['zeroed']} {r['gap_closed']:.0%}" for r in d["rows"])),
+    "quant_aware_error": (["--error", "unaligned=/tmp/loram-alignment-grid/pruned/taylor50",
+                           f"demo-aligned=/tmp/loram-alignment-grid/cells/taylor50_{_DEMO_CELL}_80_0/aligned",
+                           "qat-aligned=/tmp/loram-alignment-grid/cells/taylor50_qat-wikichat+demo-math-batch1_80_0/"
+                           "aligned"],
+                          lambda d: "relative layer-output error against the original, mean over layers: " + ", ".join(
+                              f"{k} {v['mean']:.3f}" for k, v in d["errors"].items())),
     "harness_tasks": ([], lambda d: "lm-eval gsm8k_chat vs the hand-written GSM8K accuracy on "
                       f"{d['agreement']['items']} items: {d['agreement']['identical_replies']} identical replies; "
                       + "; ".join(f"{m}: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in s["headline"].items())
@@ -94,7 +104,8 @@ BENCHMARKS = {
 BENCHMARKS["demo"] = ([], lambda d: "; ".join(f"loram demo{' --quick' if k == 'quick' else ''}: {r['wall_s']:.0f} s"
                                               for k, r in d["runs"].items()))
 SCRIPTS = {"align_loram_effect": "loram_effect", "demo": "demo_time", "prune_quality_variants": "prune_quality",
-           "prune_quality_calibration": "prune_quality", "gradient_agreement": "adapter_agreement"}  # benchmarks run by another benchmark's script
+           "prune_quality_calibration": "prune_quality", "gradient_agreement": "adapter_agreement",
+           "quant_aware_error": "quant_aware"}  # benchmarks run by another benchmark's script
 
 
 def _result_name(name: str, args: list[str]) -> str:
