@@ -47,8 +47,9 @@ def _selfgen(cfg) -> None:
     from loram.publisher.selfgen import selfgen
 
     result = selfgen(cfg)
-    typer.echo(f"wrote {result.conversations} conversations ({result.tokens:,} answer tokens) in "
-               f"{result.seconds:.0f} s ({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s, peak memory "
+    resumed = f", resumed after {result.resumed}" if result.resumed else ""
+    typer.echo(f"wrote {result.conversations} conversations ({result.tokens:,} answer tokens{resumed}) in "
+               f"{result.seconds:.0f} s ({result.new_tokens / max(result.seconds, 1e-9):,.0f} tokens/s, peak memory "
                f"{result.peak_memory_bytes / 2**20:,.0f} MiB): {result.out}")
 
 
@@ -104,6 +105,8 @@ def _register() -> None:
             "--out aligned   # general and math-domain text, half and half (the paper's recipe in small)",
             "loram publish selfgen meta-llama/Llama-3.1-70B-Instruct --prompts my_prompts.txt --count 20000 "
             "--batch 64 --out domain.jsonl",
+            "loram publish selfgen meta-llama/Llama-3.1-70B-Instruct --prompts my_prompts.txt --count 20000 "
+            "--batch 64 --out domain.jsonl --resume   # after an interruption: continues from the last finished batch",
         ],
     )
 

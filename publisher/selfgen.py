@@ -16,17 +16,25 @@ With `--count` above the number of prompts, the prompts repeat and each repetiti
 Sampling: `--temperature` 0.7 and `--top-p` 0.9 (the settings measured; temperature 1 and greedy were not),
 seeded, `--batch` prompts at a time padded on the left (with the end-of-sequence token when the tokenizer has
 no pad token). The same seed, batch and number of CPU threads give the same file (`LORAM_THREADS` fixes the
-thread count). Every conversation is held in memory and the file is written once, whole, at the end: for a
-very large `--count`, run several smaller ones with different `--seed`s and mix or concatenate the files.
+thread count).
+
+Output and resume: `--out` is written once, whole, at the end. Meanwhile every finished batch is committed to a
+hidden progress folder next to it (`.NAME.jsonl.selfgen/`: the conversations so far, the random number
+generators' state after them, and `progress.json` with their byte count and sha256 and the options that decide
+the text). An interrupted run (Ctrl-C, a lost machine) continues with `--resume`: the committed conversations are
+verified against their hash and kept, generation goes on from the next prompt with the generators restored, and the
+file is the one an uninterrupted run writes (same options, batch and thread count). Other options than the run
+began with are refused, naming them; a new run next to an interrupted one's progress is refused unless it passes
+`--resume` or `--overwrite`.
 
 Measured on SmolLM2-135M (docs/alignment.md): the default alignment objective on 128 `math` conversations closes
 51% of the gap from the original to LoRA on GSM8K, against 40% on Wikipedia in chat form (`wiki-chat`) and 30%
 without alignment; half `wiki-chat`, half `math` 50%.
 """
 
-import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +69,8 @@ class SelfgenConfig(Config):
     top_p: float = option(0.9, "Nucleus sampling: the smallest set of tokens with this much probability.")
     batch: int = option(16, "Prompts generated together.")
     seed: int = option(0, "Seed for the prompt order and for sampling.")
+    resume: bool = option(False, "Continue an interrupted run into --out from the conversations it committed (the "
+                                 "same options give the file an uninterrupted run writes).")
     overwrite: bool = option(False, "Replace an existing --out.")
     revision: str | None = revision_option("MODEL")
     endpoint: str | None = endpoint_option()
@@ -78,6 +88,8 @@ class SelfgenConfig(Config):
                              "records with a text field)")
         if self.out.is_dir():
             raise LoramError(f"--out {self.out} is a folder; name a .jsonl file")
+        if self.resume and self.overwrite:
+            raise LoramError("--resume and --overwrite contradict each other; choose one")
         if self.out.exists() and not self.overwrite:
             raise LoramError(f"--out {self.out} already exists; choose another --out or pass --overwrite")
 
@@ -86,9 +98,11 @@ class SelfgenConfig(Config):
 class SelfgenResult:
     out: Path
     conversations: int
-    tokens: int  # answer tokens generated
-    seconds: float  # generation, without loading the model
-    peak_memory_bytes: int  # CPU: the process's peak RSS; GPU: peak allocated on the current device
+    tokens: int  # answer tokens of every conversation in the file
+    seconds: float  # this run's generation, without loading the model
+    peak_memory_bytes: int  # CPU: the process's peak RSS; GPU: peak allocated, summed over the GPUs
+    resumed: int = 0  # conversations an interrupted run had committed (--resume)
+    new_tokens: int = 0  # answer tokens this run generated
 
 
 def read_prompts(spec: str) -> list[str]:
@@ -120,17 +134,17 @@ def prompt_order(prompts: list[str], count: int, seed: int) -> list[str]:
 
 
 def conversations(model, tokenizer, asks: list[str], batch: int = 16, max_new_tokens: int = 256,
-                  temperature: float = 0.7, top_p: float = 0.9, progress=None) -> tuple[list[str], int]:
-    """The original's sampled answer to each ask, rendered with the ask as one chat; and the answer tokens.
+                  temperature: float = 0.7, top_p: float = 0.9) -> Iterator[tuple[list[str], int]]:
+    """Per batch of `batch` asks: the original's sampled answer to each, rendered with the ask as one chat, and
+    the batch's answer tokens.
 
-    Sampling follows torch's global RNG (seed it first). `progress(n)` is called after each batch. The tokenizer
-    is set to pad on the left (generation continues every row from its last prompt token), with its
-    end-of-sequence token when it has no pad token; the caller's tokenizer keeps those settings."""
+    Sampling follows torch's global RNG (seed it first). The tokenizer is set to pad on the left (generation
+    continues every row from its last prompt token), with its end-of-sequence token when it has no pad token;
+    the caller's tokenizer keeps those settings."""
     import torch
 
     pad_left(tokenizer)
     device = model.get_input_embeddings().weight.device  # where the input ids go, also under device_map="auto"
-    texts, tokens = [], 0
     for i in range(0, len(asks), batch):
         part = asks[i:i + batch]
         rendered = [chat(tokenizer, [{"role": "user", "content": a}], add_generation_prompt=True) for a in part]
@@ -138,14 +152,13 @@ def conversations(model, tokenizer, asks: list[str], batch: int = 16, max_new_to
         with torch.no_grad():
             generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                        top_p=top_p, pad_token_id=tokenizer.pad_token_id)
+        texts, tokens = [], 0
         for ask, ids in zip(part, generated[:, enc.input_ids.shape[1]:].tolist(), strict=True):
             stop = tokenizer.eos_token_id
             tokens += ids.index(stop) + 1 if stop in ids else len(ids)  # up to the end of the answer, its stop token too
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
             texts.append(chat(tokenizer, [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]))
-        if progress:
-            progress(len(part))
-    return texts, tokens
+        yield texts, tokens
 
 
 def pad_left(tokenizer) -> None:
@@ -166,18 +179,22 @@ def chat(tokenizer, turns: list[dict], **kwargs) -> str:
 
 
 def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
-    """Write `--count` conversations of the original with itself to `--out` (whole or not at all)."""
+    """Write `--count` conversations of the original with itself to `--out` (whole or not at all; every finished
+    batch committed to a progress folder that `--resume` continues from)."""
     import torch
     from tqdm.auto import tqdm
 
+    from loram.publisher.selfgen_progress import Progress
     from loram.shared.outputs import atomic_file, check_writable
     from loram.shared.progress import peak_memory_bytes
     from loram.shared.pruned_model import from_pretrained, load_tokenizer
     from loram.shared.runtime import configure_threads, default_device
 
     cfg = config or SelfgenConfig.resolve(**kwargs)
-    asks = prompt_order(read_prompts(cfg.prompts), cfg.count, cfg.seed)
+    prompts = read_prompts(cfg.prompts)
+    asks = prompt_order(prompts, cfg.count, cfg.seed)
     check_writable(cfg.out, fix="choose another --out")
+    progress = Progress.open(cfg, prompts)  # --resume: the committed conversations, verified; else none left behind
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
     tokenizer = load_tokenizer(source.path)
     if not getattr(tokenizer, "chat_template", None):
@@ -185,15 +202,26 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
                          "instruction-tuned model or align on plain text")
     pad_left(tokenizer)  # refuses a tokenizer that cannot pad before the model is loaded
     configure_threads()
+    progress.check_threads(torch.get_num_threads())
     device = default_device()
     placement = {"device_map": "auto"} if device.type == "cuda" else {}
     model = from_pretrained(source.path, dtype="auto" if device.type == "cuda" else torch.float32, **placement).eval()
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    with tqdm(total=len(asks), desc="selfgen", unit="conversation") as bar:
-        texts, tokens = conversations(model, tokenizer, asks, cfg.batch, cfg.max_new_tokens, cfg.temperature,
-                                      cfg.top_p, progress=bar.update)
+    if progress.done:
+        progress.restore_rng()
+    else:
+        progress.start()  # --overwrite: an earlier run's progress goes only now, every input checked
+        torch.manual_seed(cfg.seed)
+    resumed, tokens_before = progress.done, progress.tokens
+    with tqdm(total=len(asks), initial=resumed, desc="selfgen", unit="conversation") as bar:
+        for texts, tokens in conversations(model, tokenizer, asks[resumed:], cfg.batch, cfg.max_new_tokens,
+                                           cfg.temperature, cfg.top_p):
+            progress.commit(texts, tokens)
+            bar.update(len(texts))
     seconds = time.perf_counter() - started
     with atomic_file(cfg.out) as tmp:
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    return SelfgenResult(cfg.out, len(texts), tokens, seconds, peak_memory_bytes())
+        tmp.write_bytes(progress.text())
+    progress.remove()
+    devices = {p.device for p in model.parameters()}  # several GPUs under device_map="auto"
+    return SelfgenResult(cfg.out, progress.done, progress.tokens, seconds, peak_memory_bytes(devices), resumed,
+                         progress.tokens - tokens_before)

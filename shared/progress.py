@@ -26,10 +26,12 @@ def process_peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def peak_memory_bytes() -> int:
-    """CUDA peak allocated on GPU; the process's peak RSS on CPU."""
+def peak_memory_bytes(devices=None) -> int:
+    """CUDA peak allocated on the current GPU, or summed over `devices` (a model placed with device_map="auto");
+    the process's peak RSS on CPU."""
     if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+        gpus = sorted({torch.device(d).index or 0 for d in devices if torch.device(d).type == "cuda"}) if devices else []
+        return int(sum(torch.cuda.max_memory_allocated(i) for i in gpus) if gpus else torch.cuda.max_memory_allocated())
     return process_peak_rss_bytes()
 
 

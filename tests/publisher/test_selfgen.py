@@ -140,3 +140,85 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_a_failing_template_is
                                          r"roles must alternate\); fix the template or use another model$"):
         selfgen(model=str(model_dir), count=2, out=tmp_path / "bad.jsonl")
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def _interrupt_after(monkeypatch, calls: int) -> None:
+    """generate() runs `calls` times and is then interrupted, as by Ctrl-C."""
+    from transformers import GenerationMixin
+
+    real, count = GenerationMixin.generate, [0]
+
+    def generate(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+
+
+def test_resume_writes_the_file_an_uninterrupted_run_writes(original, prompts, tmp_path, monkeypatch):
+    from loram.publisher.selfgen_progress import progress_folder
+
+    kwargs = {"model": str(original), "prompts": str(prompts), "count": 7, "max_new_tokens": 10, "batch": 2,
+              "temperature": 1.0}
+    whole = selfgen(**kwargs, out=tmp_path / "whole.jsonl")
+    out = tmp_path / "gen.jsonl"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            selfgen(**kwargs, out=out)
+    progress = progress_folder(out)
+    assert not out.exists() and sorted(p.name for p in progress.iterdir()) == [
+        "conversations.jsonl", "progress.json", "rng.safetensors"]
+    assert json.loads((progress / "progress.json").read_text())["done"] == 4  # two batches of 2 committed
+    with open(progress / "conversations.jsonl", "ab") as f:
+        f.write(b'{"text": "a batch cut off while being appen')  # not committed: dropped on resume
+    # a new run next to the interrupted one's progress is refused, as is resuming with other options
+    with pytest.raises(LoramError, match=r"holds an interrupted run's conversations for --out .*; continue it with "
+                                         r"--resume, or start again with --overwrite$"):
+        selfgen(**kwargs, out=out)
+    with pytest.raises(LoramError, match=r"^--resume: --max-new-tokens \(10 then, 12 now\), --seed \(0 then, 1 now\) "
+                                         r"differ from the interrupted run's"):
+        selfgen(**{**kwargs, "max_new_tokens": 12, "seed": 1}, out=out, resume=True)
+    result = selfgen(**kwargs, out=out, resume=True)
+    assert out.read_bytes() == whole.out.read_bytes() and not progress.exists()
+    assert (result.conversations, result.resumed, result.tokens) == (7, 4, whole.tokens)
+    assert 0 < result.new_tokens < result.tokens
+
+
+def test_resume_refuses_what_it_cannot_trust(original, prompts, tmp_path, monkeypatch):
+    from loram.publisher.selfgen_progress import progress_folder
+
+    kwargs = {"model": str(original), "prompts": str(prompts), "count": 4, "max_new_tokens": 6, "batch": 2}
+    out = tmp_path / "gen.jsonl"
+    with pytest.raises(LoramError, match=r"^--resume: no interrupted run to continue for --out .*; run without "
+                                         r"--resume$"):
+        selfgen(**kwargs, out=out, resume=True)
+    with pytest.raises(LoramError, match="--resume and --overwrite contradict each other"):
+        selfgen(**kwargs, out=out, resume=True, overwrite=True)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            selfgen(**kwargs, out=out)
+    records = progress_folder(out) / "conversations.jsonl"
+    committed = records.read_bytes()
+    records.write_bytes(committed.replace(b"[user]", b"[USER]", 1))  # a committed record changed on disk
+    with pytest.raises(LoramError, match=r"do not match the hashes progress.json recorded; .* start again with "
+                                         r"--overwrite$"):
+        selfgen(**kwargs, out=out, resume=True)
+    assert records.exists() and not out.exists()  # refused: nothing touched
+    result = selfgen(**kwargs, out=out, overwrite=True)  # starts again, and the stale progress goes
+    assert result.resumed == 0 and len(_records(out)) == 4 and not progress_folder(out).exists()
+
+
+def test_resume_on_the_command_line(original, prompts, tmp_path, monkeypatch):
+    out = tmp_path / "gen.jsonl"
+    args = ("publish", "selfgen", original, "--prompts", prompts, "--count", 3, "--batch", 1, "--max-new-tokens", 6,
+            "--out", out)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            selfgen(model=str(original), prompts=str(prompts), count=3, batch=1, max_new_tokens=6, out=out)
+    proc = run_loram(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote 3 conversations" in proc.stdout and "resumed after 2)" in proc.stdout and len(_records(out)) == 3

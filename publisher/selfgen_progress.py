@@ -1,0 +1,156 @@
+"""The committed progress of a `loram publish selfgen` run: what `--resume` continues from.
+
+Next to `--out` (say `gen.jsonl`) a hidden folder `.gen.jsonl.selfgen/` holds
+
+    conversations.jsonl   the records of every finished batch, appended in order
+    rng.safetensors       torch's random number generators (CPU, and every CUDA device) after the last committed batch
+    progress.json         the options that decide the text, the committed count, answer tokens, byte count and sha256
+                          of conversations.jsonl, the sha256 of rng.safetensors, the thread count
+
+A batch is committed by appending its records (flushed to disk), replacing the generators' file and then
+replacing `progress.json`, which alone says what is committed: bytes past its count (a batch cut off while being
+appended) are dropped on resume, and nothing is trusted before its hash is checked. The folder appears with the
+first committed batch and goes when `--out` is written.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loram.shared.errors import LoramError, warn
+
+RECORDS, RNG, STATE = "conversations.jsonl", "rng.safetensors", "progress.json"
+# option -> flag, for the options the text depends on (`prompts`: the hash of the prompts' lines, so a prompts file
+# named by another path but holding the same lines resumes, and an edited one does not)
+FLAGS = {"model": "MODEL", "revision": "--revision", "prompts": "--prompts", "count": "--count",
+         "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "batch": "--batch",
+         "seed": "--seed"}
+
+
+def progress_folder(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.selfgen"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Progress:
+    folder: Path
+    options: dict
+    done: int = 0  # conversations committed
+    tokens: int = 0  # their answer tokens
+    committed: list[bytes] = field(default_factory=list)  # their records, as conversations.jsonl holds them
+    threads: int | None = None  # the thread count the committed batches were sampled with
+    rng: dict = field(default_factory=dict)
+    resuming: bool = False
+
+    @classmethod
+    def open(cls, cfg, prompts: list[str]) -> "Progress":
+        """The progress to continue (`--resume`: read and verified) or to start from; refuses a new run that would
+        silently leave an interrupted one's progress behind."""
+        folder = progress_folder(cfg.out)
+        options = {k: getattr(cfg, k) for k in FLAGS if k != "prompts"}
+        options["prompts"] = _sha256("\n".join(prompts).encode())
+        if not cfg.resume:
+            if folder.exists() and not cfg.overwrite:
+                raise LoramError(f"{folder} holds an interrupted run's conversations for --out {cfg.out}; continue it "
+                                 "with --resume, or start again with --overwrite")
+            return cls(folder, options)
+        if not (folder / STATE).is_file():
+            raise LoramError(f"--resume: no interrupted run to continue for --out {cfg.out} ({folder / STATE} not "
+                             "found); run without --resume")
+        refetch = f"{folder} is damaged; start again with --overwrite"
+        try:
+            state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+            recorded, done, tokens, size = state["options"], int(state["done"]), int(state["tokens"]), int(state["bytes"])
+            records, rng = (folder / RECORDS).read_bytes(), (folder / RNG).read_bytes()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LoramError(f"{folder / STATE} or its files cannot be read ({type(e).__name__}); {refetch}") from None
+        changed = [k for k in FLAGS if recorded.get(k) != options[k]]
+        if changed:
+            said = ", ".join(f"{FLAGS[k]} ({'other prompts' if k == 'prompts' else recorded.get(k)} then, "
+                             f"{'these' if k == 'prompts' else options[k]} now)" for k in changed)
+            raise LoramError(f"--resume: {said} differ from the interrupted run's; resume with the options it began "
+                             "with, or start again with --overwrite")
+        if len(records) < size or _sha256(records[:size]) != state.get("sha256") or _sha256(rng) != state.get(
+                "rng_sha256") or not 0 < done <= cfg.count:
+            raise LoramError(f"{folder}: the committed conversations or generator state do not match the hashes "
+                             f"{STATE} recorded; {refetch}")
+        from safetensors.torch import load
+
+        return cls(folder, options, done, tokens, [records[:size]], state.get("threads"), load(rng), resuming=True)
+
+    def __post_init__(self):
+        self.size = sum(map(len, self.committed))
+        self.hash = hashlib.sha256(b"".join(self.committed))
+
+    def check_threads(self, threads: int) -> None:
+        if self.resuming and self.threads is not None and self.threads != threads:
+            warn(f"--resume with {threads} threads where the run began with {self.threads}: the rest is sampled "
+                 "as usual, but the file will differ from an uninterrupted run's (LORAM_THREADS fixes the count)")
+        self.threads = threads
+
+    def start(self) -> None:
+        """A fresh run: an earlier run's progress (kept only with --overwrite) goes now, every input checked."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def restore_rng(self) -> None:
+        import torch
+
+        torch.random.set_rng_state(self.rng["cpu"])
+        cuda = [self.rng[k] for k in sorted(self.rng) if k.startswith("cuda")]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        elif cuda or torch.cuda.is_available():
+            warn("--resume on other devices than the run began on: the rest is sampled with fresh generators, and "
+                 "the file will differ from an uninterrupted run's")
+            torch.manual_seed(self.options["seed"] + self.done)
+
+    def commit(self, texts: list[str], tokens: int) -> None:
+        """Append one finished batch and make it part of what `--resume` continues from."""
+        import torch
+        from safetensors.torch import save
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode("utf-8")
+        path = self.folder / RECORDS
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            f.truncate(self.size)  # bytes of a batch that was cut off while being appended
+            f.seek(self.size)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.committed.append(data)
+        self.size += len(data)
+        self.hash.update(data)
+        self.done += len(texts)
+        self.tokens += tokens
+        state = {"cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():
+            state.update({f"cuda{i:03d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        rng = save(state)
+        _replace(self.folder / RNG, rng)
+        _replace(self.folder / STATE, json.dumps(
+            {"options": self.options, "done": self.done, "tokens": self.tokens, "bytes": self.size,
+             "sha256": self.hash.hexdigest(), "rng_sha256": _sha256(rng), "threads": self.threads},
+            indent=1).encode("utf-8"))
+
+    def text(self) -> bytes:
+        return b"".join(self.committed)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
