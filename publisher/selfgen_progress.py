@@ -75,8 +75,8 @@ class Progress:
         if changed:
             said = ", ".join(f"{FLAGS[k]} ({'other prompts' if k == 'prompts' else recorded.get(k)} then, "
                              f"{'these' if k == 'prompts' else options[k]} now)" for k in changed)
-            raise LoramError(f"--resume: {said} differ from the interrupted run's; resume with the options it began "
-                             "with, or start again with --overwrite")
+            raise LoramError(f"--resume: {said} {'differs' if len(changed) == 1 else 'differ'} from the interrupted "
+                             "run's; resume with the options it began with, or start again with --overwrite")
         if len(records) < size or _sha256(records[:size]) != state.get("sha256") or _sha256(rng) != state.get(
                 "rng_sha256") or not 0 < done <= cfg.count:
             raise LoramError(f"{folder}: the committed conversations or generator state do not match the hashes "
