@@ -199,9 +199,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
         raise LoramError(f"{cfg.pruned} has no tokenizer; alignment needs one to read text") from e
 
     train_set = mixture(cfg.sources, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_buffer)
-    data = [{**source_record(s.name), "weight": round(p, 6)}  # hashed once: every checkpoint records it
-            for s, p in zip(cfg.sources, probabilities(cfg.sources), strict=True)]
-    evaluated = source_record(cfg.eval_data) if cfg.eval_data else None
+    data, evaluated = _data_records(cfg)
     if folder.resume_from is not None:
         _check_same_text(folder.resume_from, data, cfg.out)
     eval_set = eval_blocks(cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_limit) if cfg.eval_data else None
@@ -352,6 +350,19 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     except LoramError as e:
         _log(f"warning: {e}; distilling from it anyway")
     return teacher.requires_grad_(False).eval(), source.path
+
+
+def _data_records(cfg: AlignConfig) -> tuple[list[dict], dict | None]:
+    """The alignment record's training sources (with their weights) and held-out source, each file hashed once per
+    run: every checkpoint records them. Only the first process writes records (and checks `--resume` against
+    them), so the other processes of a distributed run do not read a corpus of many GB again: theirs name the
+    sources only."""
+    from loram.shared.runtime import first_process
+
+    record = source_record if first_process() else (lambda name: {"source": name})
+    data = [{**record(s.name), "weight": round(p, 6)}
+            for s, p in zip(cfg.sources, probabilities(cfg.sources), strict=True)]
+    return data, record(cfg.eval_data) if cfg.eval_data else None
 
 
 def _check_same_text(checkpoint: Path, data: list[dict], out) -> None:

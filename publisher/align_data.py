@@ -76,7 +76,7 @@ def source_record(name: str) -> dict:
     """How the manifest's alignment record names a source: a built-in by its name; a file or folder by its own
     name, size and sha256 (a folder's: over each file's relative path and sha256, in order, hidden files left
     out as in a checkpoint's hashes), not by its path on the publisher's disk, which nobody else could open.
-    Every process of a run hashes (a changed file is refused on `--resume` by all of them alike)."""
+    Only a run's first process calls this (align._data_records)."""
     path = Path(name).expanduser()
     if name in TEXT_SPLITS or name in CHAT_SPLITS or not path.exists():
         return {"source": name}

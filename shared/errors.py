@@ -19,10 +19,11 @@ def first_line(error: BaseException, limit: int = 300) -> str:
 
 def say(line: str) -> None:
     """One line on stderr, from the first process only (every rank of a torchrun job runs the same code)."""
-    import os
     import sys
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    from loram.shared.runtime import first_process
+
+    if first_process():
         print(line, file=sys.stderr, flush=True)
 
 

@@ -59,3 +59,9 @@ def configure_threads() -> int:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def first_process() -> bool:
+    """This is the first process of a torchrun / accelerate launch job (or the only one): the one that writes
+    outputs and prints. Read from the launcher's RANK, so it holds before the process group is up."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -487,6 +487,25 @@ def test_smollm2_alignment_lowers_held_out_perplexity(tmp_path):
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)  # still tied, and frozen
 
 
+def test_only_the_first_process_hashes_the_text(tmp_path, monkeypatch):
+    """The record is written (and --resume checked) by the first process: the others do not read the corpus again."""
+    import importlib
+
+    align, align_data = (importlib.import_module(f"loram.publisher.{m}") for m in ("align", "align_data"))
+    (tmp_path / "text.txt").write_text("some text\n")
+    cfg = align.AlignConfig(pruned="p", data=[f"{tmp_path / 'text.txt'}:3", "wiki:1"], steps=1, seq_len=8,
+                            out=tmp_path / "out", eval_data=str(tmp_path / "text.txt"))
+    data, evaluated = align._data_records(cfg)
+    assert data == [{"source": "text.txt", "sha256": sha256_file(tmp_path / "text.txt"), "bytes": 10, "weight": 0.75},
+                    {"source": "wiki", "weight": 0.25}] and evaluated == {k: data[0][k] for k in ("source", "sha256",
+                                                                                                 "bytes")}
+    monkeypatch.setenv("RANK", "1")
+    for reader in ("sha256_file", "visible_file_hashes"):
+        monkeypatch.setattr(align_data, reader, lambda *a: pytest.fail("a second process hashed the text"))
+    data, evaluated = align._data_records(cfg)
+    assert [d["weight"] for d in data] == [0.75, 0.25] and not any("sha256" in d for d in [*data, evaluated])
+
+
 def test_source_record_names_a_file_by_its_hash_not_its_path(tmp_path, monkeypatch):
     from loram.publisher.align_data import source_record
 
