@@ -25,7 +25,8 @@ objectives align on `--data wiki-chat` (the wiki split in the chat template), `-
 the original's own chat answers (general prompts; requests for worked math problems, 128 of them or the 48 `loram demo`
 writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, and `oracle-gsm8k` on GSM8K items
 500..999 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
-aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py).
+aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py); `docstart-` starts every
+block at a document's start instead of packing across documents (doc_start_blocks.py).
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -100,6 +101,9 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "hidden-mse-pruned-wikichat+demo-math-batch1-lr2e-4": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
                                                            "{work}/data/demo-math.jsonl:1", "--batch", "1",
                                                            "--lr", "2e-4"],
+    # prototype: the demo's alignment, every block starting at a conversation's start (not packed across them)
+    "docstart-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
+                                           "{work}/data/demo-math.jsonl:1", "--batch", "1"],
     # prototype: the demo's alignment, the student's decoder linears computing in NF4 as a QLoRA consumer's do
     "qat-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1",
                                       "--batch", "1"],
@@ -111,7 +115,8 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
 PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
                  for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-oracle-gsm8k")},
               "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"],
-              "qat-wikichat+demo-math-batch1": ["quant_aware.py"]}
+              "qat-wikichat+demo-math-batch1": ["quant_aware.py"],
+              "docstart-wikichat+demo-math-batch1": ["doc_start_blocks.py"]}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
 DEMO = "hidden-mse-pruned-wikichat+demo-math-batch1"  # what `loram demo` aligns with (consumer/demo.py), at 80 steps

@@ -1,0 +1,42 @@
+"""A candidate alignment data layout, measured by the alignment grid and not (yet) in `loram publish align`.
+
+`loram publish align` packs documents end to end and cuts blocks of `--seq-len` tokens wherever they fall, so most
+blocks begin mid-conversation. A consumer's fine-tuning sequences all begin at the chat template's start (its system
+turn). This prototype starts every block at a document's start: a block is a document's tokens, topped up with the
+following documents' when it is shorter than `--seq-len`, and the tokens left over past the block's end are
+dropped (the next block begins at the next document). Everything else is `loram publish align` as given.
+
+    python benchmarks/doc_start_blocks.py -- publish align PRUNED --data wiki-chat:1 --data math.jsonl:1 ... --out ALIGNED
+"""
+
+import sys
+from itertools import islice
+
+from loram.publisher import align_data
+
+
+def iter_blocks(name: str, tokenizer, seq_len: int):
+    docs = align_data.chat_texts(name, tokenizer) if name in align_data.CHAT_SPLITS else align_data.iter_texts(name)
+    block: list[int] = []
+    while batch := list(islice(docs, align_data.TOKENIZE_BATCH)):
+        for ids in tokenizer([t + align_data.SEPARATOR for t in batch], add_special_tokens=False)["input_ids"]:
+            block.extend(ids)
+            if len(block) >= seq_len:
+                yield {"input_ids": block[:seq_len]}
+                block = []
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    argv = argv[1:] if argv[:1] == ["--"] else argv
+    if argv[:2] != ["publish", "align"] or len(argv) < 3:
+        raise SystemExit("usage: doc_start_blocks.py -- publish align PRUNED ... (see the docstring)")
+    align_data.iter_blocks = iter_blocks
+    from loram.cli import main as loram
+
+    sys.argv = ["loram", *argv]
+    loram()
+
+
+if __name__ == "__main__":
+    main()
