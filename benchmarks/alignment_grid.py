@@ -101,6 +101,10 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "hidden-mse-pruned-wikichat+demo-math-batch1-lr2e-4": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
                                                            "{work}/data/demo-math.jsonl:1", "--batch", "1",
                                                            "--lr", "2e-4"],
+    # the demo's alignment training only the pruned layers (layers 0-3 and 28-29 stay the original's, as LoRA sees them)
+    "hidden-mse-pruned-wikichat+demo-math-batch1-train-pruned": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
+                                                                 "{work}/data/demo-math.jsonl:1", "--batch", "1",
+                                                                 "--train-layers", "pruned"],
     # prototype: the demo's alignment, every block starting at a conversation's start (not packed across them)
     "docstart-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
                                            "{work}/data/demo-math.jsonl:1", "--batch", "1"],
