@@ -3,14 +3,15 @@
 Next to `--out` (say `gen.jsonl`) a hidden folder `.gen.jsonl.selfgen/` holds
 
     conversations.jsonl   the records of every finished batch, appended in order
-    rng.safetensors       torch's random number generators (CPU, and every CUDA device) after the last committed batch
-    progress.json         the options that decide the text, the committed count, answer tokens, byte count and sha256
-                          of conversations.jsonl, the sha256 of rng.safetensors, the thread count
+    rng-N.safetensors     torch's random number generators (CPU, and every CUDA device) after the first N conversations
+    progress.json         the options that decide the text, the committed count N, answer tokens, byte count and sha256
+                          of conversations.jsonl, the name and sha256 of its generators' file, the thread count
 
-A batch is committed by appending its records (flushed to disk), replacing the generators' file and then
-replacing `progress.json`, which alone says what is committed: bytes past its count (a batch cut off while being
-appended) are dropped on resume, and nothing is trusted before its hash is checked. The folder appears with the
-first committed batch and goes when `--out` is written.
+A batch is committed by appending its records (flushed to disk), writing the generators' new file, replacing
+`progress.json` and only then removing the previous generators' file: `progress.json` alone says what is committed,
+and an interruption at any point leaves it naming files that hold what it says. Bytes past its count (a batch cut
+off while being appended) are dropped on resume, and nothing is trusted before its hash is checked. The folder
+appears with the first committed batch and goes when `--out` is written.
 """
 
 import hashlib
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from loram.shared.errors import LoramError, warn
 
-RECORDS, RNG, STATE = "conversations.jsonl", "rng.safetensors", "progress.json"
+RECORDS, STATE = "conversations.jsonl", "progress.json"
 # option -> flag, for the options the text depends on (`prompts`: the hash of the prompts' lines, so a prompts file
 # named by another path but holding the same lines resumes, and an edited one does not)
 FLAGS = {"model": "MODEL", "revision": "--revision", "prompts": "--prompts", "count": "--count",
@@ -68,7 +69,8 @@ class Progress:
         try:
             state = json.loads((folder / STATE).read_text(encoding="utf-8"))
             recorded, done, tokens, size = state["options"], int(state["done"]), int(state["tokens"]), int(state["bytes"])
-            records, rng = (folder / RECORDS).read_bytes(), (folder / RNG).read_bytes()
+            rng_name = Path(state["rng"]).name  # a name inside the folder, whatever progress.json says
+            records, rng = (folder / RECORDS).read_bytes(), (folder / rng_name).read_bytes()
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LoramError(f"{folder / STATE} or its files cannot be read ({type(e).__name__}); {refetch}") from None
         changed = [k for k in FLAGS if recorded.get(k) != options[k]]
@@ -133,12 +135,15 @@ class Progress:
         state = {"cpu": torch.random.get_rng_state()}
         if torch.cuda.is_available():
             state.update({f"cuda{i:03d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        rng = save(state)
-        _replace(self.folder / RNG, rng)
+        rng, name = save(state), f"rng-{self.done}.safetensors"
+        _replace(self.folder / name, rng)
         _replace(self.folder / STATE, json.dumps(
             {"options": self.options, "done": self.done, "tokens": self.tokens, "bytes": self.size,
-             "sha256": self.hash.hexdigest(), "rng_sha256": _sha256(rng), "threads": self.threads},
+             "sha256": self.hash.hexdigest(), "rng": name, "rng_sha256": _sha256(rng), "threads": self.threads},
             indent=1).encode("utf-8"))
+        for old in self.folder.glob("rng-*.safetensors"):  # the previous batch's, and any a cut-off commit left
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     def text(self) -> bytes:
         return b"".join(self.committed)

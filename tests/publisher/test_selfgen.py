@@ -169,7 +169,7 @@ def test_resume_writes_the_file_an_uninterrupted_run_writes(original, prompts, t
             selfgen(**kwargs, out=out)
     progress = progress_folder(out)
     assert not out.exists() and sorted(p.name for p in progress.iterdir()) == [
-        "conversations.jsonl", "progress.json", "rng.safetensors"]
+        "conversations.jsonl", "progress.json", "rng-4.safetensors"]
     assert json.loads((progress / "progress.json").read_text())["done"] == 4  # two batches of 2 committed
     with open(progress / "conversations.jsonl", "ab") as f:
         f.write(b'{"text": "a batch cut off while being appen')  # not committed: dropped on resume
@@ -222,3 +222,31 @@ def test_resume_on_the_command_line(original, prompts, tmp_path, monkeypatch):
     proc = run_loram(*args, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote 3 conversations" in proc.stdout and "resumed after 2)" in proc.stdout and len(_records(out)) == 3
+
+
+def test_an_interruption_inside_a_commit_leaves_a_resumable_run(original, prompts, tmp_path, monkeypatch):
+    """Cut off after the second batch's records and generator state are written but before progress.json names
+    them: the run resumes from the first batch, and the file is still an uninterrupted run's."""
+    from loram.publisher import selfgen_progress
+
+    kwargs = {"model": str(original), "prompts": str(prompts), "count": 6, "max_new_tokens": 8, "batch": 2,
+              "temperature": 1.0}
+    whole = selfgen(**kwargs, out=tmp_path / "whole.jsonl").out.read_bytes()
+    out = tmp_path / "gen.jsonl"
+    real, states = selfgen_progress._replace, [0]
+
+    def replace(path, data):
+        if path.name == selfgen_progress.STATE:
+            states[0] += 1
+            if states[0] == 2:
+                raise KeyboardInterrupt
+        real(path, data)
+    with monkeypatch.context() as m:
+        m.setattr(selfgen_progress, "_replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            selfgen(**kwargs, out=out)
+    progress = selfgen_progress.progress_folder(out)
+    assert {p.name for p in progress.glob("rng-*")} == {"rng-2.safetensors", "rng-4.safetensors"}
+    assert json.loads((progress / "progress.json").read_text())["done"] == 2
+    result = selfgen(**kwargs, out=out, resume=True)
+    assert result.resumed == 2 and out.read_bytes() == whole and not progress.exists()
