@@ -185,7 +185,7 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     from tqdm.auto import tqdm
 
     from loram.publisher.selfgen_progress import Progress
-    from loram.shared.outputs import atomic_file, check_writable
+    from loram.shared.outputs import check_writable
     from loram.shared.progress import peak_memory_bytes
     from loram.shared.pruned_model import from_pretrained, load_tokenizer
     from loram.shared.runtime import configure_threads, default_device
@@ -219,8 +219,7 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
             progress.commit(texts, tokens)
             bar.update(len(texts))
     seconds = time.perf_counter() - started
-    with atomic_file(cfg.out) as tmp:
-        tmp.write_bytes(progress.text())
+    progress.write(cfg.out)
     progress.remove()
     devices = {p.device for p in model.parameters()}  # several GPUs under device_map="auto"
     return SelfgenResult(cfg.out, progress.done, progress.tokens, seconds, peak_memory_bytes(devices), resumed,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loram.shared.errors import LoramError, warn
+from loram.shared.outputs import atomic_file
 
 RECORDS, STATE = "conversations.jsonl", "progress.json"
 # option -> flag, for the options the text depends on (`prompts`: the hash of the prompts' lines, so a prompts file
@@ -45,7 +46,8 @@ class Progress:
     options: dict
     done: int = 0  # conversations committed
     tokens: int = 0  # their answer tokens
-    committed: list[bytes] = field(default_factory=list)  # their records, as conversations.jsonl holds them
+    size: int = 0  # bytes of their records at the start of conversations.jsonl
+    hash: "hashlib._Hash" = field(default_factory=hashlib.sha256)  # sha256 of those bytes, updated batch by batch
     threads: int | None = None  # the thread count the committed batches were sampled with
     rng: dict = field(default_factory=dict)
     resuming: bool = False
@@ -85,11 +87,8 @@ class Progress:
                              f"{STATE} recorded; {refetch}")
         from safetensors.torch import load
 
-        return cls(folder, options, done, tokens, [records[:size]], state.get("threads"), load(rng), resuming=True)
-
-    def __post_init__(self):
-        self.size = sum(map(len, self.committed))
-        self.hash = hashlib.sha256(b"".join(self.committed))
+        return cls(folder, options, done, tokens, size, hashlib.sha256(records[:size]), state.get("threads"),
+                   load(rng), resuming=True)
 
     def check_threads(self, threads: int) -> None:
         if self.resuming and self.threads is not None and self.threads != threads:
@@ -127,7 +126,6 @@ class Progress:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        self.committed.append(data)
         self.size += len(data)
         self.hash.update(data)
         self.done += len(texts)
@@ -145,17 +143,18 @@ class Progress:
             if old.name != name:
                 old.unlink(missing_ok=True)
 
-    def text(self) -> bytes:
-        return b"".join(self.committed)
+    def write(self, out: Path) -> None:
+        """`out`: the committed records, whole or not at all."""
+        with atomic_file(out) as tmp, open(self.folder / RECORDS, "rb") as records:
+            tmp.write_bytes(records.read(self.size))
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    """`data` as `path` in one rename, on disk before it: a lost machine leaves the old file or the new one."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
