@@ -21,6 +21,22 @@ def demo_selfgen(cfg, out: Path) -> Path:
     return out
 
 
+def align_argv(args: list[str], usage: str) -> list[str]:
+    """The `publish align PRUNED ...` arguments a prototype script takes after `--`; exits with `usage` otherwise."""
+    argv = args[1:] if args[:1] == ["--"] else args
+    if argv[:2] != ["publish", "align"] or len(argv) < 3:
+        raise SystemExit(f"usage: {usage}")
+    return argv
+
+
+def run_loram(argv: list[str]) -> None:
+    """`loram ARGV` in this process (after a prototype script has patched what it extends)."""
+    from loram.cli import main
+
+    sys.argv = ["loram", *argv]
+    main()
+
+
 def machine() -> dict:
     import torch
 

@@ -12,6 +12,8 @@ dropped (the next block begins at the next document). Everything else is `loram 
 import sys
 from itertools import islice
 
+from _common import align_argv, run_loram
+
 from loram.publisher import align_data
 
 
@@ -27,15 +29,9 @@ def iter_blocks(name: str, tokenizer, seq_len: int):
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    argv = argv[1:] if argv[:1] == ["--"] else argv
-    if argv[:2] != ["publish", "align"] or len(argv) < 3:
-        raise SystemExit("usage: doc_start_blocks.py -- publish align PRUNED ... (see the docstring)")
+    argv = align_argv(sys.argv[1:], "doc_start_blocks.py -- publish align PRUNED ... (see the docstring)")
     align_data.iter_blocks = iter_blocks
-    from loram.cli import main as loram
-
-    sys.argv = ["loram", *argv]
-    loram()
+    run_loram(argv)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ gradient term is this script's). The grid runs it for the objectives in `alignme
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
+from _common import align_argv, run_loram
 
 from loram.publisher import align_trainer
 from loram.publisher.distill import hidden_sum
@@ -155,17 +155,12 @@ def main() -> None:
                          "at every layer's output")
     ap.add_argument("align", nargs=argparse.REMAINDER, help="-- publish align PRUNED ... (loram's arguments)")
     args = ap.parse_args()
-    argv = args.align[1:] if args.align[:1] == ["--"] else args.align
-    if argv[:2] != ["publish", "align"] or len(argv) < 3:
-        raise SystemExit("usage: gradient_matching.py --weight W -- publish align PRUNED ... (see --help)")
+    argv = align_argv(args.align, "gradient_matching.py --weight W -- publish align PRUNED ... (see --help)")
     if "--fsdp" in argv or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("gradient_matching.py runs in one process, without --fsdp")
     patch = MATCHES[args.match](args.weight, argv[2])
     align_trainer.AlignTrainer.compute_loss = lambda self, *a, **k: patch(self, *a, **k)
-    from loram.cli import main as loram
-
-    sys.argv = ["loram", *argv]
-    loram()
+    run_loram(argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from _common import align_argv, run_loram
 
 from loram.publisher import align_trainer
 
@@ -121,9 +122,7 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["--error"]:
         return write_error(dict(a.split("=", 1) for a in argv[1:]))
-    argv = argv[1:] if argv[:1] == ["--"] else argv
-    if argv[:2] != ["publish", "align"] or len(argv) < 3:
-        raise SystemExit("usage: quant_aware.py -- publish align PRUNED ... (see the docstring)")
+    argv = align_argv(argv, "quant_aware.py -- publish align PRUNED ... (see the docstring)")
     plain = align_trainer.AlignTrainer.compute_loss
     done = set()
 
@@ -134,10 +133,7 @@ def main() -> None:
             done.add(id(model))
         return plain(self, model, *a, **k)
     align_trainer.AlignTrainer.compute_loss = compute_loss
-    from loram.cli import main as loram
-
-    sys.argv = ["loram", *argv]
-    loram()
+    run_loram(argv)
 
 
 if __name__ == "__main__":

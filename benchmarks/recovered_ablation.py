@@ -26,6 +26,11 @@ from safetensors.torch import load_file, save_file
 from loram.shared.manifest import Manifest
 
 
+def layer(key: str) -> int:
+    """The decoder layer of an adapter tensor: base_model.model.model.layers.L.self_attn.q_proj.lora_A.weight -> L."""
+    return int(key.split(".layers.")[1].split(".")[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="the alignment grid's --work folder")
@@ -38,7 +43,7 @@ def main() -> None:
         raise SystemExit(f"{recovered}: no recovered adapter; run the cell with alignment_grid.py first")
     pruned = set(Manifest.load(args.work / "pruned" / model).pruned_layers)
     weights = load_file(recovered / "adapter_model.safetensors")
-    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in weights})
+    layers = sorted({layer(k) for k in weights})
     groups = {"none (the recovered adapter)": [],
               "layers before the pruned range": [i for i in layers if i < min(pruned)],
               "layers after the pruned range": [i for i in layers if i > max(pruned)],
@@ -51,7 +56,7 @@ def main() -> None:
         for name, drop in groups.items():
             folder = Path(tmp) / str(len(rows))
             shutil.copytree(recovered, folder)
-            save_file({k: torch.zeros_like(v) if "lora_B" in k and int(k.split(".layers.")[1].split(".")[0]) in drop
+            save_file({k: torch.zeros_like(v) if "lora_B" in k and layer(k) in drop
                        else v for k, v in weights.items()}, folder / "adapter_model.safetensors")
             ppl = evaluate(str(folder))["gsm8k"]
             rows.append({"zeroed": name, "layers": drop, "gsm8k": ppl,
