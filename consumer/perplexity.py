@@ -25,26 +25,32 @@ def text_windows(tokenizer, texts: list[str], window: int, max_windows: int | No
     return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
     """(callable returning last hidden states, lm_head) for a causal LM, peft-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep [b, t-1] bool: the positions whose next token is labelled, their targets [k]) for labels [b, t]."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return keep, targets[keep]
 
 
 @torch.no_grad()
 def nll_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
             attention_mask: torch.Tensor | None = None) -> tuple[float, int]:
     """Sum of NLL over labelled next-token positions and their count, for one batch [b, t]."""
-    decoder, head = _backbone_and_head(model)
+    decoder, head = backbone_and_head(model)
     device = head.weight.device
     input_ids, labels = input_ids.to(device), labels.to(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [b, t, h]
-    targets = labels[:, 1:]                                                                   # [b, t-1]
-    keep = targets != IGNORE
+    keep, targets = next_token_targets(labels)                                                # [b, t-1], [k]
     logits = head(hidden[:, :-1][keep]).float()                                               # [k, vocab]
-    nll = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     return nll.item(), int(keep.sum())
 
 

@@ -100,10 +100,10 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from loram.labelled_loss import LabelledLossTrainer
     from loram.loading import load_causal_lm
     from loram.sft_format import SFTCollator, format_name, parse_columns, tokenize_sft
     from loram.shared import training
-    from loram.shared.checkpoints import SafeCheckpointTrainer
     from loram.shared.hub import resolve_model
     from loram.shared.progress import TrainingProgress
     from loram.shared.pruned_model import check_pruned_checkpoint, load_tokenizer
@@ -146,8 +146,8 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
         save_every=cfg.save_every, keep_checkpoints=2, gradient_checkpointing=cfg.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding")
     progress = TrainingProgress()
-    trainer = SafeCheckpointTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                    data_collator=SFTCollator.for_tokenizer(tokenizer), callbacks=[progress])
+    trainer = LabelledLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                  data_collator=SFTCollator.for_tokenizer(tokenizer), callbacks=[progress])
     training.begin(folder, trainer)
     training.run(trainer, folder)
 

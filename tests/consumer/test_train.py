@@ -168,3 +168,57 @@ def test_cli_prints_a_summary(pruned):
     logged = re.search(r"\[loram train\] training ([\d,]+) LoRA parameters on ", proc.stderr)
     assert logged and int(logged.group(1).replace(",", "")) == expected, proc.stderr[-2000:]
     assert re.search(r"training: 100%\|.*\| 2/2 ", proc.stderr), proc.stderr[-2000:]  # the progress bar, finished
+
+
+def test_the_loss_projects_only_labelled_positions_and_trains_exactly_as_the_stock_loss(pruned, monkeypatch):
+    """`loram train` hands lm_head only the positions whose next token is labelled; losses, evaluation and
+    the adapter are those of the stock causal-LM loss over full logits, with gradient accumulation too."""
+    import loram.labelled_loss as labelled
+    from loram.shared.checkpoints import SafeCheckpointTrainer
+
+    rows = []
+    real_gather = labelled.project_labelled_only
+
+    def counting(head, keep):
+        rows.append(int(keep.sum()))
+        return real_gather(head, keep)
+
+    monkeypatch.setattr(labelled, "project_labelled_only", counting)
+    kwargs = dict(eval_data=str(pruned / "qa.jsonl"), eval_every=3, grad_accum=2, steps=4)
+    ours = _train(pruned, "labelled", **kwargs)
+    assert rows and all(0 < r for r in rows)
+    monkeypatch.setattr(labelled, "LabelledLossTrainer", SafeCheckpointTrainer)  # the stock loss
+    stock = _train(pruned, "stock", **kwargs)
+    assert ours.losses == pytest.approx(stock.losses, rel=1e-5)
+    assert ours.eval_losses == pytest.approx(stock.eval_losses, rel=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(r.out / "adapter_model.safetensors") for r in (ours, stock))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_the_output_embedding_sees_only_labelled_hidden_states():
+    from tiny_models import tiny_batch, tiny_model
+
+    from loram.labelled_loss import project_labelled_only
+    from loram.perplexity import IGNORE, next_token_targets
+
+    model = tiny_model("llama-mha")
+    ids = tiny_batch(batch=3, seq=12)
+    labels = ids.clone()
+    labels[0, :5] = IGNORE
+    labels[1, 9:] = IGNORE
+    labels[2, :] = IGNORE
+    keep, targets = next_token_targets(labels)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with project_labelled_only(model.get_output_embeddings(), keep):
+            kept = model(input_ids=ids).logits
+        assert kept.shape == (int(keep.sum()), 97) == (targets.numel(), 97) == (7 + 8, 97)
+        torch.testing.assert_close(kept, full[:, :-1][keep])
+        assert model(input_ids=ids).logits.shape == full.shape  # the hook is gone after the block
+        with pytest.raises(RuntimeError, match="output embedding got hidden states of shape"):
+            with project_labelled_only(model.get_output_embeddings(), keep):
+                model(input_ids=ids, logits_to_keep=1)

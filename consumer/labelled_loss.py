@@ -1,0 +1,66 @@
+"""The fine-tuning loss, with the vocabulary projection only where a next token carries a label.
+
+Supervised fine-tuning scores the response tokens alone: the prompt and the padding carry the label -100.
+The stock causal-LM loss still projects every position onto the vocabulary and then throws most of the
+logits away. Here `lm_head` sees only the hidden states whose next token is labelled, so the loss and its
+gradient are the same (the same cross-entropy sum, divided by the same token count) while the projection,
+the fp32 logits and their softmax cost only what the labelled tokens need: for a 49k-word vocabulary on
+a pruned 135M model the projection is about 40% of a forward's FLOPs, and at 70B [batch, seq, 128k] fp32
+logits are GBs of a consumer's 20 GB.
+
+How: a forward pre-hook on the output embedding gathers the labelled positions out of the [batch, seq,
+hidden] states the model hands it, and the Trainer's `compute_loss_func` takes the cross-entropy of the
+resulting [labelled, vocab] logits. The model is still called through the Trainer's (possibly DDP-wrapped)
+forward, and the Trainer still does the gradient-accumulation and cross-process token averaging it does
+for any model that normalizes by `num_items_in_batch`.
+"""
+
+import contextlib
+
+import torch
+
+from loram.perplexity import backbone_and_head, next_token_targets
+from loram.shared.checkpoints import SafeCheckpointTrainer
+
+
+@contextlib.contextmanager
+def project_labelled_only(head: torch.nn.Module, keep: torch.Tensor):
+    """While inside, `head` is applied only to the hidden states at `keep`'s positions: [k, hidden]."""
+    def gather(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != (keep.shape[0], keep.shape[1] + 1):
+            raise RuntimeError(f"the output embedding got hidden states of shape {tuple(hidden.shape)}, "
+                               f"not the [batch, seq, hidden] of labels {tuple(keep.shape)} plus one position")
+        return (hidden[:, :-1][keep.to(hidden.device)],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def labelled_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy summed over the labelled next tokens, divided by `num_items_in_batch` (the labelled
+    tokens of the whole accumulated batch, counted by the Trainer) or, without it, by this batch's count."""
+    _, targets = next_token_targets(labels)
+    logits = outputs["logits"].float()
+    total = torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    if torch.is_tensor(count):
+        count = count.to(total.device)
+    return total / count
+
+
+class LabelledLossTrainer(SafeCheckpointTrainer):
+    """`SafeCheckpointTrainer` whose causal-LM loss projects only the labelled positions (see the module)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, compute_loss_func=labelled_loss, **kwargs)
+        self._head = backbone_and_head(self.model)[1]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        keep, _ = next_token_targets(inputs["labels"])
+        with project_labelled_only(self._head, keep):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
