@@ -78,20 +78,21 @@ def main() -> None:
                         TRAIN.format(model=models[name], out=out, quant=quant, steps=args.steps, stock=stock))
                     print(name, quant, "stock" if stock else "labelled", round(median_step(r), 2),
                           r["peak_rss_mib"], flush=True)
+                pair["step_ratio"] = round(median_step(pair["labelled"]) / median_step(pair["stock"]), 3)
                 data["runs"][f"{name} / {quant}"] = pair
                 rows.append((name, quant, pair))
     frac = data["labelled"]["labelled"] / data["labelled"]["positions"]
-    table = [f"# `loram train`: loss at labelled positions only vs the stock loss (SmolLM2-135M, CPU)", "",
+    table = ["# `loram train`: loss at labelled positions only vs the stock loss (SmolLM2-135M, CPU)", "",
              f"The demo's recipe: GSM8K fine-tune split, batch 4 x 256, r = 8, {args.steps} steps (median of steps "
-             f"2..{args.steps}), each run in a fresh process, stock and labelled alternating. The first "
-             f"{args.steps} batches label {frac:.1%} of their next-token positions (the response tokens; the "
+             f"2..{args.steps}), each run in a fresh process, stock and labelled alternating. Batches of "
+             f"4 consecutive records (the first {args.steps}) label {frac:.1%} of their next-token positions (the response tokens; the "
              "rest is prompt and padding).", "",
              "| model | base precision | step, stock loss (s) | step, labelled only (s) | step ratio | "
              "peak RSS stock (MiB) | peak RSS labelled (MiB) | peak ratio | largest loss difference |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, quant, pair in rows:
         s, o = pair["stock"], pair["labelled"]
-        diff = max(abs(a - b) / abs(a) for a, b in zip(s["losses"], o["losses"]))
+        diff = max(abs(a - b) / abs(a) for a, b in zip(s["losses"], o["losses"], strict=True))
         table.append(f"| {name} | {quant} | {median_step(s):.2f} | {median_step(o):.2f} | "
                      f"**{median_step(o) / median_step(s):.2f}x** | {s['peak_rss_mib']:,.0f} | "
                      f"{o['peak_rss_mib']:,.0f} | {o['peak_rss_mib'] / s['peak_rss_mib']:.2f}x | {diff:.1e} (relative) |")

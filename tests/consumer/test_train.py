@@ -186,7 +186,7 @@ def test_the_loss_projects_only_labelled_positions_and_trains_exactly_as_the_sto
     monkeypatch.setattr(labelled, "project_labelled_only", counting)
     kwargs = dict(eval_data=str(pruned / "qa.jsonl"), eval_every=3, grad_accum=2, steps=4)
     ours = _train(pruned, "labelled", **kwargs)
-    assert rows and all(0 < r for r in rows)
+    assert rows and all(r > 0 for r in rows)
     monkeypatch.setattr(labelled, "LabelledLossTrainer", SafeCheckpointTrainer)  # the stock loss
     stock = _train(pruned, "stock", **kwargs)
     assert ours.losses == pytest.approx(stock.losses, rel=1e-5)
@@ -219,6 +219,6 @@ def test_the_output_embedding_sees_only_labelled_hidden_states():
         assert kept.shape == (int(keep.sum()), 97) == (targets.numel(), 97) == (7 + 8, 97)
         torch.testing.assert_close(kept, full[:, :-1][keep])
         assert model(input_ids=ids).logits.shape == full.shape  # the hook is gone after the block
-        with pytest.raises(RuntimeError, match="output embedding got hidden states of shape"):
-            with project_labelled_only(model.get_output_embeddings(), keep):
-                model(input_ids=ids, logits_to_keep=1)
+        with (pytest.raises(RuntimeError, match="output embedding got hidden states of shape"),
+              project_labelled_only(model.get_output_embeddings(), keep)):
+            model(input_ids=ids, logits_to_keep=1)
