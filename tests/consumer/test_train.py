@@ -170,9 +170,11 @@ def test_cli_prints_a_summary(pruned):
     assert re.search(r"training: 100%\|.*\| 2/2 ", proc.stderr), proc.stderr[-2000:]  # the progress bar, finished
 
 
-def test_the_loss_projects_only_labelled_positions_and_trains_exactly_as_the_stock_loss(pruned, monkeypatch):
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_the_loss_projects_only_labelled_positions_and_trains_exactly_as_the_stock_loss(pruned, monkeypatch, lm_head):
     """`loram train` hands lm_head only the positions whose next token is labelled; losses, evaluation and
-    the adapter are those of the stock causal-LM loss over full logits, with gradient accumulation too."""
+    the adapter are those of the stock causal-LM loss over full logits, with gradient accumulation too, and
+    with a LoRA on lm_head itself (the hook sits on peft's wrapper)."""
     import loram.labelled_loss as labelled
     from loram.shared.checkpoints import SafeCheckpointTrainer
 
@@ -184,11 +186,11 @@ def test_the_loss_projects_only_labelled_positions_and_trains_exactly_as_the_sto
         return real_gather(head, keep)
 
     monkeypatch.setattr(labelled, "project_labelled_only", counting)
-    kwargs = dict(eval_data=str(pruned / "qa.jsonl"), eval_every=3, grad_accum=2, steps=4)
-    ours = _train(pruned, "labelled", **kwargs)
+    kwargs = dict(eval_data=str(pruned / "qa.jsonl"), eval_every=3, grad_accum=2, steps=4, lm_head=lm_head)
+    ours = _train(pruned, f"labelled-{lm_head}", **kwargs)
     assert rows and all(r > 0 for r in rows)
     monkeypatch.setattr(labelled, "LabelledLossTrainer", SafeCheckpointTrainer)  # the stock loss
-    stock = _train(pruned, "stock", **kwargs)
+    stock = _train(pruned, f"stock-{lm_head}", **kwargs)
     assert ours.losses == pytest.approx(stock.losses, rel=1e-5)
     assert ours.eval_losses == pytest.approx(stock.eval_losses, rel=1e-5)
     from safetensors.torch import load_file
