@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -224,3 +225,23 @@ def test_the_output_embedding_sees_only_labelled_hidden_states():
         with (pytest.raises(RuntimeError, match="output embedding got hidden states of shape"),
               project_labelled_only(model.get_output_embeddings(), keep)):
             model(input_ids=ids, logits_to_keep=1)
+
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_two_processes_match_one_process_with_the_same_global_batch(pruned):
+    """`torchrun -m loram train` (gloo DDP): the labelled-token count is summed over the processes and the
+    gradients averaged, so two processes of batch 2 train exactly as one of batch 4."""
+    common = [str(pruned / "pruned"), "--data", str(pruned / "qa.jsonl"), "--columns", "prompt=question,response=answer",
+              "--seq-len", "64", "--steps", "4", "--lr", "1e-2", "--dropout", "0", "--save-every", "10"]
+    env = {**os.environ, "LORAM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "loram", "train", *common,
+                           "--batch", "2", "--out", str(pruned / "ddp")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = _train(pruned, "single-b4", steps=4, save_every=10)
+    report = json.loads((pruned / "ddp" / "training_report.json").read_text())
+    assert report["world_size"] == 2
+    assert [r["loss"] for r in report["losses"]] == pytest.approx(single.losses, rel=1e-5)
