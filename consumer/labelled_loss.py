@@ -22,6 +22,7 @@ import torch
 
 from loram.perplexity import backbone_and_head, next_token_targets
 from loram.shared.checkpoints import SafeCheckpointTrainer
+from loram.shared.errors import LoramError
 
 
 @contextlib.contextmanager
@@ -30,8 +31,9 @@ def project_labelled_only(head: torch.nn.Module, keep: torch.Tensor):
     def gather(module, args):
         hidden = args[0]
         if hidden.dim() != 3 or hidden.shape[:2] != (keep.shape[0], keep.shape[1] + 1):
-            raise RuntimeError(f"the output embedding got hidden states of shape {tuple(hidden.shape)}, "
-                               f"not the [batch, seq, hidden] of labels {tuple(keep.shape)} plus one position")
+            raise LoramError(f"the output embedding got hidden states of shape {tuple(hidden.shape)}, not the "
+                             f"[batch, seq, hidden] of labels {tuple(keep.shape)} plus one position: this model's "
+                             "forward does not hand lm_head every position, which the labelled-only loss needs")
         return (hidden[:, :-1][keep.to(hidden.device)],) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(gather)
@@ -46,6 +48,9 @@ def labelled_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> tor
     tokens of the whole accumulated batch, counted by the Trainer) or, without it, by this batch's count."""
     _, targets = next_token_targets(labels)
     logits = outputs["logits"].float()
+    if logits.dim() != 2 or logits.shape[0] != targets.numel():
+        raise LoramError(f"logits of shape {tuple(logits.shape)} for {targets.numel()} labelled tokens: the loss "
+                         "takes the [labelled, vocab] logits of `project_labelled_only`, not a model's full output")
     total = torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     if torch.is_tensor(count):
@@ -58,6 +63,10 @@ class LabelledLossTrainer(SafeCheckpointTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, compute_loss_func=labelled_loss, **kwargs)
+        if self.args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel, splitting each batch
+            raise LoramError(f"{self.args.n_gpu} GPUs are visible to one process: start one process per GPU with "
+                             f"`torchrun --nproc_per_node {self.args.n_gpu} -m loram train ...`, or make one GPU "
+                             "visible (CUDA_VISIBLE_DEVICES=0)")
         self._head = backbone_and_head(self.model)[1]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

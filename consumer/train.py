@@ -144,7 +144,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
         folder, max_steps=cfg.steps, epochs=cfg.epochs, batch=cfg.batch, grad_accum=cfg.grad_accum, lr=cfg.lr,
         warmup=cfg.warmup, seed=cfg.seed, evaluate=eval_set is not None, eval_every=cfg.eval_every,
         save_every=cfg.save_every, keep_checkpoints=2, gradient_checkpointing=cfg.gradient_checkpointing,
-        include_num_input_tokens_seen="non_padding")
+        include_num_input_tokens_seen="non_padding", prediction_loss_only=True)
     progress = TrainingProgress()
     trainer = LabelledLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                   data_collator=SFTCollator.for_tokenizer(tokenizer), callbacks=[progress])

@@ -51,4 +51,4 @@ def test_dataset_perplexity_batches_longest_first_and_equals_one_row_at_a_time()
     two, tokens2 = dataset_perplexity(model, data, collate, batch_size=2, progress=False)
     assert tokens == tokens2 == sum(n - 2 for n in lengths)
     assert math.isclose(one, two, rel_tol=1e-5)
-    assert widths == [(2, 17), (2, 15), (2, 6)]  # 76 positions; in the given order 3 x 2 x 17 = 102
+    assert widths == [(2, 17), (2, 15), (2, 6)]  # 76 positions; in the given order 2 x (17 + 16 + 15) = 96

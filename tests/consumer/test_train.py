@@ -205,7 +205,7 @@ def test_the_loss_projects_only_labelled_positions_and_trains_exactly_as_the_sto
 def test_the_output_embedding_sees_only_labelled_hidden_states():
     from tiny_models import tiny_batch, tiny_model
 
-    from loram.labelled_loss import project_labelled_only
+    from loram.labelled_loss import labelled_loss, project_labelled_only
     from loram.perplexity import IGNORE, next_token_targets
 
     model = tiny_model("llama-mha")
@@ -222,9 +222,12 @@ def test_the_output_embedding_sees_only_labelled_hidden_states():
         assert kept.shape == (int(keep.sum()), 97) == (targets.numel(), 97) == (7 + 8, 97)
         torch.testing.assert_close(kept, full[:, :-1][keep])
         assert model(input_ids=ids).logits.shape == full.shape  # the hook is gone after the block
-        with (pytest.raises(RuntimeError, match="output embedding got hidden states of shape"),
+        with (pytest.raises(LoramError, match="output embedding got hidden states of shape"),
               project_labelled_only(model.get_output_embeddings(), keep)):
             model(input_ids=ids, logits_to_keep=1)
+        assert not model.get_output_embeddings()._forward_pre_hooks  # removed on the error too
+        with pytest.raises(LoramError, match=r"logits of shape \(3, 12, 97\) for 15 labelled tokens"):
+            labelled_loss({"logits": full}, labels)
 
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -235,13 +238,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pruned):
     """`torchrun -m loram train` (gloo DDP): the labelled-token count is summed over the processes and the
     gradients averaged, so two processes of batch 2 train exactly as one of batch 4."""
     common = [str(pruned / "pruned"), "--data", str(pruned / "qa.jsonl"), "--columns", "prompt=question,response=answer",
-              "--seq-len", "64", "--steps", "4", "--lr", "1e-2", "--dropout", "0", "--save-every", "10"]
+              "--seq-len", "64", "--steps", "4", "--lr", "1e-2", "--dropout", "0", "--save-every", "10",
+              "--eval-data", str(pruned / "qa.jsonl"), "--eval-every", "2"]
     env = {**os.environ, "LORAM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "loram", "train", *common,
                            "--batch", "2", "--out", str(pruned / "ddp")], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = _train(pruned, "single-b4", steps=4, save_every=10)
+    single = _train(pruned, "single-b4", steps=4, save_every=10, eval_data=str(pruned / "qa.jsonl"), eval_every=2)
     report = json.loads((pruned / "ddp" / "training_report.json").read_text())
     assert report["world_size"] == 2
     assert [r["loss"] for r in report["losses"]] == pytest.approx(single.losses, rel=1e-5)
+    # Evaluation runs in both processes and gathers losses only (the per-process [labelled, vocab] logits differ in
+    # length and are never kept). The Trainer averages per-batch losses, and each process evaluates batches of 2
+    # of its half of the set, so the figure is close to one process's, not equal.
+    assert [e["step"] for e in report["evals"]] == [2, 4]
+    assert [e["eval_loss"] for e in report["evals"]] == pytest.approx(single.eval_losses, rel=5e-3)
+
+
+def test_several_gpus_in_one_process_are_refused_with_the_torchrun_command(pruned, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from loram.labelled_loss import LabelledLossTrainer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(pruned / "pruned"),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    args._setup_devices  # noqa: B018 (computes the device count, which a machine with 2 GPUs would set to 2)
+    args._n_gpu = 2  # the Trainer would wrap the model in nn.DataParallel and split every batch
+    with pytest.raises(LoramError, match=r"2 GPUs are visible to one process: .*torchrun --nproc_per_node 2"):
+        LabelledLossTrainer(model=model, args=args)
