@@ -17,19 +17,16 @@ import tempfile
 from pathlib import Path
 
 from _common import machine, run_measured, write
-from train_loram import PRUNE
+from train_loram import PRUNE, median_step
+from train_loram import TRAIN as LORAM_TRAIN
 
+# `loram train` with the demo's recipe (train_loram's), or the same command with the Trainer's stock loss
 TRAIN = """
-import json, loram
 import loram.labelled_loss
 from loram.shared.checkpoints import SafeCheckpointTrainer
-from loram.train import train
 if {stock!r}:
     loram.labelled_loss.LabelledLossTrainer = SafeCheckpointTrainer  # the Trainer's own loss over full logits
-r = train(model={model!r}, data='gsm8k-train', columns='prompt=question,response=answer', out={out!r},
-          quant={quant!r}, steps={steps}, batch=4, seq_len=256, save_every=1000, seed=0)
-result = dict(steps=r.report['step_seconds'], peak=r.peak_memory_bytes, losses=r.losses)
-"""
+""" + LORAM_TRAIN
 
 FRACTION = """
 import loram
@@ -47,10 +44,6 @@ for i in range(0, 4 * {steps}, 4):
     labelled += int((labels[:, 1:] != IGNORE).sum())
 result = dict(positions=positions, labelled=labelled)
 """
-
-
-def median_step(r: dict) -> float:
-    return statistics.median(r["steps"][1:] or r["steps"])
 
 
 def step_ratio(pair: dict) -> float:
@@ -96,8 +89,8 @@ def main() -> None:
              f"The demo's recipe: GSM8K fine-tune split, batch 4 x 256, r = 8, {args.steps} steps (median of steps "
              f"2..{args.steps}; the step ratio is the median of each step's ratio, the same batch in both runs), each "
              "run in a fresh process, stock and labelled alternating (which goes first flips per row). Batches of "
-             f"4 consecutive records (the first {args.steps}) label {frac:.1%} of their next-token positions (the response tokens; the "
-             "rest is prompt and padding).", "",
+             f"4 consecutive records (the first {args.steps}) label {frac:.1%} of their next-token positions "
+             "(the response tokens; the rest is prompt and padding).", "",
              "| model | base precision | first run | step, stock loss (s) | step, labelled only (s) | step ratio | "
              "peak RSS stock (MiB) | peak RSS labelled (MiB) | peak ratio | largest loss difference |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -107,7 +100,8 @@ def main() -> None:
         first = "stock" if pair["stock_first"] else "labelled"
         table.append(f"| {name} | {quant} | {first} | {median_step(s):.2f} | {median_step(o):.2f} | "
                      f"**{pair['step_ratio']:.2f}x** | {s['peak_rss_mib']:,.0f} | "
-                     f"{o['peak_rss_mib']:,.0f} | {o['peak_rss_mib'] / s['peak_rss_mib']:.2f}x | {diff:.1e} (relative) |")
+                     f"{o['peak_rss_mib']:,.0f} | {o['peak_rss_mib'] / s['peak_rss_mib']:.2f}x | "
+                     f"{diff:.1e} (relative) |")
     write("labelled_loss", data, table)
 
 

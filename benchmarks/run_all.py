@@ -87,8 +87,9 @@ BENCHMARKS = {
                                f"{r['a']} {r['all']:.2f} -> "
                                + ("-" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}")
                                for r in sorted(d["gradient_rows"], key=lambda r: r["all"]))),
-    "labelled_loss": (["--pruned", "/tmp/loram-alignment-grid/pruned/taylor50"], lambda d: "`loram train` step time with the loss at labelled positions only vs the stock "
-                      "loss: " + ", ".join(f"{k} {v['step_ratio']:.2f}x" for k, v in d["runs"].items())),
+    "labelled_loss": (["--pruned", "/tmp/loram-alignment-grid/pruned/taylor50"],
+                      lambda d: "`loram train` step time with the loss at labelled positions only vs the stock loss: "
+                      + ", ".join(f"{k} {v['step_ratio']:.2f}x" for k, v in d["runs"].items())),
     "eval_order": ([], lambda d: f"evaluation batched longest first: {d['ratio']}x the time of the records in order, "
                    f"{d['positions']['longest first']:,} padded positions against {d['positions']['in order']:,}"),
     "recovered_ablation": (["--work", "/tmp/loram-alignment-grid", "--cell", f"taylor50/{_DEMO_CELL}/80/0"],

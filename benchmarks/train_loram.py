@@ -22,7 +22,7 @@ from loram.train import train
 r = train(model={model!r}, data='gsm8k-train', columns='prompt=question,response=answer', out={out!r},
           quant={quant!r}, steps={steps}, batch=4, seq_len=256, save_every=1000, seed=0)
 result = dict(steps=r.report['step_seconds'], tokens_per_second=r.tokens_per_second,
-              peak=r.peak_memory_bytes, trainable=r.trainable_params, loss=r.losses[-1])
+              peak=r.peak_memory_bytes, trainable=r.trainable_params, loss=r.losses[-1], losses=r.losses)
 """
 
 PLAIN = """
