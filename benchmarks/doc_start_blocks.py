@@ -10,7 +10,6 @@ dropped (the next block begins at the next document). Everything else is `loram 
 """
 
 import sys
-from itertools import islice
 
 from _common import align_argv, run_loram
 
@@ -18,14 +17,12 @@ from loram.publisher import align_data
 
 
 def iter_blocks(name: str, tokenizer, seq_len: int):
-    docs = align_data.chat_texts(name, tokenizer) if name in align_data.CHAT_SPLITS else align_data.iter_texts(name)
     block: list[int] = []
-    while batch := list(islice(docs, align_data.TOKENIZE_BATCH)):
-        for ids in tokenizer([t + align_data.SEPARATOR for t in batch], add_special_tokens=False)["input_ids"]:
-            block.extend(ids)
-            if len(block) >= seq_len:
-                yield {"input_ids": block[:seq_len]}
-                block = []
+    for ids in align_data.iter_document_ids(name, tokenizer):
+        block.extend(ids)
+        if len(block) >= seq_len:
+            yield {"input_ids": block[:seq_len]}
+            block = []
 
 
 def main() -> None:

@@ -138,13 +138,19 @@ def render_chat(tokenizer, turns: list[dict], fix: str, prefix: str = "", **kwar
                          f"turn ({type(e).__name__}: {' '.join(str(e).split())}); {fix}") from e
 
 
+def iter_document_ids(name: str, tokenizer) -> Iterator[list[int]]:
+    """One pass over a source's documents as token ids, each followed by the separator's (TOKENIZE_BATCH
+    documents per tokenizer call)."""
+    docs = chat_texts(name, tokenizer) if name in CHAT_SPLITS else iter_texts(name)
+    while batch := list(islice(docs, TOKENIZE_BATCH)):
+        yield from tokenizer([t + SEPARATOR for t in batch], add_special_tokens=False)["input_ids"]
+
+
 def iter_blocks(name: str, tokenizer, seq_len: int) -> Iterator[dict]:
     """One pass over a source as packed blocks {"input_ids": [seq_len ids]} (see the module docstring)."""
     buffer: list[int] = []
-    docs = chat_texts(name, tokenizer) if name in CHAT_SPLITS else iter_texts(name)
-    while batch := list(islice(docs, TOKENIZE_BATCH)):
-        for ids in tokenizer([t + SEPARATOR for t in batch], add_special_tokens=False)["input_ids"]:
-            buffer.extend(ids)
+    for ids in iter_document_ids(name, tokenizer):
+        buffer.extend(ids)
         start = 0
         while len(buffer) - start >= seq_len:
             yield {"input_ids": buffer[start:start + seq_len]}
