@@ -26,7 +26,8 @@ the original's own chat answers (general prompts; requests for worked math probl
 writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, and `oracle-gsm8k` on GSM8K items
 500..999 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
 aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py); `docstart-` starts every
-block at a document's start instead of packing across documents (doc_start_blocks.py).
+block at a document's start instead of packing across documents (doc_start_blocks.py); `perturbed-` matches the two
+models perturbed alike by random rank-8 deltas (perturbed_alignment.py).
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -111,6 +112,12 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     # prototype: the demo's alignment, the student's decoder linears computing in NF4 as a QLoRA consumer's do
     "qat-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1",
                                       "--batch", "1"],
+    # prototype: the demo's alignment on models perturbed alike by random rank-8 deltas (perturbed_alignment.py):
+    # ||D|| = 0.05 ||W|| at every step, and 0.1 ||W|| at half the steps
+    "perturbed-0.05-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
+                                                 "{work}/data/demo-math.jsonl:1", "--batch", "1"],
+    "perturbed-0.1-half-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
+                                                     "{work}/data/demo-math.jsonl:1", "--batch", "1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
@@ -120,7 +127,9 @@ PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
                  for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-oracle-gsm8k")},
               "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"],
               "qat-wikichat+demo-math-batch1": ["quant_aware.py"],
-              "docstart-wikichat+demo-math-batch1": ["doc_start_blocks.py"]}
+              "docstart-wikichat+demo-math-batch1": ["doc_start_blocks.py"],
+              "perturbed-0.05-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.05"],
+              "perturbed-0.1-half-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.1", "--prob", "0.5"]}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
 DEMO = "hidden-mse-pruned-wikichat+demo-math-batch1"  # what `loram demo` aligns with (consumer/demo.py), at 80 steps
