@@ -79,6 +79,9 @@ def _register() -> None:
         help="Align a pruned checkpoint by continual pre-training on a data mixture (lm_head frozen); "
              "writes an aligned pruned checkpoint whose manifest records the alignment.",
         examples=[
+            "loram publish align smollm2-p50 --data wiki-chat:1 --data math.jsonl:1 --steps 80 --seq-len 256 --batch 1 "
+            "--lr 1e-4 --eval-data wiki-heldout --out smollm2-p50-aligned   # measured best for LoRAM "
+            "(docs/alignment.md): chat-form Wikipedia and math problems from loram publish selfgen",
             "loram publish align smollm2-p50 --data wiki --steps 300 --seq-len 256 --eval-data wiki-heldout "
             "--out smollm2-p50-aligned",
             "loram publish align smollm2-p50 --data web.parquet:1 --data math.jsonl:1 --steps 400 --seq-len 512 "
