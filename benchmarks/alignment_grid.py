@@ -118,6 +118,9 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
                                                  "{work}/data/demo-math.jsonl:1", "--batch", "1"],
     "perturbed-0.1-half-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
                                                      "{work}/data/demo-math.jsonl:1", "--batch", "1"],
+    # prototype: the same, matching how the two models' layer outputs respond to a shared delta of 0.03 ||W|| (2 passes)
+    "perturbed-response-0.03-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
+                                                          "{work}/data/demo-math.jsonl:1", "--batch", "1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
@@ -129,7 +132,9 @@ PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
               "qat-wikichat+demo-math-batch1": ["quant_aware.py"],
               "docstart-wikichat+demo-math-batch1": ["doc_start_blocks.py"],
               "perturbed-0.05-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.05"],
-              "perturbed-0.1-half-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.1", "--prob", "0.5"]}
+              "perturbed-0.1-half-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.1", "--prob", "0.5"],
+              "perturbed-response-0.03-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.03",
+                                                                    "--match", "response"]}
 DEFAULT = "hidden-mse-pruned"  # `loram publish align`'s default objective
 WIKICHAT = "hidden-mse-pruned-wikichat"  # the default objective on --data wiki-chat (what the demo aligned on before)
 DEMO = "hidden-mse-pruned-wikichat+demo-math-batch1"  # what `loram demo` aligns with (consumer/demo.py), at 80 steps

@@ -16,6 +16,11 @@ The arguments after `--` are those of `loram publish align` (one process, a stru
 checkpoint, the default objective). Each step is perturbed with probability --prob (seeded by --seed); evaluation is
 never perturbed. The output is an ordinary aligned checkpoint.
 
+With `--match response` the perturbation's effect itself is matched instead: each step runs both models twice, without
+and with D, and adds to the default objective (at D = 0) the relative squared difference between the two models'
+responses, (s_D - s_0) against (t_D - t_0), of every matched layer's output, per position (weight --weight). About
+twice the step; the hidden loss it logs is the mean of the two passes'.
+
     python benchmarks/perturbed_alignment.py --response PRUNED
 
 prints how far random deltas of a few sizes move the original's last hidden state, next to how far the pruned model
@@ -76,6 +81,15 @@ class Perturbation:
         return handles
 
 
+def response_sum(s0: dict, t0: dict, sd: dict, td: dict) -> torch.Tensor:
+    """Mean over the matched layers and next-token positions of ||(sd - s0) - (td - t0)||^2 / ||td - t0||^2."""
+    total = 0.0
+    for i in sorted(s0):
+        ds, dt = (sd[i] - s0[i])[:, :-1].float(), (td[i] - t0[i])[:, :-1].float()
+        total = total + ((ds - dt).pow(2).sum(-1) / dt.pow(2).sum(-1).clamp_min(1e-12)).mean()
+    return total / len(s0)
+
+
 def response(pruned: str, items: int = 8) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,6 +139,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--prob", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--match", choices=("outputs", "response"), default="outputs")
+    ap.add_argument("--weight", type=float, default=1.0, help="with --match response: the response term's weight")
     opts = ap.parse_args(sys.argv[1:cut])
     argv = align_argv(sys.argv[cut:], "perturbed_alignment.py --eps E -- publish align PRUNED ... (see the docstring)")
     manifest = Manifest.load(Path(argv[2]))
@@ -141,12 +157,36 @@ def main() -> None:
             print(f"perturbed_alignment: {len(pairs)} linears, rank {opts.rank}, eps {opts.eps}, prob {opts.prob}",
                   file=sys.stderr)
         perturb = torch.rand((), generator=state["coin"]).item() < opts.prob
+        if opts.match == "response":
+            return response_loss(self, model, inputs, *args, **kwargs) if perturb else \
+                plain(self, model, inputs, *args, **kwargs)
         handles = state["pert"].install() if perturb else []
         try:
             return plain(self, model, inputs, *args, **kwargs)
         finally:
             for h in handles:
                 h.remove()
+
+    def response_loss(self, model, inputs, *args, **kwargs):
+        captured = []
+        real = align_trainer.hidden_sum
+
+        def recording(student, teacher, kind):
+            captured.append((student, teacher))
+            return real(student, teacher, kind)
+        align_trainer.hidden_sum = recording
+        try:
+            loss = plain(self, model, inputs, *args, **kwargs)
+            handles = state["pert"].install()
+            try:
+                plain(self, model, inputs, *args, **kwargs)  # the perturbed pass: only its layer outputs are used
+            finally:
+                for h in handles:
+                    h.remove()
+        finally:
+            align_trainer.hidden_sum = real
+        (s0, t0), (sd, td) = captured
+        return loss + opts.weight * response_sum(s0, t0, sd, td)
     align_trainer.AlignTrainer.compute_loss = compute_loss
     run_loram(argv)
 

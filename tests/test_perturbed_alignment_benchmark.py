@@ -52,3 +52,15 @@ def test_teacher_delta_is_the_recovered_student_delta(tmp_path):
     for h in handles:
         h.remove()
     assert not torch.allclose(again, first[0][0])  # a fresh draw every step
+
+
+def test_response_sum_compares_what_the_perturbation_changes():
+    g = torch.Generator().manual_seed(0)
+    t0, move = {4: torch.randn(2, 5, 8, generator=g)}, {4: torch.randn(2, 5, 8, generator=g)}
+    s0 = {4: t0[4] + torch.randn(2, 5, 8, generator=g)}  # the student's outputs differ; only the responses count
+    td = {4: t0[4] + move[4]}
+    assert perturbed_alignment.response_sum(s0, t0, {4: s0[4] + move[4]}, td).item() < 1e-10
+    assert abs(perturbed_alignment.response_sum(s0, t0, s0, td).item() - 1.0) < 1e-6  # no response at all: 1
+    last = {4: move[4].clone()}
+    last[4][:, -1] = 100.0  # the last position predicts nothing and is left out, as in the hidden loss
+    assert perturbed_alignment.response_sum(s0, t0, {4: s0[4] + last[4]}, td).item() < 1e-10
