@@ -21,6 +21,17 @@ def demo_selfgen(cfg, out: Path) -> Path:
     return out
 
 
+def gsm8k_chat_ids(tokenizer, items: int, max_len: int = 256) -> list:
+    """The first `items` GSM8K training items (the demo's adapter trains on them; no held-out item) in the model's
+    chat form, question as the user turn and answer as the assistant's: one LongTensor [1, <= max_len] each."""
+    from loram.evaluate import eval_set
+
+    records, _ = eval_set("gsm8k-train", items)
+    return [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": r["question"]},
+                                                     {"role": "assistant", "content": r["answer"]}], tokenize=False),
+                      return_tensors="pt").input_ids[:, :max_len] for r in records]
+
+
 def align_argv(args: list[str], usage: str) -> list[str]:
     """The `publish align PRUNED ...` arguments a prototype script takes after `--`; exits with `usage` otherwise."""
     argv = args[1:] if args[:1] == ["--"] else args

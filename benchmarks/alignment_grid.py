@@ -53,6 +53,9 @@ PRUNE = {  # name -> `loram publish prune` flags
     "sparsegpt2:4": ["--method", "sparsegpt", "--nm", "2:4", "--samples", "32", "--seq-len", "256"],
 }
 PRUNED_MSE = ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--hidden-layers", "pruned"]
+# what `loram demo` aligns on: wiki-chat and the math problems `loram publish selfgen` writes with the demo's flags
+DEMO_TEXT = [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1"]
+DEMO_TEXT_BATCH1 = [*DEMO_TEXT, "--batch", "1"]  # in steps of one sequence, as `loram demo` runs it
 OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe ({base}: the original)
     "none": None,
     "lm": [],
@@ -86,41 +89,30 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "gradmatch-mathgen": [*PRUNED_MSE, "--data", "{work}/data/mathgen.jsonl"],
     # the paper's recipe in spirit: general text and math-domain text, half and half
     "hidden-mse-pruned-wikichat+mathgen": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/mathgen.jsonl:1"],
-    # what `loram demo` aligns on: wiki-chat and the math problems `loram publish selfgen` writes with the demo's flags
-    "hidden-mse-pruned-wikichat+demo-math": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
-                                             "{work}/data/demo-math.jsonl:1"],
+    # what `loram demo` aligned on in steps of two (DEMO_TEXT)
+    "hidden-mse-pruned-wikichat+demo-math": DEMO_TEXT,
     # DeepMind's mathematics_dataset (a PyPI generator of school-level questions with answers, as chat): math text
     # the original did not write, so its LM-loss gradient is not the original's own sampling noise
     "hidden-mse-pruned-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
     "gradmatch-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
     # what `loram demo` runs now: the same tokens and compute in twice the optimizer steps (batch 1, 80 steps)
-    "hidden-mse-pruned-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
-                                                    "{work}/data/demo-math.jsonl:1", "--batch", "1"],
+    "hidden-mse-pruned-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
     # prototype: the demo's alignment + matching the per-token gradient at every layer's output (residual stream)
-    "resmatch-wikichat+demo-math": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1"],
+    "resmatch-wikichat+demo-math": DEMO_TEXT,
     # the demo's alignment at twice the peak learning rate (steps of one: is 80 steps short of converged?)
-    "hidden-mse-pruned-wikichat+demo-math-batch1-lr2e-4": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
-                                                           "{work}/data/demo-math.jsonl:1", "--batch", "1",
-                                                           "--lr", "2e-4"],
+    "hidden-mse-pruned-wikichat+demo-math-batch1-lr2e-4": [*DEMO_TEXT_BATCH1, "--lr", "2e-4"],
     # the demo's alignment training only the pruned layers (layers 0-3 and 28-29 stay the original's, as LoRA sees them)
-    "hidden-mse-pruned-wikichat+demo-math-batch1-train-pruned": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
-                                                                 "{work}/data/demo-math.jsonl:1", "--batch", "1",
-                                                                 "--train-layers", "pruned"],
+    "hidden-mse-pruned-wikichat+demo-math-batch1-train-pruned": [*DEMO_TEXT_BATCH1, "--train-layers", "pruned"],
     # prototype: the demo's alignment, every block starting at a conversation's start (not packed across them)
-    "docstart-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
-                                           "{work}/data/demo-math.jsonl:1", "--batch", "1"],
+    "docstart-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
     # prototype: the demo's alignment, the student's decoder linears computing in NF4 as a QLoRA consumer's do
-    "qat-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-math.jsonl:1",
-                                      "--batch", "1"],
+    "qat-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
     # prototype: the demo's alignment on models perturbed alike by random rank-8 deltas (perturbed_alignment.py):
     # ||D|| = 0.05 ||W|| at every step, and 0.1 ||W|| at half the steps
-    "perturbed-0.05-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
-                                                 "{work}/data/demo-math.jsonl:1", "--batch", "1"],
-    "perturbed-0.1-half-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
-                                                     "{work}/data/demo-math.jsonl:1", "--batch", "1"],
+    "perturbed-0.05-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
+    "perturbed-0.1-half-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
     # prototype: the same, matching how the two models' layer outputs respond to a shared delta of 0.03 ||W|| (2 passes)
-    "perturbed-response-0.03-wikichat+demo-math-batch1": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data",
-                                                          "{work}/data/demo-math.jsonl:1", "--batch", "1"],
+    "perturbed-response-0.03-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],

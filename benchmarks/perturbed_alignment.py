@@ -28,12 +28,13 @@ is from it, on 8 GSM8K training items.
 """
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import align_argv, run_loram
+from _common import align_argv, gsm8k_chat_ids, run_loram
 
 from loram.publisher import align_trainer
 from loram.shared.architectures import PRUNED_MODULES
@@ -64,8 +65,9 @@ class Perturbation:
             w = w if cols is None else w[:, cols]
             self.norms.append(w.norm().item())
 
-    def install(self) -> list:
-        """Forward hooks adding x A^T B^T to every pair's outputs (a fresh draw); remove them after the forward."""
+    @contextlib.contextmanager
+    def applied(self):
+        """While inside, every pair's outputs get x A^T B^T added (a fresh draw per entry) by forward hooks."""
         handles = []
         for (s, t, rows, cols), norm in zip(self.pairs, self.norms, strict=True):
             out_p, in_p = s.weight.shape
@@ -78,7 +80,11 @@ class Perturbation:
                 da, db = da.to(module.weight), db.to(module.weight)
                 handles.append(module.register_forward_hook(
                     lambda _m, args, out, da=da, db=db: out + F.linear(F.linear(args[0], da), db)))
-        return handles
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def response_sum(s0: dict, t0: dict, sd: dict, td: dict) -> torch.Tensor:
@@ -94,7 +100,6 @@ def response(pruned: str, items: int = 8) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import loram
-    from loram.evaluate import eval_set
     from loram.shared.assets import model_dir
 
     loram.register()
@@ -102,10 +107,7 @@ def response(pruned: str, items: int = 8) -> None:
     tok = AutoTokenizer.from_pretrained(base)
     original = AutoModelForCausalLM.from_pretrained(base)
     student = AutoModelForCausalLM.from_pretrained(pruned)
-    records, _ = eval_set("gsm8k-train", items)
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": r["question"]},
-                                        {"role": "assistant", "content": r["answer"]}], tokenize=False),
-               return_tensors="pt").input_ids[:, :256] for r in records]
+    ids = gsm8k_chat_ids(tok, items)
 
     def last(model, x):
         with torch.no_grad():
@@ -115,16 +117,13 @@ def response(pruned: str, items: int = 8) -> None:
         return ((h - r) ** 2).sum(-1).div((r ** 2).sum(-1)).mean().item()
     reference = [last(original, x) for x in ids]
     print(f"pruned vs original: {sum(rel(last(student, x), r) for x, r in zip(ids, reference, strict=True)) / items:.4f}")
+    pairs = linear_pairs(student, original, Manifest.load(Path(pruned)))
     for eps in (0.003, 0.01, 0.03, 0.1):
-        pert = Perturbation(linear_pairs(student, original, Manifest.load(Path(pruned))), 8, eps, 0)
+        pert = Perturbation(pairs, 8, eps, 0)
         total = 0.0
         for x, r in zip(ids, reference, strict=True):
-            handles = pert.install()
-            try:
+            with pert.applied():
                 total += rel(last(original, x), r)
-            finally:
-                for h in handles:
-                    h.remove()
         print(f"eps {eps}: perturbed original vs original {total / items:.4f}", flush=True)
 
 
@@ -160,12 +159,8 @@ def main() -> None:
         if opts.match == "response":
             return response_loss(self, model, inputs, *args, **kwargs) if perturb else \
                 plain(self, model, inputs, *args, **kwargs)
-        handles = state["pert"].install() if perturb else []
-        try:
+        with state["pert"].applied() if perturb else contextlib.nullcontext():
             return plain(self, model, inputs, *args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
 
     def response_loss(self, model, inputs, *args, **kwargs):
         captured = []
@@ -177,12 +172,8 @@ def main() -> None:
         align_trainer.hidden_sum = recording
         try:
             loss = plain(self, model, inputs, *args, **kwargs)
-            handles = state["pert"].install()
-            try:
+            with state["pert"].applied():
                 plain(self, model, inputs, *args, **kwargs)  # the perturbed pass: only its layer outputs are used
-            finally:
-                for h in handles:
-                    h.remove()
         finally:
             align_trainer.hidden_sum = real
         (s0, t0), (sd, td) = captured

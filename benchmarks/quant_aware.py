@@ -28,7 +28,7 @@ import types
 
 import torch
 import torch.nn.functional as F
-from _common import align_argv, run_loram
+from _common import align_argv, gsm8k_chat_ids, run_loram
 
 from loram.publisher import align_trainer
 
@@ -72,7 +72,6 @@ def hidden_error(models: dict[str, str], items: int = 16) -> dict:
     """Per model and precision: the relative hidden-state error of each decoder layer against the original."""
     from transformers import AutoTokenizer
 
-    from loram.evaluate import eval_set
     from loram.loading import load_causal_lm
     from loram.shared.assets import model_dir
     from loram.shared.runtime import configure_threads
@@ -80,10 +79,7 @@ def hidden_error(models: dict[str, str], items: int = 16) -> dict:
     configure_threads()
     base = str(model_dir())
     tok = AutoTokenizer.from_pretrained(base)
-    records, _ = eval_set("gsm8k-train", items)
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": r["question"]},
-                                        {"role": "assistant", "content": r["answer"]}], tokenize=False),
-               return_tensors="pt").input_ids[:, :256] for r in records]
+    ids = gsm8k_chat_ids(tok, items)
 
     def states(path: str, quant: str) -> list[torch.Tensor]:
         model = load_causal_lm(path, quant)

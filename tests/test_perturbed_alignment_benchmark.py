@@ -1,5 +1,5 @@
 """benchmarks/perturbed_alignment.py: the teacher's delta is the student's zero-padded at the pruned rows and columns
-(what recovery does to an adapter), its size is eps x the original's kept weight, every install draws anew, and
+(what recovery does to an adapter), its size is eps x the original's kept weight, every entry draws anew, and
 removing the hooks leaves both models as they were."""
 
 import sys
@@ -33,10 +33,8 @@ def test_teacher_delta_is_the_recovered_student_delta(tmp_path):
     assert len(pairs) == 7 * len(teacher.model.layers)
     assert any(rows is not None for _, _, rows, _ in pairs) and any(cols is not None for _, _, _, cols in pairs)
     pert = perturbed_alignment.Perturbation(pairs, rank=2, eps=0.05, seed=0)
-    handles = pert.install()
-    first = [(_delta(s), _delta(t)) for s, t, _, _ in pairs]
-    for h in handles:
-        h.remove()
+    with pert.applied():
+        first = [(_delta(s), _delta(t)) for s, t, _, _ in pairs]
     for (s, t, rows, cols), (ds, dt) in zip(pairs, first, strict=True):
         padded = torch.zeros_like(dt)
         r = rows if rows is not None else torch.arange(dt.shape[0])
@@ -47,10 +45,8 @@ def test_teacher_delta_is_the_recovered_student_delta(tmp_path):
         assert torch.linalg.matrix_rank(ds) == 2
         assert abs(ds.norm().item() - 0.05 * kept.norm().item()) < 1e-4 * kept.norm().item()
         assert torch.count_nonzero(_delta(s)) == 0 and torch.count_nonzero(_delta(t)) == 0  # hooks removed
-    handles = pert.install()
-    again = _delta(pairs[0][0])
-    for h in handles:
-        h.remove()
+    with pert.applied():
+        again = _delta(pairs[0][0])
     assert not torch.allclose(again, first[0][0])  # a fresh draw every step
 
 
