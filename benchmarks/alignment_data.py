@@ -21,6 +21,11 @@ from neither GSM8K nor news:
                       is X.": math text the original did not write, so its LM-loss gradient is not the original's
                       own sampling noise (the gradient-matching question in docs/alignment.md); each build is
                       another draw of the same mix (`dm_math`)
+    champ.jsonl       worded, step-by-step solutions other models wrote: the 270 competition problems of CHAMP 1.0.0
+                      (PyPI `champ-dataset`, pinned, MIT) as the user turn, and as the assistant's each of the first
+                      answers GPT-3.5, GPT-4, GPT-4 Turbo and PaLM 2 Medium gave to it zero-shot (the dataset's
+                      recorded conversations), 1,080 chats, shuffled with seed 0: math text in chat form that neither
+                      the original nor GSM8K wrote (the gradient-matching question in docs/alignment.md)
     gsm8k-oracle.jsonl  NOT general text, a diagnostic bound: GSM8K fine-tuning items 500..999 (`gsm8k-train`;
                       the demo's LoRA trains on items 0..59, the held-out set is items 1000+) rendered as chat
                       (question as the user turn, answer as the assistant's): what aligning on the fine-tuning
@@ -109,6 +114,30 @@ def dm_math(tokenizer, out: Path, count: int = 600, per_conversation: int = 4) -
     return texts
 
 
+CHAMP_WHEEL = ("champ-dataset", "1.0.0", "champ_dataset-1.0.0-py3-none-any.whl",
+               "aa59df5ae28e2ec76a401a46faf3d6395920be8009a01ce451f7d5c131d82201")
+CHAMP_MODELS = ("GPT-3.5", "GPT-4", "GPT-4 Turbo", "PaLM 2 Medium")
+
+
+def champ(tokenizer, seed: int = 0) -> list[str]:
+    """CHAMP's problems (user) with each CHAMP_MODELS' zero-shot answer (assistant), as chat text, shuffled."""
+    from loram.shared.assets import Wheel, fetch_wheel
+
+    with zipfile.ZipFile(fetch_wheel(Wheel(*CHAMP_WHEEL))) as zf:
+        problems = json.loads(zf.read("champ_dataset/dataset_files/v0.json"))["problems"]
+    texts = []
+    for problem in problems.values():
+        conversations = problem["conversations"]
+        for name in CHAMP_MODELS:
+            answers = [m["text"] for m in conversations[f"{name}|0-Shot"]["messages"] if m["role"].startswith("Model.")]
+            if answers and answers[0]:
+                texts.append(tokenizer.apply_chat_template([{"role": "user", "content": problem["_text"]},
+                                                            {"role": "assistant", "content": answers[0].strip()}],
+                                                           tokenize=False))
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
 def _write(path: Path, texts: list[str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -161,7 +190,7 @@ def oracle(tokenizer) -> list[str]:
             for i in ORACLE_ITEMS]
 
 
-FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "gsm8k-oracle")
+FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", "gsm8k-oracle")
 
 
 def build(out: Path, count: int = 128, files=FILES) -> None:
@@ -190,6 +219,8 @@ def build(out: Path, count: int = 128, files=FILES) -> None:
         _write(out / "mathgen.jsonl", self_generated(original(), tokenizer, math_prompts(count), new_tokens=256))
     if "dmmath" in files and not (out / "dmmath.jsonl").is_file():
         _write(out / "dmmath.jsonl", dm_math(tokenizer, out))
+    if "champ" in files and not (out / "champ.jsonl").is_file():
+        _write(out / "champ.jsonl", champ(tokenizer))
     if "demo-math" in files and not (out / "demo-math.jsonl").is_file():
         from _common import demo_selfgen
 

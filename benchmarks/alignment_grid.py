@@ -23,7 +23,8 @@ Every cell is cached under --work (a re-run measures only what is missing).
 Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant). The `-wikichat`
 objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen`, `-mathgen` and `-demo-math` on
 the original's own chat answers (general prompts; requests for worked math problems, 128 of them or the 48 `loram demo`
-writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, and `oracle-gsm8k` on GSM8K items
+writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, `-champ` on CHAMP's competition
+problems with other models' worked solutions, and `oracle-gsm8k` on GSM8K items
 500..999 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
 aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py); `docstart-` starts every
 block at a document's start instead of packing across documents (doc_start_blocks.py); `perturbed-` matches the two
@@ -95,6 +96,10 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     # the original did not write, so its LM-loss gradient is not the original's own sampling noise
     "hidden-mse-pruned-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
     "gradmatch-dmmath": [*PRUNED_MSE, "--data", "{work}/data/dmmath.jsonl"],
+    # CHAMP's competition problems with other models' worded solutions (a PyPI package, as chat): math text in the
+    # form GSM8K's answers take (worked steps in words), written by neither the original nor GSM8K
+    "hidden-mse-pruned-champ": [*PRUNED_MSE, "--data", "{work}/data/champ.jsonl"],
+    "gradmatch-champ": [*PRUNED_MSE, "--data", "{work}/data/champ.jsonl"],
     # what `loram demo` runs now: the same tokens and compute in twice the optimizer steps (batch 1, 80 steps)
     "hidden-mse-pruned-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
     # prototype: the demo's alignment + matching the per-token gradient at every layer's output (residual stream)
@@ -119,7 +124,8 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
 }
 # objectives that `loram publish align` does not have, run by a benchmark script that extends it (its flags first)
 PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
-                 for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-oracle-gsm8k")},
+                 for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-champ",
+                           "gradmatch-oracle-gsm8k")},
               "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"],
               "qat-wikichat+demo-math-batch1": ["quant_aware.py"],
               "docstart-wikichat+demo-math-batch1": ["doc_start_blocks.py"],
