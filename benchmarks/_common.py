@@ -21,15 +21,20 @@ def demo_selfgen(cfg, out: Path) -> Path:
     return out
 
 
+def chat_pair(tokenizer, user: str, assistant: str) -> str:
+    """One user turn and the assistant's answer, rendered as text in the tokenizer's chat template."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+                                         tokenize=False)
+
+
 def gsm8k_chat_ids(tokenizer, items: int, max_len: int = 256) -> list:
     """The first `items` GSM8K training items (the demo's adapter trains on them; no held-out item) in the model's
     chat form, question as the user turn and answer as the assistant's: one LongTensor [1, <= max_len] each."""
     from loram.evaluate import eval_set
 
     records, _ = eval_set("gsm8k-train", items)
-    return [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": r["question"]},
-                                                     {"role": "assistant", "content": r["answer"]}], tokenize=False),
-                      return_tensors="pt").input_ids[:, :max_len] for r in records]
+    return [tokenizer(chat_pair(tokenizer, r["question"], r["answer"]), return_tensors="pt").input_ids[:, :max_len]
+            for r in records]
 
 
 def align_argv(args: list[str], usage: str) -> list[str]:

@@ -44,6 +44,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from _common import chat_pair
+
 
 def chitchat_wheel():
     from loram.shared.assets import Wheel
@@ -131,9 +133,7 @@ def champ(tokenizer, seed: int = 0) -> list[str]:
         for name in CHAMP_MODELS:
             answers = [m["text"] for m in conversations[f"{name}|0-Shot"]["messages"] if m["role"].startswith("Model.")]
             if answers and answers[0]:
-                texts.append(tokenizer.apply_chat_template([{"role": "user", "content": problem["_text"]},
-                                                            {"role": "assistant", "content": answers[0].strip()}],
-                                                           tokenize=False))
+                texts.append(chat_pair(tokenizer, problem["_text"], answers[0].strip()))
     random.Random(seed).shuffle(texts)
     return texts
 
@@ -185,9 +185,7 @@ def oracle(tokenizer) -> list[str]:
     from loram.shared.assets import read_records
 
     records = read_records("gsm8k-train")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": records[i]["question"]},
-                                           {"role": "assistant", "content": records[i]["answer"]}], tokenize=False)
-            for i in ORACLE_ITEMS]
+    return [chat_pair(tokenizer, records[i]["question"], records[i]["answer"]) for i in ORACLE_ITEMS]
 
 
 FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", "gsm8k-oracle")
