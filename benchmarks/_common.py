@@ -80,8 +80,8 @@ def run_measured(code: str, env: dict | None = None) -> dict:
     return out
 
 
-def write(name: str, data: dict, table: list[str]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text("\n".join(table) + "\n")
+def write(name: str, data: dict, table: list[str], results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (results / f"{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

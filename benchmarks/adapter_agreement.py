@@ -24,6 +24,8 @@ rate whatever the gradient's size, so two adapters can disagree far more than th
     python benchmarks/adapter_agreement.py --work DIR --gradients-only
         # only the second table, for every aligned model the folder kept, next to each cell's gap closed: does
         # the gap closed follow the gradient agreement? (needs no reference adapters; results/gradient_agreement.*)
+    python benchmarks/adapter_agreement.py --work DIR --gradients-only --cells taylor50/oracle-gsm8k/40/0
+        # those cells measured again, every other stored row kept
 """
 
 import argparse
@@ -31,7 +33,7 @@ import json
 import re
 from pathlib import Path
 
-from _common import machine, write
+from _common import RESULTS, machine, write
 from alignment_grid import folder_name
 
 
@@ -84,8 +86,9 @@ def gradients(path: Path, batches: list[dict], layers: list[int]) -> dict:
     return {n: p.grad.detach().clone() for n, p in params.items()}
 
 
-def gradient_rows(work: Path, model: str, groups: dict[str, range]) -> list[dict]:
-    """Gradient agreement of the pruned model and of every kept aligned model with the original's."""
+def gradient_rows(work: Path, model: str, groups: dict[str, range], only: list[str] | None = None) -> list[dict]:
+    """Gradient agreement of the pruned model and of every kept aligned model (or only the cells `only` names) with
+    the original's."""
     from loram.evaluate import eval_set
     from loram.sft_format import SFTCollator, tokenize_sft
     from loram.shared.assets import model_dir
@@ -103,15 +106,21 @@ def gradient_rows(work: Path, model: str, groups: dict[str, range]) -> list[dict
     for f in sorted((work / "cells").glob(f"{folder_name(model)}_*")):
         if (f / "aligned" / "model.safetensors").is_file() and (f / "cell.json").is_file():
             models[json.loads((f / "cell.json").read_text())["cell"]] = f / "aligned"
+    if only is not None:
+        missing = [c for c in only if c not in models]
+        if missing:
+            raise SystemExit(f"--cells: no aligned model kept under {work}/cells for {', '.join(missing)}")
+        models = {c: models[c] for c in only}
     return [{"a": name, "b": "original", **agreement(gradients(path, batches, layers), original, unpruned)}
             for name, path in models.items()]
 
 
-def gradients_only(work: Path, model: str, groups: dict[str, range]) -> None:
-    """The gradient table alone, each aligned model next to its cell's gap closed on GSM8K held-out."""
+def gradients_only(work: Path, model: str, groups: dict[str, range], only: list[str] | None = None) -> None:
+    """The gradient table alone, each aligned model next to its cell's gap closed on GSM8K held-out. With `only`,
+    those cells are measured again and every other row is kept from results/gradient_agreement.json."""
     from alignment_grid import DEMO_STEPS, gap
 
-    grads = gradient_rows(work, model, groups)
+    grads = gradient_rows(work, model, groups, only)
     refs = {p.stem: json.loads(p.read_text()) for p in (work / "ref").glob("*.json")}
     for r in grads:
         folder = work / "cells" / folder_name(r["a"])
@@ -121,6 +130,9 @@ def gradients_only(work: Path, model: str, groups: dict[str, range]) -> None:
             cell = json.loads(none.read_text()) if none.is_file() else None
         r["gap_closed"] = (gap(refs["original"]["gsm8k"], refs[f"lora-{cell['seed']}"]["gsm8k"], cell["gsm8k"])
                            if cell and f"lora-{cell['seed']}" in refs else None)
+    if only is not None:
+        stored = json.loads((RESULTS / "gradient_agreement.json").read_text())["gradient_rows"]
+        grads = [r for r in stored if r["a"] not in only] + grads
     keys = ["all", *(k for k in groups if "pruned" not in k)]
     table = ["# Does LoRAM's gain follow the fine-tuning gradient's agreement with the original's?", "",
              "Gradient of the fine-tuning loss (16 GSM8K training examples) with respect to each adapted weight of the "
@@ -140,7 +152,12 @@ def main() -> None:
     ap.add_argument("--model", default="taylor50", help="the grid's pruned model whose cells to compare")
     ap.add_argument("--gradients-only", action="store_true",
                     help="only the gradient table, with each cell's gap closed (results/gradient_agreement.*)")
+    ap.add_argument("--cells", nargs="+", default=None,
+                    help="with --gradients-only: measure only these cells (MODEL/OBJECTIVE/STEPS/SEED) again and keep "
+                         "the stored rows of every other")
     args = ap.parse_args()
+    if args.cells and not args.gradients_only:
+        raise SystemExit("--cells needs --gradients-only: the adapter table compares every kept cell")
     from loram.shared.errors import LoramError
     from loram.shared.manifest import Manifest
 
@@ -157,7 +174,7 @@ def main() -> None:
               f"layers {pruned[0]}-{pruned[-1]} (pruned)": range(pruned[0], pruned[-1] + 1),
               f"layers {pruned[-1] + 1}-{n - 1} (after)": range(pruned[-1] + 1, n)}
     if args.gradients_only:
-        return gradients_only(args.work, args.model, groups)
+        return gradients_only(args.work, args.model, groups, args.cells)
     cells = {json.loads((f / "cell.json").read_text())["cell"]: f
              for f in sorted((args.work / "cells").glob(f"{folder_name(args.model)}_*"))
              if (f / "recovered" / "adapter_model.safetensors").is_file() and (f / "cell.json").is_file()}

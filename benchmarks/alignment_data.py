@@ -26,10 +26,11 @@ from neither GSM8K nor news:
                       answers GPT-3.5, GPT-4, GPT-4 Turbo and PaLM 2 Medium gave to it zero-shot (the dataset's
                       recorded conversations), 1,080 chats, shuffled with seed 0: math text in chat form that neither
                       the original nor GSM8K wrote (the gradient-matching question in docs/alignment.md)
-    gsm8k-oracle.jsonl  NOT general text, a diagnostic bound: GSM8K fine-tuning items 500..999 (`gsm8k-train`;
-                      the demo's LoRA trains on items 0..59, the held-out set is items 1000+) rendered as chat
-                      (question as the user turn, answer as the assistant's): what aligning on the fine-tuning
-                      task's own domain could give, which no publisher can do for a task it does not know
+    gsm8k-oracle.jsonl  NOT general text, a diagnostic bound: the 219 `gsm8k-heldout` items past the grid's 100
+                      evaluated ones (ORACLE_ITEMS) rendered as chat (question as the user turn, answer as the
+                      assistant's): what aligning on the fine-tuning task's own domain could give, which no publisher
+                      can do for a task it does not know. Neither the grid's LoRA runs (which draw their 60 items at
+                      random from all of `gsm8k-train`) nor its evaluation see them
 
     python benchmarks/alignment_data.py --out DIR    # writes every file above into DIR
 
@@ -177,14 +178,17 @@ def self_generated(model, tokenizer, asks: list[str], batch: int = 16, new_token
                          progress=lambda n: print(f"self-generated: +{n} of {len(asks)}", flush=True))[0]
 
 
-ORACLE_ITEMS = range(500, 1000)  # of gsm8k-train: disjoint from the demo's 60 training items and the held-out set
+# Of gsm8k-heldout: past the first 100, which the grid evaluates (alignment_grid.py refuses more --items with these
+# cells). Not gsm8k-train: `loram train` draws its items at random from the whole split (the grid's 15 steps of 4, seed
+# 0, train on 32 of items 500..999, which an earlier version of this file aligned on).
+ORACLE_ITEMS = range(100, 319)
 
 
 def oracle(tokenizer) -> list[str]:
-    """GSM8K fine-tuning items ORACLE_ITEMS as chat text (the in-domain bound of the grid; not general text)."""
+    """GSM8K items ORACLE_ITEMS as chat text (the in-domain bound of the grid; not general text)."""
     from loram.shared.assets import read_records
 
-    records = read_records("gsm8k-train")
+    records = read_records("gsm8k-heldout")
     return [chat_pair(tokenizer, records[i]["question"], records[i]["answer"]) for i in ORACLE_ITEMS]
 
 

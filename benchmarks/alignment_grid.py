@@ -10,8 +10,8 @@ For each pruned model and alignment variant (objective x steps x seed), with the
 
 Gap closed = (original - LoRAM) / (original - LoRA): 0 is no better than the original, 1 is full LoRA.
 Alignment uses general text (the built-in wiki split, or the chat-form files below); news and GSM8K stay out of
-it, except in the `oracle-gsm8k` rows: a diagnostic bound aligned on GSM8K fine-tuning items the demo's LoRA
-does not train on (what aligning on the task's own domain could give; no publisher can do it for an unknown task).
+it, except in the `oracle-gsm8k` rows: a diagnostic bound aligned on GSM8K held-out items that neither the LoRA runs
+nor the evaluation see (what aligning on the task's own domain could give; no publisher can do it for an unknown task).
 Objectives in PROTOTYPES are not `loram publish align`'s: a benchmark script extends it (gradient_matching.py).
 Every cell is cached under --work (a re-run measures only what is missing).
 
@@ -19,13 +19,14 @@ Every cell is cached under --work (a re-run measures only what is missing).
     python benchmarks/alignment_grid.py --cells taylor50/lm/40/0 taylor50/hidden-mse/40/1
     python benchmarks/alignment_grid.py --report-only          # rebuild results/alignment_grid.* from --work
     python benchmarks/alignment_grid.py --restore --cells ...  # on a new machine: the stored cells, and new ones
+    python benchmarks/alignment_grid.py --work /tmp/side --results /tmp/side/results --cells ...  # a side run
 
 Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap closed per variant). The `-wikichat`
 objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen`, `-mathgen` and `-demo-math` on
 the original's own chat answers (general prompts; requests for worked math problems, 128 of them or the 48 `loram demo`
 writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, `-champ` on CHAMP's competition
-problems with other models' worked solutions, and `oracle-gsm8k` on GSM8K items
-500..999 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
+problems with other models' worked solutions, and `oracle-gsm8k` on GSM8K held-out
+items 100..318 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
 aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py); `docstart-` starts every
 block at a document's start instead of packing across documents (doc_start_blocks.py); `perturbed-` matches the two
 models perturbed alike by random rank-8 deltas (perturbed_alignment.py).
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, machine, write
+from alignment_data import ORACLE_ITEMS
 
 LORAM = str(Path(sys.executable).parent / "loram")
 QUANT = "nf4" if importlib.util.find_spec("bitsandbytes") else "none"  # as `loram demo --quant auto`
@@ -431,21 +433,27 @@ def main() -> None:
     ap.add_argument("--cells", nargs="*", default=None, help="MODEL/OBJECTIVE/STEPS/SEED (default: GRID)")
     ap.add_argument("--items", type=int, default=100, help="GSM8K held-out items (news: half as many)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="folder for alignment_grid.{md,json,png} (default benchmarks/results; another folder keeps a "
+                         "side run's --work from rewriting the committed results)")
     ap.add_argument("--restore", action="store_true", help="first rebuild --work's records from results/alignment_grid.json "
                                                            "(a new machine: measure new cells next to the stored ones)")
     args = ap.parse_args()
     if args.restore:
         print(f"restored {restore(args.work, args.items)} cells into {args.work}", flush=True)
+    cells = args.cells if args.cells is not None else GRID
+    wanted = {f.split("/")[-1].split(".jsonl")[0] for c in cells for f in OBJECTIVES[c.split("/")[1]] or []
+              if f.startswith("{work}/data/")}
+    if "gsm8k-oracle" in wanted and args.items > ORACLE_ITEMS.start:
+        raise SystemExit(f"--items {args.items}: the oracle cells align on gsm8k-heldout items from "
+                         f"{ORACLE_ITEMS.start} on; evaluate at most {ORACLE_ITEMS.start} items with them")
     base = sh("assets", "path", "model").strip()
     evaluate = Evaluator(base, args.items)
     done = {p.parent.name for p in (args.work / "cells").glob("*/eval.json")}
-    cells = args.cells if args.cells is not None else GRID
     rows = []
     earlier = [json.loads((args.work / "cells" / d / "cell.json").read_text())["cell"]
                for d in sorted(done) if (args.work / "cells" / d / "cell.json").is_file()]
     all_cells = list(dict.fromkeys([*cells, *earlier]))  # the asked ones first, in order; then every earlier one
-    wanted = {f.split("/")[-1].split(".jsonl")[0] for c in cells for f in OBJECTIVES[c.split("/")[1]] or []
-              if f.startswith("{work}/data/")}
     if not args.report_only and wanted:
         import alignment_data
 
@@ -474,9 +482,10 @@ def main() -> None:
     lines[3:3] = ["", f"Ceiling of alignment for taylor50 (LoRA on the original confined to a recovered LoRAM "
                       f"adapter's positions, seed 0): GSM8K {top['gsm8k']:.3f} ({ceiling_gap:.0%} of the gap), "
                       f"news {top['news']:.3f}"]
-    plot(groups, RESULTS / "alignment_grid.png", ceiling_gap)
+    args.results.mkdir(parents=True, exist_ok=True)
+    plot(groups, args.results / "alignment_grid.png", ceiling_gap)
     write("alignment_grid", {"machine": machine(), "items": args.items, "references": refs, "rows": rows,
-                             "summary": groups}, lines)
+                             "summary": groups}, lines, args.results)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "stages": {n: {"seconds": s.seconds, "reused": s.reused, "folder": str(s.folder)} for n, s in stages.done.items()},
         "prune": prune.result, "selfgen": generated.result, "align": align.result, "publish": publish.result,
         "training": {n: t.result for n, t in trained.items()}, "results": evaluated.result["rows"],
+        "eval_items": n_eval,
     }
     report["wall_time_s"] = round(time.time() - started, 1)
     write_report(report, out, cfg)

@@ -104,7 +104,7 @@ def _report(ppl: dict) -> dict:
             "align": {"steps": 200, "perplexities": [{"step": 0, "perplexity": 150.0}, {"step": 200, "perplexity": 60.0}]},
             "selfgen": {"conversations": 48, "prompts": "math"},
             "prune": {"original_params": 100, "pruned_params": 70, "reduction": 1.43, "reduction_4bit": 5.71},
-            "stages": {"prune": {"seconds": 30, "reused": False}}, "wall_time_s": 600}
+            "stages": {"prune": {"seconds": 30, "reused": False}}, "wall_time_s": 600, "eval_items": 32}
 
 
 def test_verdicts_state_plainly_what_holds():
@@ -124,6 +124,11 @@ def test_verdicts_state_plainly_what_holds():
     point3 = {v[0]: v[1] for v in verdicts(_report(worse)) if v[0].startswith("3")}
     assert point3 == {"3 (gsm8k-heldout)": True, "3 (news)": False} and "does NOT hold" in render(_report(worse), [])
     assert "no gap is left" not in render(_report(worse), [])  # unaligned closes 17% there: a real failure
+    # a failing point 3 on the default 32 items points to re-evaluating on 100, which reuses the trained stages
+    more = "the same `loram demo` command with `--eval-limit 100` re-evaluates these models on 100 items and 50"
+    assert "on 32 GSM8K items and 16 news documents: " + more in render(_report(worse), [])
+    assert more not in render(_report(base), [])  # nothing fails
+    assert more not in render({**_report(worse), "eval_items": 100}, [])  # already evaluated on that many
     # unaligned LoRAM already at LoRA's level on news (the demo's case): the report says why point 3 fails there
     closed = {**worse, (UNALIGNED, "news"): 22.3, (LORAM, "news"): 22.4}  # news: original 32, LoRA 22.4
     text = render(_report(closed), [])

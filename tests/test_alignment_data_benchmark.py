@@ -1,0 +1,41 @@
+"""benchmarks/alignment_data.py's diagnostic bound, `gsm8k-oracle.jsonl`: GSM8K items in chat form that neither the
+grid's LoRA runs nor its evaluation see. `loram train` draws its items at random from all of `gsm8k-train`, so the
+oracle comes from the held-out items the grid does not evaluate, and the grid refuses to evaluate them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import alignment_data  # noqa: E402
+
+
+@pytest.mark.slow
+def test_oracle_items_are_neither_trained_on_nor_evaluated():
+    from transformers import AutoTokenizer
+
+    from loram.shared.assets import model_dir, read_records
+
+    heldout, train = read_records("gsm8k-heldout"), read_records("gsm8k-train")
+    texts = alignment_data.oracle(AutoTokenizer.from_pretrained(model_dir()))
+    items = alignment_data.ORACLE_ITEMS
+    assert len(texts) == len(items) == len(heldout) - items.start  # every held-out item past the evaluated ones
+    evaluated = {r["question"] for r in heldout[:items.start]}  # the grid's --items default
+    trained = {r["question"] for r in train}
+    for text, i in zip(texts, items, strict=True):
+        question, answer = heldout[i]["question"], heldout[i]["answer"]
+        assert question not in evaluated and question not in trained
+        user, assistant = text.index(question), text.index(answer)  # one user turn, then the assistant's answer
+        assert text.count("<|im_start|>user") == 1 and user < text.index("<|im_start|>assistant") < assistant
+
+
+def test_grid_refuses_to_evaluate_the_oracle_items(tmp_path):
+    grid = BENCHMARKS / "alignment_grid.py"
+    proc = subprocess.run([sys.executable, str(grid), "--work", str(tmp_path), "--items", "101",
+                           "--cells", "taylor50/oracle-gsm8k/40/0"], capture_output=True, text=True, cwd=BENCHMARKS)
+    assert proc.returncode != 0
+    assert "--items 101" in proc.stderr and "at most 100 items" in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything was written
