@@ -28,7 +28,7 @@ def chat_pair(tokenizer, user: str, assistant: str) -> str:
 
 
 def gsm8k_chat_ids(tokenizer, items: int, max_len: int = 256) -> list:
-    """The first `items` GSM8K training items (the demo's adapter trains on them; no held-out item) in the model's
+    """The first `items` items of the GSM8K fine-tuning split (text of the task; no held-out item) in the model's
     chat form, question as the user turn and answer as the assistant's: one LongTensor [1, <= max_len] each."""
     from loram.evaluate import eval_set
 
