@@ -80,7 +80,9 @@ def run_measured(code: str, env: dict | None = None) -> dict:
     return out
 
 
-def write(name: str, data: dict, table: list[str], results: Path = RESULTS) -> None:
+def write(name: str, data: dict, table: list[str], results: Path | None = None) -> None:
+    """results/NAME.json and .md (the table, also printed); `results`: another folder than RESULTS."""
+    results = RESULTS if results is None else results  # read when called: tests point RESULTS elsewhere
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     (results / f"{name}.md").write_text("\n".join(table) + "\n")
