@@ -162,13 +162,24 @@ def _align_text(report: dict) -> str:
             "original wrote itself (`loram publish selfgen --prompts math`), half and half")
 
 
+def _reused(report: dict) -> str:
+    """How much of the run an earlier run did: a re-run's wall time alone reads like the whole demo's."""
+    stages = report["stages"].values()
+    reused = [s for s in stages if s["reused"]]
+    if not reused:
+        return ""
+    return (f" for this run, which reused {len(reused)} of {len(stages)} stages from an earlier one (they took "
+            f"{sum(s['seconds'] for s in reused):.0f} s then; the stage table below)")
+
+
 def render(report: dict, plots: list[str]) -> str:
     cfg = report["config"]
     lines = ["# LoRAM demo report", "",
              f"SmolLM2-135M-Instruct, structured Taylor pruning at ratio {cfg['ratio']}, aligned for "
              f"{report['align']['steps']} steps on {_align_text(report)}, {report['quant']} LoRA (r=8) on the GSM8K fine-tune "
              f"split; response-token perplexity on held-out GSM8K and on news text. Wall time "
-             f"{report['wall_time_s']:.0f} s{' (--quick: a smoke run, numbers are not meaningful)' if cfg['quick'] else ''}.",
+             f"{report['wall_time_s']:.0f} s{_reused(report)}"
+             f"{' (--quick: a smoke run, numbers are not meaningful)' if cfg['quick'] else ''}.",
              "", "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]
     for r in pivot(report):
         lines.append(f"| {r['variant']} | " + " | ".join(f"{r.get(d, float('nan')):.3f}" for d in DATA) + " |")

@@ -124,6 +124,11 @@ def test_verdicts_state_plainly_what_holds():
     point3 = {v[0]: v[1] for v in verdicts(_report(worse)) if v[0].startswith("3")}
     assert point3 == {"3 (gsm8k-heldout)": True, "3 (news)": False} and "does NOT hold" in render(_report(worse), [])
     assert "no gap is left" not in render(_report(worse), [])  # unaligned closes 17% there: a real failure
+    assert "Wall time 600 s." in text  # nothing reused: the run's own time
+    rerun = {**_report(base), "stages": {"prune": {"seconds": 30, "reused": True}, "align": {"seconds": 12.4, "reused": True},
+                                         "evaluate": {"seconds": 100, "reused": False}}}
+    assert ("Wall time 600 s for this run, which reused 2 of 3 stages from an earlier one (they took 42 s then; the "
+            "stage table below).") in render(rerun, [])
     # a failing point 3 on the default 32 items points to re-evaluating on 100, which reuses the trained stages
     more = "the same `loram demo` command with `--eval-limit 100` re-evaluates these models on 100 items and 50"
     assert "on 32 GSM8K items and 16 news documents: " + more in render(_report(worse), [])
