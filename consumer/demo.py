@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loram.demo_report import LORA, LORAM, ORIGINAL, PRUNED, SMALL, UNALIGNED
+from loram.demo_report import LORA, LORAM, ORIGINAL, PRUNED, SMALL, UNALIGNED, eval_sizes
 from loram.shared.architectures import DEFAULT_RATIO, ratio_options
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
@@ -296,7 +296,7 @@ def _evaluate(variants: dict, n: int, seq_len: int) -> dict:
     from loram.shared.runtime import configure_threads
 
     configure_threads()
-    sets = {"gsm8k-heldout": eval_set("gsm8k-heldout", n), "news": eval_set("news", max(1, n // 2))}
+    sets = {data: eval_set(data, count) for data, count in eval_sizes(n).items()}
     rows = []
     for name, (model_path, adapter) in variants.items():
         model, tokenizer = load_spec(str(model_path), str(adapter) if adapter else None, False)

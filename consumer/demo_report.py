@@ -66,15 +66,21 @@ def no_gap_left(report: dict, enough: float = 0.9) -> list[str]:
 MORE_ITEMS = 100  # GSM8K items (and half as many news documents) that separate alignment's effect in the grid
 
 
+def eval_sizes(items: int) -> dict[str, int]:
+    """Records evaluated per set for `--eval-limit ITEMS`: that many GSM8K items, half as many news documents."""
+    return {"gsm8k-heldout": items, "news": max(1, items // 2)}
+
+
 def more_items(report: dict, checks: list) -> list[str]:
     """Where point 3 fails on a few items: how to re-evaluate this run's models on more, reusing every trained stage."""
     items = report.get("eval_items")
     if not items or items >= MORE_ITEMS or all(holds for point, holds, _ in checks if point.startswith("3")):
         return []
-    return [f"Point 3 compares small differences on {items} GSM8K items and {max(1, items // 2)} news documents: "
-            f"the same `loram demo` command with `--eval-limit {MORE_ITEMS}` re-evaluates these models on "
-            f"{MORE_ITEMS} items and {MORE_ITEMS // 2} documents and reuses every other stage (about 6 minutes on 2 "
-            f"CPU cores for the full run)."]
+    now, more = eval_sizes(items), eval_sizes(MORE_ITEMS)
+    return [f"Point 3 compares small differences on {now['gsm8k-heldout']} GSM8K items and {now['news']} news "
+            f"documents: the same `loram demo` command with `--eval-limit {MORE_ITEMS}` re-evaluates these models on "
+            f"{more['gsm8k-heldout']} items and {more['news']} documents and reuses every other stage (about 6 "
+            f"minutes on 2 CPU cores for the full run)."]
 
 
 def memory_lines(report: dict) -> list[str]:
