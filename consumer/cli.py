@@ -12,7 +12,7 @@ import typer
 from loram.consumer_commands import register as register_consumer
 from loram.hub_commands import register as register_hub
 from loram.plan import register as register_plan
-from loram.shared.cli_support import run_app, user_errors
+from loram.shared.cli_support import console_warnings, run_app, user_errors
 
 app = typer.Typer(
     name="loram",
@@ -93,9 +93,5 @@ _register_publisher()
 
 
 def main() -> None:
-    import logging
-
-    # bitsandbytes logs a warning on import on CPUs with AVX512-BF16 when the optional `kernels` package is
-    # missing; it changes nothing we use (we turn that packed path off), so it is not shown to users.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    console_warnings()  # LoRAM's warnings as one `warning:` line; known third-party noise not shown
     run_app(app)  # an error outside a command is one line too; click prints its own usage errors (exit 2)

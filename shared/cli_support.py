@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 import typing
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -88,6 +89,38 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(report_error(e)) from None
 
     return wrapper
+
+
+# Third-party output that says nothing a user can act on, hidden by the CLI (and so by `loram demo`): bitsandbytes
+# logs a warning on import on CPUs with AVX512-BF16 when the optional `kernels` package is missing (it changes
+# nothing we use: we turn that packed path off); peft 0.21 reads transformers 5's deprecated
+# `is_gradient_checkpointing` each time it wraps a model (train, merge, eval with an adapter).
+_QUIET_LOGGERS = {"bitsandbytes": "ERROR"}
+_QUIET_FUTURE_WARNINGS = [r"`is_gradient_checkpointing` is deprecated"]
+
+
+def console_warnings() -> None:
+    """How the CLI shows warnings: LoRAM's own (e.g. `TruncationWarning`) as one `warning: ...` line like every
+    other (first process only), instead of Python's two lines of file, line number and source; the known
+    third-party output above not at all; every other warning as Python shows it. The Python API is untouched:
+    there the warnings stay ordinary Python warnings, for the caller to filter or record."""
+    import logging
+
+    from loram.shared.errors import warn
+
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for pattern in _QUIET_FUTURE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] == "loram":
+            warn(one_line(str(message)))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def run_app(app: typer.Typer, args: list[str] | None = None) -> typing.NoReturn:

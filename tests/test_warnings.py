@@ -110,6 +110,7 @@ def test_train_with_only_empty_responses_warns_in_one_line(runs):
     assert len(warnings) == 1 and "every response of the 12 examples is empty" in warnings[0], proc.stderr
     assert "'answer'" in warnings[0] and "end-of-turn" in warnings[0]
     assert (runs["root"] / "run" / "checkpoints" / "run_config.json").is_file()
+    assert "Warning" not in proc.stderr, proc.stderr  # peft's deprecation noise is not shown (console_warnings)
 
 
 def test_resume_with_other_data_or_lr_is_refused_naming_them(runs):
@@ -140,3 +141,23 @@ def test_eval_takes_a_path_with_an_equals_sign_as_a_model(runs):
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(proc.stdout)["results"]
     assert row["name"] == row["model"] == "lr=1e-4/pruned" and row["adapter"] is None
+
+
+def test_the_cli_shows_loram_warnings_as_one_line_and_hides_known_noise(capsys, monkeypatch):
+    import warnings
+
+    from loram.sft_format import TruncationWarning
+    from loram.shared.cli_support import console_warnings
+
+    monkeypatch.delenv("RANK", raising=False)
+    passed_on = []  # what console_warnings hands to the display it found (Python's, here pytest's)
+    with warnings.catch_warnings():  # restores Python's filters and display afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, *args, **kwargs: passed_on.append((category, str(message)))
+        console_warnings()
+        warnings.warn("3 of 8 examples were longer than seq_len=32 tokens\nand were cut", TruncationWarning, stacklevel=2)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=2)
+        warnings.warn("something a library wants said", FutureWarning, stacklevel=2)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: 3 of 8 examples were longer than seq_len=32 tokens and were cut"], err
+    assert passed_on == [(FutureWarning, "something a library wants said")]  # the deprecation noise nowhere
