@@ -31,6 +31,9 @@ from neither GSM8K nor news:
                       assistant's): what aligning on the fine-tuning task's own domain could give, which no publisher
                       can do for a task it does not know. Neither the grid's LoRA runs (which draw their 60 items at
                       random from all of `gsm8k-train`) nor its evaluation see them
+    gsm8k-oracle-plain.jsonl  the same items without GSM8K's notation (`plain`: no `<<48/2=24>>` calculator
+                      annotations, `The answer is 72.` for `#### 72`): how much of the bound is the task's notation,
+                      which the LoRA learns and the evaluation scores
 
     python benchmarks/alignment_data.py --out DIR    # writes every file above into DIR
 
@@ -41,6 +44,7 @@ On 2 CPU cores (16 prompts per batch) selfgen takes about 10 minutes to generate
 import argparse
 import json
 import random
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -184,15 +188,25 @@ def self_generated(model, tokenizer, asks: list[str], batch: int = 16, new_token
 ORACLE_ITEMS = range(100, 319)
 
 
-def oracle(tokenizer) -> list[str]:
-    """GSM8K items ORACLE_ITEMS as chat text (the in-domain bound of the grid; not general text)."""
+def plain(answer: str) -> str:
+    """A GSM8K answer without the dataset's own notation: the calculator annotations `<<48/2=24>>` dropped, and the
+    final `#### 72` written as `The answer is 72.`: the same problems and worked steps in ordinary words."""
+    steps, _, final = answer.rpartition("####")
+    steps = re.sub(r"<<[^<>]*>>", "", steps if _ else answer).rstrip()
+    return f"{steps}\nThe answer is {final.strip()}." if _ else steps
+
+
+def oracle(tokenizer, notation: bool = True) -> list[str]:
+    """GSM8K items ORACLE_ITEMS as chat text (the in-domain bound of the grid; not general text); `notation=False`:
+    their answers `plain`."""
     from loram.shared.assets import read_records
 
     records = read_records("gsm8k-heldout")
-    return [chat_pair(tokenizer, records[i]["question"], records[i]["answer"]) for i in ORACLE_ITEMS]
+    answer = (lambda a: a) if notation else plain
+    return [chat_pair(tokenizer, records[i]["question"], answer(records[i]["answer"])) for i in ORACLE_ITEMS]
 
 
-FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", "gsm8k-oracle")
+FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", "gsm8k-oracle", "gsm8k-oracle-plain")
 
 
 def build(out: Path, count: int = 128, files=FILES) -> None:
@@ -212,6 +226,8 @@ def build(out: Path, count: int = 128, files=FILES) -> None:
         return loaded[0]
     if "gsm8k-oracle" in files and not (out / "gsm8k-oracle.jsonl").is_file():
         _write(out / "gsm8k-oracle.jsonl", oracle(tokenizer))
+    if "gsm8k-oracle-plain" in files and not (out / "gsm8k-oracle-plain.jsonl").is_file():
+        _write(out / "gsm8k-oracle-plain.jsonl", oracle(tokenizer, notation=False))
     if "selfgen" in files and not (out / "selfgen.jsonl").is_file():
         torch.manual_seed(0)
         asks = prompts(count)  # seeds python's random after torch's, as the grid's files were made

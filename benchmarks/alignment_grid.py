@@ -26,7 +26,7 @@ objectives align on `--data wiki-chat` (the wiki split in the chat template), `-
 the original's own chat answers (general prompts; requests for worked math problems, 128 of them or the 48 `loram demo`
 writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, `-champ` on CHAMP's competition
 problems with other models' worked solutions, and `oracle-gsm8k` on GSM8K held-out
-items 100..318 as chat, files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
+items 100..318 as chat (`-plain`: without GSM8K's `<<...>>` annotations and `#### N`), files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
 aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py); `docstart-` starts every
 block at a document's start instead of packing across documents (doc_start_blocks.py); `perturbed-` matches the two
 models perturbed alike by random rank-8 deltas (perturbed_alignment.py).
@@ -123,11 +123,13 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
+    # the same items without GSM8K's notation (calculator annotations, "#### N"): the task's problems in plain words
+    "gradmatch-oracle-gsm8k-plain": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle-plain.jsonl"],
 }
 # objectives that `loram publish align` does not have, run by a benchmark script that extends it (its flags first)
 PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
                  for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-champ",
-                           "gradmatch-oracle-gsm8k")},
+                           "gradmatch-oracle-gsm8k", "gradmatch-oracle-gsm8k-plain")},
               "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"],
               "qat-wikichat+demo-math-batch1": ["quant_aware.py"],
               "docstart-wikichat+demo-math-batch1": ["doc_start_blocks.py"],
@@ -444,7 +446,7 @@ def main() -> None:
     cells = args.cells if args.cells is not None else GRID
     wanted = {f.split("/")[-1].split(".jsonl")[0] for c in cells for f in OBJECTIVES[c.split("/")[1]] or []
               if f.startswith("{work}/data/")}
-    if "gsm8k-oracle" in wanted and args.items > ORACLE_ITEMS.start:
+    if wanted & {"gsm8k-oracle", "gsm8k-oracle-plain"} and args.items > ORACLE_ITEMS.start:
         raise SystemExit(f"--items {args.items}: the oracle cells align on gsm8k-heldout items from "
                          f"{ORACLE_ITEMS.start} on; evaluate at most {ORACLE_ITEMS.start} items with them")
     base = sh("assets", "path", "model").strip()

@@ -77,7 +77,7 @@ BENCHMARKS = {
                                                            "hidden-mse-pruned-wikichat", "gradmatch-wikichat",
                                                            "hidden-mse-pruned-wikichat+demo-math",
                                                            "hidden-mse-pruned-wikichat+demo-math-batch1",
-                                                           "gradmatch-oracle-gsm8k"))),
+                                                           "gradmatch-oracle-gsm8k", "gradmatch-oracle-gsm8k-plain"))),
     # after alignment_grid, on its default --work folder
     "adapter_agreement": (["--work", "/tmp/loram-alignment-grid"], lambda d: "gradient agreement with the original "
                           "(cosine, layers before the pruned range): " + ", ".join(

@@ -1,4 +1,4 @@
-"""benchmarks/alignment_data.py's diagnostic bound, `gsm8k-oracle.jsonl`: GSM8K items in chat form that neither the
+"""benchmarks/alignment_data.py's diagnostic bound, `gsm8k-oracle.jsonl` (and its `-plain` copy): GSM8K items in chat form that neither the
 grid's LoRA runs nor its evaluation see. `loram train` draws its items at random from all of `gsm8k-train`, so the
 oracle comes from the held-out items the grid does not evaluate, and the grid refuses to evaluate them."""
 
@@ -30,12 +30,22 @@ def test_oracle_items_are_neither_trained_on_nor_evaluated():
         assert question not in evaluated and question not in trained
         user, assistant = text.index(question), text.index(answer)  # one user turn, then the assistant's answer
         assert text.count("<|im_start|>user") == 1 and user < text.index("<|im_start|>assistant") < assistant
+    plain = alignment_data.oracle(AutoTokenizer.from_pretrained(model_dir()), notation=False)
+    assert [t.split("<|im_start|>assistant")[0] for t in plain] == [t.split("<|im_start|>assistant")[0] for t in texts]
+    assert not any("<<" in t or "####" in t for t in plain) and all("The answer is " in t for t in plain)
 
 
-def test_grid_refuses_to_evaluate_the_oracle_items(tmp_path):
+def test_plain_answers_drop_gsm8k_notation_and_keep_the_words():
+    answer = "Half is 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    assert alignment_data.plain(answer) == "Half is 48/2 = 24 clips.\nIn all 48+24 = 72 clips.\nThe answer is 72."
+    assert alignment_data.plain("No final line, <<1+1=2>>2.") == "No final line, 2."
+
+
+@pytest.mark.parametrize("cell", ["taylor50/oracle-gsm8k/40/0", "taylor50/gradmatch-oracle-gsm8k-plain/40/0"])
+def test_grid_refuses_to_evaluate_the_oracle_items(tmp_path, cell):
     grid = BENCHMARKS / "alignment_grid.py"
     proc = subprocess.run([sys.executable, str(grid), "--work", str(tmp_path), "--items", "101",
-                           "--cells", "taylor50/oracle-gsm8k/40/0"], capture_output=True, text=True, cwd=BENCHMARKS)
+                           "--cells", cell], capture_output=True, text=True, cwd=BENCHMARKS)
     assert proc.returncode != 0
     assert "--items 101" in proc.stderr and "at most 100 items" in proc.stderr
     assert not any(tmp_path.iterdir())  # refused before anything was written
