@@ -191,9 +191,9 @@ ORACLE_ITEMS = range(100, 319)
 def plain(answer: str) -> str:
     """A GSM8K answer without the dataset's own notation: the calculator annotations `<<48/2=24>>` dropped, and the
     final `#### 72` written as `The answer is 72.`: the same problems and worked steps in ordinary words."""
-    steps, _, final = answer.rpartition("####")
-    steps = re.sub(r"<<[^<>]*>>", "", steps if _ else answer).rstrip()
-    return f"{steps}\nThe answer is {final.strip()}." if _ else steps
+    steps, marker, final = answer.rpartition("####")
+    steps = re.sub(r"<<[^<>]*>>", "", steps if marker else answer).rstrip()
+    return f"{steps}\nThe answer is {final.strip()}." if marker else steps
 
 
 def oracle(tokenizer, notation: bool = True) -> list[str]:

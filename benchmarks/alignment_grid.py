@@ -25,9 +25,9 @@ Writes benchmarks/results/alignment_grid.{md,json} and alignment_grid.png (gap c
 objectives align on `--data wiki-chat` (the wiki split in the chat template), `-selfgen`, `-mathgen` and `-demo-math` on
 the original's own chat answers (general prompts; requests for worked math problems, 128 of them or the 48 `loram demo`
 writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, `-champ` on CHAMP's competition
-problems with other models' worked solutions, and `oracle-gsm8k` on GSM8K held-out
-items 100..318 as chat (`-plain`: without GSM8K's `<<...>>` annotations and `#### N`), files that `alignment_data.py` writes under --work/data. `-batch1`: steps of one sequence. `qat-`
-aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py); `docstart-` starts every
+problems with other models' worked solutions, and `oracle-gsm8k` on GSM8K held-out items 100..318 as chat (`-plain`:
+without GSM8K's `<<...>>` annotations and `#### N`), files that `alignment_data.py` writes under --work/data.
+`-batch1`: steps of one sequence. `qat-` aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py); `docstart-` starts every
 block at a document's start instead of packing across documents (doc_start_blocks.py); `perturbed-` matches the two
 models perturbed alike by random rank-8 deltas (perturbed_alignment.py).
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
