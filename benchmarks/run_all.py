@@ -87,6 +87,10 @@ BENCHMARKS = {
                                f"{r['a']} {r['all']:.2f} -> "
                                + ("-" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}")
                                for r in sorted(d["gradient_rows"], key=lambda r: r["all"]))),
+    "notation_loss": (["--work", "/tmp/loram-alignment-grid"], lambda d: (
+        f"LoRA on the original's gain on GSM8K held-out, {d['notation_share_of_lora_gain']:.0%} on GSM8K's notation; gap "
+        "closed on notation / rest: ") + ", ".join(f"{r['model']} {r['notation']['gap_closed']:.0%} / "
+                                                  f"{r['rest']['gap_closed']:.0%}" for r in d["rows"][2:])),
     "labelled_loss": (["--pruned", "/tmp/loram-alignment-grid/pruned/taylor50"],
                       lambda d: "`loram train` step time with the loss at labelled positions only vs the stock loss: "
                       + ", ".join(f"{k} {v['step_ratio']:.2f}x" for k, v in d["runs"].items())),
