@@ -206,7 +206,8 @@ def oracle(tokenizer, notation: bool = True) -> list[str]:
     return [chat_pair(tokenizer, records[i]["question"], answer(records[i]["answer"])) for i in ORACLE_ITEMS]
 
 
-FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", "gsm8k-oracle", "gsm8k-oracle-plain")
+ORACLE_FILES = ("gsm8k-oracle", "gsm8k-oracle-plain")  # the files made of ORACLE_ITEMS
+FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", *ORACLE_FILES)
 
 
 def build(out: Path, count: int = 128, files=FILES) -> None:

@@ -27,9 +27,10 @@ the original's own chat answers (general prompts; requests for worked math probl
 writes), `-dmmath` on DeepMind's mathematics_dataset questions with their answers, `-champ` on CHAMP's competition
 problems with other models' worked solutions, and `oracle-gsm8k` on GSM8K held-out items 100..318 as chat (`-plain`:
 without GSM8K's `<<...>>` annotations and `#### N`), files that `alignment_data.py` writes under --work/data.
-`-batch1`: steps of one sequence. `qat-` aligns the pruned model computing in NF4, as a QLoRA consumer trains on it (quant_aware.py); `docstart-` starts every
-block at a document's start instead of packing across documents (doc_start_blocks.py); `perturbed-` matches the two
-models perturbed alike by random rank-8 deltas (perturbed_alignment.py).
+`-batch1`: steps of one sequence. `qat-` aligns the pruned model computing in NF4, as a QLoRA consumer trains on it
+(quant_aware.py); `docstart-` starts every block at a document's start instead of packing across documents
+(doc_start_blocks.py); `perturbed-` matches the two models perturbed alike by random rank-8 deltas
+(perturbed_alignment.py).
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, machine, write
-from alignment_data import ORACLE_ITEMS
+from alignment_data import ORACLE_FILES, ORACLE_ITEMS
 
 LORAM = str(Path(sys.executable).parent / "loram")
 QUANT = "nf4" if importlib.util.find_spec("bitsandbytes") else "none"  # as `loram demo --quant auto`
@@ -446,7 +447,7 @@ def main() -> None:
     cells = args.cells if args.cells is not None else GRID
     wanted = {f.split("/")[-1].split(".jsonl")[0] for c in cells for f in OBJECTIVES[c.split("/")[1]] or []
               if f.startswith("{work}/data/")}
-    if wanted & {"gsm8k-oracle", "gsm8k-oracle-plain"} and args.items > ORACLE_ITEMS.start:
+    if wanted.intersection(ORACLE_FILES) and args.items > ORACLE_ITEMS.start:
         raise SystemExit(f"--items {args.items}: the oracle cells align on gsm8k-heldout items from "
                          f"{ORACLE_ITEMS.start} on; evaluate at most {ORACLE_ITEMS.start} items with them")
     base = sh("assets", "path", "model").strip()

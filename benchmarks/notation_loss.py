@@ -41,19 +41,26 @@ def token_kinds(tokenizer, ids: list[int]) -> list[bool]:
     return [any(s < b and a < e for s, e in spans) for a, b in zip(starts, ends, strict=True)]
 
 
-def split_nll(model, tokenizer, data) -> dict:
-    """Summed NLL and token counts over the labelled positions of `data`, notation and the rest."""
-    import torch
-
+def labelled(tokenizer, data) -> list[tuple[list[int], list[int], list[bool]]]:
+    """Per row of `data`: its input ids, its labelled positions, and which of those are notation (`token_kinds`)."""
     from loram.perplexity import IGNORE
+
+    out = []
+    for row in data:
+        ids, labels = row["input_ids"], row["labels"]
+        positions = [p for p in range(1, len(ids)) if labels[p] != IGNORE]
+        out.append((ids, positions, token_kinds(tokenizer, [ids[p] for p in positions])))
+    return out
+
+
+def split_nll(model, rows) -> dict:
+    """Summed NLL and token counts over the labelled positions of `rows` (`labelled`), notation and the rest."""
+    import torch
 
     out = {"notation": [0.0, 0], "rest": [0.0, 0]}
     model.eval()
     with torch.no_grad():
-        for row in data:
-            ids, labels = row["input_ids"], row["labels"]
-            positions = [p for p in range(1, len(ids)) if labels[p] != IGNORE]
-            kinds = token_kinds(tokenizer, [ids[p] for p in positions])
+        for ids, positions, kinds in rows:
             logits = model(torch.tensor([ids])).logits[0].float()
             nll = torch.nn.functional.cross_entropy(logits[[p - 1 for p in positions]],
                                                     torch.tensor([ids[p] for p in positions]), reduction="none")
@@ -86,6 +93,7 @@ def main() -> None:
     from loram.evaluate import eval_set, load_spec
     from loram.sft_format import tokenize_sft
     from loram.shared.assets import model_dir
+    from loram.shared.pruned_model import load_tokenizer
     from loram.shared.runtime import configure_threads
 
     configure_threads()
@@ -97,11 +105,12 @@ def main() -> None:
         if not (adapter / "adapter_model.safetensors").is_file():
             raise SystemExit(f"{cell}: no recovered adapter under {adapter}; run alignment_grid.py --cells {cell}")
         models[cell] = adapter
+    tokenizer = load_tokenizer(base)  # every model here is the original's, with or without an adapter
+    scored = labelled(tokenizer, tokenize_sft(records, tokenizer, 256, columns))  # tokenized and classified once
     rows = []
     for name, adapter in models.items():
-        model, tokenizer = load_spec(base, str(adapter) if adapter else None, False)
-        data = tokenize_sft(records, tokenizer, 256, columns)
-        split = split_nll(model, tokenizer, data)
+        model, _ = load_spec(base, str(adapter) if adapter else None, False)
+        split = split_nll(model, scored)
         total = sum(v["nll"] for v in split.values()), sum(v["tokens"] for v in split.values())
         rows.append({"model": name, **split, "perplexity": round(math.exp(total[0] / total[1]), 4)})
         print(rows[-1], flush=True)

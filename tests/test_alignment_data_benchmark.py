@@ -1,5 +1,5 @@
-"""benchmarks/alignment_data.py's diagnostic bound, `gsm8k-oracle.jsonl` (and its `-plain` copy): GSM8K items in chat form that neither the
-grid's LoRA runs nor its evaluation see. `loram train` draws its items at random from all of `gsm8k-train`, so the
+"""benchmarks/alignment_data.py's diagnostic bound, `gsm8k-oracle.jsonl` (and its `-plain` copy): GSM8K items in
+chat form that neither the grid's LoRA runs nor its evaluation see. `loram train` draws its items at random from all of `gsm8k-train`, so the
 oracle comes from the held-out items the grid does not evaluate, and the grid refuses to evaluate them."""
 
 import subprocess
@@ -20,7 +20,8 @@ def test_oracle_items_are_neither_trained_on_nor_evaluated():
     from loram.shared.assets import model_dir, read_records
 
     heldout, train = read_records("gsm8k-heldout"), read_records("gsm8k-train")
-    texts = alignment_data.oracle(AutoTokenizer.from_pretrained(model_dir()))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    texts = alignment_data.oracle(tokenizer)
     items = alignment_data.ORACLE_ITEMS
     assert len(texts) == len(items) == len(heldout) - items.start  # every held-out item past the evaluated ones
     evaluated = {r["question"] for r in heldout[:items.start]}  # the grid's --items default
@@ -30,7 +31,7 @@ def test_oracle_items_are_neither_trained_on_nor_evaluated():
         assert question not in evaluated and question not in trained
         user, assistant = text.index(question), text.index(answer)  # one user turn, then the assistant's answer
         assert text.count("<|im_start|>user") == 1 and user < text.index("<|im_start|>assistant") < assistant
-    plain = alignment_data.oracle(AutoTokenizer.from_pretrained(model_dir()), notation=False)
+    plain = alignment_data.oracle(tokenizer, notation=False)
     assert [t.split("<|im_start|>assistant")[0] for t in plain] == [t.split("<|im_start|>assistant")[0] for t in texts]
     assert not any("<<" in t or "####" in t for t in plain) and all("The answer is " in t for t in plain)
 
