@@ -62,8 +62,8 @@ DEMO_TEXT = [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/demo-m
 DEMO_TEXT_BATCH1 = [*DEMO_TEXT, "--batch", "1"]  # in steps of one sequence, as `loram demo` runs it
 OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe ({base}: the original)
     "none": None,
-    "lm": [],
-    "kd": ["--distill-from", "{base}", "--kd-weight", "0.5"],
+    "lm": ["--distill-from", "none"],  # explicit: align's default objective is hidden-state distillation since this grid
+    "kd": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0"],
     "kd-pure": ["--distill-from", "{base}", "--kd-weight", "1", "--hidden-weight", "0"],
     "hidden-mse-pure-lr3e-4": ["--distill-from", "{base}", "--kd-weight", "0", "--hidden-weight", "1", "--lr", "3e-4",
                                "--hidden-layers", "all"],

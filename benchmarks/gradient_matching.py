@@ -11,9 +11,9 @@ positions the pruned model keeps (the kept rows or columns of a pruned layer's m
            + WEIGHT * mean over the modules of (1 - cos(dL_pruned / dW, (dL_original / dW)[kept]))
 
 Each step costs one forward and backward of the original (its gradient), and a forward, a backward with
-`create_graph` and the backward of that (second order) through the pruned model: about 3.7x the default's
-step on SmolLM2 (8.6 s against 2.3 s for the default objective on the same machine, peak memory 6.3 GiB against
-2.9). Attention runs the eager implementation (SDPA's CPU kernel has no double backward).
+`create_graph` and the backward of that (second order) through the pruned model: about 4.3x the default's
+time per token on SmolLM2 and 2.2x its peak memory (10.07 s against 2.34 s per 512 tokens, 6,077 MiB against 2,792,
+side by side in objective_cost.py). Attention runs the eager implementation (SDPA's CPU kernel has no double backward).
 
     python benchmarks/gradient_matching.py --weight 1 -- publish align PRUNED --data wiki-chat --steps 40 \\
         --distill-from base --kd-weight 0 --hidden-weight 1 --hidden-layers pruned ... --out ALIGNED

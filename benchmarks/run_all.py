@@ -79,6 +79,9 @@ BENCHMARKS = {
                                                            "hidden-mse-pruned-wikichat+demo-math-batch1",
                                                            "gradmatch-oracle-gsm8k", "gradmatch-oracle-gsm8k-plain"))),
     # after alignment_grid, on its default --work folder
+    "objective_cost": (["--pruned", "/tmp/loram-alignment-grid/pruned/taylor50"], lambda d: (
+        "alignment objectives side by side, s per 512 tokens (x the paper's LM): ") + ", ".join(
+            f"{r['objective']} {r['s_per_512']:.2f} ({r['vs_lm']}x)" for r in d["rows"])),
     "adapter_agreement": (["--work", "/tmp/loram-alignment-grid"], lambda d: "gradient agreement with the original "
                           "(cosine, layers before the pruned range): " + ", ".join(
                               f"{r['a']} {r[d['groups'][0]]:.2f}" for r in d["gradient_rows"])),
