@@ -3,7 +3,9 @@
 Each configuration is a fresh `loram publish align` run on SmolLM2-135M pruned at 0.5 (the wiki split,
 blocks of 256 tokens, the same global batch everywhere), so what is measured is what a user runs:
 - 1 process x 1 thread, 1 process x 2 threads, 2 processes x 1 thread (torchrun --nproc_per_node 2);
-- 1 process x 1 thread with `--distill-from` the original model (`--kd-weight 0.5`).
+- 1 process x 1 thread with `--distill-from` the original model: logit distillation (`--kd-weight 0.5`), the default
+  objective (hidden-state distillation, only the last position projected onto the vocabulary), and the same with an
+  LM term of 0.001 (every position projected: what the projection the default skips costs).
 Step time is the median over steps 2..N (step 1 includes warm-up); tokens/s = tokens per step / median
 step time; peak memory is each process's peak RSS (VmHWM), from `align_report.json`.
 Usage: python benchmarks/align_throughput.py [--steps 6] [--pruned DIR]
