@@ -30,7 +30,8 @@ without GSM8K's `<<...>>` annotations and `#### N`), files that `alignment_data.
 `-batch1`: steps of one sequence. `qat-` aligns the pruned model computing in NF4, as a QLoRA consumer trains on it
 (quant_aware.py); `docstart-` starts every block at a document's start instead of packing across documents
 (doc_start_blocks.py); `perturbed-` matches the two models perturbed alike by random rank-8 deltas
-(perturbed_alignment.py).
+(perturbed_alignment.py); `sites-` matches inside the pruned layers too, the states the adapter's linears read
+(site_matching.py).
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -121,6 +122,9 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "perturbed-0.1-half-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
     # prototype: the same, matching how the two models' layer outputs respond to a shared delta of 0.03 ||W|| (2 passes)
     "perturbed-response-0.03-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
+    # prototype: the demo's alignment, matching inside the pruned layers too: the states the adapter's linears read
+    # (between attention and MLP, o_proj's and down_proj's inputs at the kept heads and channels; site_matching.py)
+    "sites-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
@@ -133,6 +137,7 @@ PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
                            "gradmatch-oracle-gsm8k", "gradmatch-oracle-gsm8k-plain")},
               "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"],
               "qat-wikichat+demo-math-batch1": ["quant_aware.py"],
+              "sites-wikichat+demo-math-batch1": ["site_matching.py"],
               "docstart-wikichat+demo-math-batch1": ["doc_start_blocks.py"],
               "perturbed-0.05-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.05"],
               "perturbed-0.1-half-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.1", "--prob", "0.5"],

@@ -10,7 +10,7 @@ objective alike. Per run: the median step over steps 2..N (step 1 includes warm-
 align_report.json. Ratios are to the paper's LM objective and to align's default, measured in the same rounds.
 
     python benchmarks/objective_cost.py --pruned /tmp/loram-alignment-grid/pruned/taylor50     # ~30 minutes
-    python benchmarks/objective_cost.py --pruned DIR --objectives lm hidden-mse-pruned --rounds 1 --steps 4
+    python benchmarks/objective_cost.py --pruned DIR --objectives lm hidden-mse-pruned --results /tmp/cost  # a few
 
 Writes benchmarks/results/objective_cost.{md,json}.
 """
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, write
+from _common import RESULTS, machine, write
 from alignment_grid import DEFAULT, DEMO, OBJECTIVES, PROTOTYPES, PRUNE, sh
 
 BASELINE = "lm"  # the paper's objective: the ratios' denominator
@@ -33,7 +33,7 @@ COSTED = [  # grid objectives (alignment_grid.OBJECTIVES) whose cost differs; th
     "hidden-mse-local", "hidden-mse-pure-train-pruned", "kd-pure-train-pruned-wikichat", DEMO,
     "hidden-mse-pruned-wikichat+demo-math-batch1-train-pruned", "gradmatch-wikichat", "resmatch-wikichat+demo-math",
     "qat-wikichat+demo-math-batch1", "docstart-wikichat+demo-math-batch1", "perturbed-0.05-wikichat+demo-math-batch1",
-    "perturbed-response-0.03-wikichat+demo-math-batch1",
+    "perturbed-response-0.03-wikichat+demo-math-batch1", "sites-wikichat+demo-math-batch1",
 ]
 
 
@@ -85,6 +85,9 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
 
 
 def table(rows: list[dict], base: str, args) -> list[str]:
+    def ratio(x: float | None) -> str:
+        return "-" if x is None else f"{x}x"
+
     def flags(o: str) -> str:
         shown = " ".join(f.replace(base, "ORIGINAL") for f in objective_flags(o, base)) or "(none)"
         return f"`{' '.join(PROTOTYPES[o])} -- ... {shown}`" if o in PROTOTYPES else f"`{shown}`"
@@ -98,8 +101,7 @@ def table(rows: list[dict], base: str, args) -> list[str]:
         name = r["objective"] + (" (prototype)" if r["prototype"] else "") + (" (the default)" if r["objective"] == DEFAULT
                                                                                else "")
         lines.append(f"| {name} | {flags(r['objective'])} | {r['s_per_512']:.2f} | {r['spread']:.2f} | "
-                     f"{r['vs_lm'] if r['vs_lm'] is not None else '-'}x | "
-                     f"{r['vs_default'] if r['vs_default'] is not None else '-'}x | {r['peak_mib']:,} |")
+                     f"{ratio(r['vs_lm'])} | {ratio(r['vs_default'])} | {r['peak_mib']:,} |")
     lines += ["", "Made by `python benchmarks/objective_cost.py " + " ".join(sys.argv[1:]) + "`."]
     return lines
 
@@ -111,6 +113,9 @@ def main() -> None:
                     metavar="OBJECTIVE", help="grid objectives to measure (default: every distinct cost)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="folder for objective_cost.{md,json} (default benchmarks/results; another keeps a partial run "
+                         "from rewriting the committed table)")
     args = ap.parse_args()
     from loram.shared.assets import model_dir
 
@@ -132,8 +137,9 @@ def main() -> None:
     rows = summarize(runs)
     headline = "; ".join(f"{r['objective']} {r['s_per_512']:.2f} s ({r['vs_lm']}x LM), {r['peak_mib']:,} MiB"
                          for r in rows)
-    write("objective_cost", {"machine": machine(), "args": vars(args), "wall_s": round(time.perf_counter() - started),
-                             "headline": headline, "rows": rows}, table(rows, base, args))
+    write("objective_cost", {"machine": machine(), "args": {**vars(args), "results": str(args.results)},
+                             "wall_s": round(time.perf_counter() - started), "headline": headline, "rows": rows},
+          table(rows, base, args), args.results)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,13 @@ BENCHMARKS = {
                            "aligned"],
                           lambda d: "relative layer-output error against the original, mean over layers: " + ", ".join(
                               f"{k} {v['mean']:.3f}" for k, v in d["errors"].items())),
+    "site_matching_error": (["--error", "unaligned=/tmp/loram-alignment-grid/pruned/taylor50",
+                             f"demo-aligned=/tmp/loram-alignment-grid/cells/taylor50_{_DEMO_CELL}_80_0/aligned",
+                             "sites-aligned=/tmp/loram-alignment-grid/cells/taylor50_sites-wikichat+demo-math-batch1_80_0/"
+                             "aligned"],
+                            lambda d: "relative error against the original inside the pruned layers (out / mid / o_in / "
+                            "down_in): " + ", ".join(f"{k} " + " / ".join(f"{x:.3f}" for x in v.values())
+                                                     for k, v in d["errors"].items())),
     "harness_tasks": ([], lambda d: "lm-eval gsm8k_chat vs the hand-written GSM8K accuracy on "
                       f"{d['agreement']['items']} items: {d['agreement']['identical_replies']} identical replies; "
                       + "; ".join(f"{m}: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in s["headline"].items())
@@ -117,7 +124,7 @@ BENCHMARKS["demo"] = ([], lambda d: "; ".join(f"loram demo{' --quick' if k == 'q
                                               for k, r in d["runs"].items()))
 SCRIPTS = {"align_loram_effect": "loram_effect", "demo": "demo_time", "prune_quality_variants": "prune_quality",
            "prune_quality_calibration": "prune_quality", "gradient_agreement": "adapter_agreement",
-           "quant_aware_error": "quant_aware"}  # benchmarks run by another benchmark's script
+           "quant_aware_error": "quant_aware", "site_matching_error": "site_matching"}  # benchmarks run by another benchmark's script
 
 
 def _result_name(name: str, args: list[str]) -> str:
