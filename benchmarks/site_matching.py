@@ -32,7 +32,7 @@ from _common import align_argv, gsm8k_chat_ids, run_loram
 from loram.publisher import align_trainer, distill
 
 SITES = {"mid": "post_attention_layernorm", "o_in": "self_attn.o_proj", "down_in": "mlp.down_proj"}  # site -> module
-KEPT_FROM = {"o_in": "self_attn.o_proj", "down_in": "mlp.down_proj"}  # sites that are a pruned side: the kept columns
+KEPT_FROM = {site: SITES[site] for site in ("o_in", "down_in")}  # sites read by a pruned side: the kept columns
 
 
 def kept_columns(manifest, layers) -> dict[tuple[int, str], object]:
