@@ -154,7 +154,8 @@ DEMO_BATCH2 = "hidden-mse-pruned-wikichat+demo-math"  # the same in the grid's s
 # models.
 BATCH1 = [o for o in OBJECTIVES if "batch1" in o]  # steps of one sequence: the demo's budget is 80 of them
 GRID = ([f"taylor50/{o}/{DEMO_STEPS}/0" for o in OBJECTIVES if o not in BATCH1]
-        + [f"taylor50/{o}/{2 * DEMO_STEPS}/0" for o in BATCH1] + [f"taylor50/{DEMO}/{2 * DEMO_STEPS}/1"]
+        + [f"taylor50/{o}/{2 * DEMO_STEPS}/0" for o in BATCH1]
+        + [f"taylor50/{o}/{2 * DEMO_STEPS}/1" for o in (DEMO, "sites-wikichat+demo-math-batch1")]
         + [f"taylor50/{DEMO}/{8 * DEMO_STEPS}/0"]
         + [f"taylor50/{o}/{DEMO_STEPS}/1" for o in ("none", DEFAULT, WIKICHAT, DEMO_BATCH2, "hidden-mse-pure",
                                                      "hidden-mse-pure-train-pruned", "hidden-mse-pruned-mathgen",
