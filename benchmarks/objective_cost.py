@@ -27,7 +27,8 @@ from _common import RESULTS, machine, write
 from alignment_grid import DEFAULT, DEMO, OBJECTIVES, PROTOTYPES, PRUNE, sh
 
 BASELINE = "lm"  # the paper's objective: the ratios' denominator
-TOKENS = 512  # the grid's step: 2 x 256 tokens
+SEQ_LEN, GRID_BATCH = 256, 2  # the grid's blocks and sequences per step (alignment_grid.align_args)
+TOKENS = GRID_BATCH * SEQ_LEN  # the grid's step: the unit the costs are given in
 COSTED = [  # grid objectives (alignment_grid.OBJECTIVES) whose cost differs; the rest differ from one of them in text
     BASELINE, "kd", "kd-pure", "hidden-mse", "kd+hidden", "hidden-mse-pure", "hidden-cos-pure", DEFAULT,
     "hidden-mse-local", "hidden-mse-pure-train-pruned", "kd-pure-train-pruned-wikichat", DEMO,
@@ -49,15 +50,15 @@ def objective_flags(objective: str, base: str) -> list[str]:
 
 
 def batch(flags: list[str]) -> int:
-    """Sequences per step: the objective's --batch, else the grid's 2."""
-    return int(flags[flags.index("--batch") + 1]) if "--batch" in flags else 2
+    """Sequences per step: the objective's --batch, else the grid's."""
+    return int(flags[flags.index("--batch") + 1]) if "--batch" in flags else GRID_BATCH
 
 
 def run_args(objective: str, steps: int, base: str) -> list[str]:
     flags = objective_flags(objective, base)
     if "--batch" not in flags:
-        flags += ["--batch", "2"]
-    return ["--data", "wiki-chat", "--steps", steps, "--seq-len", 256, "--lr", "1e-4", "--warmup", 1,
+        flags += ["--batch", str(GRID_BATCH)]
+    return ["--data", "wiki-chat", "--steps", steps, "--seq-len", SEQ_LEN, "--lr", "1e-4", "--warmup", 1,
             "--save-every", 1000, "--seed", 0, *flags, "--overwrite"]
 
 
@@ -65,7 +66,7 @@ def measured(report: dict, sequences: int) -> dict:
     """Seconds per 512 tokens (median step over steps 2..N) and peak RSS, from an align_report.json."""
     steps = report["step_seconds"]
     median = statistics.median(steps[1:] or steps)
-    return {"s_per_512": round(median * TOKENS / (sequences * 256), 3), "step_s": round(median, 3),
+    return {"s_per_512": round(median * TOKENS / (sequences * SEQ_LEN), 3), "step_s": round(median, 3),
             "peak_mib": round(report["peak_memory_bytes"] / 2**20)}
 
 

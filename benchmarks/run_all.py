@@ -31,6 +31,9 @@ def _gpu() -> bool:
 
 
 _DEMO_CELL = "hidden-mse-pruned-wikichat+demo-math-batch1"  # the alignment `loram demo` runs, as the grid names it
+# the grid's unaligned and demo-aligned pruned models, as NAME=MODEL for the benchmarks comparing models with them
+_GRID_MODELS = ["unaligned=/tmp/loram-alignment-grid/pruned/taylor50",
+                f"demo-aligned=/tmp/loram-alignment-grid/cells/taylor50_{_DEMO_CELL}_80_0/aligned"]
 # name -> (script arguments, headline from its JSON)
 BENCHMARKS = {
     "prune_taylor": ([], lambda d: f"Taylor prune {d['time_ratio']}x the time and {d['peak_ratio']}x the peak of one "
@@ -102,14 +105,12 @@ BENCHMARKS = {
     "recovered_ablation": (["--work", "/tmp/loram-alignment-grid", "--cell", f"taylor50/{_DEMO_CELL}/80/0"],
                            lambda d: "the demo's recovered adapter, gap closed with some layers' deltas zeroed: "
                            + ", ".join(f"{r['zeroed']} {r['gap_closed']:.0%}" for r in d["rows"])),
-    "quant_aware_error": (["--error", "unaligned=/tmp/loram-alignment-grid/pruned/taylor50",
-                           f"demo-aligned=/tmp/loram-alignment-grid/cells/taylor50_{_DEMO_CELL}_80_0/aligned",
+    "quant_aware_error": (["--error", *_GRID_MODELS,
                            "qat-aligned=/tmp/loram-alignment-grid/cells/taylor50_qat-wikichat+demo-math-batch1_80_0/"
                            "aligned"],
                           lambda d: "relative layer-output error against the original, mean over layers: " + ", ".join(
                               f"{k} {v['mean']:.3f}" for k, v in d["errors"].items())),
-    "site_matching_error": (["--error", "unaligned=/tmp/loram-alignment-grid/pruned/taylor50",
-                             f"demo-aligned=/tmp/loram-alignment-grid/cells/taylor50_{_DEMO_CELL}_80_0/aligned",
+    "site_matching_error": (["--error", *_GRID_MODELS,
                              "sites-aligned=/tmp/loram-alignment-grid/cells/taylor50_sites-wikichat+demo-math-batch1_80_0/"
                              "aligned"],
                             lambda d: "relative error against the original inside the pruned layers (out / mid / o_in / "

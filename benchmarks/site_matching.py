@@ -77,10 +77,22 @@ def site_outputs(sites: list[str], kept: dict):
     return SiteOutputs
 
 
+def recorded(model, recorder, input_ids) -> dict:
+    """The states `recorder` (a `site_outputs` instance on `model`) records in one forward of `input_ids`."""
+    import torch
+
+    recorder.capturing = True
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        recorder.capturing = False
+    return recorder.take()
+
+
 def site_errors(models: dict[str, str], items: int = 16) -> dict:
     """Per model: the relative squared error against the original at each site, mean over the pruned layers and the
     positions of `items` GSM8K training items in chat form (items the demo's adapter trains on; no held-out item)."""
-    import torch
     from transformers import AutoTokenizer
 
     from loram.loading import load_causal_lm
@@ -102,12 +114,7 @@ def site_errors(models: dict[str, str], items: int = 16) -> dict:
         s_rec, t_rec = recorder(student, layers), recorder(teacher, layers)
         totals, positions = dict.fromkeys(sites, 0.0), 0
         for x in ids:
-            for model, rec in ((student, s_rec), (teacher, t_rec)):
-                rec.capturing = True
-                with torch.no_grad():
-                    model(x)
-                rec.capturing = False
-            s, t = s_rec.take(), t_rec.take()
+            s, t = recorded(student, s_rec, x), recorded(teacher, t_rec, x)
             for site in sites:
                 keys = [k for k in s if k.endswith(f"/{site}")]
                 totals[site] += hidden_sum({k: s[k] for k in keys}, {k: t[k] for k in keys}, "mse").item()

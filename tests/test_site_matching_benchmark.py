@@ -32,12 +32,7 @@ def test_sites_are_the_originals_at_the_kept_heads_and_channels(tmp_path):
     teacher.model.layers[layers[0]].self_attn.o_proj.register_forward_pre_hook(
         lambda m, args: full.setdefault("o_in", args[0]))
     ids = torch.randint(0, student.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    for model, rec in ((student, s_rec), (teacher, t_rec)):
-        rec.capturing = True
-        with torch.no_grad():
-            model(input_ids=ids)
-        rec.capturing = False
-    s, t = s_rec.take(), t_rec.take()
+    s, t = site_matching.recorded(student, s_rec, ids), site_matching.recorded(teacher, t_rec, ids)
     assert sorted(s) == sorted(t) == sorted(f"{i:03d}/{site}" for i in layers for site in ("out", "mid", "o_in", "down_in"))
     for key in s:
         assert s[key].shape == t[key].shape, key
@@ -51,7 +46,4 @@ def test_sites_are_the_originals_at_the_kept_heads_and_channels(tmp_path):
     assert distill.hidden_sum({k: s[k] for k in s if k.endswith("/out")},
                               {k: t[k] for k in t if k.endswith("/out")}, "mse").item() > 1e-3  # pruning shows
     only_out = site_matching.site_outputs(["out"], kept)(student, layers)
-    only_out.capturing = True
-    with torch.no_grad():
-        student(input_ids=ids)
-    assert sorted(only_out.take()) == [f"{i:03d}/out" for i in layers]  # `--sites out`: the default objective's states
+    assert sorted(site_matching.recorded(student, only_out, ids)) == [f"{i:03d}/out" for i in layers]  # `--sites out`: the default objective's states
