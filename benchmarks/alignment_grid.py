@@ -31,7 +31,8 @@ without GSM8K's `<<...>>` annotations and `#### N`), files that `alignment_data.
 (quant_aware.py); `docstart-` starts every block at a document's start instead of packing across documents
 (doc_start_blocks.py); `perturbed-` matches the two models perturbed alike by random rank-8 deltas
 (perturbed_alignment.py); `sites-` matches inside the pruned layers too, the states the adapter's linears read
-(site_matching.py).
+(site_matching.py); `headkd-` adds logit distillation for the layers after the pruned range, which it alone trains
+(head_kd.py).
 The ceiling (`ceiling()`): LoRA on the original confined to the positions a recovered LoRAM adapter reaches.
 """
 
@@ -125,6 +126,11 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     # prototype: the demo's alignment, matching inside the pruned layers too: the states the adapter's linears read
     # (between attention and MLP, o_proj's and down_proj's inputs at the kept heads and channels; site_matching.py)
     "sites-wikichat+demo-math-batch1": DEMO_TEXT_BATCH1,
+    # prototype: the demo's alignment for the pruned layers, logit distillation for the layers after them, each term
+    # training only its own layers (head_kd.py): the aligned model's predictions made close to the original's
+    "headkd-wikichat+demo-math-batch1": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5",
+                                         "--hidden-layers", "pruned", "--data", "wiki-chat:1", "--data",
+                                         "{work}/data/demo-math.jsonl:1", "--batch", "1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
@@ -138,6 +144,7 @@ PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
               "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"],
               "qat-wikichat+demo-math-batch1": ["quant_aware.py"],
               "sites-wikichat+demo-math-batch1": ["site_matching.py"],
+              "headkd-wikichat+demo-math-batch1": ["head_kd.py"],
               "docstart-wikichat+demo-math-batch1": ["doc_start_blocks.py"],
               "perturbed-0.05-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.05"],
               "perturbed-0.1-half-wikichat+demo-math-batch1": ["perturbed_alignment.py", "--eps", "0.1", "--prob", "0.5"],

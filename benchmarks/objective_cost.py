@@ -35,6 +35,7 @@ COSTED = [  # grid objectives (alignment_grid.OBJECTIVES) whose cost differs; th
     "hidden-mse-pruned-wikichat+demo-math-batch1-train-pruned", "gradmatch-wikichat", "resmatch-wikichat+demo-math",
     "qat-wikichat+demo-math-batch1", "docstart-wikichat+demo-math-batch1", "perturbed-0.05-wikichat+demo-math-batch1",
     "perturbed-response-0.03-wikichat+demo-math-batch1", "sites-wikichat+demo-math-batch1",
+    "headkd-wikichat+demo-math-batch1",
 ]
 
 
