@@ -45,6 +45,21 @@ def align_argv(args: list[str], usage: str) -> list[str]:
     return argv
 
 
+def before_first_loss(setup) -> None:
+    """Patch `AlignTrainer.compute_loss` so that `setup(model)` runs once for each model it trains, before that model's
+    first loss (a prototype's change to the student, made where the Trainer has placed it)."""
+    from loram.publisher import align_trainer
+
+    plain, done = align_trainer.AlignTrainer.compute_loss, set()
+
+    def compute_loss(self, model, *args, **kwargs):
+        if id(model) not in done:
+            setup(model)
+            done.add(id(model))
+        return plain(self, model, *args, **kwargs)
+    align_trainer.AlignTrainer.compute_loss = compute_loss
+
+
 def run_loram(argv: list[str]) -> None:
     """`loram ARGV` in this process (after a prototype script has patched what it extends)."""
     from loram.cli import main

@@ -28,9 +28,7 @@ script's).
 
 import sys
 
-from _common import align_argv, run_loram
-
-from loram.publisher import align_trainer
+from _common import align_argv, before_first_loss, run_loram
 
 
 def detach_input(layer):
@@ -52,20 +50,15 @@ def main() -> None:
     if not manifest.pruned_layers:
         raise SystemExit(f"head_kd.py: {argv[2]} has no structurally pruned layer (a structured checkpoint needed)")
     boundary = max(manifest.pruned_layers) + 1
-    plain = align_trainer.AlignTrainer.compute_loss
-    done = set()
 
-    def compute_loss(self, model, *a, **k):
-        if id(model) not in done:
-            layers = model.model.layers
-            if boundary >= len(layers):
-                raise SystemExit(f"head_kd.py: no decoder layer after the pruned range (it ends at layer {boundary - 1})")
-            detach_input(layers[boundary])
-            print(f"head_kd: the KL term trains layers {boundary}..{len(layers) - 1} and the final norm; the "
-                  f"hidden-state term the layers before", file=sys.stderr)
-            done.add(id(model))
-        return plain(self, model, *a, **k)
-    align_trainer.AlignTrainer.compute_loss = compute_loss
+    def cut(model) -> None:
+        layers = model.model.layers
+        if boundary >= len(layers):
+            raise SystemExit(f"head_kd.py: no decoder layer after the pruned range (it ends at layer {boundary - 1})")
+        detach_input(layers[boundary])
+        print(f"head_kd: the KL term trains layers {boundary}..{len(layers) - 1} and the final norm; the "
+              f"hidden-state term the layers before", file=sys.stderr)
+    before_first_loss(cut)
     run_loram(argv)
 
 

@@ -28,9 +28,7 @@ import types
 
 import torch
 import torch.nn.functional as F
-from _common import align_argv, gsm8k_chat_ids, run_loram
-
-from loram.publisher import align_trainer
+from _common import align_argv, before_first_loss, gsm8k_chat_ids, run_loram
 
 # bitsandbytes' NF4 code (bitsandbytes.functional.get_4bit_type("nf4"))
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -119,16 +117,8 @@ def main() -> None:
     if argv[:1] == ["--error"]:
         return write_error(dict(a.split("=", 1) for a in argv[1:]))
     argv = align_argv(argv, "quant_aware.py -- publish align PRUNED ... (see the docstring)")
-    plain = align_trainer.AlignTrainer.compute_loss
-    done = set()
-
-    def compute_loss(self, model, *a, **k):
-        if id(model) not in done:
-            print(f"quant_aware: {quantize_student(model)} decoder linears compute in NF4 (straight-through)",
-                  file=sys.stderr)
-            done.add(id(model))
-        return plain(self, model, *a, **k)
-    align_trainer.AlignTrainer.compute_loss = compute_loss
+    before_first_loss(lambda model: print(f"quant_aware: {quantize_student(model)} decoder linears compute in NF4 "
+                                          "(straight-through)", file=sys.stderr))
     run_loram(argv)
 
 
