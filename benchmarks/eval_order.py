@@ -1,6 +1,7 @@
 """Response-token perplexity batched longest first (what `loram eval` and `loram demo` do) against the rows in order.
 
-The demo's evaluation sets (the first 32 GSM8K held-out items and 16 news documents, 256 tokens, batch 4) on the
+The demo's evaluation sets when this was measured (the first 32 GSM8K held-out items and 16 news documents, 256
+tokens, batch 4; the demo evaluates 50 news documents since) on the
 original SmolLM2-135M, one model in one process, the two orders alternating (--repeats times each); reports
 the padded positions, the median wall time of each order and their ratio, and both perplexities.
 

@@ -63,24 +63,23 @@ def no_gap_left(report: dict, enough: float = 0.9) -> list[str]:
     return out
 
 
-MORE_ITEMS = 100  # GSM8K items (and half as many news documents) that separate alignment's effect in the grid
-
-
-def eval_sizes(items: int) -> dict[str, int]:
-    """Records evaluated per set for `--eval-limit ITEMS`: that many GSM8K items, half as many news documents."""
-    return {"gsm8k-heldout": items, "news": max(1, items // 2)}
+MORE = {"gsm8k-heldout": 100, "news": 50}  # records per set that separate alignment's effect in the grid
+MORE_FLAGS = {"gsm8k-heldout": "--eval-limit", "news": "--news-limit"}
 
 
 def more_items(report: dict, checks: list) -> list[str]:
-    """Where point 3 fails on a few items: how to re-evaluate this run's models on more, reusing every trained stage."""
-    items = report.get("eval_items")
-    if not items or items >= MORE_ITEMS or all(holds for point, holds, _ in checks if point.startswith("3")):
+    """Where point 3 fails on a few records: how to re-evaluate this run's models on more, reusing every trained stage."""
+    now = {"gsm8k-heldout": report.get("eval_items"), "news": report.get("news_docs")}
+    failing = [point for point, holds, _ in checks if point.startswith("3") and not holds]
+    fewer = [data for data, n in now.items() if n is not None and n < MORE[data] and f"3 ({data})" in failing]
+    if not fewer:
         return []
-    now, more = eval_sizes(items), eval_sizes(MORE_ITEMS)
+    flags = " ".join(f"{MORE_FLAGS[data]} {MORE[data]}" for data in fewer)
+    more = " and ".join(f"{MORE[data]} {'GSM8K items' if data == 'gsm8k-heldout' else 'news documents'}"
+                        for data in fewer)
     return [f"Point 3 compares small differences on {now['gsm8k-heldout']} GSM8K items and {now['news']} news "
-            f"documents: the same `loram demo` command with `--eval-limit {MORE_ITEMS}` re-evaluates these models on "
-            f"{more['gsm8k-heldout']} items and {more['news']} documents and reuses every other stage (about 6 "
-            f"minutes on 2 CPU cores for the full run)."]
+            f"documents: the same `loram demo` command with `{flags}` re-evaluates these models on {more} and reuses "
+            f"every other stage (a few minutes on 2 CPU cores for the full run)."]
 
 
 def memory_lines(report: dict) -> list[str]:

@@ -104,7 +104,8 @@ def _report(ppl: dict) -> dict:
             "align": {"steps": 200, "perplexities": [{"step": 0, "perplexity": 150.0}, {"step": 200, "perplexity": 60.0}]},
             "selfgen": {"conversations": 48, "prompts": "math"},
             "prune": {"original_params": 100, "pruned_params": 70, "reduction": 1.43, "reduction_4bit": 5.71},
-            "stages": {"prune": {"seconds": 30, "reused": False}}, "wall_time_s": 600, "eval_items": 32}
+            "stages": {"prune": {"seconds": 30, "reused": False}}, "wall_time_s": 600, "eval_items": 32,
+            "news_docs": 16}
 
 
 def test_verdicts_state_plainly_what_holds():
@@ -129,11 +130,15 @@ def test_verdicts_state_plainly_what_holds():
                                          "evaluate": {"seconds": 100, "reused": False}}}
     assert ("Wall time 600 s for this run, which reused 2 of 3 stages from an earlier one (they took 42 s then; the "
             "stage table below).") in render(rerun, [])
-    # a failing point 3 on the default 32 items points to re-evaluating on 100, which reuses the trained stages
-    more = "the same `loram demo` command with `--eval-limit 100` re-evaluates these models on 100 items and 50"
+    # a failing point 3 on fewer records than the grid's sets points to re-evaluating that set on as many, which
+    # reuses the trained stages
+    more = "the same `loram demo` command with `--news-limit 50` re-evaluates these models on 50 news documents and"
     assert "on 32 GSM8K items and 16 news documents: " + more in render(_report(worse), [])
     assert more not in render(_report(base), [])  # nothing fails
-    assert more not in render({**_report(worse), "eval_items": 100}, [])  # already evaluated on that many
+    assert "re-evaluates" not in render({**_report(worse), "news_docs": 50}, [])  # already evaluated on that many
+    both = {**worse, (LORAM, "gsm8k-heldout"): 3.9}  # point 3 fails on both sets
+    assert ("with `--eval-limit 100 --news-limit 50` re-evaluates these models on 100 GSM8K items and 50 news "
+            "documents") in render(_report(both), [])
     # unaligned LoRAM already at LoRA's level on news (the demo's case): the report says why point 3 fails there
     closed = {**worse, (UNALIGNED, "news"): 22.3, (LORAM, "news"): 22.4}  # news: original 32, LoRA 22.4
     text = render(_report(closed), [])
