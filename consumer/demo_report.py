@@ -177,12 +177,20 @@ def _reused(report: dict) -> str:
             f"{sum(s['seconds'] for s in reused):.0f} s then; the stage table below)")
 
 
+def _sizes(report: dict) -> str:
+    """What was evaluated, with the record counts when the report has them."""
+    items, docs = report.get("eval_items"), report.get("news_docs")
+    if items is None or docs is None:
+        return "held-out GSM8K and on news text"
+    return f"the first {items} held-out GSM8K items and {docs} news documents"
+
+
 def render(report: dict, plots: list[str]) -> str:
     cfg = report["config"]
     lines = ["# LoRAM demo report", "",
              f"SmolLM2-135M-Instruct, structured Taylor pruning at ratio {cfg['ratio']}, aligned for "
              f"{report['align']['steps']} steps on {_align_text(report)}, {report['quant']} LoRA (r=8) on the GSM8K fine-tune "
-             f"split; response-token perplexity on held-out GSM8K and on news text. Wall time "
+             f"split; response-token perplexity on {_sizes(report)}. Wall time "
              f"{report['wall_time_s']:.0f} s{_reused(report)}"
              f"{' (--quick: a smoke run, numbers are not meaningful)' if cfg['quick'] else ''}.",
              "", "| variant | " + " | ".join(DATA.values()) + " |", "|---|" + "---|" * len(DATA)]
