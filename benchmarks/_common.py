@@ -45,6 +45,17 @@ def align_argv(args: list[str], usage: str) -> list[str]:
     return argv
 
 
+def structured_manifest(argv: list[str], script: str):
+    """The manifest of the pruned model a prototype's `publish align` arguments name; exits when it has no structurally
+    pruned layer (the prototypes that work on the pruned range need a structured checkpoint)."""
+    from loram.shared.manifest import Manifest
+
+    manifest = Manifest.load(argv[2])
+    if not manifest.pruned_layers:
+        raise SystemExit(f"{script}: {argv[2]} has no structurally pruned layer (a structured checkpoint needed)")
+    return manifest
+
+
 def before_first_loss(setup) -> None:
     """Patch `AlignTrainer.compute_loss` so that `setup(model)` runs once for each model it trains, before that model's
     first loss (a prototype's change to the student, made where the Trainer has placed it)."""

@@ -28,7 +28,7 @@ script's).
 
 import sys
 
-from _common import align_argv, before_first_loss, run_loram
+from _common import align_argv, before_first_loss, run_loram, structured_manifest
 
 
 def detach_input(layer):
@@ -44,12 +44,7 @@ def detach_input(layer):
 def main() -> None:
     argv = align_argv(sys.argv[1:], "head_kd.py -- publish align PRUNED --kd-weight W --hidden-weight W ... "
                                     "(see the docstring)")
-    from loram.shared.manifest import Manifest
-
-    manifest = Manifest.load(argv[2])
-    if not manifest.pruned_layers:
-        raise SystemExit(f"head_kd.py: {argv[2]} has no structurally pruned layer (a structured checkpoint needed)")
-    boundary = max(manifest.pruned_layers) + 1
+    boundary = max(structured_manifest(argv, "head_kd.py").pruned_layers) + 1
 
     def cut(model) -> None:
         layers = model.model.layers

@@ -27,7 +27,7 @@ the extra sites are this script's).
 import argparse
 import sys
 
-from _common import align_argv, gsm8k_chat_ids, run_loram
+from _common import align_argv, gsm8k_chat_ids, run_loram, structured_manifest
 
 from loram.publisher import align_trainer, distill
 
@@ -146,11 +146,7 @@ def main() -> None:
                     help="states matched at every pruned layer (default: all four)")
     args = ap.parse_args(sys.argv[1:cut])
     argv = align_argv(sys.argv[cut:], "site_matching.py [--sites ...] -- publish align PRUNED ... (see --help)")
-    from loram.shared.manifest import Manifest
-
-    manifest = Manifest.load(argv[2])
-    if not manifest.pruned_layers:
-        raise SystemExit(f"site_matching.py: {argv[2]} has no structurally pruned layer (a structured checkpoint needed)")
+    manifest = structured_manifest(argv, "site_matching.py")
     align_trainer.LayerOutputs = site_outputs(args.sites, kept_columns(manifest, manifest.pruned_layers))
     print(f"site_matching: matching {', '.join(args.sites)} at each pruned layer", file=sys.stderr)
     run_loram(argv)

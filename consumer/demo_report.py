@@ -65,18 +65,23 @@ def no_gap_left(report: dict, enough: float = 0.9) -> list[str]:
 
 MORE = {"gsm8k-heldout": 100, "news": 50}  # records per set that separate alignment's effect in the grid
 MORE_FLAGS = {"gsm8k-heldout": "--eval-limit", "news": "--news-limit"}
+RECORDS = {"gsm8k-heldout": "GSM8K items", "news": "news documents"}
+
+
+def evaluated(report: dict) -> dict[str, int | None]:
+    """Records evaluated per set (None in a report written before the demo recorded them)."""
+    return {"gsm8k-heldout": report.get("eval_items"), "news": report.get("news_docs")}
 
 
 def more_items(report: dict, checks: list) -> list[str]:
     """Where point 3 fails on a few records: how to re-evaluate this run's models on more, reusing every trained stage."""
-    now = {"gsm8k-heldout": report.get("eval_items"), "news": report.get("news_docs")}
+    now = evaluated(report)
     failing = [point for point, holds, _ in checks if point.startswith("3") and not holds]
     fewer = [data for data, n in now.items() if n is not None and n < MORE[data] and f"3 ({data})" in failing]
     if not fewer:
         return []
     flags = " ".join(f"{MORE_FLAGS[data]} {MORE[data]}" for data in fewer)
-    more = " and ".join(f"{MORE[data]} {'GSM8K items' if data == 'gsm8k-heldout' else 'news documents'}"
-                        for data in fewer)
+    more = " and ".join(f"{MORE[data]} {RECORDS[data]}" for data in fewer)
     return [f"Point 3 compares small differences on {now['gsm8k-heldout']} GSM8K items and {now['news']} news "
             f"documents: the same `loram demo` command with `{flags}` re-evaluates these models on {more} and reuses "
             f"every other stage (a few minutes on 2 CPU cores for the full run)."]
@@ -179,7 +184,7 @@ def _reused(report: dict) -> str:
 
 def _sizes(report: dict) -> str:
     """What was evaluated, with the record counts when the report has them."""
-    items, docs = report.get("eval_items"), report.get("news_docs")
+    items, docs = evaluated(report).values()
     if items is None or docs is None:
         return "held-out GSM8K and on news text"
     return f"the first {items} held-out GSM8K items and {docs} news documents"
