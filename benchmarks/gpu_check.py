@@ -26,8 +26,11 @@ import _common
 
 HERE = Path(__file__).resolve().parent
 SCALES = {
-    "full": {"align_steps": 20, "train_steps": 10, "seq_len": 256, "batch": 4, "eval_limit": 20, "samples": 32},
-    "tiny": {"align_steps": 2, "train_steps": 2, "seq_len": 32, "batch": 2, "eval_limit": 4, "samples": 4},
+    "full": {"align_steps": 20, "train_steps": 10, "seq_len": 256, "batch": 4, "eval_limit": 20, "samples": 32,
+             "layers": "4:-2"},
+    # the tiny model has 6 layers: the paper's [4, L-2) would select none
+    "tiny": {"align_steps": 2, "train_steps": 2, "seq_len": 32, "batch": 2, "eval_limit": 4, "samples": 4,
+             "layers": "1:5"},
 }
 COLUMNS = "prompt=question,response=answer"
 
@@ -71,7 +74,8 @@ def run(scale: str, device: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, data, heldout, text = _inputs(scale, root)
-        prune = ["publish", "prune", base, "--method", "taylor", "--ratio", "0.5", "--samples", s["samples"],
+        prune = ["publish", "prune", base, "--method", "taylor", "--ratio", "0.5", "--layers", s["layers"],
+                 "--samples", s["samples"],
                  "--seq-len", min(128, s["seq_len"]), "--calib", text]
         step = _loram(*prune, "--device", device, "--out", root / "pruned")
         same = True

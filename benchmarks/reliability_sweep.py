@@ -60,6 +60,7 @@ def fixtures(r: Path) -> None:
     shutil.copytree(r / "base", r / "pickle")
     (r / "pickle" / "model.safetensors").rename(r / "pickle" / "pytorch_model.bin")
     save_tiny_checkpoint(r / "other-shape", "llama-mha")
+    save_tiny_checkpoint(r / "wide", "llama-gqa", hidden_size=64)  # not the original: another hidden size
     # corrupted pruned checkpoints
     for name, corrupt in CORRUPT.items():
         shutil.copytree(r / "pruned", r / name)
@@ -153,6 +154,10 @@ CASES = {
                                                      {}, False),
     "publish align: --warmup -5": (["publish", "align", "{r}/pruned", *ALIGN, "--warmup", "-5", "--out", "OUT"],
                                    False, {}, False),
+    "publish align: --lr inf": (["publish", "align", "{r}/pruned", *ALIGN, "--lr", "inf", "--out", "OUT"], False,
+                                {}, False),
+    "publish align: --distill-from a model of another hidden size": (
+        ["publish", "align", "{r}/pruned", *ALIGN, "--distill-from", "{r}/wide", "--out", "OUT"], False, {}, False),
     "train: config.json is not JSON": (["train", "{r}/badjson", "--data", "{r}/qa.jsonl", *TRAIN, "--out", "OUT"],
                                        False, {}, False),
     "generate: truncated model.safetensors": (["generate", "{r}/truncated", *GEN], False, {}, False),
@@ -176,6 +181,8 @@ CASES = {
                                             "adapter"),
     "train: --resume with another --lr": (["train", "{r}/pruned", "--data", "{r}/qa.jsonl", *TRAIN[:-4], "--steps",
                                            "2", "--lr", "0.5", "--resume", "--out", "OUT"], True, {}, "adapter"),
+    "train: --resume at the run's last step": (["train", "{r}/pruned", "--data", "{r}/qa.jsonl", *TRAIN, "--resume",
+                                                "--out", "OUT"], True, {}, "adapter"),
     "eval: --batch 0": (["eval", "{r}/base", *EVAL, "--batch", "0"], False, {}, False),
     "eval: tampered per_layer_config": (["eval", "{r}/tampered", *EVAL], False, {}, False),
     "eval: adapter never recovered": (["eval", "{r}/base+{r}/adapter", *EVAL], False, {}, False),
@@ -199,8 +206,11 @@ CASES = {
                                       {}, False),
     "publish prune: --ratio 1.5": (["publish", "prune", "{r}/base", "--ratio", "1.5", "--out", "OUT"], False, {},
                                    False),
-    "publish prune: missing --calib, --overwrite": (["publish", "prune", "{r}/base", "--method", "taylor", "--calib",
-                                                     "{r}/none.txt", "--out", "OUT", "--overwrite"], True, {}, False),
+    "publish prune: missing --calib, --overwrite": (["publish", "prune", "{r}/base", "--method", "taylor", "--layers",
+                                                     "1:3", "--calib", "{r}/none.txt", "--out", "OUT", "--overwrite"],
+                                                    True, {}, False),
+    "publish prune: the default --layers 4:-2 on 6 layers": (["publish", "prune", "{r}/base", "--method", "l2",
+                                                             "--out", "OUT"], False, {}, False),
     "publish prune: a pruned checkpoint as base": (["publish", "prune", "{r}/pruned", "--method", "l2", "--out",
                                                     "OUT"], False, {}, False),
     "recover: --fill normall": (["recover", "{r}/adapter", "--fill", "normall", "--out", "OUT"], False, {}, False),
@@ -208,6 +218,8 @@ CASES = {
                                              False),
     "merge: --dtype int4": (["merge", "{r}/recovered", "--dtype", "int4", "--out", "OUT"], False, {}, False),
     "plan: --kind semi": (["plan", "{r}/base", "--kind", "semi"], False, {}, False),
+    "demo: --out is a file": (["demo", "--out", "{r}/a-file"], False, {}, False),
+    "demo: --publish-to not a URL": (["demo", "--publish-to", "localhost", "--out", "OUT"], False, {}, False),
 }
 
 

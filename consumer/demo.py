@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from loram.demo_report import LORA, LORAM, ORIGINAL, PRUNED, SMALL, UNALIGNED
 from loram.shared.architectures import DEFAULT_RATIO, ratio_options
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
+from loram.shared.hub import looks_like_repo_id
 
 GSM8K_COLUMNS = "prompt=question,response=answer"
 # General text and math-domain text the original writes itself, half and half: the paper's FineWeb + OpenWebMath
@@ -79,10 +81,20 @@ class DemoConfig(Config):
         self.ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
         if not 0 < self.ratio < 1:
             raise LoramError(f"--ratio must lie in (0, 1), got {self.ratio}")
-        for name in ("align_steps", "train_steps", "eval_limit", "news_limit", "seq_len"):
+        for name, least in (("align_steps", 1), ("train_steps", 1), ("eval_limit", 1), ("news_limit", 1),
+                            ("seq_len", 2)):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise LoramError(f"--{name.replace('_', '-')} must be >= 1")
+            if value is not None and value < least:
+                raise LoramError(f"--{name.replace('_', '-')} must be >= {least}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise LoramError(f"--out {self.out} exists and is not a directory; choose another --out")
+        if self.publish_to is not None:
+            url = urllib.parse.urlparse(self.publish_to)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise LoramError(f"--publish-to {self.publish_to!r} is not a Hub endpoint URL; give one such as "
+                                 "http://127.0.0.1:8000")
+            if not looks_like_repo_id(self.repo_id):
+                raise LoramError(f"--repo-id {self.repo_id!r} is not a Hub repository id ORG/NAME")
 
     def setting(self, name: str) -> int | str:
         value = getattr(self, name, None)
@@ -128,6 +140,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     model_dir, data_dir = assets.model_dir(), assets.data_dir()
     asset_key = [json.loads((d / assets.RECORD_FILE).read_text())["sha256"] for d in (model_dir, data_dir)]
     quant, seq_len = cfg.resolved_quant, cfg.setting("seq_len")
+    longest = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    if longest is not None and seq_len > longest:
+        raise LoramError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({longest})")
     sizes = {"gsm8k-heldout": cfg.setting("eval_limit"), "news": cfg.setting("news_limit")}  # records per set
     train_args = ["--data", "gsm8k-train", "--columns", GSM8K_COLUMNS, "--quant", quant,
                   "--steps", cfg.setting("train_steps"), "--lr", "3e-4", "--batch", "4", "--seq-len", seq_len,

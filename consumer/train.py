@@ -16,6 +16,7 @@ Output folder:
 """
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,19 +68,15 @@ class TrainConfig(Config):
     overwrite: bool = option(False, "Replace an existing --out.")
 
     def check(self):
+        from loram.shared.training import recipe_checks  # the training core, imported when used
+
         self.targets = list(parse_targets(self.targets))  # "q,v" and "q_proj,v_proj" alike
         check_lora_options(rank=self.rank, dropout=self.dropout)
-        checks = [(self.batch >= 1 and self.grad_accum >= 1, "--batch and --grad-accum must be >= 1"),
-                  (self.lr > 0, "--lr must be > 0"), (self.warmup >= 0, "--warmup must be >= 0"),
-                  (self.seq_len >= 2, "--seq-len must be >= 2"),
-                  (self.steps is None or self.steps >= 1, "--steps must be >= 1"), (self.epochs > 0, "--epochs must be > 0"),
-                  (self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1"),
+        checks = [*recipe_checks(self), (math.isfinite(self.epochs) and self.epochs > 0, "--epochs must be a finite number > 0"),
                   (bool(self.targets), "--targets must name at least one module")]
         for ok, message in checks:
             if not ok:
                 raise LoramError(message)
-        if self.resume and self.overwrite:
-            raise LoramError("--resume and --overwrite contradict each other; choose one")
 
 
 @dataclass
@@ -112,7 +109,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
     cfg = config or TrainConfig.resolve(**kwargs)
     started = time.time()
-    folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
     folder, cfg = training.pin_options(folder, cfg, RESUME_SAME)
     if folder.resume_from is not None:
         _check_resumed_adapter(folder.resume_from, cfg)

@@ -104,16 +104,15 @@ class AlignConfig(Config):
     overwrite: bool = option(False, "Replace an existing --out.")
 
     def check(self):
+        from loram.shared.training import recipe_checks  # the training core, imported when used
+
         if self.distill_from is None or self.distill_from.lower() == "none":
             self.distill_from = "none"  # kept as written, so the saved config repeats the run
         if not self.data:
             raise LoramError("--data: give at least one source, e.g. --data wiki")
         self.sources  # noqa: B018  (parses every SOURCE[:WEIGHT]; raises on a bad one)
-        checks = [(self.steps >= 1, "--steps must be >= 1"), (self.seq_len >= 2, "--seq-len must be >= 2"),
-                  (self.lr > 0, "--lr must be > 0"), (self.warmup >= 0, "--warmup must be >= 0"),
-                  (self.batch >= 1 and self.grad_accum >= 1, "--batch and --grad-accum must be >= 1"),
+        checks = [*recipe_checks(self),
                   (self.eval_limit >= 1, "--eval-limit must be >= 1"),
-                  (self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1"),
                   (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
                   (0 <= self.kd_weight <= 1, "--kd-weight must lie in [0, 1]"),
                   (0 <= self.hidden_weight <= 1, "--hidden-weight must lie in [0, 1]"),
@@ -128,8 +127,7 @@ class AlignConfig(Config):
                    "logit term: use it with --distill-from (default base), --kd-weight 0 and --hidden-weight 1"),
                   (self.train_layers in ("all", "pruned"), f"--train-layers must be all or pruned, got "
                                                              f"{self.train_layers!r}"),
-                  (self.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0"),
-                  (not (self.resume and self.overwrite), "--resume and --overwrite contradict each other; choose one")]
+                  (self.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise LoramError(message)
@@ -179,7 +177,8 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
 
     cfg = config or AlignConfig.resolve(**kwargs)
     started = time.time()
-    folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, what="alignment")
+    folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, what="alignment",
+                                 steps=cfg.steps)
     folder, cfg = training.pin_options(folder, cfg, RESUME_SAME)
     configure_threads()
     source = resolve_model(cfg.pruned, cfg.revision, cfg.endpoint)
@@ -326,7 +325,7 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
     import torch
 
     from loram.shared.hub import resolve_model
-    from loram.shared.pruned_model import empty_model, from_pretrained
+    from loram.shared.pruned_model import empty_model, from_pretrained, load_config
 
     name, revision = cfg.distill_from, None
     if name == BASE:  # the model the manifest says this checkpoint was pruned from, at its recorded revision
@@ -338,18 +337,29 @@ def _load_teacher(cfg: AlignConfig, manifest, pruned_config):
         raise LoramError(f"--distill-from {cfg.distill_from}: {e}" + (
             " (the manifest's base model); pass --distill-from PATH to the original model, or "
             "--distill-from none for the LM loss alone" if cfg.distill_from == BASE else "")) from e
+    _check_teacher_shape(cfg, load_config(source.path), pruned_config)  # before its weights are read
     # bf16 on GPUs that support it (no gradients or optimizer state: half the memory of fp32; at 70B 141 GB
     # instead of 282, sharded with --fsdp); fp32 on CPUs, where bf16 matmuls are slow
     dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     teacher = (empty_model if cfg.fsdp else from_pretrained)(source.path, dtype=dtype)
-    if teacher.config.vocab_size != pruned_config.vocab_size:
-        raise LoramError(f"--distill-from {cfg.distill_from} has a vocabulary of {teacher.config.vocab_size}, the "
-                         f"pruned model {pruned_config.vocab_size}; distill from the original model")
     try:
         manifest.check_base(source.path)
     except LoramError as e:
         _log(f"warning: {e}; distilling from it anyway")
     return teacher.requires_grad_(False).eval(), source.path
+
+
+def _check_teacher_shape(cfg: AlignConfig, teacher, pruned) -> None:
+    """Logit distillation needs the pruned model's vocabulary; matching hidden states (decoder-layer outputs,
+    by index) needs its hidden size and number of layers too."""
+    shape = [("vocab_size", "a vocabulary of {}")]
+    if cfg.hidden_weight > 0:
+        shape += [("hidden_size", "a hidden size of {}"), ("num_hidden_layers", "{} decoder layers")]
+    for key, what in shape:
+        theirs, ours = getattr(teacher, key, None), getattr(pruned, key, None)
+        if theirs != ours:
+            raise LoramError(f"--distill-from {cfg.distill_from} has {what.format(theirs)}, the pruned model "
+                             f"{ours}; distill from the original model it was pruned from")
 
 
 def _data_records(cfg: AlignConfig) -> tuple[list[dict], dict | None]:

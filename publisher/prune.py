@@ -252,6 +252,9 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     shape = Shape.of(stock_config)
     if cfg.structured:
         start, stop = parse_layer_range(cfg.layers, shape.num_layers)
+        if start == stop:
+            raise LoramError(f"layer range {cfg.layers or '4:-2 (the default)'} selects no layer of this "
+                             f"{shape.num_layers}-layer model, so nothing would be pruned; pass --layers A:B")
         select_kept({}, shape, *cfg.ratios)  # refuses ratios that remove everything, before loading
     else:
         start, stop = parse_layer_range(cfg.layers or ":", shape.num_layers)

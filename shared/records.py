@@ -200,8 +200,9 @@ def iter_texts(name: str) -> Iterator[str]:
         for record in _text_dataset(name):
             text = record.get("text")
             if not isinstance(text, str):
-                raise LoramError(f"data source {name}: every record needs a string field 'text' "
-                                 f"(found {', '.join(record) or 'no fields'})")
+                found_here = (f"a record's 'text' is {type(text).__name__}" if "text" in record
+                              else f"found {', '.join(record) or 'no fields'}")
+                raise LoramError(f"data source {name}: every record needs a string field 'text' ({found_here})")
             if text.strip():
                 found = True
                 yield text

@@ -60,8 +60,11 @@ class RunFolder:
         return self.work != self.out
 
 
-def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "training") -> RunFolder:
-    """Check `--out` against `--resume` / `--overwrite` and return where the run writes; removes nothing."""
+def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "training",
+               steps: int | None = None) -> RunFolder:
+    """Check `--out` against `--resume` / `--overwrite` and return where the run writes; removes nothing.
+    `steps` (the run's --steps, when given) must lie past a resumed checkpoint's step: the Trainer would
+    otherwise train one step beyond it."""
     out = Path(out)
     if resume and overwrite:
         raise LoramError("--resume and --overwrite contradict each other; choose one")
@@ -72,6 +75,10 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
         checkpoint = latest_checkpoint(out / CHECKPOINTS)
         if checkpoint is None:
             raise LoramError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}; run without --resume")
+        done = int(checkpoint.name.rsplit("-", 1)[1])
+        if steps is not None and done >= steps:
+            raise LoramError(f"--resume: the {what} in {out} already reached step {done} ({checkpoint.name}), "
+                             f"--steps is {steps}: nothing left to train; pass a --steps above {done} to go on")
         return RunFolder(out, out, checkpoint)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -79,6 +86,21 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
                              f"continue its {what}, or --overwrite to replace it")
         return RunFolder(out, out.parent / f".{out.name}{REPLACING_SUFFIX}")
     return RunFolder(out, out)
+
+
+def recipe_checks(cfg) -> list[tuple[bool, str]]:
+    """(ok, message) for the options both recipes share (`loram train`, `loram publish align`): each config's
+    `check` raises the first message whose test fails, after its own."""
+    import math
+
+    steps = getattr(cfg, "steps", None)
+    return [(steps is None or steps >= 1, "--steps must be >= 1"), (cfg.seq_len >= 2, "--seq-len must be >= 2"),
+            (math.isfinite(cfg.lr) and cfg.lr > 0, "--lr must be a finite number > 0"),
+            (cfg.warmup >= 0, "--warmup must be >= 0"),
+            (cfg.batch >= 1 and cfg.grad_accum >= 1, "--batch and --grad-accum must be >= 1"),
+            (cfg.eval_every >= 1 and cfg.save_every >= 1, "--eval-every and --save-every must be >= 1"),
+            (0 <= cfg.seed < 2**32, "--seed must lie in [0, 2^32)"),
+            (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; choose one")]
 
 
 def world_size() -> int:

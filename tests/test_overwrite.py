@@ -20,8 +20,8 @@ def root(tmp_path_factory):
 BAD = {
     "prune: unknown base": (["publish", "prune", "{root}/no-such-base", "--method", "l2", "--out", "OUT"],
                             "no-such-base"),
-    "prune: bad calibration": (["publish", "prune", "{root}/base", "--method", "taylor", "--calib",
-                                "{root}/none.txt", "--out", "OUT"], "none.txt"),
+    "prune: bad calibration": (["publish", "prune", "{root}/base", "--method", "taylor", "--layers", "1:5",
+                                "--calib", "{root}/none.txt", "--out", "OUT"], "none.txt"),
     "recover: not an adapter": (["recover", "{root}/pruned", "--out", "OUT"], "adapter"),
     "merge: not an adapter": (["merge", "{root}/pruned", "--out", "OUT"], "adapter"),
 }

@@ -108,6 +108,31 @@ def _report(ppl: dict) -> dict:
             "news_docs": 16}
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"ratio": 0.0}, r"--ratio must lie in \(0, 1\), got 0.0"),
+    ({"news_limit": 0}, "--news-limit must be >= 1"),
+    ({"eval_limit": -3}, "--eval-limit must be >= 1"),
+    ({"seq_len": 1}, "--seq-len must be >= 2"),
+    ({"out": "a-file"}, "--out .*a-file exists and is not a directory; choose another --out"),
+    ({"publish_to": "notaurl"}, "--publish-to 'notaurl' is not a Hub endpoint URL; give one such as http"),
+    ({"publish_to": "http://127.0.0.1:9", "repo_id": "no-org"}, "--repo-id 'no-org' is not a Hub repository id"),
+])
+def test_bad_settings_are_refused_before_any_stage(tmp_path, flags, message):
+    (tmp_path / "a-file").write_text("x")
+    flags = {"out": tmp_path / "demo", **flags}
+    flags["out"] = tmp_path / flags["out"]
+    with pytest.raises(LoramError, match=message):
+        loram.demo.DemoConfig(**flags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.slow
+def test_a_sequence_longer_than_the_model_takes_is_refused_before_any_stage(tmp_path):
+    with pytest.raises(LoramError, match=r"--seq-len 100000 exceeds the model's max_position_embeddings \(8192\)"):
+        loram.demo.run_demo(loram.demo.DemoConfig(out=tmp_path / "demo", seq_len=100000))
+    assert not (tmp_path / "demo").exists()
+
+
 def test_verdicts_state_plainly_what_holds():
     base = {(ORIGINAL, "gsm8k-heldout"): 4.0, (LORAM, "gsm8k-heldout"): 3.7, (UNALIGNED, "gsm8k-heldout"): 3.8,
             (SMALL, "gsm8k-heldout"): 14.0, (PRUNED, "gsm8k-heldout"): 40.0, (LORA, "gsm8k-heldout"): 2.8}

@@ -80,6 +80,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pruned):
     a = json.loads((full.out / "training_report.json").read_text())["losses"]
     b = json.loads((resumed.out / "training_report.json").read_text())["losses"]
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and b == a
+    with pytest.raises(LoramError, match="already reached step 6"):  # the Trainer would train a seventh
+        _train(pruned, "cut", resume=True)
+    assert json.loads((resumed.out / "training_report.json").read_text())["losses"] == a
 
 
 def test_nf4_after_evaluation_every_lora_matrix_still_gets_a_gradient(pruned):
@@ -129,6 +132,9 @@ def test_nf4_training_through_the_command(pruned):
     ({"targets": ["q_proj", "attn_out"]}, re.escape("--targets: unknown module(s) attn_out; choose from "
                                                     "q,k,v,o,gate,up,down")),
     ({"rank": 0}, re.escape("--rank must be a whole number >= 1, got 0")),
+    ({"lr": float("inf")}, "--lr must be a finite number > 0"),
+    ({"seed": -1}, r"--seed must lie in \[0, 2\^32\)"),
+    ({"epochs": float("inf"), "steps": None}, "--epochs must be a finite number > 0"),
 ])
 def test_bad_input_is_a_clear_error(pruned, kwargs, message):
     if "data" in kwargs:

@@ -1,6 +1,7 @@
 """`loram publish align` on tiny pruned models: outputs, frozen lm_head, masks kept, resume, mixing, errors."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,8 @@ def root(tmp_path_factory):
     save_tiny_checkpoint(root / "gone-base", "llama-gqa")  # a pruned model whose base is no longer there
     prune(base=str(root / "gone-base"), out=root / "pruned-moved", method="l2", ratio=0.5, layers="1:5")
     shutil.rmtree(root / "gone-base")
+    save_tiny_checkpoint(root / "base-wide", "llama-gqa", hidden_size=64)  # not the original: other shapes
+    save_tiny_checkpoint(root / "base-short", "llama-gqa", num_hidden_layers=4)
     (root / "text.txt").write_text(TEXT)
     return root
 
@@ -176,6 +179,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(root):
     assert all(torch.equal(a[k], b[k]) for k in a)
     record = Manifest.load(resumed.out).alignment[-1]
     assert record["steps"] == 6 and record["tokens"] == 6 * 4 * 32
+    with pytest.raises(LoramError, match="the alignment in .* already reached step 6"):  # not a seventh step
+        _align(root, "cut", resume=True, **text)
+    assert all(torch.equal(a[k], v) for k, v in _state(resumed.out).items())
 
 
 def test_resume_refuses_text_that_changed_since_the_checkpoint(root, tmp_path):
@@ -399,6 +405,7 @@ def test_a_small_source_is_read_once_and_the_stream_is_what_repeating_it_gives(t
     ("missing.jsonl", "neither a file"),
     ("text.csv", "must be .txt, .jsonl, .json, .parquet"),
     ("titles.jsonl", "every record needs a string field 'text' .found title."),
+    ("numbers.jsonl", "every record needs a string field 'text' .a record's 'text' is int."),
     ("broken.jsonl", "could not read data source .*broken.jsonl"),
 ])
 def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
@@ -408,6 +415,7 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
     (root / "short.txt").write_text("hi\n")
     (root / "text.csv").write_text("text\nhello\n")
     (root / "titles.jsonl").write_text(json.dumps({"title": "no text"}) + "\n")
+    (root / "numbers.jsonl").write_text(json.dumps({"text": 5}) + "\n")
     (root / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(LoramError, match=message):
         _align(root, "bad", data=[str(root / spec)])
@@ -427,13 +435,27 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
                                                          "folder.*the manifest's base model.*--distill-from none"),
     ({"eval_data": "nowhere.txt"}, "neither a file"),
     ({"data": ["wiki_chat"]}, r"neither a file.*built-in name \(wiki, .*wiki-chat, wiki-heldout-chat\)"),
+    ({"lr": float("inf")}, "--lr must be a finite number > 0"),
+    ({"seed": -1}, r"--seed must lie in \[0, 2\^32\)"),
+    # hidden states are matched by layer index and size: a teacher of other shapes is refused before training
+    ({"distill_from": "base-wide", "hidden_weight": 1.0}, "base-wide has a hidden size of 64, the pruned model 48; "
+                                                          "distill from the original model it was pruned from"),
+    ({"distill_from": "base-short", "hidden_weight": 1.0}, "base-short has 4 decoder layers, the pruned model 6"),
 ])
 def test_bad_input_is_a_clear_error(root, kwargs, message):
     if "pruned" in kwargs:
         kwargs["pruned"] = str(root / kwargs["pruned"])
+    if kwargs.get("distill_from", "base") != "base":  # "base": the manifest's base model, not a folder
+        kwargs["distill_from"] = str(root / kwargs["distill_from"])
     with pytest.raises(LoramError, match=message):
         _align(root, "bad2", **kwargs)
     assert not (root / "bad2").exists()
+
+
+def test_logit_distillation_alone_takes_a_teacher_of_other_hidden_shapes(root):
+    """Only the vocabulary must agree when no hidden state is matched (e.g. a wider model of the same family)."""
+    run = _align(root, "kd-wide", steps=1, distill_from=str(root / "base-wide"), kd_weight=1.0, hidden_weight=0.0)
+    assert run.steps == 1 and math.isfinite(run.losses[0])
 
 
 def test_existing_output_needs_resume_or_overwrite(root):

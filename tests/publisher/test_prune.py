@@ -82,7 +82,7 @@ def test_pruned_weights_are_exact_slices_of_the_original(tmp_path, calib_file, k
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen2"])
 def test_ratio_zero_gives_the_original_model(tmp_path, calib_file, kind):
     original = save_tiny_checkpoint(tmp_path / "base", kind)
-    result = _prune(tmp_path, tmp_path / "base", method="l2", ratio=0.0)
+    result = _prune(tmp_path, tmp_path / "base", method="l2", ratio=0.0, layers="1:5")
     pruned = AutoModelForCausalLM.from_pretrained(result.out)
     a, b = original.state_dict(), pruned.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -161,8 +161,13 @@ def test_kept_counts_follow_the_paper_rounding(tmp_path, heads, kv_heads, head_d
 
 def test_separate_attention_and_mlp_ratios(tmp_path):
     save_tiny_checkpoint(tmp_path / "base", "llama-gqa")
-    result = _prune(tmp_path, tmp_path / "base", method="l2", ratio=0.5, attn_ratio=0.0, mlp_ratio=0.75)
-    assert result.kept == {}  # the paper's default range [4, L-2) is empty on 6 layers
+    # the paper's default range [4, L-2) is empty on 6 layers: refused, rather than "pruned" to the original
+    with pytest.raises(LoramError, match=r"layer range 4:-2 \(the default\) selects no layer of this 6-layer model, "
+                                         "so nothing would be pruned; pass --layers A:B"):
+        _prune(tmp_path, tmp_path / "base", method="l2", ratio=0.5, attn_ratio=0.0, mlp_ratio=0.75)
+    assert not (tmp_path / "pruned").exists()
+    with pytest.raises(LoramError, match="layer range 3:3 selects no layer"):
+        _prune(tmp_path, tmp_path / "base", method="l2", ratio=0.5, layers="3:3")
     result = _prune(tmp_path, tmp_path / "base", "p2", method="l2", ratio=0.5, attn_ratio=0.0, mlp_ratio=0.75,
                     layers="-5:-1")
     assert result.kept == {i: (2, 10) for i in (1, 2, 3, 4)}
@@ -205,11 +210,11 @@ def test_scores_file_reprunes_at_another_ratio_without_calibration(tmp_path, cal
 
 def test_manifest_records_base_method_and_files(tmp_path, calib_file):
     save_tiny_checkpoint(tmp_path / "base", "qwen2")
-    result = _prune(tmp_path, tmp_path / "base", method="taylor", ratio=0.5, calib=str(calib_file))
+    result = _prune(tmp_path, tmp_path / "base", method="taylor", ratio=0.5, calib=str(calib_file), layers="1:5")
     data = json.loads((result.out / MANIFEST_JSON).read_text())
     assert data["base"]["id"] == str(tmp_path / "base")
     assert set(data["base"]["fingerprint"]) >= {"config.json", "model.safetensors"}
-    assert data["method"]["layers"] == [4, 4] and data["method"]["ratio"] == 0.5
+    assert data["method"]["layers"] == [1, 5] and data["method"]["ratio"] == 0.5
     assert data["method"]["kind"] == "structured" and data["method"]["criterion"] == "taylor"
     assert data["method"]["calibration"] == {"source": str(calib_file), "samples": 4, "seq_len": 32}
     on_disk = {p.name for p in result.out.iterdir()} - {MANIFEST_JSON, MANIFEST_TENSORS}
@@ -245,6 +250,7 @@ def test_pruned_checkpoint_loads_without_loram_and_generates(tmp_path, calib_fil
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, calib_file, kwargs, message):
     save_tiny_checkpoint(tmp_path / "base", "llama-gqa")
     kwargs.setdefault("method", "l1")
+    kwargs.setdefault("layers", "1:5")
     with pytest.raises(LoramError, match=message):
         _prune(tmp_path, tmp_path / "base", calib=str(calib_file), **kwargs)
     assert not (tmp_path / "pruned").exists()
@@ -269,6 +275,6 @@ def test_unsupported_family_lists_the_supported_ones(tmp_path):
 
 def test_pruning_a_pruned_checkpoint_is_refused(tmp_path):
     save_tiny_checkpoint(tmp_path / "base", "llama-gqa")
-    first = _prune(tmp_path, tmp_path / "base", method="l1", ratio=0.5)
+    first = _prune(tmp_path, tmp_path / "base", method="l1", ratio=0.5, layers="1:5")
     with pytest.raises(LoramError, match="already a LoRAM pruned checkpoint"):
         _prune(tmp_path, first.out, "again", method="l1", ratio=0.5)

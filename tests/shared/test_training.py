@@ -38,6 +38,21 @@ def test_bad_combinations_are_refused(tmp_path, kwargs, message):
         run_folder(tmp_path / "out", **kwargs)
 
 
+@pytest.mark.parametrize("steps, refused", [(3, True), (2, True), (4, False), (None, False)])
+def test_resume_needs_steps_past_the_checkpoint(tmp_path, steps, refused):
+    """The Trainer, resumed at its last step, would train one step more: --steps not past it is refused."""
+    for step in (2, 3):
+        (tmp_path / "out" / CHECKPOINTS / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "out" / CHECKPOINTS / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    if refused:
+        with pytest.raises(LoramError, match=rf"already reached step 3 \(checkpoint-3\), --steps is {steps}: "
+                                             "nothing left to train; pass a --steps above 3"):
+            run_folder(tmp_path / "out", resume=True, overwrite=False, steps=steps)
+    else:  # more steps to go, or an --epochs run (no --steps): the Trainer knows where it stands
+        folder = run_folder(tmp_path / "out", resume=True, overwrite=False, steps=steps)
+        assert folder.resume_from == tmp_path / "out" / CHECKPOINTS / "checkpoint-3"
+
+
 def test_an_existing_file_is_not_an_output_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(LoramError, match="exists and is not a directory"):
