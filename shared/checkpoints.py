@@ -288,6 +288,15 @@ class SafeCheckpointTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_weights_into_shards(self.model, resume_from_checkpoint)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Stock warnings, less the false alarm for tied weights: `lm_head.weight` tied to the embeddings is not
+        saved, so a resumed run "misses" it while it shares the loaded embedding's storage."""
+        model = self.accelerator.unwrap_model(self.model)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        loaded = {p.data_ptr() for name, p in params.items() if name not in load_result.missing_keys}
+        missing = [k for k in load_result.missing_keys if k not in params or params[k].data_ptr() not in loaded]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _tune_save_checkpoint(self, checkpoint_dir: str) -> None:
         raise LoramError("hyperparameter search with Ray Tune checkpoints is not supported (it writes pickles)")
 

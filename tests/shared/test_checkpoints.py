@@ -271,6 +271,23 @@ def test_rng_state_round_trip(tmp_path):
     assert draw() == first
 
 
+def test_a_tied_lm_head_is_not_reported_missing_on_resume(tmp_path, monkeypatch):
+    """Tied to the embeddings, lm_head.weight is not saved; a resumed run loads it with them: no false alarm.
+    A key that is really missing is still reported."""
+    from torch.nn.modules.module import _IncompatibleKeys
+    from transformers import Trainer
+
+    model = tiny_model()  # llama-gqa: tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    trainer = SafeCheckpointTrainer(model=model, args=TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True))
+    reported = []
+    monkeypatch.setattr(Trainer, "_issue_warnings_after_load", lambda self, result: reported.append(result))
+    trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))
+    trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "model.norm.weight"], ["x"]))
+    assert [(r.missing_keys, r.unexpected_keys) for r in reported] == [([], []), (["model.norm.weight"], ["x"])]
+
+
 def test_bitsandbytes_8bit_optimizer_state_round_trips(tmp_path):
     """The QLoRA optimizer: its quantisation state sits under a "__bnb_..." key, with int steps."""
     bnb = pytest.importorskip("bitsandbytes")
