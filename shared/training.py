@@ -16,6 +16,8 @@ Output folders. A new `--out` is trained into directly (so a killed run can be r
 `--overwrite` of an existing, non-empty `--out` trains into a hidden sibling `.NAME.replacing` and swaps
 it in only when the run is complete: the old output stays whole until the new one is, and a run killed
 midway leaves the old output untouched (its staging folder is removed by the next run to that `--out`).
+A run that stopped before its first checkpoint leaves only its pinned options, and the same command starts
+it again.
 
 Resuming. A fresh run records the options a resumed run must share (data, learning rate, LoRA shape...)
 in `checkpoints/run_config.json` (`pin_options`, written by `begin`); `--resume` with other values is
@@ -74,18 +76,30 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
     if resume:
         checkpoint = latest_checkpoint(out / CHECKPOINTS)
         if checkpoint is None:
-            raise LoramError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}; run without --resume")
+            raise LoramError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}; run without --resume"
+                             + (" to start it again" if _unstarted(out) else ""))
         done = int(checkpoint.name.rsplit("-", 1)[1])
         if steps is not None and done >= steps:
             raise LoramError(f"--resume: the {what} in {out} already reached step {done} ({checkpoint.name}), "
                              f"--steps is {steps}: nothing left to train; pass a --steps above {done} to go on")
         return RunFolder(out, out, checkpoint)
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()) and not _unstarted(out):
         if not overwrite:
             raise LoramError(f"output directory {out} already exists; choose another --out, pass --resume to "
                              f"continue its {what}, or --overwrite to replace it")
         return RunFolder(out, out.parent / f".{out.name}{REPLACING_SUFFIX}")
     return RunFolder(out, out)
+
+
+def _unstarted(out: Path) -> bool:
+    """`out` holds only what a run that stopped before its first checkpoint leaves: `checkpoints/` with the
+    pinned options (and perhaps a half-written checkpoint's hidden staging folder). Trained into again."""
+    try:
+        if [p.name for p in out.iterdir()] != [CHECKPOINTS]:
+            return False
+        return all(p.name == RUN_CONFIG or p.name.startswith(".") for p in (out / CHECKPOINTS).iterdir())
+    except OSError:
+        return False
 
 
 def recipe_checks(cfg) -> list[tuple[bool, str]]:

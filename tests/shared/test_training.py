@@ -53,6 +53,21 @@ def test_resume_needs_steps_past_the_checkpoint(tmp_path, steps, refused):
         assert folder.resume_from == tmp_path / "out" / CHECKPOINTS / "checkpoint-3"
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_is_started_again(tmp_path):
+    """A run that failed at its first step leaves checkpoints/ with its pinned options only: the same command
+    starts it again (and --resume says so), where any other content still needs --resume or --overwrite."""
+    checkpoints = tmp_path / "out" / CHECKPOINTS
+    checkpoints.mkdir(parents=True)
+    (checkpoints / RUN_CONFIG).write_text("{}")
+    (checkpoints / ".checkpoint-1.partial").mkdir()  # a save cut short
+    assert run_folder(tmp_path / "out", resume=False, overwrite=False) == RunFolder(tmp_path / "out", tmp_path / "out")
+    with pytest.raises(LoramError, match="no complete checkpoint in .*; run without --resume to start it again"):
+        run_folder(tmp_path / "out", resume=True, overwrite=False)
+    (tmp_path / "out" / "model.safetensors").write_text("x")
+    with pytest.raises(LoramError, match="already exists"):
+        run_folder(tmp_path / "out", resume=False, overwrite=False)
+
+
 def test_an_existing_file_is_not_an_output_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(LoramError, match="exists and is not a directory"):
