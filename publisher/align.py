@@ -111,6 +111,11 @@ class AlignConfig(Config):
         if not self.data:
             raise LoramError("--data: give at least one source, e.g. --data wiki")
         self.sources  # noqa: B018  (parses every SOURCE[:WEIGHT]; raises on a bad one)
+        if self.eval_data and not Path(self.eval_data).expanduser().exists():
+            name, _, weight = self.eval_data.rpartition(":")
+            if name and weight.replace(".", "", 1).isdigit():
+                raise LoramError(f"--eval-data {self.eval_data}: the held-out text takes no :WEIGHT; give one "
+                                 f"source, e.g. --eval-data {name}")
         checks = [*recipe_checks(self),
                   (self.eval_limit >= 1, "--eval-limit must be >= 1"),
                   (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),

@@ -436,6 +436,8 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(root, spec, message):
     ({"eval_data": "nowhere.txt"}, "neither a file"),
     ({"data": ["wiki_chat"]}, r"neither a file.*built-in name \(wiki, .*wiki-chat, wiki-heldout-chat\)"),
     ({"lr": float("inf")}, "--lr must be a finite number > 0"),
+    ({"eval_data": "wiki-heldout:2"}, "--eval-data wiki-heldout:2: the held-out text takes no :WEIGHT; give one "
+                                      "source, e.g. --eval-data wiki-heldout"),
     ({"seed": -1}, r"--seed must lie in \[0, 2\^32\)"),
     # hidden states are matched by layer index and size: a teacher of other shapes is refused before training
     ({"distill_from": "base-wide", "hidden_weight": 1.0}, "base-wide has a hidden size of 64, the pruned model 48; "
