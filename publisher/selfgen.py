@@ -187,7 +187,7 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     from loram.publisher.selfgen_progress import Progress
     from loram.shared.outputs import check_writable
     from loram.shared.progress import peak_memory_bytes
-    from loram.shared.pruned_model import from_pretrained, load_tokenizer
+    from loram.shared.pruned_model import from_pretrained, load_config, load_tokenizer
     from loram.shared.runtime import configure_threads, default_device
 
     cfg = config or SelfgenConfig.resolve(**kwargs)
@@ -196,6 +196,10 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     check_writable(cfg.out, fix="choose another --out")
     progress = Progress.open(cfg, prompts)  # --resume: the committed conversations, verified; else none left behind
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
+    longest = getattr(load_config(source.path), "max_position_embeddings", None)
+    if longest is not None and cfg.max_new_tokens >= longest:
+        raise LoramError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in the model's "
+                         f"{longest} positions (max_position_embeddings); give fewer")
     tokenizer = load_tokenizer(source.path)
     if not getattr(tokenizer, "chat_template", None):
         raise LoramError(f"{cfg.model}: its tokenizer has no chat template, and selfgen writes conversations; use an "
