@@ -72,7 +72,8 @@ class TrainConfig(Config):
 
         self.targets = list(parse_targets(self.targets))  # "q,v" and "q_proj,v_proj" alike
         check_lora_options(rank=self.rank, dropout=self.dropout)
-        checks = [*recipe_checks(self), (math.isfinite(self.epochs) and self.epochs > 0, "--epochs must be a finite number > 0"),
+        checks = [*recipe_checks(self),
+                  (math.isfinite(self.epochs) and self.epochs > 0, "--epochs must be a finite number > 0"),
                   (bool(self.targets), "--targets must name at least one module")]
         for ok, message in checks:
             if not ok:
