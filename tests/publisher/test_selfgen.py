@@ -115,13 +115,13 @@ def test_a_model_without_a_chat_template_or_a_failed_run_writes_nothing(original
     plain = tmp_path / "plain"
     save_tiny_checkpoint(plain, "llama-gqa")
     with pytest.raises(LoramError, match="its tokenizer has no chat template, and selfgen writes conversations"):
-        selfgen(model=str(plain), count=2, out=tmp_path / "gen.jsonl")
+        selfgen(model=str(plain), count=2, max_new_tokens=8, out=tmp_path / "gen.jsonl")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr("transformers.GenerationMixin.generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        selfgen(model=str(original), count=2, out=tmp_path / "gen.jsonl")
+        selfgen(model=str(original), count=2, max_new_tokens=8, out=tmp_path / "gen.jsonl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # no file, no temporary left behind
 
 
@@ -139,7 +139,7 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_a_failing_template_is
     tok.save_pretrained(model_dir)
     with pytest.raises(LoramError, match=r"^the tokenizer's chat template failed on a user turn \(TemplateError: "
                                          r"roles must alternate\); fix the template or use another model$"):
-        selfgen(model=str(model_dir), count=2, out=tmp_path / "bad.jsonl")
+        selfgen(model=str(model_dir), count=2, max_new_tokens=8, out=tmp_path / "bad.jsonl")
     assert not (tmp_path / "bad.jsonl").exists()
 
 
