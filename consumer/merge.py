@@ -18,7 +18,7 @@ from loram.recover import adapter_config_json
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
-from loram.shared.outputs import atomic_output_dir, check_output_dir
+from loram.shared.outputs import atomic_output_dir, check_not_an_input, check_output_dir
 
 MANIFEST_JSON = "loram_manifest.json"  # loram.shared.manifest's (not imported here: it loads torch)
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -120,9 +120,11 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
 
     cfg = config or MergeConfig.resolve(**kwargs)
     check_output_dir(cfg.out, cfg.overwrite)  # before loading anything
+    check_not_an_input(cfg.out, {"the adapter": cfg.adapter, "--base": cfg.base})
     dtype = getattr(torch, DTYPES[cfg.dtype])
     model, adapter_dir, source = load_with_adapter(cfg.adapter, cfg.base, cfg.ignore_fingerprint, dtype,
                                                    cfg.endpoint, adapter_revision=cfg.revision, pruned_base_ok=False)
+    check_not_an_input(cfg.out, {"the adapter": adapter_dir, "its base model": source.path})  # as resolved
     merged = model.merge_and_unload()
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
         merged.save_pretrained(out, max_shard_size=cfg.max_shard_size)

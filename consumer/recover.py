@@ -32,7 +32,7 @@ from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, resolve_model, revision_option, verify_option
 from loram.shared.manifest import Manifest, sha256_file
 from loram.shared.model_cards import adapter_card
-from loram.shared.outputs import atomic_output_dir
+from loram.shared.outputs import atomic_output_dir, check_not_an_input
 from loram.shared.pruned_model import PICKLE_SUFFIXES
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -138,6 +138,8 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     folder = resolve_model(cfg.adapter, cfg.revision, cfg.endpoint, ADAPTER_CONFIG, "peft adapter").path
     adapter_config = read_adapter_config(folder)
     pruned_dir, manifest = pruned_manifest(adapter_config, cfg.endpoint, cfg.verify)
+    check_not_an_input(cfg.out, {"the adapter": folder, "its pruned model": pruned_dir, "--original": cfg.original,
+                                 "the original model": manifest.base.id})
     arch = manifest.architecture
     gen = torch.Generator().manual_seed(cfg.seed)
     tensors, expanded = {}, 0

@@ -27,6 +27,7 @@ from loram.shared.architectures import LINEAR_NAMES, parse_targets
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
+from loram.shared.outputs import check_not_an_input
 
 REPORT = "training_report.json"
 CONFIG = "train_config.yaml"
@@ -110,6 +111,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
     cfg = config or TrainConfig.resolve(**kwargs)
     started = time.time()
+    check_not_an_input(cfg.out, {"the model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
     folder, cfg = training.pin_options(folder, cfg, RESUME_SAME)
     if folder.resume_from is not None:

@@ -40,6 +40,7 @@ from loram.publisher.distill import HIDDEN_INPUTS, HIDDEN_LAYERS, HIDDEN_LOSSES
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
+from loram.shared.outputs import check_not_an_input
 
 BASE = "base"  # --distill-from base: the original model named in the manifest
 REPORT = "align_report.json"
@@ -182,6 +183,9 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
 
     cfg = config or AlignConfig.resolve(**kwargs)
     started = time.time()
+    teacher_named = cfg.distill_from if cfg.distills and cfg.distill_from != BASE else None
+    check_not_an_input(cfg.out, {"the pruned model": cfg.pruned, "--distill-from": teacher_named,
+                                 "--eval-data": cfg.eval_data, **{f"--data {s.name}": s.name for s in cfg.sources}})
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, what="alignment",
                                  steps=cfg.steps)
     folder, cfg = training.pin_options(folder, cfg, RESUME_SAME)

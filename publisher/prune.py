@@ -58,7 +58,7 @@ from loram.shared.manifest import (
     Method,
     fingerprint,
 )
-from loram.shared.outputs import atomic_output_dir, check_output_dir
+from loram.shared.outputs import atomic_output_dir, check_not_an_input, check_output_dir
 from loram.shared.pruned_model import (
     build_pruned_config,
     from_pretrained,
@@ -244,6 +244,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     started = time.time()
     threads = configure_threads()
     check_output_dir(cfg.out, cfg.overwrite)  # fail before any heavy work
+    check_not_an_input(cfg.out, {"the model": cfg.base, "--calib": cfg.calib, "--scores": cfg.scores})
     source = resolve_model(cfg.base, cfg.revision, cfg.endpoint)
     stock_config = load_config(source.path)
     if is_pruned_config(stock_config) or (source.path / MANIFEST_JSON).is_file():

@@ -202,7 +202,8 @@ class Config:
         missing = [n for n, f in known.items() if f.default is REQUIRED and f.default_factory is REQUIRED
                    and n not in values]
         if missing:
-            raise LoramError(f"missing required option(s): {', '.join(missing)}")
+            raise LoramError(f"missing required option(s): {', '.join(flag_name(known[n]) for n in missing)} "
+                             "(on the command line, or as keys of a --config file)")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

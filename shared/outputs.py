@@ -28,6 +28,21 @@ def check_output_dir(out: Path, overwrite: bool, fix: str = "choose another --ou
     check_writable(out, fix=fix)
 
 
+def check_not_an_input(out, inputs: dict, fix: str = "choose another --out") -> None:
+    """Refuse an output that is one of the command's local inputs, or a folder holding one: writing it (with
+    --overwrite) would delete the input. `inputs` maps how each is named (a flag) to its path, or to None or a
+    name that is no local path (a Hub id, a built-in split), which is skipped."""
+    target = Path(out).expanduser().resolve()
+    for name, value in inputs.items():
+        path = Path(str(value)).expanduser() if value is not None and str(value) else None
+        if path is None or not path.exists():
+            continue
+        path = path.resolve()
+        if path == target or target in path.parents:
+            where = "is" if path == target else "holds"
+            raise LoramError(f"--out {out} {where} {name} {value}: writing there would replace it; {fix}")
+
+
 def check_writable(out: Path, *, into: bool = False, fix: str = "choose another --out") -> None:
     """Refuse an output folder that cannot be made: its nearest existing ancestor (or `out` itself, with
     `into`, for a run that writes inside an existing `out`) must be a folder this process may write to."""

@@ -3,8 +3,9 @@ finishes the new output before the old one goes (train and publish align: tests/
 
 
 import pytest
-from tiny_models import assert_left_alone, existing_output, run_loram, tiny_pruned_workspace
+from tiny_models import assert_left_alone, existing_output, file_tree, run_loram, tiny_pruned_workspace
 
+from loram.recover import recover
 from loram.train import train
 
 
@@ -13,6 +14,7 @@ def root(tmp_path_factory):
     root = tiny_pruned_workspace(tmp_path_factory.mktemp("overwrite"))
     train(model=str(root / "pruned"), data=str(root / "qa.jsonl"), out=root / "adapter", steps=1, seq_len=32,
           columns="prompt=question,response=answer", save_every=100)
+    recover(adapter=str(root / "adapter"), out=root / "recovered")
     return root
 
 
@@ -47,3 +49,46 @@ def test_overwrite_replaces_a_complete_output(root, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not (old / "precious.txt").exists() and (old / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# (command line with IN for the input that is also --out, what IN is, the phrase of the refusal)
+INPUT_AS_OUT = {
+    "recover: --out is the adapter": (["recover", "IN", "--out", "IN"], "adapter", "is the adapter"),
+    "recover: --out holds the adapter": (["recover", "IN/adapter", "--out", "IN"], "adapter", "holds the adapter"),
+    "merge: --out is --base": (["merge", "{root}/recovered", "--base", "IN", "--out", "IN"], "base", "is --base"),
+    "merge: --out is the adapter": (["merge", "IN", "--out", "IN"], "recovered", "is the adapter"),
+    "train: --out is the model": (["train", "IN", "--data", "{root}/qa.jsonl", "--columns",
+                                   "prompt=question,response=answer", "--steps", "1", "--out", "IN"], "pruned",
+                                  "is the model"),
+    "train: --out holds --data": (["train", "{root}/pruned", "--data", "IN/qa.jsonl", "--columns",
+                                   "prompt=question,response=answer", "--steps", "1", "--out", "IN"], "qa.jsonl",
+                                  "holds --data"),
+    "publish align: --out is the pruned model": (["publish", "align", "IN", "--data", "{root}/qa.jsonl", "--steps",
+                                                  "1", "--seq-len", "16", "--out", "IN"], "pruned",
+                                                 "is the pruned model"),
+    "publish prune: --out is the model": (["publish", "prune", "IN", "--method", "l2", "--layers", "1:3", "--out",
+                                           "IN"], "base", "is the model"),
+}
+
+
+@pytest.mark.parametrize("case", INPUT_AS_OUT)
+def test_an_input_is_never_the_output(root, tmp_path, case):
+    """--overwrite onto one of the command's own inputs (or a folder holding one) would delete the input."""
+    import shutil
+
+    argv, what, phrase = INPUT_AS_OUT[case]
+    source = root / what
+    inside = "IN/" + what in " ".join(argv)
+    work = tmp_path / "in"
+    if inside:  # the input sits inside the folder given as --out
+        work.mkdir()
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, work / what)
+    else:
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, work)
+    before = file_tree(work)
+    args = [a.replace("{root}", str(root)).replace("IN", str(work)) for a in argv]
+    proc = run_loram(*args, "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --out ") and phrase in proc.stderr, proc.stderr
+    assert "writing there would replace it; choose another --out" in proc.stderr
+    assert file_tree(work) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
