@@ -20,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-from loram.recover import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR
+from loram.recover import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, adapter_config_json
 from loram.shared.cli_support import add_config_command
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
@@ -77,8 +77,15 @@ def push(config: PushConfig | None = None, **kwargs) -> PushResult:
         if not (folder / name).is_file():
             raise LoramError(f"{folder} is not a recovered adapter (no {name}); run `loram recover` first, "
                              "and publish pruned checkpoints with `loram publish push`")
-    adapter_config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    sidecar = json.loads((folder / SIDECAR).read_text())
+    adapter_config = adapter_config_json(folder)  # valid JSON, and complete safetensors weights
+    try:
+        sidecar = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoramError(f"{folder / SIDECAR} is not valid JSON ({str(e).splitlines()[0]}); recover the adapter "
+                         "again with `loram recover`") from e
+    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("pruned_model"), dict):
+        raise LoramError(f"{folder / SIDECAR} is not a recovery record; recover the adapter again with "
+                         "`loram recover`")
     base = adapter_config.get("base_model_name_or_path") or ""
     if not (adapter_config.get("revision") and looks_like_repo_id(base)):  # resolved from the Hub at a commit
         raise LoramError(f"the adapter's base model is {base!r}, a local folder rather than a Hub repository, so "

@@ -4,6 +4,8 @@
     check_lora_options(rank=self.rank, dropout=self.dropout)
 """
 
+import math
+
 from loram.shared.architectures import LINEAR_NAMES
 from loram.shared.configs import option
 from loram.shared.errors import LoramError
@@ -26,9 +28,11 @@ def lm_head_option():
     return option(False, "Also adapt lm_head.")
 
 
-def check_lora_options(*, rank: int, dropout: float) -> None:
-    """rank >= 1, dropout in [0, 1) (LoramError naming the flag otherwise)."""
+def check_lora_options(*, rank: int, dropout: float, alpha: float | None = None) -> None:
+    """rank >= 1, dropout in [0, 1), alpha finite and > 0 (LoramError naming the flag otherwise)."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise LoramError(f"--rank must be a whole number >= 1, got {rank!r}")
     if not 0 <= dropout < 1:
         raise LoramError(f"--dropout must lie in [0, 1), got {dropout}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise LoramError(f"--alpha must be a finite number > 0, got {alpha}")

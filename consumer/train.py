@@ -72,7 +72,7 @@ class TrainConfig(Config):
         from loram.shared.training import recipe_checks  # the training core, imported when used
 
         self.targets = list(parse_targets(self.targets))  # "q,v" and "q_proj,v_proj" alike
-        check_lora_options(rank=self.rank, dropout=self.dropout)
+        check_lora_options(rank=self.rank, dropout=self.dropout, alpha=self.alpha)
         checks = [*recipe_checks(self),
                   (math.isfinite(self.epochs) and self.epochs > 0, "--epochs must be a finite number > 0"),
                   (bool(self.targets), "--targets must name at least one module")]

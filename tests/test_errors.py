@@ -76,6 +76,9 @@ def fx(tmp_path_factory):
     torch.save(load_file(str(r / "base" / "model.safetensors")), r / "pickle" / "pytorch_model.bin")
     save_tiny_checkpoint(r / "other-shape", "llama-mha")
     (r / "a-file").write_text("not a folder\n")
+    for adapter in ("adapter", "recovered"):  # a download cut short: the adapter's weights end mid-header
+        shutil.copytree(r / adapter, r / f"{adapter}-truncated", ignore=shutil.ignore_patterns("checkpoints"))
+        (r / f"{adapter}-truncated" / "adapter_model.safetensors").write_bytes(b"\x10\x00")
     return r
 
 
@@ -124,6 +127,10 @@ CASES = {
                            "{r}/o-3"], "does not fit", "o-3"),
     "remote-code": (["generate", "{r}/remote", *GEN], "needs remote code", None),
     "pickle-only": (["generate", "{r}/pickle", *GEN], "pytorch_model.bin", None),
+    "truncated-adapter": (["recover", "{r}/adapter-truncated", "--out", "{r}/o-4"],
+                          "adapter_model.safetensors is not a complete safetensors file", "o-4"),
+    "truncated-recovered-adapter": (["merge", "{r}/recovered-truncated", "--out", "{r}/o-5"],
+                                    "it is truncated or corrupted; re-download or re-create the adapter", "o-5"),
 }
 
 

@@ -17,6 +17,7 @@ from loram.hub_commands import push as push_adapter
 from loram.publisher.prune import prune
 from loram.publisher.push import push as publish
 from loram.recover import recover
+from loram.shared.errors import LoramError
 from loram.shared.hub import push_files
 from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, Manifest
 from loram.shared.model_cards import card_metadata
@@ -191,3 +192,22 @@ def test_align_distills_from_a_hub_original_through_the_endpoint(hub, tmp_path):
     assert all("kd_loss" in r and r["kd_loss"] >= 0 for r in result.report["losses"]), result.report["losses"]
     teacher_calls = [path for _, path, _ in hub.requests[before:] if "/org/tiny/" in path]
     assert teacher_calls, hub.requests[before:]  # the teacher (the local pruned model needs none) came from it
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("adapter_config.json", "adapter_config.json is not valid JSON"),
+    ("loram_recovery.json", "loram_recovery.json is not valid JSON .*; recover the adapter again"),
+    ("adapter_model.safetensors", "adapter_model.safetensors is not a complete safetensors file"),
+])
+def test_push_refuses_a_damaged_adapter_before_going_online(tmp_path, broken, message):
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "recovered"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "o/b"}))
+    (folder / "loram_recovery.json").write_text(json.dumps({"pruned_model": {"id": "o/p"}}))
+    (folder / broken).write_bytes(b"{\n" if broken.endswith(".json") else b"\x10\x00")
+    with pytest.raises(LoramError, match=message):  # an unreachable endpoint: never contacted
+        push_adapter(folder=folder, repo_id="org/name", endpoint="http://127.0.0.1:9")

@@ -133,6 +133,8 @@ def test_nf4_training_through_the_command(pruned):
                                                     "q,k,v,o,gate,up,down")),
     ({"rank": 0}, re.escape("--rank must be a whole number >= 1, got 0")),
     ({"lr": float("inf")}, "--lr must be a finite number > 0"),
+    ({"alpha": float("nan")}, "--alpha must be a finite number > 0, got nan"),
+    ({"alpha": 0.0}, "--alpha must be a finite number > 0, got 0.0"),
     ({"seed": -1}, r"--seed must lie in \[0, 2\^32\)"),
     ({"epochs": float("inf"), "steps": None}, "--epochs must be a finite number > 0"),
 ])
