@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loram.recover import adapter_config_json
+from loram.recover import ADAPTER_WEIGHTS, adapter_config_json
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
@@ -87,7 +87,21 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
         if "size mismatch" not in str(e):
             raise
         raise LoramError(_mismatch_message(str(e), adapter, adapter_dir, adapter_cfg, source.id)) from e
+    _check_every_tensor_loaded(peft_model, adapter, adapter_dir, source.id)
     return peft_model, adapter_dir, source
+
+
+def _check_every_tensor_loaded(peft_model, adapter, adapter_dir: Path, base_id: str) -> None:
+    """peft only warns about adapter tensors with no module to go to (a model with fewer layers, say, under
+    --ignore-fingerprint): part of the adapter would be silently dropped."""
+    from safetensors import safe_open
+
+    held = {name.replace(".default.", ".") for name, _ in peft_model.named_parameters()}
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
+        dropped = [name for name in f.keys() if name not in held]  # noqa: SIM118 (safe_open is not iterable)
+    if dropped:
+        raise LoramError(f"{adapter} does not fit {base_id}: {len(dropped)} adapter tensors have no module in the "
+                         f"model (e.g. {dropped[0]}); use the model the adapter was trained or recovered for")
 
 
 _MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "

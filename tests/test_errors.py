@@ -75,6 +75,7 @@ def fx(tmp_path_factory):
 
     torch.save(load_file(str(r / "base" / "model.safetensors")), r / "pickle" / "pytorch_model.bin")
     save_tiny_checkpoint(r / "other-shape", "llama-mha")
+    save_tiny_checkpoint(r / "fewer-layers", "llama-gqa", num_hidden_layers=4)
     (r / "a-file").write_text("not a folder\n")
     for adapter in ("adapter", "recovered"):  # a download cut short: the adapter's weights end mid-header
         shutil.copytree(r / adapter, r / f"{adapter}-truncated", ignore=shutil.ignore_patterns("checkpoints"))
@@ -125,6 +126,8 @@ CASES = {
     "unrecovered-adapter": (["eval", "{r}/base+{r}/adapter", *EVAL], "run `loram recover", None),
     "merge-other-shape": (["merge", "{r}/recovered", "--base", "{r}/other-shape", "--ignore-fingerprint", "--out",
                            "{r}/o-3"], "does not fit", "o-3"),
+    "merge-fewer-layers": (["merge", "{r}/recovered", "--base", "{r}/fewer-layers", "--ignore-fingerprint", "--out",
+                            "{r}/o-6"], "adapter tensors have no module in the model", "o-6"),
     "remote-code": (["generate", "{r}/remote", *GEN], "needs remote code", None),
     "pickle-only": (["generate", "{r}/pickle", *GEN], "pytorch_model.bin", None),
     "truncated-adapter": (["recover", "{r}/adapter-truncated", "--out", "{r}/o-4"],
