@@ -61,6 +61,9 @@ def fixtures(r: Path) -> None:
     (r / "pickle" / "model.safetensors").rename(r / "pickle" / "pytorch_model.bin")
     save_tiny_checkpoint(r / "other-shape", "llama-mha")
     save_tiny_checkpoint(r / "wide", "llama-gqa", hidden_size=64)  # not the original: another hidden size
+    save_tiny_checkpoint(r / "fewer-layers", "llama-gqa", num_hidden_layers=4)
+    shutil.copytree(r / "adapter", r / "adapter-truncated", ignore=shutil.ignore_patterns("checkpoints"))
+    (r / "adapter-truncated" / "adapter_model.safetensors").write_bytes(b"\x10\x00")  # a download cut short
     # corrupted pruned checkpoints
     for name, corrupt in CORRUPT.items():
         shutil.copytree(r / "pruned", r / name)
@@ -213,6 +216,14 @@ CASES = {
                                                              "--out", "OUT"], False, {}, False),
     "publish prune: a pruned checkpoint as base": (["publish", "prune", "{r}/pruned", "--method", "l2", "--out",
                                                     "OUT"], False, {}, False),
+    "recover: --out is the adapter, --overwrite": (["recover", "{r}/adapter", "--out", "{r}/adapter", "--overwrite"],
+                                                   False, {}, False),
+    "merge: --out is --base, --overwrite": (["merge", "{r}/recovered", "--base", "{r}/base", "--out", "{r}/base",
+                                             "--overwrite"], False, {}, False),
+    "recover: truncated adapter_model.safetensors": (["recover", "{r}/adapter-truncated", "--out", "OUT"], False, {},
+                                                     False),
+    "merge: --ignore-fingerprint onto fewer layers": (["merge", "{r}/recovered", "--base", "{r}/fewer-layers",
+                                                       "--ignore-fingerprint", "--out", "OUT"], False, {}, False),
     "recover: --fill normall": (["recover", "{r}/adapter", "--fill", "normall", "--out", "OUT"], False, {}, False),
     "recover: not an adapter, --overwrite": (["recover", "{r}/pruned", "--out", "OUT", "--overwrite"], True, {},
                                              False),

@@ -8,7 +8,7 @@ generation prompt), otherwise it is used as is. Tokens are printed as they are g
 
 from dataclasses import dataclass
 
-from loram.shared.configs import Config, option
+from loram.shared.configs import Config, check_seed, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
 
@@ -32,6 +32,7 @@ class GenerateConfig(Config):
             raise LoramError(f"--temperature must be a number >= 0 (0: greedy decoding), got {self.temperature:g}")
         if self.max_new_tokens < 1:
             raise LoramError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        check_seed(self.seed)
 
 
 def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str:

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from loram.shared.configs import Config, option
+from loram.shared.configs import Config, check_seed, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, resolve_model, revision_option
 
@@ -83,6 +83,7 @@ class SelfgenConfig(Config):
             raise LoramError(f"--temperature must be a number > 0 (the text is sampled), got {self.temperature:g}")
         if not 0 < self.top_p <= 1:
             raise LoramError(f"--top-p must lie in (0, 1], got {self.top_p:g}")
+        check_seed(self.seed)
         if self.out.suffix != ".jsonl":
             raise LoramError(f"--out {self.out}: write a .jsonl file (what `loram publish align --data` reads as "
                              "records with a text field)")

@@ -49,6 +49,12 @@ def _optional(tp) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
+def check_seed(seed: int) -> None:
+    """Every command's `--seed` seeds Python's, numpy's and torch's generators: numpy takes [0, 2^32)."""
+    if not 0 <= seed < 2**32:
+        raise LoramError(f"--seed must lie in [0, 2^32), got {seed}")
+
+
 def flag_name(field: dataclasses.Field) -> str:
     """How the CLI names `field`: `--fill`, `--freeze-lm-head` or, for a positional argument, `ADAPTER`."""
     meta = field.metadata

@@ -104,16 +104,19 @@ def _unstarted(out: Path) -> bool:
 
 def recipe_checks(cfg) -> list[tuple[bool, str]]:
     """(ok, message) for the options both recipes share (`loram train`, `loram publish align`): each config's
-    `check` raises the first message whose test fails, after its own."""
+    `check` raises the first message whose test fails, after its own. A bad --seed raises here (`check_seed`,
+    every command's rule)."""
     import math
 
+    from loram.shared.configs import check_seed
+
+    check_seed(cfg.seed)
     steps = getattr(cfg, "steps", None)
     return [(steps is None or steps >= 1, "--steps must be >= 1"), (cfg.seq_len >= 2, "--seq-len must be >= 2"),
             (math.isfinite(cfg.lr) and cfg.lr > 0, "--lr must be a finite number > 0"),
             (cfg.warmup >= 0, "--warmup must be >= 0"),
             (cfg.batch >= 1 and cfg.grad_accum >= 1, "--batch and --grad-accum must be >= 1"),
             (cfg.eval_every >= 1 and cfg.save_every >= 1, "--eval-every and --save-every must be >= 1"),
-            (0 <= cfg.seed < 2**32, "--seed must lie in [0, 2^32)"),
             (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; choose one")]
 
 

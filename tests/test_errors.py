@@ -120,6 +120,8 @@ CASES = {
     "eval-batch-0": (["eval", "{r}/base", *EVAL, "--batch", "0"], "--batch must be >= 1", None),
     "generate-max-new-tokens-0": (["generate", "{r}/base", "--prompt", "hi", "--max-new-tokens", "0"],
                                   "--max-new-tokens must be >= 1", None),
+    "generate-seed-too-large": (["generate", "{r}/base", *GEN, "--seed", "99999999999999999999"],
+                                "--seed must lie in [0, 2^32)", None),
     "tampered-per-layer-config": (["eval", "{r}/tampered", *EVAL], "config.json", None),
     "resume-other-rank": (["train", "{r}/pruned", *TRAIN, "--steps", "3", "--rank", "4", "--resume", "--out",
                            "{r}/resume-cli"], "--rank", "resume-cli"),
