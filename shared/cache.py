@@ -21,7 +21,14 @@ def cache_dir() -> Path:
     else:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = Path(xdg).expanduser() / "loram"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # the path, or a folder on it, is a file
+        from loram.shared.errors import LoramError
+
+        where = "LORAM_CACHE" if os.environ.get("LORAM_CACHE") else "the cache folder"
+        raise LoramError(f"{where} {root} is not a folder (a file is in the way); point LORAM_CACHE at a "
+                         "folder") from e
     return root
 
 

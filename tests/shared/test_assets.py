@@ -20,6 +20,12 @@ def test_cache_dir_honours_loram_cache_then_xdg(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "xdg" / "loram"
     monkeypatch.setenv("LORAM_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == tmp_path / "mine" and cache_dir().is_dir()
+    (tmp_path / "a-file").write_text("x")
+    for path in (tmp_path / "a-file", tmp_path / "a-file" / "below"):  # a file where the folder would go
+        monkeypatch.setenv("LORAM_CACHE", str(path))
+        with pytest.raises(LoramError, match=f"LORAM_CACHE {path} is not a folder .a file is in the way.; "
+                                             "point LORAM_CACHE at a folder"):
+            cache_dir()
 
 
 def test_wiki_markup_is_stripped_to_prose():
