@@ -94,11 +94,11 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
 def _check_every_tensor_loaded(peft_model, adapter, adapter_dir: Path, base_id: str) -> None:
     """peft only warns about adapter tensors with no module to go to (a model with fewer layers, say, under
     --ignore-fingerprint): part of the adapter would be silently dropped."""
-    from safetensors import safe_open
+    from loram.shared.pruned_model import safetensors_shapes
 
     held = {name.replace(".default.", ".") for name, _ in peft_model.named_parameters()}
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
-        dropped = [name for name in f.keys() if name not in held]  # noqa: SIM118 (safe_open is not iterable)
+    dropped = [name for name in safetensors_shapes(adapter_dir / ADAPTER_WEIGHTS, "re-create the adapter")
+               if name not in held]
     if dropped:
         raise LoramError(f"{adapter} does not fit {base_id}: {len(dropped)} adapter tensors have no module in the "
                          f"model (e.g. {dropped[0]}); use the model the adapter was trained or recovered for")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loram import __version__
@@ -83,13 +83,9 @@ def adapter_config_json(folder: Path) -> dict:
         found = f" (only {', '.join(pickles)}: LoRAM never loads pickle)" if pickles else ""
         raise LoramError(f"{folder} has no {ADAPTER_WEIGHTS}{found}; save the adapter as safetensors "
                          "(peft's save_pretrained does by default)")
-    try:  # the header only: every tensor's name and shape
-        with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                f.get_slice(name).get_shape()
-    except (SafetensorError, OSError) as e:
-        raise LoramError(f"{folder / ADAPTER_WEIGHTS} is not a complete safetensors file ({str(e).splitlines()[0]}): "
-                         "it is truncated or corrupted; re-download or re-create the adapter") from e
+    from loram.shared.pruned_model import safetensors_shapes
+
+    safetensors_shapes(folder / ADAPTER_WEIGHTS, "re-download or re-create the adapter")  # a complete file
     return config
 
 

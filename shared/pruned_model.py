@@ -197,23 +197,29 @@ def weight_files(folder: str | Path) -> list[Path]:
     raise LoramError(f"{folder} has no model weights ({WEIGHTS} or {WEIGHTS_INDEX}); is it a model checkpoint?")
 
 
+def safetensors_shapes(file: str | Path, fix: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, read from the header alone; a file that is not complete safetensors (cut
+    short, overwritten) is one LoramError naming it and ending in `fix`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise LoramError(f"{file} is not a complete safetensors file ({first_line(e)}): it is truncated or "
+                         f"corrupted; {fix}") from e
+
+
 def check_weights(folder: str | Path, config) -> None:
     """Every weight file is a readable safetensors file, and each tensor has the shape `config` gives it
     (a truncated file, or a config.json edited after saving, is one LoramError naming the file)."""
     import torch
-    from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM
 
     files = weight_files(folder)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        try:
-            with safe_open(str(file), "pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        except (SafetensorError, OSError) as e:
-            raise LoramError(f"{file} is not a complete safetensors file ({first_line(e)}): it is truncated or "
-                             "corrupted; re-download the model") from e
+        shapes.update(safetensors_shapes(file, "re-download the model"))
     if getattr(config, "quantization_config", None):
         return  # a pre-quantized checkpoint stores packed shapes
     try:
