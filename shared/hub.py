@@ -44,7 +44,8 @@ class ModelSource:
     """A resolved model: its local folder plus where it came from."""
 
     path: Path
-    id: str  # the local path or the Hub repo id the user named
+    id: str  # the Hub repo id, or the local folder's absolute path (recorded in adapters and manifests, so
+    # it names the same folder from any working directory and is never read back as a Hub id)
     revision: str | None  # the commit sha for Hub models, None for local folders
     verified: bool = False  # every file was just checked (a pulled snapshot), so need not be hashed again
 
@@ -119,7 +120,7 @@ def resolve_model(name: str | Path, revision: str | None = None, endpoint: str |
             raise LoramError(f"{path} is not a {kind} (no {required})")
         if revision:
             raise LoramError(f"--revision applies to Hub repositories, but {path} is a local folder")
-        return ModelSource(path.resolve(), str(name), None)
+        return ModelSource(path.resolve(), str(path.resolve()), None)
     if not is_hub_id(name):
         raise LoramError(f"model {name!r} is neither an existing folder nor a Hub repo id (ORG/NAME)")
     return pull_repo(str(name), revision, endpoint, required=required, kind=kind)

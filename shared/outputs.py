@@ -71,7 +71,8 @@ def atomic_output_dir(out: Path, overwrite: bool = False, fix: str = "choose ano
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    apply_umask(tmp)
+    for path in (tmp, *tmp.rglob("*")):  # safetensors and tempfile write 0600: outputs get a plain file's mode
+        apply_umask(path)
     replace_dir(tmp, out)
 
 
@@ -129,8 +130,10 @@ def _umask() -> int:
 
 def apply_umask(path: Path) -> None:
     """Give `path` the mode a plain mkdir / open would have: 0o777 & ~umask for a folder, 0o666 & ~umask
-    for a file (tempfile makes them 0700 / 0600)."""
+    for a file (tempfile makes them 0700 / 0600). A symlink is left alone (chmod would change its target)."""
     path = Path(path)
+    if path.is_symlink():
+        return
     mask = _umask()
     with contextlib.suppress(OSError):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)

@@ -37,6 +37,20 @@ def test_hub_ids():
     assert not is_hub_id("name") and not is_hub_id("/abs/path") and not is_hub_id("a/b/c") and not is_hub_id("../x")
 
 
+def test_a_local_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """A relative folder spelled like ORG/NAME, recorded as typed, would be read back from another working
+    directory as a Hub id (or not found): adapters and manifests record the absolute path."""
+    folder = tmp_path / "models" / "orig"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    source = resolve_model("models/orig")
+    assert source.id == str(folder.resolve()) and source.path == folder.resolve() and source.revision is None
+    monkeypatch.chdir(folder)
+    assert resolve_model("./").id == str(folder.resolve())
+    assert resolve_model(source.id).id == source.id
+
+
 def test_push_pull_round_trip_and_identical_push_makes_no_commit(hub):
     files = _checkpoint()
     first = push_files("org/m", files, tag="v1", endpoint=hub.url, message="v1")

@@ -98,10 +98,16 @@ def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
     import os
     import stat
 
+    import torch
+    from safetensors.torch import save_file
+
     from loram.shared.outputs import staged_files
 
     def mode(p):
         return stat.S_IMODE(p.stat().st_mode)
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
 
     old = os.umask(umask)
     try:
@@ -109,6 +115,10 @@ def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
             (tmp / "plain.txt").write_text("x")
             with atomic_file(tmp / "atomic.json") as f:
                 f.write_text("{}")
+            (tmp / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "weights.safetensors"))  # safetensors writes 0600
+            os.chmod(outside, 0o600)
+            (tmp / "link").symlink_to(outside)
         with atomic_file(tmp_path / "single.json") as f:
             f.write_text("{}")
         with staged_files(tmp_path / "run") as tmp, atomic_file(tmp / "staged.json") as f:
@@ -116,6 +126,8 @@ def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
     finally:
         os.umask(old)
     out = tmp_path / "out"
-    assert mode(out) == 0o777 & ~umask
-    for f in (out / "plain.txt", out / "atomic.json", tmp_path / "single.json", tmp_path / "run" / "staged.json"):
+    assert mode(out) == mode(out / "sub") == 0o777 & ~umask
+    for f in (out / "plain.txt", out / "atomic.json", out / "sub" / "weights.safetensors", tmp_path / "single.json",
+              tmp_path / "run" / "staged.json"):
         assert mode(f) == 0o666 & ~umask, f
+    assert mode(outside) == 0o600  # a symlink's target is not ours to change
