@@ -38,7 +38,7 @@ from loram.shared.architectures import (
     family_of,
     kept_kv_heads,
     kept_mlp_channels,
-    parse_layer_range,
+    pruned_layer_range,
 )
 from loram.shared.errors import LoramError
 from loram.shared.manifest import KINDS
@@ -209,9 +209,7 @@ def plan_params(config, kind: str = "structured", ratio: float | None = None, *,
     for name, value in (("ratio", ratio), ("attn_ratio", attn_ratio), ("mlp_ratio", mlp_ratio),
                         ("sparsity", sparsity)):
         check_fraction(name, value)
-    if layers is None and not structured:
-        layers = f"0:{shape.num_layers}"
-    start, stop = parse_layer_range(layers, shape.num_layers)
+    start, stop = pruned_layer_range(layers, shape.num_layers, structured)
 
     kv, channels = shape.num_kv_heads, shape.intermediate
     if structured:

@@ -44,7 +44,7 @@ from loram.shared.architectures import (
     TAYLOR_CALIBRATION,
     Shape,
     family_of,
-    parse_layer_range,
+    pruned_layer_range,
     ratio_options,
 )
 from loram.shared.configs import Config, option
@@ -252,13 +252,10 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     family_of(stock_config)
     shape = Shape.of(stock_config)
     if cfg.structured:
-        start, stop = parse_layer_range(cfg.layers, shape.num_layers)
-        if start == stop:
-            raise LoramError(f"layer range {cfg.layers or '4:-2 (the default)'} selects no layer of this "
-                             f"{shape.num_layers}-layer model, so nothing would be pruned; pass --layers A:B")
+        start, stop = pruned_layer_range(cfg.layers, shape.num_layers)
         select_kept({}, shape, *cfg.ratios)  # refuses ratios that remove everything, before loading
     else:
-        start, stop = parse_layer_range(cfg.layers or ":", shape.num_layers)
+        start, stop = pruned_layer_range(cfg.layers, shape.num_layers, structured=False)
         _check_widths(cfg.target, shape)
     if cfg.method in NEEDS_CALIBRATION + NEEDS_INPUTS and cfg.scores is None:
         check_source(str(cfg.calib))  # a missing calibration file fails now, not after loading the model

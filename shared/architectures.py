@@ -208,6 +208,17 @@ def parse_layer_range(spec: str | None, num_layers: int) -> tuple[int, int]:
     return start, stop
 
 
+def pruned_layer_range(spec: str | None, num_layers: int, structured: bool = True) -> tuple[int, int]:
+    """The layers a pruning touches: `spec` (see `parse_layer_range`), by default [4, L-2) for structured
+    pruning and every layer otherwise. A range that selects no layer is refused: nothing would be pruned."""
+    start, stop = parse_layer_range(spec if spec or structured else ":", num_layers)
+    if start == stop:
+        default = "4:-2 (the default)" if structured else ": (the default)"
+        raise LoramError(f"layer range {spec or default} selects no layer of this {num_layers}-layer model, "
+                         "so nothing would be pruned; pass --layers A:B")
+    return start, stop
+
+
 def kept_index(shape: Shape, spec: PrunedModule, kept_kv, kept_mlp):
     """Rows (axis "out") or columns (axis "in") of `spec`'s weight that survive, as a sorted LongTensor.
 

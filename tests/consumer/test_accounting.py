@@ -82,7 +82,7 @@ def test_attention_bias_counted_with_rows():
 
 
 def test_qwen2_qkv_biases_counted():
-    p = plan_params(tiny_config("qwen2"), "structured", 0.5)
+    p = plan_params(tiny_config("qwen2"), "structured", 0.5, layers="1:5")
     s = p.shape
     no_o_bias = _bias_entries(p) - s.num_layers * s.hidden  # Qwen2 has q/k/v biases, no o_proj bias
     weights = sum(2 * c.q_heads * s.head_dim * s.hidden + 2 * c.kv_heads * s.head_dim * s.hidden
@@ -91,8 +91,9 @@ def test_qwen2_qkv_biases_counted():
 
 
 def test_tied_embeddings_counted_once():
-    tied = plan_params(tiny_config("llama-gqa", tie_word_embeddings=True), "structured", 0.5)
-    untied = plan_params(tiny_config("llama-gqa", tie_word_embeddings=False), "structured", 0.5)
+    tied = plan_params(tiny_config("llama-gqa", tie_word_embeddings=True), "structured", 0.5, layers="1:5")
+    untied = plan_params(tiny_config("llama-gqa", tie_word_embeddings=False), "structured", 0.5,
+                         layers="1:5")
     s = tied.shape
     assert untied.original_params - tied.original_params == s.vocab * s.hidden
     assert untied.training_params - tied.training_params == s.vocab * s.hidden
@@ -127,7 +128,7 @@ def _slice_pruned(model, start, stop, kv, channels, gen) -> int:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("attn_ratio, mlp_ratio, layers", [(0.5, 0.3, "1:-1"), (0.2, 0.75, None), (0.0, 0.5, "0:6")])
+@pytest.mark.parametrize("attn_ratio, mlp_ratio, layers", [(0.5, 0.3, "1:-1"), (0.2, 0.75, "2:-1"), (0.0, 0.5, "0:6")])
 def test_training_params_match_a_sliced_model(kind, attn_ratio, mlp_ratio, layers):
     p = plan_params(tiny_config(kind), "structured", attn_ratio=attn_ratio, mlp_ratio=mlp_ratio, layers=layers)
     sliced = _slice_pruned(tiny_model(kind), *p.layer_range, p.kept_kv_heads, p.kept_channels,
@@ -157,7 +158,7 @@ def test_non_structured_nominal_and_nonzero(kind):
 
 def test_bnb_bytes_per_tensor():
     """Linear weights of decoder layers in NF4, everything else (embeddings, norms, biases) 2 bytes."""
-    p = plan_params(tiny_config("qwen2"), "structured", 0.0, layers="0:0")
+    p = plan_params(tiny_config("qwen2"), "structured", 0.0, layers=":")
     model = tiny_model("qwen2")
     expected = sum(nf4_bytes(t.numel()) if ".layers." in n and n.endswith("proj.weight") else 2 * t.numel()
                    for n, t in model.named_parameters())
@@ -178,8 +179,10 @@ def test_nf4_bytes_match_bitsandbytes(shape):
     ({"ratio": -0.1}, "ratio must be in [0, 1)"),
     ({"ratio": 0.5, "layers": "0:7"}, "out of bounds"),
     ({"ratio": 0.5, "layers": "x"}, "must look like A:B"),
-    ({"attn_ratio": 0.8, "mlp_ratio": 0.1}, "removes every KV group"),
-    ({"ratio": 0.1, "mlp_ratio": 0.99}, "removes every MLP channel"),
+    ({"attn_ratio": 0.8, "mlp_ratio": 0.1, "layers": "1:5"}, "removes every KV group"),
+    ({"ratio": 0.1, "mlp_ratio": 0.99, "layers": "1:5"}, "removes every MLP channel"),
+    ({"ratio": 0.5}, "layer range 4:-2 (the default) selects no layer of this 6-layer model"),
+    ({"ratio": 0.5, "layers": "3:3"}, "layer range 3:3 selects no layer"),
     ({"ratio": 0.5, "sparsity": 0.5}, "sparsity applies to the non-structured"),
     ({}, "needs a ratio"),
 ])

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import tiny_config
 from typer.testing import CliRunner
 
 from loram.cli import app
@@ -123,6 +124,7 @@ def test_help_has_examples():
     (["--attn-ratio", "0.9999"], "removes every KV group"),
     (["--mlp-ratio", "0.99999"], "removes every MLP channel"),
     (["--kind", "semi"], "--kind"),
+    (["--layers", "10:10"], "layer range 10:10 selects no layer of this 80-layer model"),
 ])
 def test_bad_flags(configs, args, needle):
     _one_line_error(runner.invoke(app, ["plan", str(configs["llama2"]), *args]), needle)
@@ -137,6 +139,9 @@ def test_bad_configs(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     _one_line_error(runner.invoke(app, ["plan", str(broken)]), "not a readable JSON config")
+    six = tmp_path / "six.json"  # the default range [4, L-2) of a 6-layer model is empty, as `publish prune` says
+    six.write_text(json.dumps(tiny_config("llama-gqa").to_dict()))
+    _one_line_error(runner.invoke(app, ["plan", str(six)]), "4:-2 (the default) selects no layer of this 6-layer")
 
 
 @pytest.fixture
