@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loram.demo_report import LORA, LORAM, ORIGINAL, PRUNED, SMALL, UNALIGNED
-from loram.shared.architectures import DEFAULT_RATIO, ratio_options
+from loram.shared.architectures import DEFAULT_RATIO, check_positions, ratio_options
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import looks_like_repo_id
@@ -140,9 +140,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     model_dir, data_dir = assets.model_dir(), assets.data_dir()
     asset_key = [json.loads((d / assets.RECORD_FILE).read_text())["sha256"] for d in (model_dir, data_dir)]
     quant, seq_len = cfg.resolved_quant, cfg.setting("seq_len")
-    longest = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-    if longest is not None and seq_len > longest:
-        raise LoramError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({longest})")
+    check_positions(json.loads((model_dir / "config.json").read_text()), seq_len, f"--seq-len {seq_len}")
     sizes = {"gsm8k-heldout": cfg.setting("eval_limit"), "news": cfg.setting("news_limit")}  # records per set
     train_args = ["--data", "gsm8k-train", "--columns", GSM8K_COLUMNS, "--quant", quant,
                   "--steps", cfg.setting("train_steps"), "--lr", "3e-4", "--batch", "4", "--seq-len", seq_len,

@@ -45,6 +45,10 @@ class EvalConfig(Config):
     def check(self):
         if not self.models:
             raise LoramError("name at least one model to evaluate")
+        names = [parse_spec(spec)[0] for spec in self.models]  # every spec read before any model loads
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise LoramError(f"two models are named {twice[0]!r}; name each one, e.g. a={twice[0]} b=...")
         if not self.perplexity and not self.tasks:
             raise LoramError("--no-perplexity leaves nothing to measure; add --tasks NAMES")
         if self.limit is not None and self.limit < 1:
@@ -67,10 +71,15 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
         return spec, spec, None
     name, named, rest = spec.partition("=")
     if not named or Path(spec.partition("+")[0]).expanduser().exists():
-        name, rest = "", spec
-    model, _, adapter = rest.partition("+")
+        name, named, rest = "", "", spec
+    model, plus, adapter = rest.partition("+")
+    usage = "use MODEL, MODEL+ADAPTER or NAME=MODEL+ADAPTER"
+    if named and not name.strip():
+        raise LoramError(f"model spec {spec!r} has an empty NAME before '='; {usage}")
     if not model:
-        raise LoramError(f"model spec {spec!r} names no model; use MODEL, MODEL+ADAPTER or NAME=MODEL+ADAPTER")
+        raise LoramError(f"model spec {spec!r} names no model; {usage}")
+    if plus and not adapter:
+        raise LoramError(f"model spec {spec!r} names no adapter after '+'; {usage}")
     return name or rest, model, adapter or None
 
 

@@ -8,6 +8,7 @@ generation prompt), otherwise it is used as is. Tokens are printed as they are g
 
 from dataclasses import dataclass
 
+from loram.shared.architectures import check_positions
 from loram.shared.configs import Config, check_seed, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
@@ -51,6 +52,9 @@ def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str
                                             return_tensors="pt", return_dict=True)
     else:
         enc = tokenizer(cfg.prompt, return_tensors="pt")
+    prompt_tokens = enc["input_ids"].shape[1]
+    check_positions(model.config, prompt_tokens + cfg.max_new_tokens,
+                    f"the prompt's {prompt_tokens} tokens plus --max-new-tokens {cfg.max_new_tokens}")
     out_stream = stream or sys.stdout
 
     class _Streamer(TextStreamer):

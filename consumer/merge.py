@@ -38,6 +38,17 @@ class MergeConfig(Config):
     endpoint: str | None = endpoint_option()
     overwrite: bool = option(False, "Replace an existing --out.")
 
+    def check(self):
+        from loram.memory_plan import parse_bytes
+
+        try:
+            size = parse_bytes(self.max_shard_size)
+        except LoramError:
+            size = None
+        if not size:
+            raise LoramError(f"--max-shard-size {self.max_shard_size!r} is not a size above zero; write e.g. 5GB "
+                             "or 2GiB")
+
 
 def check_original(adapter_dir: Path, base_dir: Path, ignore: bool) -> None:
     """Refuse a base whose config/weights differ from the fingerprint recorded by `loram recover`."""
@@ -130,6 +141,7 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     """Merge the adapter into its original model and write the result to `config.out`."""
     import torch
 
+    from loram.memory_plan import parse_bytes
     from loram.shared.pruned_model import load_tokenizer
 
     cfg = config or MergeConfig.resolve(**kwargs)
@@ -141,7 +153,7 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     check_not_an_input(cfg.out, {"the adapter": adapter_dir, "its base model": source.path})  # as resolved
     merged = model.merge_and_unload()
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
-        merged.save_pretrained(out, max_shard_size=cfg.max_shard_size)
+        merged.save_pretrained(out, max_shard_size=parse_bytes(cfg.max_shard_size))
         with contextlib.suppress(OSError, ValueError):  # a base without tokenizer files
             load_tokenizer(source.path).save_pretrained(out)
         cfg.save(out / "merge_config.yaml")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from loram.publisher.align_data import Source, check_text_source, probabilities, source_record
 from loram.publisher.distill import HIDDEN_INPUTS, HIDDEN_LAYERS, HIDDEN_LOSSES
+from loram.shared.architectures import check_positions
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
@@ -196,9 +197,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
                          "with `loram publish prune`")
     manifest = check_pruned_checkpoint(source.path, verify=cfg.verify and not source.verified)  # before anything heavy
     model_config = load_config(source.path)
-    max_positions = getattr(model_config, "max_position_embeddings", None)
-    if max_positions is not None and cfg.seq_len > max_positions:
-        raise LoramError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+    check_positions(model_config, cfg.seq_len, f"--seq-len {cfg.seq_len}")
     for s in cfg.sources + ([Source(cfg.eval_data)] if cfg.eval_data else []):
         check_text_source(s.name)
     try:

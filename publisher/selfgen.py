@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from loram.shared.architectures import check_positions
 from loram.shared.configs import Config, check_seed, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, resolve_model, revision_option
@@ -197,10 +198,8 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     check_writable(cfg.out, fix="choose another --out")
     progress = Progress.open(cfg, prompts)  # --resume: the committed conversations, verified; else none left behind
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
-    longest = getattr(load_config(source.path), "max_position_embeddings", None)
-    if longest is not None and cfg.max_new_tokens >= longest:
-        raise LoramError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in the model's "
-                         f"{longest} positions (max_position_embeddings); give fewer")
+    check_positions(load_config(source.path), cfg.max_new_tokens + 1,
+                    f"--max-new-tokens {cfg.max_new_tokens} with a prompt of one token or more")
     tokenizer = load_tokenizer(source.path)
     if not getattr(tokenizer, "chat_template", None):
         raise LoramError(f"{cfg.model}: its tokenizer has no chat template, and selfgen writes conversations; use an "

@@ -208,6 +208,15 @@ def parse_layer_range(spec: str | None, num_layers: int) -> tuple[int, int]:
     return start, stop
 
 
+def check_positions(config, tokens: int, what: str) -> None:
+    """Refuse `what` (e.g. "--seq-len 9000") when it needs `tokens` positions, more than the model's
+    max_position_embeddings (`config`: a config object or a config.json dict; no limit when it names none)."""
+    longest = config.get("max_position_embeddings") if isinstance(config, dict) else \
+        getattr(config, "max_position_embeddings", None)
+    if longest is not None and tokens > longest:
+        raise LoramError(f"{what} exceeds the model's max_position_embeddings ({longest})")
+
+
 def pruned_layer_range(spec: str | None, num_layers: int, structured: bool = True) -> tuple[int, int]:
     """The layers a pruning touches: `spec` (see `parse_layer_range`), by default [4, L-2) for structured
     pruning and every layer otherwise. A range that selects no layer is refused: nothing would be pruned."""

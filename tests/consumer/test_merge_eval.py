@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from tiny_models import save_tiny_checkpoint, tiny_batch
 from transformers import AutoModelForCausalLM
 
 import loram
-from loram.evaluate import evaluate, parse_spec
+from loram.evaluate import EvalConfig, evaluate, parse_spec
 from loram.generate import generate
 from loram.harness import gsm8k_answer as extract_answer
 from loram.merge import merge
@@ -62,7 +63,10 @@ def recovered(tmp_path_factory):
 
 
 def test_merged_logits_equal_the_unmerged_adapter(recovered):
-    merge(adapter=str(recovered / "rec"), out=recovered / "m32", dtype="fp32")
+    merge(adapter=str(recovered / "rec"), out=recovered / "m32", dtype="fp32", max_shard_size="64KiB")
+    shards = sorted((recovered / "m32").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (recovered / "m32" / "model.safetensors.index.json").is_file()
+    assert all(f.stat().st_size < 2 * 2**16 for f in shards)  # at most one tensor past the limit
     merged = AutoModelForCausalLM.from_pretrained(recovered / "m32")  # stock transformers, no adapter
     base = AutoModelForCausalLM.from_pretrained(recovered / "base")
     unmerged = PeftModel.from_pretrained(base, recovered / "rec").eval()
@@ -146,8 +150,14 @@ def test_parse_spec():
     assert parse_spec("m") == ("m", "m", None)
     assert parse_spec("x=m+a") == ("x", "m", "a")
     assert parse_spec("org/model+ad") == ("org/model+ad", "org/model", "ad")
-    with pytest.raises(LoramError):
-        parse_spec("x=+a")
+    for bad, message in (("x=+a", "names no model"), ("m+", "names no adapter after '+'"),
+                         ("x=m+", "names no adapter"), ("=m", "has an empty NAME before '='")):
+        with pytest.raises(LoramError, match=re.escape(message)):
+            parse_spec(bad)
+    with pytest.raises(LoramError, match="two models are named 'm'; name each one"):
+        EvalConfig.resolve(models=["m", "x=a", "m"])
+    with pytest.raises(LoramError, match="two models are named 'x'"):
+        EvalConfig.resolve(models=["x=a", "x=b+c"])
 
 
 @pytest.mark.parametrize("text,answer", [
