@@ -231,6 +231,14 @@ CASES = {
     "plan: --kind semi": (["plan", "{r}/base", "--kind", "semi"], False, {}, False),
     "demo: --out is a file": (["demo", "--out", "{r}/a-file"], False, {}, False),
     "demo: --publish-to not a URL": (["demo", "--publish-to", "localhost", "--out", "OUT"], False, {}, False),
+    "plan: the default --layers 4:-2 on 6 layers": (["plan", "{r}/base"], False, {}, False),
+    "generate: prompt + --max-new-tokens past the positions": (["generate", "{r}/base", "--prompt", "hi",
+                                                               "--max-new-tokens", "500"], False, {}, False),
+    "merge: --max-shard-size -5GB": (["merge", "{r}/recovered", "--max-shard-size", "-5GB", "--out", "OUT"], False,
+                                     {}, False),
+    "eval: MODEL+ (no adapter)": (["eval", "{r}/base+", *EVAL], False, {}, False),
+    "eval: two models under one name": (["eval", "a={r}/base", "a={r}/base+{r}/recovered", *EVAL], False, {},
+                                        False),
 }
 
 

@@ -48,7 +48,7 @@ class EvalConfig(Config):
         names = [parse_spec(spec)[0] for spec in self.models]  # every spec read before any model loads
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise LoramError(f"two models are named {twice[0]!r}; name each one, e.g. a={twice[0]} b=...")
+            raise LoramError(f"two models are named {twice[0]!r}; give each its own name: NAME=MODEL[+ADAPTER]")
         if not self.perplexity and not self.tasks:
             raise LoramError("--no-perplexity leaves nothing to measure; add --tasks NAMES")
         if self.limit is not None and self.limit < 1:

@@ -154,7 +154,7 @@ def test_parse_spec():
                          ("x=m+", "names no adapter"), ("=m", "has an empty NAME before '='")):
         with pytest.raises(LoramError, match=re.escape(message)):
             parse_spec(bad)
-    with pytest.raises(LoramError, match="two models are named 'm'; name each one"):
+    with pytest.raises(LoramError, match="two models are named 'm'; give each its own name"):
         EvalConfig.resolve(models=["m", "x=a", "m"])
     with pytest.raises(LoramError, match="two models are named 'x'"):
         EvalConfig.resolve(models=["x=a", "x=b+c"])
