@@ -80,7 +80,8 @@ class DemoConfig(Config):
     def check(self):
         self.ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
         if not 0 < self.ratio < 1:
-            raise LoramError(f"--ratio must lie in (0, 1), got {self.ratio}")
+            why = " (0 prunes nothing: the demo would compare the original with itself)" if self.ratio == 0 else ""
+            raise LoramError(f"--ratio must lie in (0, 1) for the demo{why}, got {self.ratio}")
         for name, least in (("align_steps", 1), ("train_steps", 1), ("eval_limit", 1), ("news_limit", 1),
                             ("seq_len", 2)):
             value = getattr(self, name)

@@ -109,7 +109,8 @@ def _report(ppl: dict) -> dict:
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"ratio": 0.0}, r"--ratio must lie in \(0, 1\), got 0.0"),
+    ({"ratio": 0.0}, r"--ratio must lie in \(0, 1\) for the demo \(0 prunes nothing: the demo would compare the "
+                     r"original with itself\), got 0.0"),
     ({"news_limit": 0}, "--news-limit must be >= 1"),
     ({"eval_limit": -3}, "--eval-limit must be >= 1"),
     ({"seq_len": 1}, "--seq-len must be >= 2"),

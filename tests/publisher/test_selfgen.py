@@ -97,7 +97,8 @@ def test_selfgen_command_line(original, prompts, tmp_path):
     ({"temperature": 0.0}, r"--temperature must be a number > 0"),
     ({"top_p": 1.5}, r"--top-p must lie in \(0, 1\]"),
     ({"count": 0}, r"--count must be >= 1"),
-    ({"max_new_tokens": 128}, r"--max-new-tokens 128 with a prompt of one token or more exceeds the model's max_position_embeddings \(128\)"),
+    ({"max_new_tokens": 128}, r"--max-new-tokens 128 with a prompt of one token or more exceeds the model's "
+                              r"max_position_embeddings \(128\)"),
     ({"out": "{tmp}/gen.json"}, r"write a .jsonl file"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(original, tmp_path, kwargs, message):
