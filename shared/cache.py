@@ -14,21 +14,27 @@ except ImportError:  # Windows has no fcntl: there concurrent builds are not ser
     fcntl = None
 
 
+def cache_root() -> Path:
+    """Where the cache is (not created)."""
+    if os.environ.get("LORAM_CACHE"):
+        return Path(os.environ["LORAM_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "loram"
+
+
 def cache_dir() -> Path:
     """The root cache directory (created on first use)."""
-    if os.environ.get("LORAM_CACHE"):
-        root = Path(os.environ["LORAM_CACHE"]).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = Path(xdg).expanduser() / "loram"
+    root = cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:  # the path, or a folder on it, is a file
+    except OSError as e:  # a file in the way, a place nobody may create folders in (/proc)
         from loram.shared.errors import LoramError
 
         where = "LORAM_CACHE" if os.environ.get("LORAM_CACHE") else "the cache folder"
-        raise LoramError(f"{where} {root} is not a folder (a file is in the way); point LORAM_CACHE at a "
-                         "folder") from e
+        why = "a file is in the way" if isinstance(e, FileExistsError | NotADirectoryError) else \
+            (e.strerror or str(e)).lower()
+        raise LoramError(f"{where} {root} cannot be made a folder ({why}); point LORAM_CACHE at a folder you "
+                         "can write to") from e
     return root
 
 

@@ -118,7 +118,7 @@ def _read(tp, value, choices=None):
         return value
     if tp is Path:
         if isinstance(value, str | os.PathLike):
-            return Path(value)
+            return Path(value).expanduser()  # a quoted '~/x' (or one in a YAML file) means what the shell's does
         raise _Refused("a path", value)
     if tp is list or typing.get_origin(tp) is list:
         item_tp = _base_type((typing.get_args(tp) or (Any,))[0])

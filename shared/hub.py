@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loram.shared.configs import Config, option
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, warn
 from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, sha256_file
 from loram.shared.outputs import atomic_file
 
@@ -79,6 +79,10 @@ class PushOptions(Config):
     message: str | None = option(None, "Commit message (default: names what is published and its base model).")
     endpoint: str | None = endpoint_option()
 
+    def check(self):
+        check_ref("--branch", self.branch)
+        check_ref("--tag", self.tag)
+
     def push(self, files: dict[str, "Path | bytes"], default_message: str) -> "PushResult":
         return push_files(self.repo_id, files, branch=self.branch, tag=self.tag, private=self.private,
                           endpoint=self.endpoint, message=self.message or default_message)
@@ -100,7 +104,29 @@ class PushResult:
 
 def looks_like_repo_id(text: str | Path) -> bool:
     """Spelled like a Hub repository id, `ORG/NAME`."""
-    return bool(_HUB_ID.fullmatch(str(text))) and ".." not in str(text)
+    if not (_HUB_ID.fullmatch(str(text)) and ".." not in str(text)):
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(text))  # the Hub's own rule: ASCII, no leading '-', no '.git', 96 characters
+    except HFValidationError:
+        return False
+    return True
+
+
+_REF = re.compile(r"(?!-)(?!refs/)[A-Za-z0-9._/-]+")
+
+
+def check_ref(flag: str, name: str | None) -> None:
+    """Refuse a branch, tag or revision name git would not take as is (None: not given)."""
+    if name is None:
+        return
+    if not _REF.fullmatch(name) or ".." in name or name.endswith((".", "/", ".lock")) or "//" in name \
+            or name.startswith("/"):
+        raise LoramError(f"{flag} {name!r} is not a valid branch or tag name; use letters, digits, '.', '_', '-' "
+                         "and '/' (e.g. v1, exp/lr-3e-4)")
 
 
 def is_hub_id(name: str | Path) -> bool:
@@ -137,6 +163,7 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
         RevisionNotFoundError,
     )
 
+    check_ref("--revision", revision)
     where = f"{repo_id}@{revision or 'main'}"
     try:
         folder = Path(snapshot_download(repo_id, revision=revision or "main", endpoint=endpoint))
@@ -160,14 +187,18 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
         raise
     if required and not (folder / required).is_file():
         raise LoramError(f"Hub repository {where} is not a {kind} (no {required})")
-    verify_snapshot(folder, where)
+    verify_snapshot(folder, where, offline=constants.is_offline_mode())
     return ModelSource(folder, repo_id, folder.name, verified=True)  # snapshots/<commit sha>
 
 
 # -- integrity --------------------------------------------------------------------------------------
 
-def verify_snapshot(folder: Path, where: str) -> None:
-    """Check every file of a downloaded snapshot (see the module docstring); evict the ones that fail."""
+def verify_snapshot(folder: Path, where: str, offline: bool = False) -> None:
+    """Check every file of a downloaded snapshot (see the module docstring); evict the ones that fail.
+
+    `offline`: the snapshot came from the cache without asking the Hub what the revision holds. Without a
+    manifest, only a snapshot this cache saw pulled whole is known complete; another (files fetched one by one,
+    e.g. by `loram plan`) is used with a warning and not recorded as whole."""
     listed = _manifest_hashes(folder)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     missing = sorted(set(listed) - set(files))
@@ -177,6 +208,11 @@ def verify_snapshot(folder: Path, where: str) -> None:
     record = _record_path(folder)
     if record.is_file() and json.loads(record.read_text()) == stamp:
         return
+    partial = offline and not listed
+    if partial:
+        warn(f"{where} comes from the local Hub cache (HF_HUB_OFFLINE=1), which never held it whole here: only its "
+             f"{len(files)} cached file(s) are checked, and files it lacks go unnoticed; pull it once with network "
+             "access")
     failed = [(name, against) for name in files if (against := _mismatch(folder / name, listed.get(name)))]
     for name, _ in failed:
         _evict(folder / name)
@@ -186,8 +222,9 @@ def verify_snapshot(folder: Path, where: str) -> None:
         raise LoramError(f"{where}: {name}{more} does not match {against} (integrity check failed); the bad copies "
                          "were removed from the cache: pull again to refetch them, and if this repeats the files "
                          "were modified on the Hub")
-    with atomic_file(record) as tmp:
-        tmp.write_text(json.dumps(stamp))
+    if not partial:
+        with atomic_file(record) as tmp:
+            tmp.write_text(json.dumps(stamp))
 
 
 def _mismatch(path: Path, promised: str | None) -> str | None:
@@ -267,13 +304,23 @@ def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | No
     stage = "create the repository"
     try:
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
-        stage = f"create branch {branch}"
-        if branch != "main":
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
         stage = "read the repository"
+        if private and not api.repo_info(repo_id).private:
+            warn(f"{repo_id} already exists and is public: --private applies only to a repository it creates, "
+                 "so this push is public; make the repository private on the Hub first if it must not be")
         refs = api.list_repo_refs(repo_id)
-        head = {b.name: b.target_commit for b in refs.branches}[branch]
+        branches = {b.name: b.target_commit for b in refs.branches}
         tags = {t.name: t.target_commit for t in refs.tags}
+        if branch in tags and branch not in branches:
+            raise LoramError(f"--branch {branch!r} is a tag of {repo_id}, not a branch; choose another --branch")
+        if tag is not None and tag in branches:
+            raise LoramError(f"--tag {tag!r} is a branch of {repo_id}; choose another --tag (nothing was committed)")
+        if branch not in branches:
+            stage = f"create branch {branch}"
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+            stage = "read the repository"
+            branches = {b.name: b.target_commit for b in api.list_repo_refs(repo_id).branches}
+        head = branches[branch]
         if tag is not None and tag in tags and tags[tag] != head:
             raise LoramError(f"tag {tag!r} of {repo_id} already names commit {tags[tag][:12]}, not the head of "
                              f"{branch}; tags are never moved, choose a new one")
@@ -288,10 +335,10 @@ def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | No
         operations = [CommitOperationAdd(p, str(src) if isinstance(src, Path) else src) for p, src in sorted(files.items())]
         operations += [CommitOperationDelete(p) for p in sorted(remote - set(files) - _KEEP_ON_HUB)]
         stage = "upload and commit (nothing was committed)"
-        commit = api.create_commit(repo_id, operations, commit_message=message, revision=branch,
-                                   parent_commit=head).oid
+        commit = _commit(api, repo_id, operations, message, branch, head)
         if tag is not None and tag not in tags:
-            stage = f"tag commit {commit[:12]} as {tag} (the commit was made)"
+            made = "the commit was made" if commit != head else "nothing needed committing"
+            stage = f"tag commit {commit[:12]} as {tag} ({made})"
             api.create_tag(repo_id, tag=tag, revision=commit)
         elif tag is not None and tags[tag] != commit:  # the content changed between the check and the commit
             raise LoramError(f"committed {commit[:12]} to {repo_id}@{branch}, but tag {tag!r} already names the "
@@ -303,6 +350,23 @@ def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | No
             raise LoramError(f"push to {repo_id}{_at(endpoint)} failed: could not {stage} ({explain(e)})") from e
         raise
     return PushResult(repo_id, branch, commit, commit != head, tag, url)
+
+
+def _commit(api, repo_id: str, operations: list, message: str, branch: str, head: str) -> str:
+    """Commit `operations` onto `head` of `branch`; the new head (`head` itself when nothing changed, which
+    the client logs as a warning of its own: our summary says it in one line instead)."""
+    import logging
+
+    quiet = [logging.getLogger(f"huggingface_hub.{m}") for m in ("hf_api", "_upload_pipeline")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        return api.create_commit(repo_id, operations, commit_message=message, revision=branch,
+                                 parent_commit=head).oid
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
 
 
 def _same_content(tree: dict, files: dict[str, Path | bytes]) -> bool:

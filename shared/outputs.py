@@ -18,14 +18,41 @@ from loram.shared.errors import LoramError
 
 
 def check_output_dir(out: Path, overwrite: bool, fix: str = "choose another --out") -> None:
-    """Refuse an existing, non-empty output directory unless `overwrite` is set, and an `out` that cannot be
-    created (`check_writable`)."""
+    """Refuse an existing, non-empty output directory unless `overwrite` is set, an `out` that is or holds a
+    cache (`check_not_a_cache`), and an `out` that cannot be created (`check_writable`)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LoramError(f"output path {out} exists and is not a directory; {fix}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LoramError(f"output directory {out} already exists; {fix} or pass --overwrite")
+    try:
+        exists = out.exists()
+        if exists and not out.is_dir():
+            raise LoramError(f"output path {out} exists and is not a directory; {fix}")
+        if exists and any(out.iterdir()) and not overwrite:
+            raise LoramError(f"output directory {out} already exists; {fix} or pass --overwrite")
+    except OSError as e:  # a name too long, a folder that cannot be listed
+        raise LoramError(f"cannot use {out} as an output folder ({e.strerror or e}); {fix}") from e
+    check_not_a_cache(out, fix)
     check_writable(out, fix=fix)
+
+
+def caches() -> dict[str, Path]:
+    """The folders no output may replace: the Hugging Face home (its token file) and Hub cache, LoRAM's."""
+    from huggingface_hub import constants
+
+    from loram.shared.cache import cache_root
+
+    return {"the Hugging Face home (HF_HOME)": Path(constants.HF_HOME),
+            "the Hugging Face Hub cache (HF_HUB_CACHE)": Path(constants.HF_HUB_CACHE),
+            "the LoRAM cache (LORAM_CACHE)": cache_root()}
+
+
+def check_not_a_cache(out: Path, fix: str = "choose another --out") -> None:
+    """Refuse an `out` that is, or holds, a cache folder: replacing it (--overwrite) would delete every model
+    downloaded, and the Hub token."""
+    target = Path(os.path.abspath(Path(out).expanduser()))
+    for name, folder in caches().items():
+        folder = Path(os.path.abspath(folder.expanduser()))
+        if folder == target or target in folder.parents:
+            where = "is" if folder == target else "holds"
+            raise LoramError(f"--out {out} {where} {name} {folder}: writing there would delete it; {fix}")
 
 
 def check_not_an_input(out, inputs: dict, fix: str = "choose another --out") -> None:
@@ -61,7 +88,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False, fix: str = "choose ano
 
     On any exception the temporary directory is removed and `out` is left as it was.
     """
-    out = Path(out)
+    out = Path(os.path.abspath(Path(out).expanduser()))  # `--out .` has no name to make a sibling of
     check_output_dir(out, overwrite, fix)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)

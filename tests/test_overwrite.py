@@ -92,3 +92,36 @@ def test_an_input_is_never_the_output(root, tmp_path, case):
     assert proc.stderr.startswith("error: --out ") and phrase in proc.stderr, proc.stderr
     assert "writing there would replace it; choose another --out" in proc.stderr
     assert file_tree(work) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_cache_is_never_the_output(root, tmp_path):
+    """`--out` onto the Hugging Face home (downloaded models, the token) or the LoRAM cache with --overwrite
+    would delete it; `loram pull --out $HF_HOME --overwrite` did."""
+    home, cache = tmp_path / "hf-home", tmp_path / "loram-cache"
+    for folder in (home / "hub", cache):
+        folder.mkdir(parents=True)
+        (folder / "kept.txt").write_text("downloaded")
+    env = {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "LORAM_CACHE": str(cache)}
+    before = file_tree(tmp_path)
+    for out, what in ((home, "is the Hugging Face home (HF_HOME)"), (tmp_path, "holds the Hugging Face home"),
+                      (cache, "is the LoRAM cache (LORAM_CACHE)")):
+        proc = run_loram("recover", root / "adapter", "--out", out, "--overwrite", cwd=tmp_path, **env)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: --out {out} {what}"), proc.stderr
+        assert "writing there would delete it; choose another --out" in proc.stderr
+    assert file_tree(tmp_path) == before
+
+
+def test_out_is_read_as_a_shell_reads_it(root, tmp_path):
+    """A quoted '~/x' is the home folder's x (it was a literal './~/x'); '.' is the working folder (its empty
+    name had no sibling to write beside); a name too long for the file system is one line."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    proc = run_loram("recover", root / "adapter", "--out", "~/rec", cwd=work, HOME=str(home))
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "rec" / "adapter_model.safetensors").is_file() and not any(work.iterdir())
+    proc = run_loram("recover", root / "adapter", "--out", ".", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "adapter_model.safetensors").is_file() and not list(tmp_path.glob("*tmp-*"))
+    proc = run_loram("recover", root / "adapter", "--out", work / ("n" * 300), cwd=work)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot use ") and "name too long" in proc.stderr

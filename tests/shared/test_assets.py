@@ -23,9 +23,12 @@ def test_cache_dir_honours_loram_cache_then_xdg(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("x")
     for path in (tmp_path / "a-file", tmp_path / "a-file" / "below"):  # a file where the folder would go
         monkeypatch.setenv("LORAM_CACHE", str(path))
-        with pytest.raises(LoramError, match=f"LORAM_CACHE {path} is not a folder .a file is in the way.; "
-                                             "point LORAM_CACHE at a folder"):
+        with pytest.raises(LoramError, match=f"LORAM_CACHE {path} cannot be made a folder .a file is in the way.; "
+                                             "point LORAM_CACHE at a folder you can write to"):
             cache_dir()
+    monkeypatch.setenv("LORAM_CACHE", "/proc/no-such-folder")  # no folder can be made there
+    with pytest.raises(LoramError, match="LORAM_CACHE /proc/no-such-folder cannot be made a folder .no such file"):
+        cache_dir()
 
 
 def test_wiki_markup_is_stripped_to_prose():

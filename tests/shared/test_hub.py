@@ -11,7 +11,7 @@ from conftest import HUB_TOKEN
 from huggingface_hub import constants
 
 from loram.shared.errors import LoramError
-from loram.shared.hub import is_hub_id, pull_repo, push_files, resolve_model
+from loram.shared.hub import check_ref, is_hub_id, pull_repo, push_files, resolve_model
 
 WEIGHTS = bytes(range(256)) * 64  # 16 KiB
 
@@ -35,6 +35,51 @@ def _read(folder: Path) -> dict[str, bytes]:
 def test_hub_ids():
     assert is_hub_id("org/name") and is_hub_id("Org-1/llama.3_p50")
     assert not is_hub_id("name") and not is_hub_id("/abs/path") and not is_hub_id("a/b/c") and not is_hub_id("../x")
+    for bad in ("org/-name", "org/name.git", "org/n\u00e4me", "org/" + "n" * 100):  # the Hub's own rule
+        assert not is_hub_id(bad), bad
+
+
+def test_refs_are_checked_before_anything_is_committed(hub):
+    first = push_files("org/m", _checkpoint(), tag="v1", endpoint=hub.url)
+    commits = len(hub.repos["org/m"].commits)
+    with pytest.raises(LoramError, match="--branch 'v1' is a tag of org/m, not a branch; choose another --branch"):
+        push_files("org/m", _checkpoint(b'{"v": 2}'), branch="v1", endpoint=hub.url)
+    with pytest.raises(LoramError, match="--tag 'main' is a branch of org/m; choose another --tag .nothing was"):
+        push_files("org/m", _checkpoint(b'{"v": 2}'), tag="main", endpoint=hub.url)
+    assert len(hub.repos["org/m"].commits) == commits and hub.head("org/m") == first.commit
+    for bad in ("", "my branch", "refs/heads/x", "v 2", "-x", "a..b", "x/", "/x", "x.lock"):
+        with pytest.raises(LoramError, match=f"--tag {bad!r} is not a valid branch or tag name"):
+            check_ref("--tag", bad)
+    for good in ("v1", "exp/lr-3e-4", "release_2.0", first.commit):
+        check_ref("--branch", good)
+    with pytest.raises(LoramError, match="--revision '' is not a valid branch or tag name"):
+        pull_repo("org/m", "", endpoint=hub.url)
+
+
+def test_private_on_an_existing_public_repository_warns(hub, capsys):
+    push_files("org/m", _checkpoint(), endpoint=hub.url)
+    push_files("org/m", _checkpoint(b'{"v": 2}'), private=True, endpoint=hub.url)
+    assert "warning: org/m already exists and is public: --private applies only to a repository it creates" in \
+        capsys.readouterr().err
+    push_files("org/p", _checkpoint(), private=True, endpoint=hub.url)  # created private: nothing to say
+    assert hub.repos["org/p"].private and "warning" not in capsys.readouterr().err
+
+
+def test_offline_a_snapshot_never_pulled_whole_is_used_with_a_warning(hub, monkeypatch, capsys):
+    """Files fetched one by one (as `loram plan` fetches config.json) are all the cache holds of a revision:
+    offline, nothing says what is missing, so the pull says so, and does not record the snapshot as whole."""
+    push_files("org/a", {"adapter_config.json": b"{}", "adapter_model.safetensors": WEIGHTS}, endpoint=hub.url)
+    huggingface_hub.hf_hub_download("org/a", "adapter_config.json", endpoint=hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for _ in range(2):
+        pull_repo("org/a", endpoint=hub.url, required="adapter_config.json", kind="peft adapter")
+        assert "warning: org/a@main comes from the local Hub cache (HF_HUB_OFFLINE=1), which never held it whole" \
+            in capsys.readouterr().err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    pull_repo("org/a", endpoint=hub.url)  # whole now
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    pull_repo("org/a", endpoint=hub.url)
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_local_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
