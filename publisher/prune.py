@@ -15,6 +15,7 @@ temporary folder that is renamed onto `--out` when complete.
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from loram.shared.architectures import (
     PRUNED_MODULES,
     TAYLOR_CALIBRATION,
     Shape,
+    check_positions,
     family_of,
     pruned_layer_range,
     ratio_options,
@@ -259,6 +261,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
         _check_widths(cfg.target, shape)
     if cfg.method in NEEDS_CALIBRATION + NEEDS_INPUTS and cfg.scores is None:
         check_source(str(cfg.calib))  # a missing calibration file fails now, not after loading the model
+        check_positions(stock_config, cfg.calibration_size[1], f"calibration --seq-len {cfg.calibration_size[1]}")
     _log(f"loading {source.id} ({threads} CPU thread{'s' if threads > 1 else ''})")
     model = _load_structured(cfg, source.path) if cfg.structured else from_pretrained(source.path, dtype="auto")
     tokenizer = _tokenizer_or_none(source.path)
@@ -461,12 +464,19 @@ def read_scores(path: Path, layers: range, shape: Shape):
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as e:
         raise LoramError(f"--scores {path} is not a readable safetensors scores file ({e})") from e
+    stray = next((k for k in tensors if not re.fullmatch(r"layers\.\d+\.(kv|mlp)", k)), None)
+    if stray is not None:
+        raise LoramError(f"--scores {path} is not an importance scores file (it holds {stray}); pass the "
+                         "importance.safetensors an earlier `loram publish prune` wrote")
     scores = {}
     for i in layers:
         kv, mlp = tensors.get(f"layers.{i}.kv"), tensors.get(f"layers.{i}.mlp")
         if kv is None or mlp is None:
             raise LoramError(f"--scores {path} has no scores for layer {i}; it covers layers "
                              f"{sorted({int(k.split('.')[1]) for k in tensors})}")
+        if not (kv.is_floating_point() and mlp.is_floating_point() and kv.isfinite().all() and mlp.isfinite().all()):
+            raise LoramError(f"--scores {path}: the scores of layer {i} are not all finite numbers; recompute them "
+                             "(prune without --scores)")
         if kv.shape != (shape.num_kv_heads,) or mlp.shape != (shape.intermediate,):
             raise LoramError(f"--scores {path} does not match this model: layer {i} has {kv.numel()} KV groups "
                              f"and {mlp.numel()} channels, the model {shape.num_kv_heads} and {shape.intermediate}")

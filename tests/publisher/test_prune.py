@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import KINDS, save_tiny_checkpoint, tiny_batch
 from transformers import AutoModelForCausalLM
 
@@ -206,6 +206,14 @@ def test_scores_file_reprunes_at_another_ratio_without_calibration(tmp_path, cal
     with pytest.raises(LoramError, match="no scores for layer 0"):
         _prune(tmp_path, tmp_path / "base", "x", ratio=0.3, layers="0:6",
                scores=_prune(tmp_path, tmp_path / "base", "y", method="l1", ratio=0.5, layers="2:4").out / SCORES_FILE)
+    with pytest.raises(LoramError, match="is not an importance scores file .it holds model.embed_tokens.weight"):
+        _prune(tmp_path, tmp_path / "base", "x", ratio=0.3, layers="0:6", scores=tmp_path / "base" / "model.safetensors")
+    bad = load_file(str(first.out / SCORES_FILE))
+    bad["layers.1.kv"][0] = float("nan")
+    save_file(bad, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(LoramError, match="the scores of layer 1 are not all finite numbers"):
+        _prune(tmp_path, tmp_path / "base", "x", ratio=0.3, layers="0:6", scores=tmp_path / "nan.safetensors")
+    assert not (tmp_path / "x").exists()
 
 
 def test_manifest_records_base_method_and_files(tmp_path, calib_file):

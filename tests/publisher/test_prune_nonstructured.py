@@ -139,6 +139,8 @@ def test_loads_with_stock_transformers_without_loram(base):
     ({"method": "wanda"}, "exactly one of --sparsity S or --nm N:M"),
     ({"method": "magnitude", "sparsity": 0.5, "nm": "2:4"}, "exactly one of"),
     ({"method": "wanda", "nm": "2:4", "layers": "0:9"}, "out of bounds"),
+    ({"method": "wanda", "sparsity": 0.5, "seq_len": 4096},
+     "calibration --seq-len 4096 exceeds the model's max_position_embeddings (128)"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(base, kwargs, message):
     with pytest.raises(LoramError, match=message.replace("(", r"\(").replace(")", r"\)")):
