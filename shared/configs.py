@@ -184,15 +184,22 @@ class Config:
         """Build the config from an optional YAML file, then flags that are not None."""
         values: dict[str, Any] = {}
         if config_file is not None:
-            path = Path(config_file)
+            path = Path(config_file).expanduser()
             if not path.is_file():
-                raise LoramError(f"config file {path} not found")
+                raise LoramError(f"config file {path} {'is a folder' if path.is_dir() else 'not found'}; "
+                                 "give a YAML file of option: value lines")
             try:
-                loaded = yaml.safe_load(path.read_text()) or {}
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError as e:
                 raise LoramError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+            except (UnicodeDecodeError, OSError) as e:
+                raise LoramError(f"config file {path} cannot be read as UTF-8 text ({e}); save it as UTF-8") from e
             if not isinstance(loaded, dict):
                 raise LoramError(f"config file {path} must hold a mapping of option: value")
+            odd = next((k for k in loaded if not isinstance(k, str)), None)
+            if odd is not None or None in loaded:
+                raise LoramError(f"config file {path}: the key {odd!r} is not an option name; write option: value "
+                                 "lines, e.g. steps: 100")
             values.update({k.replace("-", "_"): v for k, v in loaded.items()})
         values.update({k: v for k, v in flags.items() if v is not None})
         return cls.from_dict(values)

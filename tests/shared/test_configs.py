@@ -71,6 +71,8 @@ def test_defaults_are_not_shared_between_instances():
     ("base: [unclosed\n", {}, "not valid YAML"),
     ("base: m\n", {"ratio": 1.5}, "--ratio must lie in [0, 1)"),
     ("base: m\nsteps: many\n", {}, "--steps must be a whole number; got 'many'"),
+    ("base: m\n1: 2\n", {}, "the key 1 is not an option name; write option: value lines"),
+    ("base: m\nnull: 2\n", {}, "the key None is not an option name"),
 ])
 def test_user_mistakes_are_loram_errors(tmp_path, content, flags, message):
     f = tmp_path / "c.yaml"
@@ -79,9 +81,21 @@ def test_user_mistakes_are_loram_errors(tmp_path, content, flags, message):
         ToyConfig.resolve(f, **flags)
 
 
-def test_missing_config_file(tmp_path):
-    with pytest.raises(LoramError, match="config file .* not found"):
+def test_missing_unreadable_or_folder_config_file(tmp_path):
+    with pytest.raises(LoramError, match="config file .* not found; give a YAML file"):
         ToyConfig.resolve(tmp_path / "nope.yaml")
+    with pytest.raises(LoramError, match="config file .* is a folder; give a YAML file"):
+        ToyConfig.resolve(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes(b"\xff\xfesteps: 1\n")
+    with pytest.raises(LoramError, match="cannot be read as UTF-8 text .*; save it as UTF-8"):
+        ToyConfig.resolve(tmp_path / "latin1.yaml")
+
+
+def test_a_path_option_expands_the_home_folder(monkeypatch, tmp_path):
+    """A quoted '~/x' on the command line, or `out: ~/x` in a YAML file, is the home folder's x, as the shell
+    makes of an unquoted one (it was a literal folder named '~')."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert RecoverConfig.resolve(adapter="a", out="~/rec").out == tmp_path / "rec"
 
 
 # --- choices: refused alike by the Python API (direct, resolve, command kwargs) and YAML files ---------------
