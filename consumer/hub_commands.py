@@ -73,6 +73,8 @@ def push(config: PushConfig | None = None, **kwargs) -> PushResult:
     """Publish the recovered adapter in `config.folder` with its card (see the module docstring)."""
     cfg = config or PushConfig.resolve(**kwargs)
     folder = Path(cfg.folder)
+    if not folder.is_dir():
+        raise LoramError(f"{folder} is not a folder; give the folder `loram recover` wrote")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR):
         if not (folder / name).is_file():
             raise LoramError(f"{folder} is not a recovered adapter (no {name}); run `loram recover` first, "
@@ -91,6 +93,11 @@ def push(config: PushConfig | None = None, **kwargs) -> PushResult:
         raise LoramError(f"the adapter's base model is {base!r}, a local folder rather than a Hub repository, so "
                          "nobody could load it from the Hub; recover it with `loram recover ADAPTER --original "
                          "ORG/NAME --out ...`")
+    recorded = sidecar.get("original_model") if isinstance(sidecar.get("original_model"), dict) else {}
+    if (recorded.get("id"), recorded.get("revision")) != (base, adapter_config.get("revision")):
+        raise LoramError(f"{folder / ADAPTER_CONFIG} names the base {base}@{adapter_config.get('revision')}, but "
+                         f"{SIDECAR} records the recovery for {recorded.get('id')}@{recorded.get('revision')}; the "
+                         "adapter was edited after recovery: recover it again with `loram recover`")
     files: dict[str, Path | bytes] = {p.name: p for p in sorted(folder.iterdir())
                                       if p.is_file() and not p.name.startswith(".") and p.name != "README.md"}
     files["README.md"] = adapter_card(sidecar, adapter_config, repo_id=cfg.repo_id).encode()

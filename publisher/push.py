@@ -41,6 +41,8 @@ def push(config: PushConfig | None = None, **kwargs) -> PushResult:
     """Publish `config.folder` to `config.repo_id` (see the module docstring)."""
     cfg = config or PushConfig.resolve(**kwargs)
     folder = Path(cfg.folder)
+    if not folder.is_dir():
+        raise LoramError(f"{folder} is not a folder; give the pruned (or aligned) checkpoint folder")
     if not (folder / MANIFEST_JSON).is_file():
         raise LoramError(f"{folder} has no {MANIFEST_JSON}: `loram publish push` publishes pruned checkpoints "
                          "(`loram push` publishes recovered adapters)")

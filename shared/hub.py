@@ -393,7 +393,14 @@ def _same_content(tree: dict, files: dict[str, Path | bytes]) -> bool:
 # -- errors -----------------------------------------------------------------------------------------
 
 def _at(endpoint: str | None) -> str:
-    return f" at {endpoint}" if endpoint else ""
+    """" at ENDPOINT" for a message, without credentials a URL may carry (user:password@, ?token=)."""
+    if not endpoint:
+        return ""
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(endpoint)
+    host = url.netloc.rpartition("@")[2]
+    return f" at {urllib.parse.urlunsplit((url.scheme, host, url.path, '', ''))}"
 
 
 def _is_hub_failure(error: BaseException) -> bool:

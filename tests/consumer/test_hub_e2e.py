@@ -211,3 +211,23 @@ def test_push_refuses_a_damaged_adapter_before_going_online(tmp_path, broken, me
     (folder / broken).write_bytes(b"{\n" if broken.endswith(".json") else b"\x10\x00")
     with pytest.raises(LoramError, match=message):  # an unreachable endpoint: never contacted
         push_adapter(folder=folder, repo_id="org/name", endpoint="http://127.0.0.1:9")
+
+
+def test_push_refuses_an_adapter_edited_after_recovery_before_going_online(tmp_path):
+    """The card names the recovery's base: an adapter_config.json pointing elsewhere would publish an adapter
+    whose card and config disagree."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "recovered"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "revision": "abc",
+                                                            "base_model_name_or_path": "org/doesnotexist"}))
+    (folder / "loram_recovery.json").write_text(json.dumps({"pruned_model": {"id": "o/p"},
+                                                            "original_model": {"id": "org/base", "revision": "abc"}}))
+    with pytest.raises(LoramError, match="names the base org/doesnotexist@abc, but loram_recovery.json records the "
+                                         "recovery for org/base@abc; the adapter was edited after recovery"):
+        push_adapter(folder=folder, repo_id="org/name", endpoint="http://127.0.0.1:9")
+    with pytest.raises(LoramError, match="is not a folder; give the folder `loram recover` wrote"):
+        push_adapter(folder=tmp_path / "missing", repo_id="org/name", endpoint="http://127.0.0.1:9")

@@ -39,6 +39,13 @@ def test_hub_ids():
         assert not is_hub_id(bad), bad
 
 
+def test_an_endpoint_is_named_without_its_credentials():
+    from loram.shared.hub import _at
+
+    assert _at("http://user:s3cret@127.0.0.1:8000/api?token=hf_x") == " at http://127.0.0.1:8000/api"
+    assert _at("https://hub.example.org") == " at https://hub.example.org" and _at(None) == ""
+
+
 def test_refs_are_checked_before_anything_is_committed(hub):
     first = push_files("org/m", _checkpoint(), tag="v1", endpoint=hub.url)
     commits = len(hub.repos["org/m"].commits)
