@@ -50,7 +50,7 @@ from loram.shared.architectures import (
     ratio_options,
 )
 from loram.shared.configs import Config, option
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, warn
 from loram.shared.hub import endpoint_option, resolve_model, revision_option
 from loram.shared.manifest import (
     MANIFEST_JSON,
@@ -323,6 +323,9 @@ def _nonstructured(cfg, model, tokenizer, stock_config, shape: Shape, layers: ra
                          "--seq-len") from e
     params = sum(p.numel() for p in model.parameters())
     zeros = sum(math.prod(m.shape) - m.kept for m in done.masks.values())
+    if zeros == 0:
+        warn(f"--sparsity {target.sparsity:g} zeroes no weight of these layers (it rounds to none per row); the "
+             "checkpoint is the original's weights: give a larger --sparsity")
     manifest = Manifest(
         base=base, architecture=shape,
         method=Method(kind="non-structured", criterion=cfg.method, sparsity=target.sparsity,

@@ -180,3 +180,9 @@ def test_every_family_prunes_layer_by_layer(tmp_path, kind):
         assert bool((model.get_submodule(name).weight[~packed.unpack()] == 0).all()), name
     logits = model(torch.arange(1, 20).unsqueeze(0)).logits
     assert bool(torch.isfinite(logits).all())
+
+
+def test_a_sparsity_that_zeroes_nothing_is_warned_about(base, capsys):
+    result = _prune(base, "none", method="magnitude", sparsity=1e-9)
+    assert result.nonzero_params == result.original_params
+    assert "warning: --sparsity 1e-09 zeroes no weight of these layers" in capsys.readouterr().err
