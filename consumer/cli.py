@@ -13,6 +13,7 @@ from loram.consumer_commands import register as register_consumer
 from loram.hub_commands import register as register_hub
 from loram.plan import register as register_plan
 from loram.shared.cli_support import console_warnings, run_app, user_errors
+from loram.shared.errors import LoramError
 
 app = typer.Typer(
     name="loram",
@@ -74,6 +75,9 @@ def assets_path(name: Annotated[str, typer.Argument(help="`model`, a data split 
 
         typer.echo(task_dir())
         return
+    if name != "model" and name not in assets.DATA_NAMES:
+        raise LoramError(f"unknown asset {name!r}; choose one of model, {', '.join(assets.DATA_NAMES)}, lm-eval-tasks "
+                         "(`loram assets list` shows them)")
     typer.echo(assets.model_dir() if name == "model" else assets.data_path(name))
 
 

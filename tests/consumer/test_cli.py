@@ -27,7 +27,9 @@ def test_command_help_shows_examples():
 def test_user_error_is_one_line_exit_2_no_traceback():
     proc = subprocess.run([LORAM, "assets", "path", "no-such-split"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown built-in data source")
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown asset 'no-such-split'; "
+                                                                           "choose one of model, wiki,")
+    assert "lm-eval-tasks" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
