@@ -36,6 +36,8 @@ def assets_fetch(
     """Fetch, verify and convert the embedded assets into the cache; print where they are."""
     from loram.shared import assets
 
+    if not (model or data):
+        raise LoramError("--no-model --no-data leaves nothing to fetch; drop one of them")
     if model:
         typer.echo(f"model  {assets.model_dir()}")
     if data:

@@ -30,6 +30,8 @@ def test_user_error_is_one_line_exit_2_no_traceback():
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown asset 'no-such-split'; "
                                                                            "choose one of model, wiki,")
     assert "lm-eval-tasks" in proc.stderr
+    proc = subprocess.run([LORAM, "assets", "fetch", "--no-model", "--no-data"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == "error: --no-model --no-data leaves nothing to fetch; drop one of them\n"
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
