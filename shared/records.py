@@ -24,7 +24,7 @@ import contextlib
 import csv
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -193,11 +193,19 @@ def _json_lines(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def _quietly(records: Iterable) -> Iterator:
+    """`records`, read with the datasets library quiet (its JSON reader logs a file it cannot parse before
+    raising; the error is ours to say, in one line). Quiet from the first record to the last."""
+    with quiet_datasets():
+        yield from records
+
+
 def iter_texts(name: str) -> Iterator[str]:
     """The documents of a source, in order, streamed; a source without any non-blank text is a LoramError."""
     found = False
     try:
-        for record in _text_dataset(name):
+        records = _text_dataset(name)
+        for record in records if name in TEXT_SPLITS else _quietly(records):
             text = record.get("text")
             if not isinstance(text, str):
                 found_here = (f"a record's 'text' is {type(text).__name__}" if "text" in record

@@ -137,3 +137,17 @@ def test_the_built_in_gsm8k_split_has_question_answer_records():
     records = load_records("gsm8k-train")
     assert len(records) == assets.GSM8K_TRAIN_ITEMS and records.column_names == ["question", "answer"]
     assert records[0] == assets.read_records("gsm8k-train")[0]
+
+
+def test_an_unreadable_text_file_is_our_one_line_alone(tmp_path, capfd, caplog):
+    """The datasets JSON reader logs "Failed to load JSON from file ..." before it raises: the user gets our
+    line only."""
+    from loram.shared.records import iter_texts
+
+    bad = tmp_path / "binary.jsonl"
+    bad.write_bytes(b"\x00\x01\xff\xfe garbage\n")
+    with pytest.raises(LoramError, match="could not read data source .*binary.jsonl"):
+        list(iter_texts(str(bad)))
+    captured = capfd.readouterr()
+    said = captured.err + captured.out + caplog.text
+    assert "Failed to load JSON" not in said, said
