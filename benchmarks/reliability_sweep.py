@@ -29,6 +29,8 @@ GEN = ["--prompt", "hi", "--max-new-tokens", "2"]
 
 
 def fixtures(r: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
     from loram.recover import recover
     from loram.train import train
 
@@ -39,6 +41,7 @@ def fixtures(r: Path) -> None:
                                                for i in range(8)))
     (r / "a-file").write_text("not a folder\n")
     (r / "bad.yaml").write_text("lm_head: maybe\n")
+    (r / "intkey.yaml").write_text("steps: 1\n1: 2\n")  # a key YAML reads as a number
     train(model=str(r / "pruned"), data=str(r / "qa.jsonl"), out=r / "adapter", steps=1, seq_len=32,
           columns="prompt=question,response=answer", save_every=1)
     recover(adapter=str(r / "adapter"), out=r / "recovered")
@@ -74,6 +77,9 @@ def fixtures(r: Path) -> None:
     key = next(iter(layers))
     layers[key]["intermediate_size"] = layers[key]["intermediate_size"] + 3
     (r / "tampered" / "config.json").write_text(json.dumps(config))
+    scores = load_file(str(r / "pruned" / "importance.safetensors"))
+    scores["layers.1.kv"][0] = float("nan")
+    save_file(scores, str(r / "nan-scores.safetensors"))
 
 
 def _flip(folder: Path) -> None:
@@ -237,6 +243,19 @@ CASES = {
     "merge: --max-shard-size -5GB": (["merge", "{r}/recovered", "--max-shard-size", "-5GB", "--out", "OUT"], False,
                                      {}, False),
     "eval: MODEL+ (no adapter)": (["eval", "{r}/base+", *EVAL], False, {}, False),
+    "pull: --out is HF_HOME, --overwrite": (["pull", "org/name", "--out", "OUT", "--overwrite"], True,
+                                           {"HF_HOME": "OUT"}, False),
+    "publish push: --tag ''": (["publish", "push", "{r}/pruned", "--repo-id", "org/name", "--tag", ""], False, {},
+                               False),
+    "publish prune: --scores with a NaN": (["publish", "prune", "{r}/base", "--method", "l2", "--layers", "1:3",
+                                            "--scores", "{r}/nan-scores.safetensors", "--out", "OUT"], False, {},
+                                           False),
+    "publish prune: calibration --seq-len past the positions": (["publish", "prune", "{r}/base", "--method", "wanda",
+                                                                 "--sparsity", "0.5", "--calib", "{r}/text.txt",
+                                                                 "--seq-len", "4096", "--out", "OUT"], False, {},
+                                                                False),
+    "train: --config with a numeric key": (["train", "{r}/pruned", "--data", "{r}/qa.jsonl", "--config",
+                                            "{r}/intkey.yaml", "--out", "OUT"], False, {}, False),
     "eval: two models under one name": (["eval", "a={r}/base", "a={r}/base+{r}/recovered", *EVAL], False, {},
                                         False),
 }
@@ -254,6 +273,7 @@ def run_case(r: Path, name: str) -> dict:
     watched = {p: file_tree(p) for p in (out, r / "a-file") if p.is_dir()}
     before = sorted(p.name for p in work.iterdir())
     args = [str(out) if a == "OUT" else a.replace("{r}", str(r)) for a in argv]
+    env = {k: str(out) if v == "OUT" else v for k, v in env.items()}
     started = time.time()
     proc = run_loram(*args, cwd=work, **env)
     lines = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "warning:"))]

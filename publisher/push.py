@@ -27,6 +27,7 @@ class PushConfig(PushOptions):
     license: str | None = option(None, "License for the card (default: the base model card's, when readable).")
 
     def check(self):
+        super().check()
         if self.base_model is not None and not looks_like_repo_id(self.base_model):
             raise LoramError(f"--base-model {self.base_model!r} must be a Hub repo id ORG/NAME")
 

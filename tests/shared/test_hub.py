@@ -61,6 +61,12 @@ def test_refs_are_checked_before_anything_is_committed(hub):
         check_ref("--branch", good)
     with pytest.raises(LoramError, match="--revision '' is not a valid branch or tag name"):
         pull_repo("org/m", "", endpoint=hub.url)
+    from loram.hub_commands import PushConfig as AdapterPush
+    from loram.publisher.push import PushConfig as CheckpointPush
+
+    for command in (AdapterPush, CheckpointPush):  # both push commands check before reading their folder
+        with pytest.raises(LoramError, match="--tag '' is not a valid branch or tag name"):
+            command.resolve(folder="f", repo_id="org/m", tag="")
 
 
 def test_private_on_an_existing_public_repository_warns(hub, capsys):
