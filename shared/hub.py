@@ -163,7 +163,9 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
         RevisionNotFoundError,
     )
 
-    check_ref("--revision", revision)
+    if revision is not None and not revision.strip():  # not main: a Hub revision may also be refs/pr/1
+        raise LoramError(f"--revision {revision!r} names nothing; give a branch, tag or commit, or leave it out "
+                         "for main")
     where = f"{repo_id}@{revision or 'main'}"
     try:
         folder = Path(snapshot_download(repo_id, revision=revision or "main", endpoint=endpoint))
@@ -305,7 +307,7 @@ def push_files(repo_id: str, files: dict[str, Path | bytes], *, branch: str | No
     try:
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
         stage = "read the repository"
-        if private and not api.repo_info(repo_id).private:
+        if private and api.repo_info(repo_id).private is False:
             warn(f"{repo_id} already exists and is public: --private applies only to a repository it creates, "
                  "so this push is public; make the repository private on the Hub first if it must not be")
         refs = api.list_repo_refs(repo_id)

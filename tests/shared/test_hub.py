@@ -59,7 +59,7 @@ def test_refs_are_checked_before_anything_is_committed(hub):
             check_ref("--tag", bad)
     for good in ("v1", "exp/lr-3e-4", "release_2.0", first.commit):
         check_ref("--branch", good)
-    with pytest.raises(LoramError, match="--revision '' is not a valid branch or tag name"):
+    with pytest.raises(LoramError, match="--revision '' names nothing; give a branch, tag or commit"):
         pull_repo("org/m", "", endpoint=hub.url)
     from loram.hub_commands import PushConfig as AdapterPush
     from loram.publisher.push import PushConfig as CheckpointPush
