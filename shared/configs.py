@@ -10,6 +10,7 @@ YAML file and lets explicitly given flags (anything not None) override it.
 import dataclasses
 import functools
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,17 @@ C = TypeVar("C", bound="Config")
 REQUIRED = dataclasses.MISSING
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that text with a colon is never a number: YAML 1.1 reads `layers: 1:3` as the
+    base-60 integer 63 and `nm: 2:4` as 124; YAML 1.2, and every user, read them as the text they are."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, re.compile(r"^(?!.*:)" + regex.pattern.removeprefix("^"), regex.flags)
+             if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") else regex) for tag, regex in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def option(default: Any = REQUIRED, help: str = "", *, argument: bool = False, choices=None, flag=None):
@@ -189,7 +201,7 @@ class Config:
                 raise LoramError(f"config file {path} {'is a folder' if path.is_dir() else 'not found'}; "
                                  "give a YAML file of option: value lines")
             try:
-                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader) or {}
             except yaml.YAMLError as e:
                 raise LoramError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
             except (UnicodeDecodeError, OSError) as e:

@@ -91,6 +91,15 @@ def test_missing_unreadable_or_folder_config_file(tmp_path):
         ToyConfig.resolve(tmp_path / "latin1.yaml")
 
 
+def test_text_with_a_colon_in_a_yaml_file_is_text(tmp_path):
+    """YAML 1.1 reads `layers: 1:3` as the base-60 integer 63 (and `nm: 2:4` as 124): read as written."""
+    from loram.publisher.prune import PruneConfig
+
+    (tmp_path / "p.yaml").write_text("base: m\nout: o\nmethod: wanda\nnm: 2:4\nlayers: 1:3\nseq_len: 64\n")
+    cfg = PruneConfig.resolve(tmp_path / "p.yaml")
+    assert (cfg.nm, cfg.layers, cfg.seq_len) == ("2:4", "1:3", 64)
+
+
 def test_a_path_option_expands_the_home_folder(monkeypatch, tmp_path):
     """A quoted '~/x' on the command line, or `out: ~/x` in a YAML file, is the home folder's x, as the shell
     makes of an unquoted one (it was a literal folder named '~')."""
