@@ -50,9 +50,16 @@ def check_not_a_cache(out: Path, fix: str = "choose another --out") -> None:
     target = Path(os.path.abspath(Path(out).expanduser()))
     for name, folder in caches().items():
         folder = Path(os.path.abspath(folder.expanduser()))
-        if folder == target or target in folder.parents:
-            where = "is" if folder == target else "holds"
+        if where := _is_or_holds(target, folder):
             raise LoramError(f"--out {out} {where} {name} {folder}: writing there would delete it; {fix}")
+
+
+def _is_or_holds(out: Path, path: Path) -> str | None:
+    """"is" when the folder `out` is `path`, "holds" when `path` lies below it, else None (both normalized the
+    same way by the caller)."""
+    if path == out:
+        return "is"
+    return "holds" if out in path.parents else None
 
 
 def check_not_an_input(out, inputs: dict, fix: str = "choose another --out") -> None:
@@ -64,9 +71,7 @@ def check_not_an_input(out, inputs: dict, fix: str = "choose another --out") -> 
         path = Path(str(value)).expanduser() if value is not None and str(value) else None
         if path is None or not path.exists():
             continue
-        path = path.resolve()
-        if path == target or target in path.parents:
-            where = "is" if path == target else "holds"
+        if where := _is_or_holds(target, path.resolve()):
             raise LoramError(f"--out {out} {where} {name} {value}: writing there would replace it; {fix}")
 
 

@@ -156,8 +156,9 @@ def check_source(name: str, also: tuple[str, ...] = ()) -> None:
 
 
 def _text_dataset(name: str):
-    """The source's records as a streaming `datasets.IterableDataset` (or a memory-mapped saved dataset); a
-    built-in split is read line by line as the JSON lines file it is, without the datasets library."""
+    """The source's records, streamed: a `datasets.IterableDataset` (of a memory-mapped saved dataset, or of a
+    file) read with the datasets library quiet (`_quietly`); a built-in split is read line by line as the JSON
+    lines file it is, without the datasets library."""
     if name in TEXT_SPLITS:
         return _json_lines(assets.data_path(name))
     import datasets
@@ -174,12 +175,13 @@ def _text_dataset(name: str):
                 if "train" not in saved:
                     raise LoramError(f"saved dataset {path} has no 'train' split (it has {', '.join(saved)})")
                 saved = saved["train"]
-            return saved.to_iterable_dataset()
+            return _quietly(saved.to_iterable_dataset())
         if not _has_content(path):  # the streaming readers fail on it with a bare StopIteration
             raise LoramError(_no_text(name))
         builder = TEXT_BUILDERS[path.suffix.lower()]
         options = {"sample_by": "paragraph"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
+        return _quietly(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True,
+                                              **options))
 
 
 def _no_text(name: str) -> str:
@@ -204,8 +206,7 @@ def iter_texts(name: str) -> Iterator[str]:
     """The documents of a source, in order, streamed; a source without any non-blank text is a LoramError."""
     found = False
     try:
-        records = _text_dataset(name)
-        for record in records if name in TEXT_SPLITS else _quietly(records):
+        for record in _text_dataset(name):
             text = record.get("text")
             if not isinstance(text, str):
                 found_here = (f"a record's 'text' is {type(text).__name__}" if "text" in record
