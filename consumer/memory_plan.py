@@ -55,6 +55,8 @@ from loram.shared.pruned_model import build_pruned_config, is_pruned_config, met
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_SHORT = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}  # `plan` and `merge` take either spelling
+DTYPE_CHOICES = (*DTYPE_SHORT, *DTYPE_BYTES)
 TARGETS = tuple(m.short for m in PRUNED_MODULES)  # q, k, v, o, gate, up, down
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype), whatever the base dtype
 # LoRA dropout keeps a mask per element: bool on GPU (fused native_dropout), a float noise tensor on CPU.
@@ -93,11 +95,16 @@ def parse_targets(targets) -> tuple[str, ...]:
     return tuple(name.removesuffix("_proj") for name in architectures.parse_targets(targets))
 
 
+def dtype_name(name: str) -> str:
+    """A dtype as torch names it: bf16 -> bfloat16 (fp32, fp16 likewise); torch's names pass through."""
+    return DTYPE_SHORT.get(name, name)
+
+
 def config_dtype(config) -> str:
     """The dtype a config declares (`dtype`, or the older `torch_dtype`), float32 when absent."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     value = get("dtype") or get("torch_dtype") or "float32"
-    name = str(value).removeprefix("torch.")
+    name = dtype_name(str(value).removeprefix("torch."))
     if name not in DTYPE_BYTES:
         raise LoramError(f"dtype {name!r} is not supported; choose from {', '.join(DTYPE_BYTES)}")
     return name

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loram.memory_plan import DTYPE_CHOICES, dtype_name
 from loram.recover import ADAPTER_WEIGHTS, adapter_config_json
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
@@ -21,7 +22,6 @@ from loram.shared.hub import endpoint_option, revision_option
 from loram.shared.outputs import atomic_output_dir, check_not_an_input, check_output_dir
 
 MANIFEST_JSON = "loram_manifest.json"  # loram.shared.manifest's (not imported here: it loads torch)
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 @dataclass
@@ -29,7 +29,7 @@ class MergeConfig(Config):
     adapter: str = option(help="A recovered adapter folder (or any LoRA adapter on its original model).",
                           argument=True)
     out: Path = option(help="Output folder for the merged checkpoint.")
-    dtype: str = option("bf16", "Dtype of the merged weights.", choices=tuple(DTYPES))
+    dtype: str = option("bf16", "Dtype of the merged weights.", choices=DTYPE_CHOICES)
     base: str | None = option(None, "Use this copy of the original model (folder or Hub id) instead of the "
                                     "adapter's base.")
     ignore_fingerprint: bool = option(False, "Merge even if the base differs from the recorded fingerprint.")
@@ -147,7 +147,7 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     cfg = config or MergeConfig.resolve(**kwargs)
     check_output_dir(cfg.out, cfg.overwrite)  # before loading anything
     check_not_an_input(cfg.out, {"the adapter": cfg.adapter, "--base": cfg.base})
-    dtype = getattr(torch, DTYPES[cfg.dtype])
+    dtype = getattr(torch, dtype_name(cfg.dtype))
     model, adapter_dir, source = load_with_adapter(cfg.adapter, cfg.base, cfg.ignore_fingerprint, dtype,
                                                    cfg.endpoint, adapter_revision=cfg.revision, pruned_base_ok=False)
     check_not_an_input(cfg.out, {"the adapter": adapter_dir, "its base model": source.path})  # as resolved

@@ -27,11 +27,12 @@ from loram.accounting import ParamPlan, check_fraction, gib, plan_params
 from loram.lora_options import dropout_option, lm_head_option, rank_option, targets_option
 from loram.memory_plan import (
     DEVICES,
-    DTYPE_BYTES,
+    DTYPE_CHOICES,
     OPTIMIZERS,
     QUANTS,
     MemoryPlan,
     check_options,
+    dtype_name,
     parse_bytes,
     parse_targets,
     plan_memory,
@@ -84,7 +85,7 @@ class PlanConfig(Config):
     seq_len: int = option(512, "Tokens per sequence.")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass.")
     optimizer: str = option("adamw", "Optimizer of the LoRA parameters.", choices=OPTIMIZERS)
-    dtype: str = option("auto", "Compute dtype (auto: the config's).", choices=("auto", *DTYPE_BYTES))
+    dtype: str = option("auto", "Compute dtype (auto: the config's).", choices=("auto", *DTYPE_CHOICES))
     device: str = option("cuda", "Where training runs: cuda (GPU memory) or cpu (process RSS).", choices=DEVICES)
     budget: str | None = option(None, "Memory to fit in, e.g. 20GiB, 512MiB, 24GB: prints whether the estimate fits.")
     # The publisher's memory (docs/memory.md, "The publisher's memory"): Taylor pruning and alignment, on --device.
@@ -123,8 +124,9 @@ class PlanConfig(Config):
             check_fraction(name, getattr(self, name))
         check_options(quant=self.quant, rank=self.rank, lora_dropout=self.dropout, batch=self.batch,
                       seq_len=self.seq_len, optimizer=self.optimizer, device=self.device)
-        if self.dtype != "auto" and self.dtype not in DTYPE_BYTES:
-            raise LoramError(f"dtype must be auto or one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPE_CHOICES:
+            raise LoramError(f"dtype must be auto or one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        self.dtype = dtype_name(self.dtype)
         self.targets = list(parse_targets(",".join(map(str, self.targets)) if isinstance(self.targets, list)
                                           else self.targets))
         parse_bytes(self.budget)  # refuse a bad size now, with the other options

@@ -86,6 +86,12 @@ def test_merge_defaults_to_bf16(recovered):
     torch.testing.assert_close(merged(x).logits, base.eval()(x).logits, rtol=0.05, atol=0.05)
 
 
+def test_merge_takes_torch_dtype_names_too(recovered):
+    # `loram plan --dtype` says bfloat16, merge said bf16: each takes both spellings
+    merge(adapter=str(recovered / "rec"), out=recovered / "m16", dtype="float16")
+    assert json.loads((recovered / "m16" / "config.json").read_text())["dtype"] == "float16"
+
+
 def test_merge_refuses_a_base_with_another_fingerprint(recovered):
     save_tiny_checkpoint(recovered / "impostor", "qwen2", seed=9)
     with pytest.raises(LoramError, match="is not the original model this adapter was recovered for"):

@@ -90,6 +90,14 @@ def test_flags_reach_the_plan(configs):
     assert d["training_params"] == d["original_params"] > d["nonzero_params"]
 
 
+def test_dtype_takes_short_names_too(configs):
+    # merge's spelling (bf16) and torch's (bfloat16) plan the same
+    plans = [json.loads(runner.invoke(app, ["plan", str(configs["llama2"]), "--json", "--dtype", d]).stdout)
+             for d in ("bf16", "bfloat16", "fp32")]
+    assert plans[0] == plans[1] != plans[2]
+    assert plans[0]["memory"]["dtype"] == "bfloat16"
+
+
 def test_yaml_config_file(configs, tmp_path):
     recipe = tmp_path / "plan.yaml"
     recipe.write_text(f"model: {configs['llama31']}\nratio: 0.85\njson: true\n")
