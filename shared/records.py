@@ -164,7 +164,7 @@ def _text_dataset(name: str):
     import datasets
 
     check_source(name)
-    path = assets.data_path(name) if name in TEXT_SPLITS else Path(name).expanduser()
+    path = Path(name).expanduser()
     with quiet_datasets():
         if path.is_dir():
             try:
