@@ -9,6 +9,7 @@ a permission denied), printed as one line `error: ...`; 1 an internal error (any
 `error: unexpected <Type>: ...` asking for a report, with the traceback when `LORAM_DEBUG=1`; 130 Ctrl-C.
 """
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -29,6 +30,7 @@ from loram.shared.configs import Config, _base_type
 from loram.shared.errors import LoramError
 
 USER_ERROR, INTERNAL_ERROR, INTERRUPTED = 2, 1, 130
+CLOSED_PIPE = 141  # 128 + SIGPIPE, as a shell tool that `| head` stopped reading exits
 DEBUG_ENV = "LORAM_DEBUG"  # set to 1: print the traceback of every error too
 # OS errors the user fixes (a full disk, a read-only or forbidden folder): one line, exit 2
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -50,7 +52,12 @@ def _debug() -> bool:
 
 def report_error(e: BaseException) -> int:
     """Print `e` as one `error: ...` line on stderr (after its traceback when LORAM_DEBUG=1); return the exit
-    code: 2 for a user mistake, 130 for Ctrl-C, 1 for anything else (an internal error: please report it)."""
+    code: 2 for a user mistake, 130 for Ctrl-C, 1 for anything else (an internal error: please report it).
+    A reader that closed the pipe (`loram plan ... | head`) ends the command quietly, as it ends `git log`."""
+    if isinstance(e, BrokenPipeError):
+        with contextlib.suppress(OSError, ValueError):  # no second BrokenPipeError when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE
     if isinstance(e, KeyboardInterrupt):
         typer.echo("interrupted; completed outputs are intact", err=True)
         return INTERRUPTED

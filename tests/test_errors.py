@@ -389,3 +389,20 @@ def test_the_entry_point_turns_errors_outside_commands_into_one_line(monkeypatch
         run_app(app, ["train", "--no-such-option"])
     assert exit_info.value.code == 2
     assert "No such option" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+    """`loram plan ... | head -1`: the pipe's reader is gone before the command writes; it ends with 141 (128 +
+    SIGPIPE, as `git log | head` does) and says nothing (it said "unexpected BrokenPipeError ... please report it")."""
+    from tiny_models import tiny_config
+
+    tiny_config().save_pretrained(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([LORAM, "plan", str(tmp_path), "--layers", "1:3"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "error" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

@@ -246,24 +246,26 @@ def test_check_devices_refuses(text):
         check_devices(text)
 
 
-@pytest.mark.parametrize("config, ratio, checkpointing, grad_accum, smallest, ddp", [
-    (LLAMA31_70B, 0.85, True, 1, 4, []), (LLAMA31_70B, 0.85, True, 4, 5, []),
-    (LLAMA31_70B, 0.85, False, 1, 7, []), (LLAMA31_70B, 0.85, False, 4, 9, []),
-    (LLAMA31_8B, 0.5, True, 1, 1, [1]), (LLAMA31_8B, 0.5, True, 4, 2, [1]),
-    (LLAMA31_8B, 0.5, False, 1, 1, [1]), (LLAMA31_8B, 0.5, False, 4, 2, []),
+@pytest.mark.parametrize("config, ratio, checkpointing, grad_accum, smallest, ddp, smallest_teacher", [
+    (LLAMA31_70B, 0.85, True, 1, 4, [], 7), (LLAMA31_70B, 0.85, True, 4, 5, [], 7),
+    (LLAMA31_70B, 0.85, False, 1, 7, [], 13), (LLAMA31_70B, 0.85, False, 4, 9, [], 15),
+    (LLAMA31_8B, 0.5, True, 1, 1, [1], 2), (LLAMA31_8B, 0.5, True, 4, 2, [1], 2),
+    (LLAMA31_8B, 0.5, False, 1, 1, [1], 2), (LLAMA31_8B, 0.5, False, 4, 2, [], 2),
 ])
-def test_documented_verdicts(config, ratio, checkpointing, grad_accum, smallest, ddp):
-    """docs/memory.md: on 80 GiB GPUs at batch 4 x 512 per device, the smallest FSDP N and the N at which DDP fits;
-    Taylor fits one device for 8B, not for 70B."""
+def test_documented_verdicts(config, ratio, checkpointing, grad_accum, smallest, ddp, smallest_teacher):
+    """docs/memory.md: on 80 GiB GPUs at batch 4 x 512 per device, the smallest FSDP N and the N at which DDP fits,
+    without the teacher (`--no-distill`) and with it (the default: DDP then never fits); Taylor fits one device for
+    8B, not for 70B."""
     p = plan_params(config, "structured", ratio)
-    pub = publisher_plan(config, training_config(config, p), range(*p.layer_range), batch=4, seq_len=512,
-                         gradient_checkpointing=checkpointing, grad_accum=grad_accum, device="cuda",
-                         devices=(1, 2, 4, 8), device_memory="80GiB")
-    assert pub.fsdp_min_devices == smallest
-    assert [e.devices for e in pub.ddp if e.fits] == ddp
-    assert pub.taylor.fits is (config is LLAMA31_8B)
-    totals = [e.total_bytes for e in pub.fsdp]
-    assert totals == sorted(totals, reverse=True)
+    for teacher, want_fsdp, want_ddp in ((None, smallest, ddp), (config, smallest_teacher, [])):
+        pub = publisher_plan(config, training_config(config, p), range(*p.layer_range), batch=4, seq_len=512,
+                             gradient_checkpointing=checkpointing, grad_accum=grad_accum, device="cuda",
+                             devices=(1, 2, 4, 8, 16), device_memory="80GiB", teacher=teacher)
+        assert pub.fsdp_min_devices == want_fsdp
+        assert [e.devices for e in pub.ddp if e.fits] == want_ddp
+        assert pub.taylor.fits is (config is LLAMA31_8B)
+        totals = [e.total_bytes for e in pub.fsdp]
+        assert totals == sorted(totals, reverse=True)
 
 
 # ---- measured on CPU: SmolLM2, `loram publish prune --method taylor` and `loram publish align` -------------------
