@@ -24,6 +24,8 @@ Output folder (written by rank 0 only):
                                           steps, tokens, lr, held-out perplexity)
     align_report.json                     config, per-step loss, perplexities, tokens/s, peak memory, time
     align_config.yaml                     the resolved config (`--config` repeats the run)
+    prune_config.yaml, importance.safetensors   carried from the input when its manifest lists them: how
+                                          the checkpoint was pruned (the model card quotes both recipes)
     checkpoints/checkpoint-N/             every `--save-every` steps: a loadable pruned checkpoint with its
                                           own manifest record, plus the optimizer state for `--resume`
 """
@@ -245,6 +247,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     progress = TrainingProgress("aligning") if args.process_index == 0 else None
 
     def write_checkpoint_manifest(checkpoint: Path, step: int) -> None:
+        _carry_pruning_files(source.path, manifest, checkpoint)
         _carry_manifest(manifest, _record(cfg, source, trainer, data, evaluated, final=False)).save(checkpoint)
 
     trainer = AlignTrainer(
@@ -274,6 +277,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
             trainer.save_model(str(tmp))
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         cfg.save(tmp / CONFIG)
+        _carry_pruning_files(source.path, manifest, tmp)
         _carry_manifest(manifest, record).save(tmp)
 
     training.finish(folder, trainer, write, last=MANIFEST_JSON)  # a loadable folder only at the very end
@@ -429,6 +433,16 @@ def _distill_record(cfg: AlignConfig) -> dict | None:
         record["hidden"] = {"weight": cfg.hidden_weight, "loss": cfg.hidden_loss, "layers": cfg.hidden_layers,
                             "inputs": cfg.hidden_inputs}
     return record
+
+
+def _carry_pruning_files(pruned: Path, manifest, out: Path) -> None:
+    """The pruning's recipe and scores, copied from the input when its manifest lists them (so they were checked
+    with it): the aligned checkpoint then says how it was pruned as well as how it was aligned."""
+    from loram.publisher.prune import PRUNE_CONFIG, SCORES_FILE
+
+    for name in (PRUNE_CONFIG, SCORES_FILE):
+        if name in manifest.files and (Path(pruned) / name).is_file():
+            shutil.copy2(Path(pruned) / name, out / name)
 
 
 def _carry_manifest(manifest, record: dict):

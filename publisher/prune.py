@@ -73,6 +73,7 @@ from loram.shared.records import check_source
 from loram.shared.runtime import configure_threads
 
 SCORES_FILE = "importance.safetensors"
+PRUNE_CONFIG = "prune_config.yaml"  # the resolved config (`--config` repeats the run)
 
 
 # Calibration defaults (samples x tokens): Taylor as measured in docs/method.md §9; Wanda and SparseGPT
@@ -270,7 +271,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     result, manifest, write_extra = run(cfg, model, tokenizer, stock_config, shape, range(start, stop), base)
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as out:
         write_extra(out)
-        cfg.save(out / "prune_config.yaml")
+        cfg.save(out / PRUNE_CONFIG)
         manifest.save(out)
     result.seconds = round(time.time() - started, 2)
     return result

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loram.shared.configs import option
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, warn
 from loram.shared.hub import PushOptions, PushResult, looks_like_repo_id
 from loram.shared.manifest import MANIFEST_JSON, MANIFEST_TENSORS, Manifest, verify_files
 from loram.shared.model_cards import card_metadata, pruned_card
@@ -49,6 +49,10 @@ def push(config: PushConfig | None = None, **kwargs) -> PushResult:
                          "(`loram push` publishes recovered adapters)")
     manifest = Manifest.load(folder)
     verify_files(folder)
+    if cfg.base_model is None and not manifest.base.revision:
+        warn(f"the manifest names the original model by a local path ({manifest.base.id}): the card names no "
+             "base_model, and consumers recover with `loram recover --original`; if that folder is a copy of a Hub "
+             "model, pass --base-model ORG/NAME (or prune from the Hub id)")
     license = cfg.license or _base_license(manifest, cfg.endpoint)
     card = pruned_card(folder, manifest, repo_id=cfg.repo_id, base_model=cfg.base_model, license=license)
     files: dict[str, Path | bytes] = {**checkpoint_files(folder, manifest), "README.md": card.encode()}

@@ -21,6 +21,7 @@ from loram.publisher.prune import prune
 from loram.shared.assets import read_records
 from loram.shared.errors import LoramError
 from loram.shared.manifest import Manifest, sha256_file, verify_files
+from loram.shared.model_cards import pruned_card
 from loram.shared.records import iter_texts
 
 loram.register()  # pruned checkpoints load with the Auto classes
@@ -97,6 +98,14 @@ def test_output_and_every_checkpoint_are_pruned_checkpoints_with_an_alignment_re
     aligned = Manifest.load(out)
     assert aligned.pruned_layers == original.pruned_layers and len(aligned.alignment) == len(original.alignment) + 1
     assert all(torch.equal(aligned.kept_mlp_channels[i], original.kept_mlp_channels[i]) for i in original.pruned_layers)
+    # so is how it was pruned: the recipe and scores, listed and hashed, and the card quotes both recipes
+    carried = [n for n in ("prune_config.yaml", "importance.safetensors") if n in original.files]
+    assert "prune_config.yaml" in carried
+    for folder in (out, out / "checkpoints" / "checkpoint-3"):  # each is a pruned checkpoint one may publish
+        assert all((folder / n).read_bytes() == (root / "pruned" / n).read_bytes() and n in Manifest.load(folder).files
+                   for n in carried)
+    made = pruned_card(out, aligned).split("## How it was made")[1]
+    assert made.index("loram publish prune") < made.index("loram publish align")
 
 
 @pytest.mark.parametrize("freeze", [True, False])
