@@ -320,7 +320,8 @@ def _evaluate(variants: dict, sizes: dict[str, int], seq_len: int) -> dict:
         model, tokenizer = load_spec(str(model_path), str(adapter) if adapter else None, False)
         for data, (records, columns) in sets.items():
             ppl, tokens = response_perplexity(model, tokenizer, records, columns, seq_len, 4, f"{name} on {data}")
-            rows.append({"variant": name, "data": data, "perplexity": round(ppl, 4), "tokens": tokens})
+            ppl = round(ppl, 4)  # the value the report shows (to 3 digits): the log rounds the same number
+            rows.append({"variant": name, "data": data, "perplexity": ppl, "tokens": tokens})
             _log(f"{name} on {data}: perplexity {ppl:.3f} over {tokens:,} tokens")
         del model
     return {"rows": rows}

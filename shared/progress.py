@@ -44,7 +44,7 @@ class TrainingProgress(TrainerCallback):
         self.tokens_per_second = 0.0
         self.memory_kind = "cuda_max_allocated" if torch.cuda.is_available() else "process_peak_rss"
         self.postfix: dict[str, str] = {}
-        self.step_seconds: list[float] = []  # wall time of each optimizer step of this run
+        self.step_seconds: list[float] = []  # wall time of each optimizer step this process ran (--resume: from there)
         self._last = None
 
     def on_train_begin(self, args, state, control, **kwargs):

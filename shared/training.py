@@ -85,8 +85,10 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
         return RunFolder(out, out, checkpoint)
     if out.is_dir() and any(out.iterdir()) and not _unstarted(out):
         if not overwrite:
-            raise LoramError(f"output directory {out} already exists; choose another --out, pass --resume to "
-                             f"continue its {what}, or --overwrite to replace it")
+            resumable = latest_checkpoint(out / CHECKPOINTS) is not None  # else --resume would be refused next
+            raise LoramError(f"output directory {out} already exists; choose another --out, "
+                             + (f"pass --resume to continue its {what}, or " if resumable else "")
+                             + "--overwrite to replace it")
         return RunFolder(out, out.parent / f".{out.name}{REPLACING_SUFFIX}")
     return RunFolder(out, out)
 

@@ -28,14 +28,21 @@ def test_overwrite_trains_beside_the_old_output_and_removes_nothing(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"resume": True, "overwrite": True}, "--resume and --overwrite contradict each other"),
     ({"resume": True, "overwrite": False}, "--resume: no complete checkpoint in"),
-    ({"resume": False, "overwrite": False}, "already exists; choose another --out, pass --resume to continue its "
-                                            "training, or --overwrite to replace it"),
+    ({"resume": False, "overwrite": False}, r"already exists; choose another --out, --overwrite to replace it$"),
 ])
 def test_bad_combinations_are_refused(tmp_path, kwargs, message):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "f").write_text("x")
     with pytest.raises(LoramError, match=message):
         run_folder(tmp_path / "out", **kwargs)
+
+
+def test_an_existing_run_with_a_checkpoint_suggests_resume(tmp_path):
+    (tmp_path / "out" / CHECKPOINTS / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "out" / CHECKPOINTS / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(LoramError, match="already exists; choose another --out, pass --resume to continue its "
+                                         "training, or --overwrite to replace it"):
+        run_folder(tmp_path / "out", resume=False, overwrite=False)
 
 
 @pytest.mark.parametrize("steps, refused", [(3, True), (2, True), (4, False), (None, False)])
