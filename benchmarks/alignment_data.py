@@ -26,6 +26,9 @@ from neither GSM8K nor news:
                       answers GPT-3.5, GPT-4, GPT-4 Turbo and PaLM 2 Medium gave to it zero-shot (the dataset's
                       recorded conversations), 1,080 chats, shuffled with seed 0: math text in chat form that neither
                       the original nor GSM8K wrote (the gradient-matching question in docs/alignment.md)
+    code.jsonl        Python source: 20 modules of the interpreter's own standard library (CODE_MODULES, 356k
+                      characters for CPython 3.11), one record each, as plain text: formal text of expressions and
+                      brackets (as GSM8K's calculator notation is) that any Python installation ships
     gsm8k-oracle.jsonl  NOT general text, a diagnostic bound: the 219 `gsm8k-heldout` items past the grid's 100
                       evaluated ones (ORACLE_ITEMS) rendered as chat (question as the user turn, answer as the
                       assistant's): what aligning on the fine-tuning task's own domain could give, which no publisher
@@ -207,7 +210,17 @@ def oracle(tokenizer, notation: bool = True) -> list[str]:
 
 
 ORACLE_FILES = ("gsm8k-oracle", "gsm8k-oracle-plain")  # the files made of ORACLE_ITEMS
-FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", *ORACLE_FILES)
+FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", "code", *ORACLE_FILES)
+CODE_MODULES = ("fractions", "statistics", "calendar", "textwrap", "heapq", "bisect", "colorsys", "string", "numbers",
+                "shlex", "graphlib", "operator", "difflib", "pprint", "reprlib", "glob", "fnmatch", "copy", "abc", "stat")
+
+
+def python_source() -> list[str]:
+    """The text of CODE_MODULES, from this interpreter's standard library."""
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return [(lib / f"{name}.py").read_text(encoding="utf-8") for name in CODE_MODULES]
 
 
 def build(out: Path, count: int = 128, files=FILES) -> None:
@@ -240,6 +253,8 @@ def build(out: Path, count: int = 128, files=FILES) -> None:
         _write(out / "dmmath.jsonl", dm_math(tokenizer, out))
     if "champ" in files and not (out / "champ.jsonl").is_file():
         _write(out / "champ.jsonl", champ(tokenizer))
+    if "code" in files and not (out / "code.jsonl").is_file():
+        _write(out / "code.jsonl", python_source())
     if "demo-math" in files and not (out / "demo-math.jsonl").is_file():
         from _common import demo_selfgen
 

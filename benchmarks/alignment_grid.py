@@ -131,6 +131,10 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     "headkd-wikichat+demo-math-batch1": ["--distill-from", "{base}", "--kd-weight", "0.5", "--hidden-weight", "0.5",
                                          "--hidden-layers", "pruned", "--data", "wiki-chat:1", "--data",
                                          "{work}/data/demo-math.jsonl:1", "--batch", "1"],
+    # the demo's alignment with Python source (20 standard-library modules, code.jsonl) in place of wiki-chat: formal
+    # text of expressions and brackets, as GSM8K's calculator notation is
+    "hidden-mse-pruned-code+demo-math-batch1": [*PRUNED_MSE, "--data", "{work}/data/code.jsonl:1", "--data",
+                                                "{work}/data/demo-math.jsonl:1", "--batch", "1"],
     # diagnostic bounds, NOT general text: aligned on the fine-tuning task's own domain (alignment_data.py)
     "oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],
     "gradmatch-oracle-gsm8k": [*PRUNED_MSE, "--data", "{work}/data/gsm8k-oracle.jsonl"],

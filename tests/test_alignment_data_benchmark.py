@@ -50,3 +50,17 @@ def test_grid_refuses_to_evaluate_the_oracle_items(tmp_path, cell):
     assert proc.returncode != 0
     assert "--items 101" in proc.stderr and "at most 100 items" in proc.stderr
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.slow  # build() reads SmolLM2's tokenizer
+def test_python_source_is_the_standard_library_text_the_code_cell_aligned_on(tmp_path):
+    """code.jsonl: one record per module, the module's text as this interpreter ships it, built by the grid's own
+    `build` (so `alignment_grid.py --cells taylor50/hidden-mse-pruned-code+demo-math-batch1/80/0` can re-run)."""
+    import fractions
+    import json
+
+    alignment_data.build(tmp_path, files=["code"])
+    texts = [json.loads(line)["text"] for line in (tmp_path / "code.jsonl").read_text().splitlines()]
+    assert len(texts) == len(alignment_data.CODE_MODULES) == 20
+    assert texts[0] == Path(fractions.__file__).read_text(encoding="utf-8")
+    assert all("def " in t or "class " in t for t in texts)
