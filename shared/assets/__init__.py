@@ -12,8 +12,8 @@ Data splits (deterministic, by position in the source):
 
 | name            | source                                    | records | use                         |
 |-----------------|-------------------------------------------|---------|-----------------------------|
-| `wiki`          | first 60% of the Wikipedia sample articles| 61      | calibration, alignment      |
-| `wiki-heldout`  | the remaining 40%                         | 42      | held-out perplexity         |
+| `wiki`          | first 60% of the Wikipedia sample articles| 62      | calibration, alignment      |
+| `wiki-heldout`  | the remaining 40%                         | 41      | held-out perplexity         |
 | `news`          | gensim's Lee news corpus, all documents   | 300     | out-of-domain held-out      |
 | `gsm8k-train`   | GSM8K test set, items 0..999              | 1000    | fine-tuning                 |
 | `gsm8k-heldout` | GSM8K test set, items 1000..1318          | 319     | in-domain held-out          |
