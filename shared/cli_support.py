@@ -102,7 +102,10 @@ def user_errors(fn: Callable) -> Callable:
 # logs a warning on import on CPUs with AVX512-BF16 when the optional `kernels` package is missing (it changes
 # nothing we use: we turn that packed path off); peft 0.21 reads transformers 5's deprecated
 # `is_gradient_checkpointing` each time it wraps a model (train, merge, eval with an adapter).
+# The Trainer notes, when two checkpoints were saved within a second (short runs), that it orders them by step
+# rather than by mtime: right either way, nothing to act on.
 _QUIET_LOGGERS = {"bitsandbytes": "ERROR"}
+_QUIET_LOG_MESSAGES = {"transformers.trainer_utils": ["mtime may not be reliable on this filesystem"]}
 _QUIET_FUTURE_WARNINGS = [r"`is_gradient_checkpointing` is deprecated"]
 
 
@@ -117,6 +120,8 @@ def console_warnings() -> None:
 
     for name, level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    for name, messages in _QUIET_LOG_MESSAGES.items():
+        logging.getLogger(name).addFilter(lambda r, m=tuple(messages): not any(x in r.getMessage() for x in m))
     for pattern in _QUIET_FUTURE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
     shown = warnings.showwarning

@@ -161,3 +161,22 @@ def test_the_cli_shows_loram_warnings_as_one_line_and_hides_known_noise(capsys, 
     err = capsys.readouterr().err.splitlines()
     assert err == ["warning: 3 of 8 examples were longer than seq_len=32 tokens and were cut"], err
     assert passed_on == [(FutureWarning, "something a library wants said")]  # the deprecation noise nowhere
+
+
+def test_the_cli_hides_the_trainers_checkpoint_ordering_note_only(caplog):
+    """Two checkpoints saved within a second (short runs): the Trainer's note that it orders them by step is
+    hidden; the same logger's other warnings still show."""
+    import logging
+
+    from transformers.trainer_utils import sort_checkpoints
+
+    from loram.shared.cli_support import console_warnings
+
+    console_warnings()
+    caplog.set_level(logging.WARNING, logger="transformers.trainer_utils")
+    logger = logging.getLogger("transformers.trainer_utils")
+    logger.warning("mtime may not be reliable on this filesystem, falling back to numerical ordering")
+    logger.warning("something the trainer wants said")
+    shown = [r.getMessage() for r in caplog.records if r.name == "transformers.trainer_utils"]
+    assert shown == ["something the trainer wants said"]
+    assert sort_checkpoints.__module__ == "transformers.trainer_utils"  # it logs through the filtered logger
