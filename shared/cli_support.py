@@ -6,7 +6,8 @@ override the file.
 
 Exit codes (docs/conventions.md): 0 success; 2 a user mistake (`LoramError`, a usage error, a full disk or
 a permission denied), printed as one line `error: ...`; 1 an internal error (any other exception), one line
-`error: unexpected <Type>: ...` asking for a report, with the traceback when `LORAM_DEBUG=1`; 130 Ctrl-C.
+`error: unexpected <Type>: ...` asking for a report, with the traceback when `LORAM_DEBUG=1`; 130 Ctrl-C;
+141 (silent) a reader that closed the output pipe.
 """
 
 import contextlib

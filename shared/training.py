@@ -87,8 +87,8 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
         if not overwrite:
             resumable = latest_checkpoint(out / CHECKPOINTS) is not None  # else --resume would be refused next
             raise LoramError(f"output directory {out} already exists; choose another --out, "
-                             + (f"pass --resume to continue its {what}, or " if resumable else "")
-                             + "--overwrite to replace it")
+                             + (f"pass --resume to continue its {what}, or --overwrite" if resumable
+                                else "or pass --overwrite") + " to replace it")
         return RunFolder(out, out.parent / f".{out.name}{REPLACING_SUFFIX}")
     return RunFolder(out, out)
 

@@ -28,7 +28,7 @@ def test_overwrite_trains_beside_the_old_output_and_removes_nothing(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"resume": True, "overwrite": True}, "--resume and --overwrite contradict each other"),
     ({"resume": True, "overwrite": False}, "--resume: no complete checkpoint in"),
-    ({"resume": False, "overwrite": False}, r"already exists; choose another --out, --overwrite to replace it$"),
+    ({"resume": False, "overwrite": False}, r"already exists; choose another --out, or pass --overwrite to replace it$"),
 ])
 def test_bad_combinations_are_refused(tmp_path, kwargs, message):
     (tmp_path / "out").mkdir()
