@@ -28,6 +28,7 @@ another number of processes (`--grad-accum` is adjusted to keep it).
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -159,7 +160,7 @@ def pin_options(folder: RunFolder, cfg, names):
     if "global_batch" not in saved:  # recorded before the global batch was: its --batch/--grad-accum stay
         values.update({n: getattr(cfg, n) for n in ("batch", "grad_accum")})
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    differ = [n for n in values if n in saved and saved[n] != values[n]]
+    differ = [n for n in values if n in saved and saved[n] not in (values[n], _comparable(getattr(cfg, n), True))]
     if differ:
         details = "; ".join(f"{flag_name(fields[n])} {_shown(saved[n])} -> {_shown(values[n])}" for n in differ)
         verb = "differs" if len(differ) == 1 else "differ"
@@ -186,13 +187,21 @@ def _keep_global_batch(cfg, wanted: int | None):
     return dataclasses.replace(cfg, grad_accum=accum)
 
 
-def _comparable(value):
-    """An option's value as JSON, an existing path as its absolute form (so ./a.jsonl equals a.jsonl)."""
+def _comparable(value, any_path: bool = False):
+    """An option's value as JSON; a path as its absolute form when it exists (so ./a.jsonl equals a.jsonl). A bare
+    word (no folder separator, no suffix, no leading . or ~) stays a word, even where a folder of that name exists:
+    `--distill-from base`, `--hidden-layers pruned`, `--data wiki` mean the same from any working folder.
+    `any_path`: every existing path, words included (what runs pinned before this rule recorded)."""
     if isinstance(value, list | tuple):
-        return [_comparable(v) for v in value]
-    if isinstance(value, Path | str) and value != "" and Path(value).expanduser().exists():
-        return str(Path(value).expanduser().resolve())
+        return [_comparable(v, any_path) for v in value]
+    if isinstance(value, Path | str) and value != "" and (any_path or isinstance(value, Path) or _path_like(value)):
+        if Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
     return json.loads(json.dumps(value, default=str))
+
+
+def _path_like(text: str) -> bool:
+    return "/" in text or os.sep in text or text.startswith((".", "~")) or bool(Path(text).suffix)
 
 
 def _shown(value) -> str:

@@ -164,7 +164,7 @@ def _pinned_run(tmp_path, monkeypatch, processes: int, **options):
     from loram.shared.training import begin, pin_options
 
     monkeypatch.setenv("WORLD_SIZE", str(processes))
-    cfg = AlignConfig(pruned="p", data=["wiki"], steps=4, seq_len=8, out=tmp_path / "run", **options)
+    cfg = AlignConfig(**{"pruned": "p", "data": ["wiki"], "steps": 4, "seq_len": 8, "out": tmp_path / "run", **options})
     folder, same = pin_options(run_folder(cfg.out, resume=False, overwrite=False), cfg, RESUME_SAME)
     assert same is cfg and folder.pinned["global_batch"] == cfg.batch * cfg.grad_accum * processes
 
@@ -223,3 +223,28 @@ def test_a_run_pinned_before_the_global_batch_keeps_its_batch(tmp_path, monkeypa
     path.write_text(json.dumps({k: v for k, v in saved.items() if k != "global_batch"} | {"batch": 2, "grad_accum": 1}))
     with pytest.raises(LoramError, match=r"--batch differs from the run being resumed .*--batch 2 -> 4"):
         _resume(cfg, monkeypatch, 1, batch=4)
+
+
+def test_resume_from_another_working_folder_reads_words_as_words(tmp_path, monkeypatch):
+    """`--distill-from base` and `--hidden-layers pruned` are words, not the folders `base/` and `pruned/` a publisher
+    keeps beside the run: resumed from another folder they still match; a file given by a relative path is compared
+    by where it is. A run pinned before this rule (the words recorded as absolute paths) still resumes."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "text.txt").write_text("some text\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = _pinned_run(tmp_path, monkeypatch, 1, distill_from="base", hidden_layers="pruned", data=["text.txt"])
+    saved = json.loads((tmp_path / "run" / CHECKPOINTS / RUN_CONFIG).read_text())
+    assert (saved["distill_from"], saved["hidden_layers"]) == ("base", "pruned")
+    assert saved["data"] == [str(tmp_path / "text.txt")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _resume(cfg, monkeypatch, 1, data=[str(tmp_path / "text.txt")])  # not refused
+    with pytest.raises(LoramError, match="--data differs"):
+        _resume(cfg, monkeypatch, 1)  # text.txt here is another (missing) file
+
+    path = tmp_path / "run" / CHECKPOINTS / RUN_CONFIG  # as the earlier rule recorded it, from tmp_path
+    path.write_text(json.dumps(saved | {"distill_from": str(tmp_path / "base"), "hidden_layers": str(tmp_path / "pruned")}))
+    monkeypatch.chdir(tmp_path)
+    _resume(cfg, monkeypatch, 1)
