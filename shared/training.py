@@ -194,9 +194,9 @@ def _comparable(value, any_path: bool = False):
     `any_path`: every existing path, words included (what runs pinned before this rule recorded)."""
     if isinstance(value, list | tuple):
         return [_comparable(v, any_path) for v in value]
-    if isinstance(value, Path | str) and value != "" and (any_path or isinstance(value, Path) or _path_like(value)):
-        if Path(value).expanduser().exists():
-            return str(Path(value).expanduser().resolve())
+    if (isinstance(value, Path | str) and value != "" and (any_path or isinstance(value, Path) or _path_like(value))
+            and Path(value).expanduser().exists()):
+        return str(Path(value).expanduser().resolve())
     return json.loads(json.dumps(value, default=str))
 
 
