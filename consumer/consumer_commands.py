@@ -27,6 +27,8 @@ def _train(cfg) -> None:
     from loram.train import train
 
     result = train(cfg)
+    if not result.main:
+        return  # another rank of a distributed run: rank 0 prints the summary
     last = f"{result.losses[-1]:.4f}" if result.losses else "-"
     evals = f", eval loss {result.eval_losses[-1]:.4f}" if result.eval_losses else ""
     typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s: final loss {last}{evals}, "

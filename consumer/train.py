@@ -92,6 +92,7 @@ class TrainResult:
     seconds: float
     trainable_params: int
     report: dict = field(repr=False)
+    main: bool = True  # the first process of a distributed run (or the only one): the one that prints
 
 
 def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
@@ -145,9 +146,10 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
         warmup=cfg.warmup, seed=cfg.seed, evaluate=eval_set is not None, eval_every=cfg.eval_every,
         save_every=cfg.save_every, keep_checkpoints=2, gradient_checkpointing=cfg.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding", prediction_loss_only=True)
-    progress = TrainingProgress()
+    progress = TrainingProgress() if args.process_index == 0 else None  # one bar, not one per rank
     trainer = LabelledLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                  data_collator=SFTCollator.for_tokenizer(tokenizer), callbacks=[progress])
+                                  data_collator=SFTCollator.for_tokenizer(tokenizer),
+                                  callbacks=[progress] if progress else [])
     training.begin(folder, trainer)
     training.run(trainer, folder)
 
@@ -164,7 +166,8 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     training.finish(folder, trainer, write, last=ADAPTER_CONFIG)
     return TrainResult(folder.out, trainer.state.global_step, [r["loss"] for r in report["losses"]],
                        [e["eval_loss"] for e in report["evals"]], report["tokens_per_second"],
-                       report["peak_memory_bytes"], report["wall_time_s"], trainable, report)
+                       report["peak_memory_bytes"], report["wall_time_s"], trainable, report,
+                       training.is_main(trainer))
 
 
 def _log(msg: str) -> None:

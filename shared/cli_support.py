@@ -59,8 +59,10 @@ def report_error(e: BaseException) -> int:
         with contextlib.suppress(OSError, ValueError):  # no second BrokenPipeError when Python flushes at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return CLOSED_PIPE
+    rank, connected = _rank()
     if isinstance(e, KeyboardInterrupt):
-        typer.echo("interrupted; completed outputs are intact", err=True)
+        if rank == 0:  # Ctrl-C reaches every process of a torchrun job
+            typer.echo("interrupted; completed outputs are intact", err=True)
         return INTERRUPTED
     if _debug():
         traceback.print_exception(e)
@@ -79,8 +81,23 @@ def report_error(e: BaseException) -> int:
         message = (f"unexpected {type(e).__name__}: {text or '(no message)'} "
                    f"(set {DEBUG_ENV}=1 for the traceback; please report it)")
         code = INTERNAL_ERROR
-    typer.echo(f"error: {one_line(message)}", err=True)
+    if rank == 0 or connected:
+        typer.echo(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(message)}", err=True)
     return code
+
+
+def _rank() -> tuple[int, bool]:
+    """This process's rank in a torchrun / accelerate launch job (0 alone), and whether the job's processes are
+    connected yet. Before they are, every rank ran the same checks on the same flags and files, so rank 0 alone
+    reports a failure (one line, not one per process); after, an error may be one rank's own, and each reports
+    it, naming its rank."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        rank = 0
+    dist = sys.modules.get("torch.distributed")
+    connected = bool(dist is not None and dist.is_available() and dist.is_initialized())
+    return rank, connected
 
 
 def user_errors(fn: Callable) -> Callable:

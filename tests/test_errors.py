@@ -406,3 +406,21 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
     assert "error" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_each_rank_reports_only_what_is_its_own(monkeypatch, capsys):
+    """Before a torchrun job's processes connect, every rank ran the same checks: rank 0 alone says the error (and
+    Ctrl-C's line). Once connected, an error may be one rank's own (a missing rng_state_1.json): each says it,
+    naming its rank."""
+    import torch.distributed as dist
+
+    from loram.shared.cli_support import report_error
+
+    for rank, connected, shown in (("0", False, "error: bad flag\n"), ("1", False, ""),
+                                   ("1", True, "error: [rank 1] bad flag\n"), ("0", True, "error: bad flag\n")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(dist, "is_initialized", lambda connected=connected: connected)
+        assert report_error(LoramError("bad flag")) == 2
+        assert capsys.readouterr().err == shown, (rank, connected)
+    monkeypatch.setenv("RANK", "1")
+    assert report_error(KeyboardInterrupt()) == 130 and capsys.readouterr().err == ""

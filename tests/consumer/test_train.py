@@ -253,6 +253,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pruned):
                            "--batch", "2", "--out", str(pruned / "ddp")], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter: ") == 1 and proc.stdout.count("trained 4 steps") == 1  # rank 0 alone
     single = _train(pruned, "single-b4", steps=4, save_every=10, eval_data=str(pruned / "qa.jsonl"), eval_every=2)
     report = json.loads((pruned / "ddp" / "training_report.json").read_text())
     assert report["world_size"] == 2
@@ -262,6 +263,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pruned):
     # of its half of the set, so the figure is close to one process's, not equal.
     assert [e["step"] for e in report["evals"]] == [2, 4]
     assert [e["eval_loss"] for e in report["evals"]] == pytest.approx(single.eval_losses, rel=5e-3)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_a_mistake_under_torchrun_is_said_once_not_once_per_process(pruned):
+    env = {**os.environ, "LORAM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "loram", "train",
+                           str(pruned / "pruned"), "--data", str(pruned / "missing.jsonl"), "--out", str(pruned / "never")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and not (pruned / "never").exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing.jsonl" in errors[0], proc.stderr[-2000:]
 
 
 def test_several_gpus_in_one_process_are_refused_with_the_torchrun_command(pruned, tmp_path):
