@@ -274,6 +274,8 @@ def run(trainer, folder: RunFolder) -> None:
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # TrainingProgress replaces the printed log dicts
+    if folder.resume_from:
+        say(f"resuming from {folder.resume_from} (step {folder.resume_from.name.rsplit('-', 1)[1]})")
     trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
     step = trainer.state.global_step
     if trainer.eval_dataset is not None and not any(

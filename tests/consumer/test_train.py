@@ -66,7 +66,7 @@ def test_train_writes_a_peft_adapter_on_the_pruned_model_and_a_report(pruned):
     assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in out.rglob("*"))
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pruned):
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pruned, capfd):
     full = _train(pruned, "full")
     # An interrupted run: keep what existed after step 3 (checkpoint-3), drop later state.
     shutil.copytree(full.out, pruned / "cut")
@@ -74,7 +74,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pruned):
         if p.name != "checkpoints":
             p.unlink()
     shutil.rmtree(pruned / "cut" / "checkpoints" / "checkpoint-6")
+    capfd.readouterr()
     resumed = _train(pruned, "cut", resume=True)
+    assert f"resuming from {pruned / 'cut' / 'checkpoints' / 'checkpoint-3'} (step 3)" in capfd.readouterr().err
     # Steps 1-3 come from checkpoint-3's history, steps 4-6 are recomputed: all equal, exactly.
     assert resumed.steps == 6 and resumed.losses == full.losses
     a = json.loads((full.out / "training_report.json").read_text())["losses"]
