@@ -114,6 +114,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     started = time.time()
     check_not_an_input(cfg.out, {"the model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
+    training.check_resumable(folder)
     folder, cfg = training.pin_options(folder, cfg, RESUME_SAME)
     if folder.resume_from is not None:
         _check_resumed_adapter(folder.resume_from, cfg)

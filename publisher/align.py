@@ -191,6 +191,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
                                  "--eval-data": cfg.eval_data, **{f"--data {s.name}": s.name for s in cfg.sources}})
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, what="alignment",
                                  steps=cfg.steps)
+    training.check_resumable(folder, sharded=cfg.fsdp)
     folder, cfg = training.pin_options(folder, cfg, RESUME_SAME)
     configure_threads()
     source = resolve_model(cfg.pruned, cfg.revision, cfg.endpoint)

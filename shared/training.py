@@ -138,6 +138,28 @@ def global_batch(cfg, processes: int | None = None) -> int:
     return cfg.batch * cfg.grad_accum * (world_size() if processes is None else processes)
 
 
+def check_resumable(folder: RunFolder, *, sharded: bool = False) -> None:
+    """Refuse, before anything loads, a checkpoint this run cannot resume. One written without FSDP holds its
+    optimizer state in one file and a random-number state per process: it resumes without `--fsdp`, on as many
+    processes as wrote it (an FSDP checkpoint's shards resume on any number, with or without `--fsdp`)."""
+    from loram.shared.checkpoints import OPTIMIZER_SHARDS
+
+    checkpoint = folder.resume_from
+    if checkpoint is None or (checkpoint / OPTIMIZER_SHARDS).is_dir():
+        return
+    start_again = "or start a new run (another --out, or --overwrite)"
+    if sharded:
+        raise LoramError(f"--resume --fsdp: {checkpoint} was written without --fsdp (its optimizer state is not "
+                         f"sharded); resume it without --fsdp, as it was written, {start_again}")
+    written = len(list(checkpoint.glob("rng_state_*.json"))) or (1 if (checkpoint / "rng_state.json").is_file() else 0)
+    processes = world_size()
+    if written and written != processes:
+        how = "as one process (no torchrun)" if written == 1 else f"with torchrun --nproc_per_node {written}"
+        raise LoramError(f"--resume: {checkpoint} was written by {written} process(es) and this run has {processes}; "
+                         f"without --fsdp a checkpoint resumes only on as many (each wrote its own random-number "
+                         f"state): run it {how}, {start_again}")
+
+
 def pin_options(folder: RunFolder, cfg, names):
     """Options `names` of `cfg` must not change across `--resume`: on a resumed run compare them with the
     ones its first run recorded (LoramError naming every one that differs); on a fresh run return the folder

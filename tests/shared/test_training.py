@@ -248,3 +248,32 @@ def test_resume_from_another_working_folder_reads_words_as_words(tmp_path, monke
     path.write_text(json.dumps(saved | {"distill_from": str(tmp_path / "base"), "hidden_layers": str(tmp_path / "pruned")}))
     monkeypatch.chdir(tmp_path)
     _resume(cfg, monkeypatch, 1)
+
+
+def test_a_checkpoint_this_run_cannot_resume_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """Without FSDP a checkpoint holds one optimizer file and a random-number state per process: it resumes without
+    --fsdp on as many processes (a DDP checkpoint under --fsdp failed at the first step with an unexpected DTensor
+    error; on another count, after loading everything). FSDP's shards resume on any count."""
+    from loram.shared.checkpoints import OPTIMIZER_SHARDS
+    from loram.shared.training import check_resumable
+
+    ddp = tmp_path / "ddp" / CHECKPOINTS / "checkpoint-3"
+    ddp.mkdir(parents=True)
+    for name in ("trainer_state.json", "optimizer.json", "rng_state_0.json", "rng_state_1.json"):
+        (ddp / name).write_text("{}")
+    folder = run_folder(tmp_path / "ddp", resume=True, overwrite=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_resumable(folder)
+    with pytest.raises(LoramError, match=r"^--resume --fsdp: .*checkpoint-3 was written without --fsdp .*; resume it "
+                                         r"without --fsdp, as it was written, or start a new run"):
+        check_resumable(folder, sharded=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(LoramError, match=r"written by 2 process\(es\) and this run has 1; .*run it with torchrun "
+                                         r"--nproc_per_node 2, or start a new run"):
+        check_resumable(folder)
+
+    (ddp / OPTIMIZER_SHARDS).mkdir()  # as an FSDP run writes it: any count, with or without --fsdp
+    for processes in ("1", "3"):
+        monkeypatch.setenv("WORLD_SIZE", processes)
+        check_resumable(folder)
+        check_resumable(folder, sharded=True)
