@@ -72,6 +72,10 @@ def report_error(e: BaseException) -> int:
         where = f" ({e.filename})" if e.filename else ""
         fix = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions"
         message, code = f"{e.strerror or e}{where}; {fix} or choose another --out", USER_ERROR
+    elif connected and _lost_peer(e):
+        message, code = ("another process of this run stopped (the connection to it was lost: "
+                         f"{one_line(e)[:120]}); its own error is above, or in the launcher's summary; fix that and "
+                         "rerun the same command with --resume to continue from the last checkpoint"), INTERNAL_ERROR
     elif type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
         message, code = (f"out of memory ({one_line(e)[:200] or type(e).__name__}); use a smaller --batch or "
                          "--seq-len, --quant nf4, or a machine with more memory"), USER_ERROR
@@ -84,6 +88,14 @@ def report_error(e: BaseException) -> int:
     if rank == 0 or connected:
         typer.echo(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(message)}", err=True)
     return code
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """`e` is a collective failing because another process of the job went away (killed, crashed), as gloo and
+    NCCL report it, rather than an error of this process's own."""
+    text = str(e)
+    return (type(e).__name__ in ("DistBackendError", "DistNetworkError")
+            or any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")))
 
 
 def _rank() -> tuple[int, bool]:

@@ -424,3 +424,23 @@ def test_each_rank_reports_only_what_is_its_own(monkeypatch, capsys):
         assert capsys.readouterr().err == shown, (rank, connected)
     monkeypatch.setenv("RANK", "1")
     assert report_error(KeyboardInterrupt()) == 130 and capsys.readouterr().err == ""
+
+
+def test_a_collective_that_lost_another_process_says_so(monkeypatch, capsys):
+    """A worker killed mid-run: the others' next collective fails inside gloo. That is one line saying another
+    process stopped and how to go on, not an internal error to report."""
+    import torch.distributed as dist
+
+    from loram.shared.cli_support import report_error
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1234: "
+                        "Connection reset by peer")
+    assert report_error(gloo) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: another process of this run stopped (the connection to it was lost: ")
+    assert "rerun the same command with --resume" in err and "please report" not in err and err.count("\n") == 1
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # one process: no peer to lose
+    report_error(RuntimeError("Connection reset by peer"))
+    assert "unexpected RuntimeError" in capsys.readouterr().err
