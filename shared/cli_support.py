@@ -103,8 +103,8 @@ def _rank() -> tuple[int, bool]:
     connected yet. Before they are, every rank ran the same checks on the same flags and files, so rank 0 alone
     reports a failure (one line, not one per process); after, an error may be one rank's own, and each reports
     it, naming its rank."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
+    try:  # RANK counts only inside a job of several processes: a stray RANK never silences a lone process
+        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     except ValueError:
         rank = 0
     dist = sys.modules.get("torch.distributed")

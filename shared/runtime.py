@@ -63,5 +63,9 @@ def default_device() -> torch.device:
 
 def first_process() -> bool:
     """This is the first process of a torchrun / accelerate launch job (or the only one): the one that writes
-    outputs and prints. Read from the launcher's RANK, so it holds before the process group is up."""
-    return int(os.environ.get("RANK", "0")) == 0
+    outputs and prints. Read from the launcher's RANK, so it holds before the process group is up; a RANK without a
+    WORLD_SIZE above 1 (left in the environment, not set by a launcher) makes no process a second one."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True

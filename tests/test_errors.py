@@ -416,6 +416,10 @@ def test_each_rank_reports_only_what_is_its_own(monkeypatch, capsys):
 
     from loram.shared.cli_support import report_error
 
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "1")  # a stray RANK outside a job: a lone process always says its error
+    assert report_error(LoramError("bad flag")) == 2 and capsys.readouterr().err == "error: bad flag\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, connected, shown in (("0", False, "error: bad flag\n"), ("1", False, ""),
                                    ("1", True, "error: [rank 1] bad flag\n"), ("0", True, "error: bad flag\n")):
         monkeypatch.setenv("RANK", rank)

@@ -180,3 +180,16 @@ def test_the_cli_hides_the_trainers_checkpoint_ordering_note_only(caplog):
     shown = [r.getMessage() for r in caplog.records if r.name == "transformers.trainer_utils"]
     assert shown == ["something the trainer wants said"]
     assert sort_checkpoints.__module__ == "transformers.trainer_utils"  # it logs through the filtered logger
+
+
+def test_a_stray_rank_outside_a_job_does_not_silence_a_lone_process(monkeypatch, capsys):
+    """RANK alone (left in a shell, not set by torchrun with a WORLD_SIZE above 1) makes no process a second one."""
+    from loram.shared.errors import warn
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    warn("said")
+    assert capsys.readouterr().err == "warning: said\n"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    warn("not said")
+    assert capsys.readouterr().err == ""

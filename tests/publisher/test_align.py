@@ -533,6 +533,7 @@ def test_only_the_first_process_hashes_the_text(tmp_path, monkeypatch):
                     {"source": "wiki", "weight": 0.25}] and evaluated == {k: data[0][k] for k in ("source", "sha256",
                                                                                                  "bytes")}
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for reader in ("sha256_file", "visible_file_hashes"):
         monkeypatch.setattr(align_data, reader, lambda *a: pytest.fail("a second process hashed the text"))
     data, evaluated = align._data_records(cfg)
