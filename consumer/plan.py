@@ -124,9 +124,7 @@ class PlanConfig(Config):
             check_fraction(name, getattr(self, name))
         check_options(quant=self.quant, rank=self.rank, lora_dropout=self.dropout, batch=self.batch,
                       seq_len=self.seq_len, optimizer=self.optimizer, device=self.device)
-        if self.dtype != "auto" and self.dtype not in DTYPE_CHOICES:
-            raise LoramError(f"dtype must be auto or one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        self.dtype = dtype_name(self.dtype)
+        self.dtype = dtype_name(self.dtype)  # its choices are checked with the option
         self.targets = list(parse_targets(",".join(map(str, self.targets)) if isinstance(self.targets, list)
                                           else self.targets))
         parse_bytes(self.budget)  # refuse a bad size now, with the other options

@@ -133,6 +133,20 @@ def pickle_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES)
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """N of a `checkpoint-N` folder."""
+    return int(Path(checkpoint).name[len(PREFIX_CHECKPOINT_DIR) + 1:])
+
+
+RNG_STATE = "rng_state"  # rng_state.json of a lone process, rng_state_<rank>.json of each process of a job
+
+
+def rng_state_writers(checkpoint: Path) -> int:
+    """How many processes wrote `checkpoint`'s random-number states (0: none saved)."""
+    checkpoint = Path(checkpoint)
+    return len(list(checkpoint.glob(f"{RNG_STATE}_*.json"))) or int((checkpoint / f"{RNG_STATE}.json").is_file())
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete `checkpoint-N` in `run_dir`, or None; partial or hidden folders are ignored."""
     run_dir = Path(run_dir)
@@ -353,7 +367,7 @@ class SafeCheckpointTrainer(Trainer):
     # -- random number generators --
 
     def _rng_name(self) -> str:
-        return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
+        return RNG_STATE if self.args.world_size <= 1 else f"{RNG_STATE}_{self.args.process_index}"
 
     def _save_rng_state(self, output_dir: str) -> None:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -368,7 +382,7 @@ class SafeCheckpointTrainer(Trainer):
         if checkpoint is None:
             return
         if not (Path(checkpoint) / f"{self._rng_name()}.json").is_file():
-            if (Path(checkpoint) / OPTIMIZER_SHARDS).is_dir() and list(Path(checkpoint).glob("rng_state*.json")):
+            if (Path(checkpoint) / OPTIMIZER_SHARDS).is_dir() and rng_state_writers(Path(checkpoint)):
                 logger.warning(f"{checkpoint} was written by another number of processes: model, optimizer and "
                                "schedule resume, the random number generators start afresh")
                 return

@@ -103,13 +103,10 @@ def _rank() -> tuple[int, bool]:
     connected yet. Before they are, every rank ran the same checks on the same flags and files, so rank 0 alone
     reports a failure (one line, not one per process); after, an error may be one rank's own, and each reports
     it, naming its rank."""
-    try:  # RANK counts only inside a job of several processes: a stray RANK never silences a lone process
-        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    except ValueError:
-        rank = 0
+    from loram.shared.runtime import process_rank
+
     dist = sys.modules.get("torch.distributed")
-    connected = bool(dist is not None and dist.is_available() and dist.is_initialized())
-    return rank, connected
+    return process_rank(), bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def user_errors(fn: Callable) -> Callable:

@@ -208,9 +208,9 @@ class Config:
                 raise LoramError(f"config file {path} cannot be read as UTF-8 text ({e}); save it as UTF-8") from e
             if not isinstance(loaded, dict):
                 raise LoramError(f"config file {path} must hold a mapping of option: value")
-            odd = next((k for k in loaded if not isinstance(k, str)), None)
-            if odd is not None or None in loaded:
-                raise LoramError(f"config file {path}: the key {odd!r} is not an option name; write option: value "
+            odd = [k for k in loaded if not isinstance(k, str)]  # 1: 2, null: 2, ...
+            if odd:
+                raise LoramError(f"config file {path}: the key {odd[0]!r} is not an option name; write option: value "
                                  "lines, e.g. steps: 100")
             values.update({k.replace("-", "_"): v for k, v in loaded.items()})
         values.update({k: v for k, v in flags.items() if v is not None})

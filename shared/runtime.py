@@ -61,11 +61,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def process_rank() -> int:
+    """This process's rank in a torchrun / accelerate launch job, 0 for the only process. Read from the launcher's
+    RANK, so it holds before the process group is up; a RANK without a WORLD_SIZE above 1 (left in the environment,
+    not set by a launcher) makes no process a second one."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def first_process() -> bool:
     """This is the first process of a torchrun / accelerate launch job (or the only one): the one that writes
-    outputs and prints. Read from the launcher's RANK, so it holds before the process group is up; a RANK without a
-    WORLD_SIZE above 1 (left in the environment, not set by a launcher) makes no process a second one."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
-        return True
+    outputs and prints (`process_rank`)."""
+    return process_rank() == 0

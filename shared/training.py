@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loram.shared.checkpoints import latest_checkpoint
+from loram.shared.checkpoints import checkpoint_step, latest_checkpoint
 from loram.shared.errors import LoramError, say, warn
 from loram.shared.outputs import atomic_file, check_writable, replace_dir, staged_files
 
@@ -79,7 +79,7 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
         if checkpoint is None:
             raise LoramError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}; run without --resume"
                              + (" to start it again" if _unstarted(out) else ""))
-        done = int(checkpoint.name.rsplit("-", 1)[1])
+        done = checkpoint_step(checkpoint)
         if steps is not None and done >= steps:
             raise LoramError(f"--resume: the {what} in {out} already reached step {done} ({checkpoint.name}), "
                              f"--steps is {steps}: nothing left to train; pass a --steps above {done} to go on")
@@ -142,7 +142,7 @@ def check_resumable(folder: RunFolder, *, sharded: bool = False) -> None:
     """Refuse, before anything loads, a checkpoint this run cannot resume. One written without FSDP holds its
     optimizer state in one file and a random-number state per process: it resumes without `--fsdp`, on as many
     processes as wrote it (an FSDP checkpoint's shards resume on any number, with or without `--fsdp`)."""
-    from loram.shared.checkpoints import OPTIMIZER_SHARDS
+    from loram.shared.checkpoints import OPTIMIZER_SHARDS, rng_state_writers
 
     checkpoint = folder.resume_from
     if checkpoint is None or (checkpoint / OPTIMIZER_SHARDS).is_dir():
@@ -151,7 +151,7 @@ def check_resumable(folder: RunFolder, *, sharded: bool = False) -> None:
     if sharded:
         raise LoramError(f"--resume --fsdp: {checkpoint} was written without --fsdp (its optimizer state is not "
                          f"sharded); resume it without --fsdp, as it was written, {start_again}")
-    written = len(list(checkpoint.glob("rng_state_*.json"))) or (1 if (checkpoint / "rng_state.json").is_file() else 0)
+    written = rng_state_writers(checkpoint)
     processes = world_size()
     if written and written != processes:
         how = "as one process (no torchrun)" if written == 1 else f"with torchrun --nproc_per_node {written}"
@@ -297,7 +297,7 @@ def run(trainer, folder: RunFolder) -> None:
 
     trainer.remove_callback(PrinterCallback)  # TrainingProgress replaces the printed log dicts
     if folder.resume_from:
-        say(f"resuming from {folder.resume_from} (step {folder.resume_from.name.rsplit('-', 1)[1]})")
+        say(f"resuming from {folder.resume_from} (step {checkpoint_step(folder.resume_from)})")
     trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
     step = trainer.state.global_step
     if trainer.eval_dataset is not None and not any(
