@@ -93,7 +93,7 @@ class PlanConfig(Config):
                                     "aligning the pruned one with DDP and FSDP (--batch, --seq-len and "
                                     "--gradient-checkpointing apply to alignment too).")
     devices: list[str] | None = option(None, "Device counts to plan alignment for, e.g. 8 or 1,2,4,8 (default "
-                                             "1,2,4,8); implies --publisher.")
+                                             "1,2,4,8); implies --publisher.", counts=True)
     device_memory: str | None = option(None, "Memory of one device, e.g. 80GiB: whether Taylor, DDP and FSDP fit, and "
                                              "the smallest FSDP device count; implies --publisher.")
     calib_samples: int = option(CALIBRATION[0], "Taylor calibration samples (as `loram publish prune --samples`).")

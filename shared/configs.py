@@ -37,11 +37,14 @@ _YamlLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
-def option(default: Any = REQUIRED, help: str = "", *, argument: bool = False, choices=None, flag=None):
+def option(default: Any = REQUIRED, help: str = "", *, argument: bool = False, choices=None, flag=None,
+           counts: bool = False):
     """A config field with its one-line help. `argument=True` makes it positional on the CLI;
     `choices` restricts a string (or each item of a list); `flag` names the CLI flag when it differs from
-    the field name (for a bool, `"on-name/off-name"` names both switches, e.g. `"freeze-lm-head/train-lm-head"`)."""
-    meta = {"help": help, "argument": argument, "choices": choices, "flag": flag}
+    the field name (for a bool, `"on-name/off-name"` names both switches, e.g. `"freeze-lm-head/train-lm-head"`);
+    `counts=True` lets a string field (or each item of a list) of whole numbers be written unquoted in a YAML
+    file (`devices: 8`): a whole number is taken as its digits, where any other string field refuses it."""
+    meta = {"help": help, "argument": argument, "choices": choices, "flag": flag, "counts": counts}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -105,8 +108,8 @@ def _number(tp: type, value):
     raise _Refused("a whole number" if tp is int else "a number", value)
 
 
-def _read(tp, value, choices=None):
-    """`value` as a `tp` (already stripped of Optional), or `_Refused`."""
+def _read(tp, value, choices=None, counts=False):
+    """`value` as a `tp` (already stripped of Optional), or `_Refused`; `counts`: see `option`."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -118,6 +121,8 @@ def _read(tp, value, choices=None):
     if tp is str:
         if isinstance(value, os.PathLike):  # a folder given as a Path in the Python API
             value = os.fspath(value)
+        if counts and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         if not isinstance(value, str):
             hint = ""
             if isinstance(value, bool):
@@ -134,8 +139,9 @@ def _read(tp, value, choices=None):
         raise _Refused("a path", value)
     if tp is list or typing.get_origin(tp) is list:
         item_tp = _base_type((typing.get_args(tp) or (Any,))[0])
-        what = f"a list of items each {_one_of(choices)}" if choices else f"a list of {_plural(item_tp)}"
-        if isinstance(value, str):
+        what = (f"a list of items each {_one_of(choices)}" if choices else
+                "a list of whole numbers" if counts else f"a list of {_plural(item_tp)}")
+        if isinstance(value, str) or (counts and isinstance(value, int) and not isinstance(value, bool)):
             value = [value]  # one item; a comma inside it is the command's to split
         elif not isinstance(value, list | tuple):
             raise _Refused(what, value)
@@ -144,7 +150,7 @@ def _read(tp, value, choices=None):
         items = []
         for item in value:
             try:
-                items.append(_read(item_tp, item, choices))
+                items.append(_read(item_tp, item, choices, counts))
             except _Refused as e:
                 raise _Refused(what, item, e.hint, item=True) from None
         return items
@@ -156,7 +162,7 @@ def _coerce(field: dataclasses.Field, tp, value):
     if value is None and _optional(tp):
         return None
     try:
-        return _read(_base_type(tp), value, field.metadata.get("choices"))
+        return _read(_base_type(tp), value, field.metadata.get("choices"), field.metadata.get("counts", False))
     except _Refused as e:
         got = f"the item {e.value!r}" if e.item else repr(e.value)
         raise LoramError(f"{flag_name(field)} must be {e.what}; got {got}{e.hint}") from None

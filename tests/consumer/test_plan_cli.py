@@ -247,6 +247,25 @@ def test_publisher_is_implied_by_devices_or_device_memory(configs):
     assert trained["align"]["trained_params"] == trained["align"]["params"] and trained["taylor"]["samples"] == 8
 
 
+@pytest.mark.parametrize("yaml_devices, counts", [("8", [8]), ("[1, 2, 8]", [1, 2, 8]), ('"1,2"', [1, 2]),
+                                                   ('["4", 2]', [2, 4])])
+def test_devices_in_a_config_file_need_no_quotes(configs, tmp_path, yaml_devices, counts):
+    """YAML reads `devices: 8` as a number: a device count is one, so it is taken as written."""
+    (tmp_path / "plan.yaml").write_text(f"devices: {yaml_devices}\nratio: 0.85\n")
+    result = runner.invoke(app, ["plan", str(configs["llama31"]), "--json", "--config", str(tmp_path / "plan.yaml")])
+    assert result.exit_code == 0, result.output
+    assert [e["devices"] for e in json.loads(result.stdout)["publisher"]["align"]["ddp"]] == counts
+
+
+@pytest.mark.parametrize("yaml_devices, needle", [("2.5", "--devices must be a list of whole numbers; got 2.5"),
+                                                  ("true", "--devices must be a list of whole numbers; got True"),
+                                                  ("[2, 0]", "--devices takes whole numbers in 1..1024")])
+def test_bad_devices_in_a_config_file(configs, tmp_path, yaml_devices, needle):
+    (tmp_path / "plan.yaml").write_text(f"devices: {yaml_devices}\n")
+    _one_line_error(runner.invoke(app, ["plan", str(configs["llama31"]), "--config", str(tmp_path / "plan.yaml")]),
+                    needle)
+
+
 def test_publisher_for_a_pruned_checkpoint_and_non_structured(tmp_path, configs):
     """A pruned checkpoint is aligned as it is (nothing left to prune); non-structured pruning has no Taylor."""
     from loram.accounting import plan_params, stock_config
