@@ -19,17 +19,20 @@ from loram.shared.errors import LoramError
 
 def check_output_dir(out: Path, overwrite: bool, fix: str = "choose another --out") -> None:
     """Refuse an existing, non-empty output directory unless `overwrite` is set, an `out` that is or holds a
-    cache (`check_not_a_cache`), and an `out` that cannot be created (`check_writable`)."""
+    cache (`check_not_a_cache`) or the working folder (`check_not_the_working_folder`), and an `out` that cannot
+    be created (`check_writable`)."""
     out = Path(out)
     try:
         exists = out.exists()
         if exists and not out.is_dir():
             raise LoramError(f"output path {out} exists and is not a directory; {fix}")
+        check_not_a_cache(out, fix)
+        if exists:
+            check_not_the_working_folder(out, fix)
         if exists and any(out.iterdir()) and not overwrite:
             raise LoramError(f"output directory {out} already exists; {fix} or pass --overwrite")
     except OSError as e:  # a name too long, a folder that cannot be listed
         raise LoramError(f"cannot use {out} as an output folder ({e.strerror or e}); {fix}") from e
-    check_not_a_cache(out, fix)
     check_writable(out, fix=fix)
 
 
@@ -52,6 +55,17 @@ def check_not_a_cache(out: Path, fix: str = "choose another --out") -> None:
         folder = Path(os.path.abspath(folder.expanduser()))
         if where := _is_or_holds(target, folder):
             raise LoramError(f"--out {out} {where} {name} {folder}: writing there would delete it; {fix}")
+
+
+def check_not_the_working_folder(out: Path, fix: str = "choose another --out") -> None:
+    """Refuse an existing `out` that holds the working folder, or is it and has files: replacing it would delete
+    them and leave the shell in a deleted folder. An empty working folder (`--out .` in a new folder) is filled
+    in place (`replace_dir`)."""
+    target, cwd = Path(out).expanduser().resolve(), Path.cwd().resolve()
+    where = _is_or_holds(target, cwd)
+    if where == "holds" or (where == "is" and any(target.iterdir())):
+        raise LoramError(f"--out {out} {where} the working folder{'' if where == 'is' else f' {cwd}'}: writing there "
+                         f"would replace it and leave the shell in a deleted folder; {fix}, e.g. a new folder inside it")
 
 
 def _is_or_holds(out: Path, path: Path) -> str | None:
@@ -93,8 +107,8 @@ def atomic_output_dir(out: Path, overwrite: bool = False, fix: str = "choose ano
 
     On any exception the temporary directory is removed and `out` is left as it was.
     """
+    check_output_dir(Path(out).expanduser(), overwrite, fix)  # its errors name --out as given
     out = Path(os.path.abspath(Path(out).expanduser()))  # `--out .` has no name to make a sibling of
-    check_output_dir(out, overwrite, fix)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -173,8 +187,14 @@ def apply_umask(path: Path) -> None:
 
 def replace_dir(tmp: Path, out: Path) -> None:
     """Put the complete folder `tmp` at `out` (a sibling), replacing what was there: two renames, and the
-    old folder is removed only once the new one is in place."""
+    old folder is removed only once the new one is in place. An empty `out` that is the working folder keeps
+    its place (a rename would leave the shell in a deleted folder): `tmp`'s entries are renamed into it."""
     tmp, out = Path(tmp), Path(out)
+    if out.is_dir() and out.resolve() == Path.cwd().resolve() and not any(out.iterdir()):
+        for entry in sorted(tmp.iterdir()):
+            entry.rename(out / entry.name)
+        tmp.rmdir()
+        return
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -37,7 +37,14 @@ from pathlib import Path
 
 from loram.shared.checkpoints import checkpoint_step, latest_checkpoint
 from loram.shared.errors import LoramError, say, warn
-from loram.shared.outputs import atomic_file, check_writable, replace_dir, staged_files
+from loram.shared.outputs import (
+    atomic_file,
+    check_not_a_cache,
+    check_not_the_working_folder,
+    check_writable,
+    replace_dir,
+    staged_files,
+)
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.json"  # in checkpoints/: the options a resumed run must share
@@ -73,6 +80,7 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
         raise LoramError("--resume and --overwrite contradict each other; choose one")
     if out.exists() and not out.is_dir():
         raise LoramError(f"output path {out} exists and is not a directory; choose another --out")
+    check_not_a_cache(out)
     check_writable(out, into=True)
     if resume:
         checkpoint = latest_checkpoint(out / CHECKPOINTS)
@@ -90,6 +98,7 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
             raise LoramError(f"output directory {out} already exists; choose another --out, "
                              + (f"pass --resume to continue its {what}, or --overwrite" if resumable
                                 else "or pass --overwrite") + " to replace it")
+        check_not_the_working_folder(out)
         return RunFolder(out, out.parent / f".{out.name}{REPLACING_SUFFIX}")
     return RunFolder(out, out)
 

@@ -111,6 +111,34 @@ def test_a_cache_is_never_the_output(root, tmp_path):
     assert file_tree(tmp_path) == before
 
 
+def test_the_working_folder_is_never_replaced(root, tmp_path):
+    """`recover ... --out . --overwrite` in a folder with files deleted them and left the shell in a deleted
+    folder; `--out ..` would have too. Refused, for train's run folders as for the atomic outputs; an empty working
+    folder is filled in place, so the shell stays in the folder it sees."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    before = file_tree(tmp_path)
+    train_args = ["train", root / "pruned", "--data", root / "qa.jsonl", "--columns", "prompt=question,response=answer",
+                  "--steps", "1", "--seq-len", "32"]
+    for args, out, where in ((["recover", root / "adapter"], ".", "is"), (["recover", root / "adapter"], "..", "holds"),
+                             (train_args, ".", "is"), (["merge", root / "recovered"], ".", "is")):
+        proc = run_loram(*args, "--out", out, "--overwrite", cwd=work)
+        assert proc.returncode == 2, proc.stderr
+        cwd = "" if where == "is" else f" {work.resolve()}"
+        assert proc.stderr == (f"error: --out {out} {where} the working folder{cwd}: writing there would "
+                               "replace it and leave the shell in a deleted folder; choose another --out, e.g. a new "
+                               "folder inside it\n"), proc.stderr
+    assert file_tree(tmp_path) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    proc = run_loram("recover", root / "adapter", "--out", ".", cwd=empty)
+    assert proc.returncode == 0, proc.stderr
+    assert empty.stat().st_ino == inode and (empty / "adapter_model.safetensors").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_out_is_read_as_a_shell_reads_it(root, tmp_path):
     """A quoted '~/x' is the home folder's x (it was a literal './~/x'); '.' is the working folder (its empty
     name had no sibling to write beside); a name too long for the file system is one line."""
