@@ -37,7 +37,7 @@ class EvalConfig(Config):
     shots: int | None = option(None, "Few-shot examples for --tasks (default: each task's own).")
     max_new_tokens: int | None = option(None, "Generation length for generative --tasks (default: the task's, 256).")
     seed: int = option(0, "Seed of lm-eval's few-shot sampling and generation for --tasks.")
-    ignore_fingerprint: bool = option(False, "Evaluate an adapter on a base whose fingerprint differs.")
+    ignore_fingerprint: bool = option(False, "Evaluate an adapter on a base other than its recorded one (fingerprint or pruned manifest).")
     revision: str | None = revision_option("each MODEL")
     endpoint: str | None = endpoint_option()
     json: bool = option(False, "Print one JSON object instead of a table.")

@@ -22,7 +22,7 @@ class GenerateConfig(Config):
     max_new_tokens: int = option(256, "Most tokens to generate.")
     temperature: float = option(0.0, "0 for greedy decoding.")
     seed: int = option(0, "Seed for sampling.")
-    ignore_fingerprint: bool = option(False, "Use an adapter whose recorded base fingerprint differs.")
+    ignore_fingerprint: bool = option(False, "Use an adapter on a base other than its recorded one (fingerprint or pruned manifest).")
     revision: str | None = revision_option("MODEL")
     endpoint: str | None = endpoint_option()
 

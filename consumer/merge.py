@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loram.memory_plan import DTYPE_CHOICES, dtype_name
-from loram.recover import ADAPTER_WEIGHTS, adapter_config_json
+from loram.recover import ADAPTER_WEIGHTS, adapter_config_json, check_trained_on
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option
@@ -32,7 +32,7 @@ class MergeConfig(Config):
     dtype: str = option("bf16", "Dtype of the merged weights.", choices=DTYPE_CHOICES)
     base: str | None = option(None, "Use this copy of the original model (folder or Hub id) instead of the "
                                     "adapter's base.")
-    ignore_fingerprint: bool = option(False, "Merge even if the base differs from the recorded fingerprint.")
+    ignore_fingerprint: bool = option(False, "Merge even if the base differs from the recorded one (fingerprint or pruned manifest).")
     max_shard_size: str = option("5GB", "Largest safetensors shard.")
     revision: str | None = revision_option("ADAPTER")
     endpoint: str | None = endpoint_option()
@@ -91,6 +91,8 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
                          f"and has the pruned model's shapes; run `loram recover {adapter} --out DIR` first "
                          "and use the recovered adapter")
     check_original(adapter_dir, source.path, ignore_fingerprint)
+    if (source.path / MANIFEST_JSON).is_file():  # an adapter used on a pruned checkpoint, as it was trained
+        check_trained_on(adapter_dir, source.path, ignore_fingerprint)
     model = from_pretrained(source.path, dtype=dtype or torch.float32)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir)

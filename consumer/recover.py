@@ -52,7 +52,8 @@ class RecoverConfig(Config):
     original: str | None = option(None, "Point the recovered adapter at this copy of the original model (folder "
                                         "or Hub id) instead of the manifest's; its fingerprint must match.")
     ignore_fingerprint: bool = option(False, "Accept an --original whose config/weights differ from the manifest's "
-                                             "fingerprint (you are on your own).")
+                                             "fingerprint, or a pruned checkpoint other than the one the adapter "
+                                             "was trained on (you are on your own).")
     revision: str | None = revision_option("ADAPTER")
     endpoint: str | None = endpoint_option()
     verify: bool = verify_option()
@@ -114,6 +115,27 @@ def pruned_manifest(adapter_config: dict, endpoint: str | None = None, verify: b
     return source.path, check_pruned_checkpoint(source.path, verify=verify and not source.verified)
 
 
+TRAIN_REPORT = "training_report.json"  # what `loram train` writes beside the adapter (loram.train.REPORT)
+
+
+def check_trained_on(adapter_dir: Path, pruned_dir: Path, ignore: bool = False) -> None:
+    """Refuse a pruned checkpoint other than the one the adapter was trained on: `loram train` records the
+    manifest's sha256 in the adapter's training_report.json. Another checkpoint of the same shapes (re-pruned into
+    the same folder, or another method or calibration) loads without complaint, and its kept channels are others.
+    An adapter without the record (trained elsewhere, or before it was kept) is not checked."""
+    try:
+        recorded = json.loads((Path(adapter_dir) / TRAIN_REPORT).read_text(encoding="utf-8"))["model"]
+        recorded = recorded["manifest_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if ignore or sha256_file(Path(pruned_dir) / "loram_manifest.json") == recorded:
+        return
+    raise LoramError(f"{pruned_dir} is not the pruned checkpoint the adapter {adapter_dir} was trained on: its "
+                     f"manifest's sha256 differs from the one in {TRAIN_REPORT} ({recorded[:12]}...), so its kept "
+                     "channels may be others; use the checkpoint it was trained on (pass --ignore-fingerprint to use "
+                     "this one anyway)")
+
+
 def expand(tensor: torch.Tensor, which: str, rows, cols, full: int, fill: str, gen: torch.Generator | None,
            name: str) -> torch.Tensor:
     """Place a pruned-space lora_A (which="A", [r, in]) or lora_B ("B", [out, r]) into original shapes."""
@@ -141,6 +163,7 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     folder = resolve_model(cfg.adapter, cfg.revision, cfg.endpoint, ADAPTER_CONFIG, "peft adapter").path
     adapter_config = read_adapter_config(folder)
     pruned_dir, manifest = pruned_manifest(adapter_config, cfg.endpoint, cfg.verify)
+    check_trained_on(folder, pruned_dir, cfg.ignore_fingerprint)
     check_not_an_input(cfg.out, {"the adapter": folder, "its pruned model": pruned_dir, "--original": cfg.original,
                                  "the original model": manifest.base.id})
     arch = manifest.architecture

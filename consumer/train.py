@@ -23,13 +23,14 @@ from pathlib import Path
 
 from loram.loading import QUANTS
 from loram.lora_options import check_lora_options, dropout_option, lm_head_option, rank_option, targets_option
+from loram.recover import TRAIN_REPORT
 from loram.shared.architectures import LINEAR_NAMES, parse_targets
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
 from loram.shared.outputs import check_not_an_input
 
-REPORT = "training_report.json"
+REPORT = TRAIN_REPORT
 CONFIG = "train_config.yaml"
 ADAPTER_CONFIG = "adapter_config.json"  # written last: a folder with it is a complete adapter
 RESUME_SAME = ("data", "columns", "train_on_prompt", "lr", "rank", "alpha", "dropout", "targets", "lm_head", "quant",

@@ -322,6 +322,18 @@ def evaluations(state) -> list[dict]:
             for r in state.log_history if "eval_loss" in r]
 
 
+def model_record(source) -> dict:
+    """The model a run trained: id and revision, and for a LoRAM pruned checkpoint its manifest's sha256, by which
+    `loram recover`, `eval`, `generate` and `merge` tell the checkpoint an adapter was trained on from another one
+    with the same shapes (re-pruned into the same folder, say)."""
+    from loram.shared.manifest import MANIFEST_JSON, sha256_file
+
+    record = {"id": source.id, "revision": source.revision}
+    if (Path(source.path) / MANIFEST_JSON).is_file():
+        record["manifest_sha256"] = sha256_file(Path(source.path) / MANIFEST_JSON)
+    return record
+
+
 def training_report(cfg, source, trainer, progress, *, trainable: int, started: float, **extra) -> dict:
     """The report both recipes write (`training_report.json` / `align_report.json`); `extra` adds fields.
 
@@ -334,7 +346,7 @@ def training_report(cfg, source, trainer, progress, *, trainable: int, started: 
     peaks = gather_ints(peak_memory_bytes(), args.device)
     losses = [{"step": r["step"], **{k: r[k] for k in LOSS_KEYS if k in r}} for r in state.log_history if "loss" in r]
     return {
-        "config": cfg.to_dict(), "model": {"id": source.id, "revision": source.revision},
+        "config": cfg.to_dict(), "model": model_record(source),
         "world_size": args.world_size, "steps": state.global_step, "trainable_params": trainable,
         "losses": losses, "evals": evaluations(state), "tokens_seen": int(state.num_input_tokens_seen),
         "tokens_per_second": round(progress.tokens_per_second, 1) if progress else None,

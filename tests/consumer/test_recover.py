@@ -186,3 +186,31 @@ def test_recover_cli(tmp_path):
     proc = subprocess.run([loram_bin, "recover", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_an_adapter_is_used_only_on_the_pruned_checkpoint_it_was_trained_on(tmp_path):
+    """A checkpoint re-pruned into the same folder (or another one of the same shapes) keeps other channels: the
+    adapter loaded on it without a word and gave perplexity 268 instead of 9. `loram train` records the manifest's
+    sha256; recover, and eval / generate / merge's loading, refuse another checkpoint unless told to ignore it."""
+    from tiny_models import tiny_pruned_workspace
+
+    from loram.merge import load_with_adapter
+    from loram.shared.manifest import sha256_file
+    from loram.train import train
+
+    root = tiny_pruned_workspace(tmp_path)
+    train(model=str(root / "pruned"), data=str(root / "qa.jsonl"), out=root / "adapter", steps=1, seq_len=32,
+          columns="prompt=question,response=answer", save_every=100)
+    report = json.loads((root / "adapter" / "training_report.json").read_text())
+    assert report["model"]["manifest_sha256"] == sha256_file(root / "pruned" / "loram_manifest.json")
+    load_with_adapter(root / "adapter", str(root / "pruned"))  # its own checkpoint: fine
+    prune(base=str(root / "base"), out=root / "pruned", method="random", ratio=0.5, layers="1:3", seed=3,
+          overwrite=True)  # same shapes, other channels, same folder
+    with pytest.raises(LoramError, match=r"is not the pruned checkpoint the adapter .* was trained on: its "
+                                         r"manifest's sha256 differs .*--ignore-fingerprint"):
+        recover(adapter=str(root / "adapter"), out=root / "rec")
+    with pytest.raises(LoramError, match="is not the pruned checkpoint the adapter"):
+        load_with_adapter(root / "adapter", str(root / "pruned"))
+    assert not (root / "rec").exists()
+    recover(adapter=str(root / "adapter"), out=root / "rec", ignore_fingerprint=True)
+    load_with_adapter(root / "adapter", str(root / "pruned"), ignore_fingerprint=True)
