@@ -52,7 +52,7 @@ from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError, first_line
 from loram.shared.hub import endpoint_option, revision_option
-from loram.shared.manifest import KINDS
+from loram.shared.manifest import KINDS, MANIFEST_JSON
 from loram.shared.pruned_model import is_pruned_config, original_config, param_count
 
 RATIO, ATTN_RATIO, MLP_RATIO = ratio_options()
@@ -178,6 +178,23 @@ def _hub_config(repo_id: str, revision: str | None, endpoint: str | None) -> Pat
         retries.setLevel(level)
 
 
+def is_loram_checkpoint(values: dict, model: str, revision: str | None = None, endpoint: str | None = None) -> bool:
+    """A LoRAM pruned checkpoint, planned as it is: a structured one by its config's model type, a non-structured
+    one (a stock config) by the loram_manifest.json beside its config.json, in its folder or Hub repo."""
+    if is_pruned_config(values):
+        return True
+    path = Path(model).expanduser()
+    if path.is_dir() or path.is_file():
+        return ((path if path.is_dir() else path.parent) / MANIFEST_JSON).is_file()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(model, MANIFEST_JSON, revision=revision, endpoint=endpoint)
+    except (OSError, ValueError):  # not there (a stock model), or the Hub gave config.json but not this
+        return False
+    return True
+
+
 def plan(config: PlanConfig | dict | None = None, **kwargs) -> ParamPlan:
     """Count a plan: `plan(PlanConfig(...))`, `plan({"model": ...})` or `plan(model=..., ratio=...)`."""
     config = _config(config, kwargs)
@@ -189,7 +206,8 @@ def memory(config: PlanConfig | dict | None = None, **kwargs) -> MemoryPlan:
     LoRAM pruned checkpoint is trained as it is."""
     config = _config(config, kwargs)
     values = read_model_config(config.model, config.revision, config.endpoint)
-    param_plan = None if is_pruned_config(values) else _param_plan(values, config)
+    checkpoint = is_loram_checkpoint(values, config.model, config.revision, config.endpoint)
+    param_plan = None if checkpoint else _param_plan(values, config)
     return _memory_plan(values, param_plan, config)
 
 
@@ -197,7 +215,8 @@ def publisher(config: PlanConfig | dict | None = None, **kwargs) -> PublisherPla
     """Estimate the publisher's memory (Taylor pruning, alignment with DDP and FSDP), called like `plan`."""
     config = _config(config, kwargs)
     values = read_model_config(config.model, config.revision, config.endpoint)
-    param_plan = None if is_pruned_config(values) else _param_plan(values, config)
+    checkpoint = is_loram_checkpoint(values, config.model, config.revision, config.endpoint)
+    param_plan = None if checkpoint else _param_plan(values, config)
     return _publisher_plan(values, param_plan, config)
 
 
@@ -282,7 +301,7 @@ def verdict(m: MemoryPlan, budget: str | None) -> str | None:
 
 def _run(cfg: PlanConfig) -> None:
     values = read_model_config(cfg.model, cfg.revision, cfg.endpoint)
-    pruned = is_pruned_config(values)
+    pruned = is_loram_checkpoint(values, cfg.model, cfg.revision, cfg.endpoint)
     p = None if pruned else _param_plan(values, cfg)
     m = _memory_plan(values, p, cfg)
     if pruned:
@@ -297,7 +316,8 @@ def _run(cfg: PlanConfig) -> None:
         typer.echo(json.dumps({**summary, "memory": m.to_dict(), **extra}))
         return
     if pruned:
-        typer.echo(f"{cfg.model}: {values['model_type']}, a LoRAM pruned checkpoint, trained as it is "
+        zeros = "" if is_pruned_config(values) else " (non-structured: its zeros are stored, every weight held)"
+        typer.echo(f"{cfg.model}: {values['model_type']}, a LoRAM pruned checkpoint{zeros}, trained as it is "
                    "(pruning options do not apply)\n")
         print_table([{"": "parameters", "original": f"{original:,}", "training": f"{m.training_params:,}",
                       "reduction": f"{original / m.training_params:.2f}x"}])

@@ -300,6 +300,30 @@ def test_publisher_from_a_hub_repo_with_only_config_json(hub, tmp_path):
     assert json.loads(result.stdout)["publisher"]["align"]["fsdp_min_devices"] == 7
 
 
+def test_a_non_structured_checkpoint_is_planned_as_it_is(tmp_path, hub):
+    """A non-structured checkpoint has a stock config: it was planned as a stock model pruned once more
+    (structured, 0.5), 1.41x fewer parameters than training on it holds. Its manifest tells, in a folder and on
+    the Hub."""
+    from tiny_models import save_masked_checkpoint
+
+    from loram.shared.hub import push_files
+
+    save_masked_checkpoint(tmp_path / "ns")
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "ns").parameters())
+    local = json.loads(runner.invoke(app, ["plan", str(tmp_path / "ns"), "--json"]).stdout)
+    assert local["pruned_checkpoint"] is True and local["training_params"] == local["original_params"] == params
+    table = runner.invoke(app, ["plan", str(tmp_path / "ns")]).stdout
+    assert "a LoRAM pruned checkpoint (non-structured: its zeros are stored, every weight held)" in table
+    push_files("org/ns", {f: tmp_path / "ns" / f for f in ("config.json", "loram_manifest.json")}, endpoint=hub.url,
+               message="config and manifest")
+    remote = json.loads(runner.invoke(app, ["plan", "org/ns", "--endpoint", hub.url, "--json"]).stdout)
+    assert remote["pruned_checkpoint"] is True and remote["training_params"] == local["training_params"]
+    stock = json.loads(runner.invoke(app, ["plan", str(tmp_path / "ns" / "config.json"), "--json"]).stdout)
+    assert stock["pruned_checkpoint"] is True  # a config.json beside its manifest is the checkpoint's
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--devices", "0"], "--devices takes whole numbers in 1..1024"),
     (["--devices", "2,x"], "--devices takes whole numbers"),
