@@ -167,6 +167,10 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
         raise LoramError(f"--revision {revision!r} names nothing; give a branch, tag or commit, or leave it out "
                          "for main")
     where = f"{repo_id}@{revision or 'main'}"
+    # A branch or tag this cache has seen is served from it when the Hub cannot be reached, without a word from
+    # the client: then the Hub is asked once more below, and a failure is said.
+    may_fall_back = (not constants.is_offline_mode() and not _COMMIT.fullmatch(revision or "")
+                     and _cached_ref(repo_id, revision or "main").is_file())
     try:
         folder = Path(snapshot_download(repo_id, revision=revision or "main", endpoint=endpoint))
     except RevisionNotFoundError as e:
@@ -189,8 +193,36 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
         raise
     if required and not (folder / required).is_file():
         raise LoramError(f"Hub repository {where} is not a {kind} (no {required})")
+    if may_fall_back and (reason := _unreachable(repo_id, revision or "main", endpoint)):
+        warn(f"could not reach the Hub{_at(endpoint)} ({reason}): using {where} as this cache last saw it, commit "
+             f"{folder.name[:12]}, which may be older than the Hub's; check the network or --endpoint, or set "
+             "HF_HUB_OFFLINE=1 to use the cache on purpose")
     verify_snapshot(folder, where, offline=constants.is_offline_mode())
     return ModelSource(folder, repo_id, folder.name, verified=True)  # snapshots/<commit sha>
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _cached_ref(repo_id: str, revision: str) -> Path:
+    """The Hub cache's record of the commit a branch or tag named when this cache last pulled it."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+
+
+def _unreachable(repo_id: str, revision: str, endpoint: str | None) -> str | None:
+    """Why the Hub cannot say what `revision` of `repo_id` is now, or None when it answers."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision)
+    except Exception as e:  # noqa: BLE001 (any failure to answer is the reason)
+        if _is_hub_failure(e):
+            return explain(e)
+        raise
+    return None
 
 
 # -- integrity --------------------------------------------------------------------------------------

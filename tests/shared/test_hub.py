@@ -215,6 +215,34 @@ def test_offline_a_pulled_revision_comes_from_the_cache(hub, monkeypatch):
         resolve_model("org/m", "v2", endpoint=hub.url)
 
 
+def test_an_unreachable_hub_serving_a_branch_from_the_cache_is_said(hub, monkeypatch, capsys):
+    """The client serves a branch this cache has seen from the cache when the Hub cannot be reached, without a word:
+    main had moved on, and a pull at a dead endpoint trained on the old commit silently. Now one warning names the
+    cached commit; a commit asked for by its hash, or HF_HUB_OFFLINE=1, is the cache on purpose: no warning."""
+    import socket
+
+    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", lambda seconds: None)
+    push_files("org/m", _checkpoint(), endpoint=hub.url)
+    old = pull_repo("org/m", endpoint=hub.url)
+    assert "warning" not in capsys.readouterr().err
+    push_files("org/m", _checkpoint(config=b'{"new": 1}'), endpoint=hub.url)  # main moves on
+    capsys.readouterr()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    stale = pull_repo("org/m", endpoint=dead)
+    assert stale == old
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: could not reach the Hub at {dead} (") and err.count("\n") == 1, err
+    assert (f"using org/m@main as this cache last saw it, commit {old.revision[:12]}, which may be older than the "
+            "Hub's; check the network or --endpoint, or set HF_HUB_OFFLINE=1") in err
+    assert pull_repo("org/m", old.revision, endpoint=dead) == old and "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert pull_repo("org/m", endpoint=hub.url) == old and "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert pull_repo("org/m", endpoint=hub.url).revision != old.revision and "warning" not in capsys.readouterr().err
+
+
 def test_unknown_repository_revision_and_wrong_kind_are_clear_errors(hub):
     with pytest.raises(LoramError, match=r"Hub repository org/nope not found at http://127\.0\.0\.1"):
         resolve_model("org/nope", endpoint=hub.url)
