@@ -12,7 +12,7 @@ import typer
 from loram.consumer_commands import register as register_consumer
 from loram.hub_commands import register as register_hub
 from loram.plan import register as register_plan
-from loram.shared.cli_support import console_warnings, run_app, user_errors
+from loram.shared.cli_support import console_warnings, quiet_bars_off_a_terminal, run_app, user_errors
 from loram.shared.errors import LoramError
 
 app = typer.Typer(
@@ -112,4 +112,5 @@ _register_publisher()
 
 def main() -> None:
     console_warnings()  # LoRAM's warnings as one `warning:` line; known third-party noise not shown
+    quiet_bars_off_a_terminal()
     run_app(app)  # an error outside a command is one line too; click prints its own usage errors (exit 2)

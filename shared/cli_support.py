@@ -162,6 +162,19 @@ def console_warnings() -> None:
     warnings.showwarning = show
 
 
+def quiet_bars_off_a_terminal() -> None:
+    """When stderr is no terminal (a log file, a pipe, CI), the Hub client's and transformers' progress bars
+    ("Fetching 13 files", "Upload 0 LFS files", "Loading weights", "Writing model shards") are not drawn: there
+    they are only carriage-return noise between the lines that matter. LoRAM's own training bar stays."""
+    if sys.stderr.isatty():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def run_app(app: typer.Typer, args: list[str] | None = None) -> typing.NoReturn:
     """Run the CLI `app` as a program: errors raised outside a command (while building or parsing it) become
     one line and an exit code like a command's (`report_error`); click prints its own usage errors (exit 2)."""

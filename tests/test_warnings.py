@@ -193,3 +193,30 @@ def test_a_stray_rank_outside_a_job_does_not_silence_a_lone_process(monkeypatch,
     monkeypatch.setenv("WORLD_SIZE", "4")
     warn("not said")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_third_party_bars_are_not_drawn_into_a_log(monkeypatch, terminal):
+    """Off a terminal the Hub client's and transformers' bars ("Fetching 13 files", "Upload 0 LFS files", "Loading
+    weights") were carriage-return noise in logs; on a terminal they stay."""
+    import io
+
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    from loram.shared.cli_support import quiet_bars_off_a_terminal
+
+    class Stderr(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    hub_utils.enable_progress_bars()
+    transformers_logging.enable_progress_bar()
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    try:
+        quiet_bars_off_a_terminal()
+        assert hub_utils.are_progress_bars_disabled() is not terminal
+        assert transformers_logging.is_progress_bar_enabled() is terminal
+    finally:
+        hub_utils.enable_progress_bars()
+        transformers_logging.enable_progress_bar()
