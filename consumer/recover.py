@@ -28,8 +28,14 @@ from safetensors.torch import save_file
 from loram import __version__
 from loram.shared.architectures import layer_module
 from loram.shared.configs import Config, option
-from loram.shared.errors import LoramError
-from loram.shared.hub import endpoint_option, resolve_model, revision_option, verify_option
+from loram.shared.errors import LoramError, warn
+from loram.shared.hub import (
+    endpoint_option,
+    looks_like_repo_id,
+    resolve_model,
+    revision_option,
+    verify_option,
+)
 from loram.shared.manifest import Manifest, sha256_file
 from loram.shared.model_cards import adapter_card
 from loram.shared.outputs import atomic_output_dir, check_not_an_input
@@ -136,6 +142,17 @@ def check_trained_on(adapter_dir: Path, pruned_dir: Path, ignore: bool = False) 
                      "this one anyway)")
 
 
+def _card_base_model(folder: Path) -> str | None:
+    """The `base_model` a published pruned checkpoint's card names (`loram publish push --base-model`), if any."""
+    from huggingface_hub import ModelCard
+
+    try:
+        base = ModelCard.load(folder / "README.md").data.base_model
+    except Exception:  # noqa: BLE001 (no card, or one without metadata: no hint)
+        return None
+    return base if isinstance(base, str) and looks_like_repo_id(base) else None
+
+
 def expand(tensor: torch.Tensor, which: str, rows, cols, full: int, fill: str, gen: torch.Generator | None,
            name: str) -> torch.Tensor:
     """Place a pruned-space lora_A (which="A", [r, in]) or lora_B ("B", [out, r]) into original shapes."""
@@ -187,6 +204,11 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
         if not cfg.ignore_fingerprint:
             manifest.check_base(source.path)
         base_id, base_revision = source.id, source.revision
+    elif not looks_like_repo_id(base_id) and not Path(base_id).expanduser().exists():
+        hint = _card_base_model(pruned_dir)
+        warn(f"the original model the pruned checkpoint's manifest names, {base_id}, is not on this machine: merge, "
+             "eval and generate look for it there; recover again with --original "
+             + (f"{hint} (the base_model its model card names)" if hint else "PATH or ORG/NAME (a copy of the original)"))
     recovered_config = {**adapter_config, "base_model_name_or_path": base_id, "revision": base_revision}
     sidecar = {
         "tool_version": __version__, "fill": cfg.fill, "seed": cfg.seed if cfg.fill == "normal" else None,
