@@ -143,12 +143,17 @@ def pruned_card(folder: Path, manifest: Manifest, *, repo_id: str | None = None,
                   "with `loram recover ADAPTER --original ORG/NAME` pointing at a copy of it.", ""]
     lines += ["## Use", "", "```bash", f"loram train {name} --data my.jsonl --out adapter-pruned",
               "loram recover adapter-pruned --out adapter        # a standard peft adapter of the original", "```",
-              "", "```python", "import loram",
-              "loram.register()  # the pruned model types, for transformers' Auto classes (no remote code)",
-              "from transformers import AutoModelForCausalLM", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```", "",
-              "Without the `loram` package, pass `trust_remote_code=True` (the repository carries its modeling file).",
-              ""]
+              "", "```python"]
+    if structured:
+        lines += ["import loram",
+                  "loram.register()  # the pruned model types, for transformers' Auto classes (no remote code)",
+                  "from transformers import AutoModelForCausalLM", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```", "",
+                  "Without the `loram` package, pass `trust_remote_code=True` (the repository carries its modeling "
+                  "file).", ""]
+    else:
+        lines += ["from transformers import AutoModelForCausalLM  # the stock model class: shapes are the original's",
+                  "", f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```", ""]
     if evals:
         columns, flat = evaluation_table(evals)
         lines += ["## Evaluation", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -58,6 +58,7 @@ def test_pruned_card_metadata_mirrors_the_manifest(pruned, tmp_path):
     recipe = (folder / "prune_config.yaml").read_text().rstrip()
     assert f"```yaml\n{recipe}\n```" in card and "loram publish prune --config prune_config.yaml" in card
     assert 'AutoModelForCausalLM.from_pretrained("org/tiny-p50")' in card
+    assert "loram.register()" in card and "trust_remote_code=True" in card and (folder / "modeling_loram.py").is_file()
 
 
 def test_a_local_base_is_not_claimed_as_hub_base_model(pruned):
@@ -126,3 +127,6 @@ def test_non_structured_card(pruned, tmp_path):
     assert meta["loram"]["method"]["nm"] == [2, 4] and meta["loram"]["pruned_layers"] == list(range(6))
     assert meta["loram"]["parameters"]["reduction"] == 1.0
     assert "non-structured, magnitude, 2:4" in card and "shapes unchanged" in card
+    # it is a stock checkpoint: no pruned model types to register, no modeling file in the repository
+    assert "loram.register()" not in card and "trust_remote_code" not in card and not (out / "modeling_loram.py").exists()
+    assert 'AutoModelForCausalLM.from_pretrained("sparse")' in card and "the stock model class" in card
