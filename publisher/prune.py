@@ -38,7 +38,7 @@ from loram.publisher.importance.group_loss import KV_SAMPLES, KV_SCORES, kv_loss
 from loram.publisher.importance.taylor import CALIB_BATCH
 from loram.publisher.layerwise import NEEDS_INPUTS, NONSTRUCTURED_CRITERIA, prune_layerwise
 from loram.publisher.sparsity import Target, parse_nm
-from loram.publisher.structured import select_kept, sliced_tensors
+from loram.publisher.structured import check_removal, select_kept, sliced_tensors
 from loram.shared.architectures import (
     DEFAULT_RATIO,
     PRUNED_MODULES,
@@ -257,6 +257,7 @@ def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     if cfg.structured:
         start, stop = pruned_layer_range(cfg.layers, shape.num_layers)
         select_kept({}, shape, *cfg.ratios)  # refuses ratios that remove everything, before loading
+        check_removal(shape, *cfg.ratios)  # ... or nothing
     else:
         start, stop = pruned_layer_range(cfg.layers, shape.num_layers, structured=False)
         _check_widths(cfg.target, shape)

@@ -14,7 +14,7 @@ import torch
 
 from loram.publisher.importance import LayerScores
 from loram.shared.architectures import PRUNED_MODULES, Shape, kept_index, kept_kv_heads, kept_mlp_channels
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, warn
 from loram.shared.safetensors_stream import LazyTensor, saved_tensors
 
 
@@ -44,6 +44,21 @@ def select_kept(scores: dict[int, LayerScores], shape: Shape, attn_ratio: float,
         raise LoramError(f"MLP ratio {mlp_ratio} would remove every one of {shape.intermediate} channels; "
                          "use a smaller ratio")
     return {i: KeptUnits(_top(s.kv, n_kv), _top(s.mlp, n_mlp)) for i, s in sorted(scores.items())}
+
+
+def check_removal(shape: Shape, attn_ratio: float, mlp_ratio: float) -> None:
+    """Refuse ratios that remove nothing (the checkpoint would be an unpruned copy); warn when an attention ratio
+    above 0 rounds to no KV group, a whole group being the smallest step (only MLP channels are then pruned)."""
+    whole_attention = kept_kv_heads(shape, attn_ratio) == shape.num_kv_heads
+    if whole_attention and kept_mlp_channels(shape.intermediate, mlp_ratio) == shape.intermediate:
+        raise LoramError(f"attention ratio {attn_ratio} and MLP ratio {mlp_ratio} remove nothing: the checkpoint "
+                         "would be an unpruned copy; give a ratio above 0, e.g. --ratio 0.5")
+    if whole_attention and attn_ratio > 0:
+        width = shape.num_kv_heads * shape.head_dim
+        smallest = (shape.head_dim - 1) / width  # a ratio above it removes one group (kept_kv_heads)
+        warn(f"attention ratio {attn_ratio} removes no KV group ({shape.num_kv_heads} per layer, a whole group the "
+             f"smallest step): attention stays whole and only MLP channels are pruned; a ratio above {smallest:.3f} "
+             "removes one group")
 
 
 def _slice(source: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor | LazyTensor:

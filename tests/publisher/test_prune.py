@@ -79,16 +79,23 @@ def test_pruned_weights_are_exact_slices_of_the_original(tmp_path, calib_file, k
         assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2"])
-def test_ratio_zero_gives_the_original_model(tmp_path, calib_file, kind):
-    original = save_tiny_checkpoint(tmp_path / "base", kind)
-    result = _prune(tmp_path, tmp_path / "base", method="l2", ratio=0.0, layers="1:5")
-    pruned = AutoModelForCausalLM.from_pretrained(result.out)
-    a, b = original.state_dict(), pruned.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    x = tiny_batch()
-    assert torch.equal(original(x).logits, pruned(x).logits)
-    assert result.pruned_params == result.original_params
+def test_a_ratio_that_removes_nothing_is_refused_and_one_that_keeps_attention_whole_warns(tmp_path, calib_file,
+                                                                                          capsys):
+    """--ratio 0 wrote an unpruned copy as a pruned checkpoint without a word; an attention ratio below one KV group
+    (SmolLM2's 3 groups at --ratio 0.3) pruned only the MLP, silently."""
+    save_tiny_checkpoint(tmp_path / "base", "llama-gqa")  # 2 KV groups of 6-dim heads: width 12
+    with pytest.raises(LoramError, match=r"^attention ratio 0.0 and MLP ratio 0.0 remove nothing: the checkpoint "
+                                         r"would be an unpruned copy; give a ratio above 0, e.g. --ratio 0.5$"):
+        _prune(tmp_path, tmp_path / "base", method="l2", ratio=0.0, layers="1:5")
+    assert not (tmp_path / "pruned").exists()
+    capsys.readouterr()
+    result = _prune(tmp_path, tmp_path / "base", method="l2", ratio=0.4, layers="1:5")
+    assert set(result.kept.values()) == {(2, int(0.6 * AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base").config.intermediate_size))}
+    assert ("warning: attention ratio 0.4 removes no KV group (2 per layer, a whole group the smallest step): "
+            "attention stays whole and only MLP channels are pruned; a ratio above 0.417 removes one group"
+            in capsys.readouterr().err)
+    assert _prune(tmp_path, tmp_path / "base", "p2", method="l2", ratio=0.5, layers="1:5").kept[1][0] == 1
 
 
 def _brute_force_taylor(model, calib, layer, query_fold="strided"):
