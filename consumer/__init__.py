@@ -11,8 +11,16 @@ before `AutoModelForCausalLM.from_pretrained(pruned_dir)` in your own code.
 
 from importlib import metadata
 
-from loram.shared import assets
 from loram.shared.errors import LoramError
+
+
+def __getattr__(name: str):
+    """`loram.assets` on first use: it loads torch, which `import loram` (the CLI's first step) need not."""
+    if name == "assets":
+        from loram.shared import assets
+
+        return assets
+    raise AttributeError(f"module 'loram' has no attribute {name!r}")
 
 
 def register() -> None:

@@ -3,6 +3,6 @@
     torchrun --nproc_per_node 2 -m loram publish align PRUNED --data wiki --steps 100 --seq-len 256 --out aligned
 """
 
-from loram.cli import main
+from loram.command import main
 
 main()

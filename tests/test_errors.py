@@ -391,6 +391,26 @@ def test_the_entry_point_turns_errors_outside_commands_into_one_line(monkeypatch
     assert "No such option" in capsys.readouterr().err
 
 
+def test_ctrl_c_while_the_command_line_loads_is_one_line(tmp_path):
+    """Ctrl-C in the first seconds (importing torch and transformers) printed a 30-line KeyboardInterrupt
+    traceback. The entry point imports the command line under the commands' own rule: one line, exit 130."""
+    import signal
+    import time
+
+    code = ("import sys, time; sys.argv = ['loram', '--help']; time.sleep(0.5)\n"  # Ctrl-C lands in the imports
+            "import builtins; real = builtins.__import__\n"
+            "def slow(name, *a, **k):\n"
+            "    if name == 'loram.cli': time.sleep(5)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = slow\n"
+            "from loram.command import main; main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted; completed outputs are intact\n" and out == "", err
+
+
 def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
     """`loram plan ... | head -1`: the pipe's reader is gone before the command writes; it ends with 141 (128 +
     SIGPIPE, as `git log | head` does) and says nothing (it said "unexpected BrokenPipeError ... please report it")."""

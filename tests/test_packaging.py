@@ -38,4 +38,4 @@ def test_wheel_contains_every_package_and_no_tests(tmp_path):
             assert f"{package}/{rel}" in names, f"{folder}/{rel} missing from the wheel"
     assert not [n for n in names if n.startswith("tests/") or "/tests/" in n or "conftest" in n]
     entry = [n for n in names if n.endswith("entry_points.txt")]
-    assert entry and "loram = loram.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
+    assert entry and "loram = loram.command:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
