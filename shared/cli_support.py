@@ -175,16 +175,34 @@ def quiet_bars_off_a_terminal() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def run_app(app: typer.Typer, args: list[str] | None = None) -> typing.NoReturn:
+def run_app(app: typer.Typer, args: list[str] | None = None, prog_name: str | None = None) -> typing.NoReturn:
     """Run the CLI `app` as a program: errors raised outside a command (while building or parsing it) become
-    one line and an exit code like a command's (`report_error`); click prints its own usage errors (exit 2)."""
+    one line and an exit code like a command's (`report_error`), and so do click's usage errors (an unknown
+    flag, a missing value, an extra argument: exit 2, naming the command's --help) instead of click's usage block
+    of four lines. A command line with no command still shows the help."""
     try:
-        app(args=args)
+        code = app(args=args, prog_name=prog_name, standalone_mode=False)
     except SystemExit:
         raise
+    except typer.Abort:
+        sys.exit(report_error(KeyboardInterrupt()))
     except (Exception, KeyboardInterrupt) as e:
+        if _is_usage_error(e):
+            if type(e).__name__ == "NoArgsIsHelpError":  # `loram`, `loram publish`: the help, as before
+                e.show()
+            else:
+                command = e.ctx.command_path if getattr(e, "ctx", None) is not None else "loram"
+                typer.echo(f"error: {one_line(e.format_message()).rstrip('.')}; see `{command} --help`", err=True)
+            sys.exit(e.exit_code)
         sys.exit(report_error(e))
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_usage_error(e: BaseException) -> bool:
+    """One of click's usage errors (typer carries its own copy of click, so they are known by their shape and
+    module, not by click's classes)."""
+    return (".click." in f".{type(e).__module__}." or "._click." in f".{type(e).__module__}.") and all(
+        hasattr(e, a) for a in ("format_message", "exit_code", "show"))
 
 
 def _default_shown(field) -> str | bool:

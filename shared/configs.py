@@ -233,7 +233,9 @@ class Config:
         missing = [n for n, f in known.items() if f.default is REQUIRED and f.default_factory is REQUIRED
                    and n not in values]
         if missing:
-            raise LoramError(f"missing required option(s): {', '.join(flag_name(known[n]) for n in missing)} "
+            kinds = {"argument" if known[n].metadata.get("argument") else "option" for n in missing}
+            what = "argument(s) and option(s)" if len(kinds) == 2 else f"{kinds.pop()}(s)"
+            raise LoramError(f"missing required {what}: {', '.join(flag_name(known[n]) for n in missing)} "
                              "(on the command line, or as keys of a --config file)")
         return cls(**values)
 

@@ -385,10 +385,19 @@ def test_the_entry_point_turns_errors_outside_commands_into_one_line(monkeypatch
         "error: unexpected ValueError: bad start (set LORAM_DEBUG=1 for the traceback; please report it)"]
     from loram.cli import app
 
-    with pytest.raises(SystemExit) as exit_info:  # typer's own usage errors stay as they are: exit code 2
-        run_app(app, ["train", "--no-such-option"])
-    assert exit_info.value.code == 2
-    assert "No such option" in capsys.readouterr().err
+    # click's usage errors were its four-line usage block ("Usage: ...", "Try ...", "Error: ..."): one line too
+    for argv, line in ((["train", "m", "--stepz", "3"], "error: No such option: --stepz (Possible options: --help, "
+                        "--seed, --steps); see `loram train --help`"),
+                       (["recovr"], "error: No such command 'recovr'. Did you mean 'recover'?; see `loram --help`"),
+                       (["recover", "a", "b"], "error: Got unexpected extra argument(s) (b); see `loram recover --help`"),
+                       (["assets", "path"], "error: Missing argument 'name'; see `loram assets path --help`")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_app(app, argv, prog_name="loram")
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [line]
+    with pytest.raises(SystemExit) as exit_info:  # no command at all: the help, as before
+        run_app(app, [], prog_name="loram")
+    assert exit_info.value.code == 2 and "Commands:" in capsys.readouterr().err
 
 
 def test_ctrl_c_while_the_command_line_loads_is_one_line(tmp_path):

@@ -66,7 +66,7 @@ def test_defaults_are_not_shared_between_instances():
 
 @pytest.mark.parametrize("content,flags,message", [
     ("base: m\nratioo: 1\n", {}, "unknown option(s) ratioo"),
-    ("ratio: 0.1\n", {}, "missing required option(s): BASE (on the command line, or as keys of a --config file)"),
+    ("ratio: 0.1\n", {}, "missing required argument(s): BASE (on the command line, or as keys of a --config file)"),
     ("- a\n- b\n", {}, "must hold a mapping"),
     ("base: [unclosed\n", {}, "not valid YAML"),
     ("base: m\n", {"ratio": 1.5}, "--ratio must lie in [0, 1)"),
