@@ -105,13 +105,13 @@ def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoin
 def eval_set(data: str, limit: int | None = None, columns: str | None = None):
     """(records, parsed column mapping) of an evaluation set: its first `limit` records; the built-in
     GSM8K splits map question/answer automatically."""
-    from loram.sft_format import parse_columns
+    from loram.sft_format import builtin_columns, parse_columns
     from loram.shared.records import load_records
 
     records = load_records(data)
     if limit:
         records = records.select(range(min(limit, len(records))))
-    columns = columns or ("prompt=question,response=answer" if str(data).startswith("gsm8k-") else None)
+    columns = columns or builtin_columns(data)
     return records, parse_columns(columns) if columns else None
 
 

@@ -92,6 +92,15 @@ def parse_columns(spec: str) -> dict[str, str]:
     return mapping
 
 
+GSM8K_COLUMNS = "prompt=question,response=answer"
+
+
+def builtin_columns(data: str) -> str | None:
+    """The column mapping a built-in split needs (`gsm8k-train`, `gsm8k-heldout`: question/answer), so that
+    `--columns` is needed only for one's own files; None for anything else."""
+    return GSM8K_COLUMNS if str(data).startswith("gsm8k-") else None
+
+
 def format_name(dataset: datasets.Dataset, columns: dict[str, str] | None = None) -> str:
     """The detected format of `dataset` ("messages", "prompt/response", "alpaca" or "text"), for logging."""
     return _detect(dataset.column_names, columns)[0]

@@ -56,7 +56,8 @@ class TrainConfig(Config):
     lr: float = option(2e-4, "Peak learning rate (cosine schedule).")
     warmup: int = option(0, "Warm-up steps.")
     seq_len: int = option(512, "Maximum tokens per sequence (longer ones are truncated, with one warning).")
-    columns: str | None = option(None, "Map your columns to a format, e.g. prompt=question,response=answer.")
+    columns: str | None = option(None, "Map your columns to a format, e.g. prompt=question,response=answer (the "
+                                       "built-in gsm8k-train and gsm8k-heldout are mapped already).")
     train_on_prompt: bool = option(False, "Put loss on prompt tokens too (default: response tokens only).")
     eval_data: str | None = option(None, "Held-out data (same forms as --data) evaluated periodically.")
     eval_every: int = option(50, "Evaluate every N steps (with --eval-data).")
@@ -103,7 +104,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
     from loram.labelled_loss import LabelledLossTrainer
     from loram.loading import load_causal_lm
-    from loram.sft_format import SFTCollator, format_name, parse_columns, tokenize_sft
+    from loram.sft_format import SFTCollator, builtin_columns, format_name, parse_columns, tokenize_sft
     from loram.shared import training
     from loram.shared.hub import resolve_model
     from loram.shared.progress import TrainingProgress
@@ -123,7 +124,8 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
     check_pruned_checkpoint(source.path, verify=cfg.verify and not source.verified)  # a stock model: no manifest
     tokenizer = load_tokenizer(source.path)
-    columns = parse_columns(cfg.columns) if cfg.columns else None
+    mapping = cfg.columns or builtin_columns(cfg.data)  # the built-in GSM8K splits need no --columns
+    columns = parse_columns(mapping) if mapping else None
     records = load_records(cfg.data)
     _log(f"{len(records):,} records of {cfg.data} ({format_name(records, columns)} format)")
     train_set = tokenize_sft(records, tokenizer, cfg.seq_len, columns, cfg.train_on_prompt)

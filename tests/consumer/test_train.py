@@ -66,6 +66,19 @@ def test_train_writes_a_peft_adapter_on_the_pruned_model_and_a_report(pruned):
     assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in out.rglob("*"))
 
 
+def test_the_built_in_gsm8k_split_needs_no_columns(pruned, capsys):
+    """`loram eval` mapped question/answer of the built-in GSM8K splits itself; `loram train --data gsm8k-train`
+    said "cannot tell the record format" and needed --columns."""
+    from loram.sft_format import builtin_columns
+
+    assert builtin_columns("gsm8k-train") == builtin_columns("gsm8k-heldout") == "prompt=question,response=answer"
+    assert builtin_columns("news") is builtin_columns(str(pruned / "qa.jsonl")) is None
+    result = _train(pruned, "gsm", data="gsm8k-train", columns=None, steps=1, save_every=10, seq_len=1024)
+    assert result.steps == 1
+    assert "records of gsm8k-train (prompt/response format)" in capsys.readouterr().err
+    assert json.loads((result.out / "training_report.json").read_text())["config"]["columns"] is None
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pruned, capfd):
     full = _train(pruned, "full")
     # An interrupted run: keep what existed after step 3 (checkpoint-3), drop later state.
