@@ -17,13 +17,13 @@ from pathlib import Path
 
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import endpoint_option, revision_option
+from loram.shared.hub import endpoint_option, is_hub_id, looks_like_repo_id, revision_option
 
 
 @dataclass
 class EvalConfig(Config):
-    models: list[str] = option(help="Models: MODEL, MODEL+ADAPTER or NAME=MODEL[+ADAPTER] (several to compare).",
-                               argument=True)
+    models: list[str] = option(help="Models: MODEL, MODEL+ADAPTER or NAME=MODEL[+ADAPTER] (several to compare); a "
+                                    "Hub MODEL or ADAPTER may name its revision: ORG/NAME@REV.", argument=True)
     data: str = option("gsm8k-heldout", "Evaluation data: a file, saved dataset folder or built-in split.")
     columns: str | None = option(None, "Column mapping, e.g. prompt=question,response=answer "
                                        "(automatic for the built-in GSM8K splits).")
@@ -38,7 +38,7 @@ class EvalConfig(Config):
     max_new_tokens: int | None = option(None, "Generation length for generative --tasks (default: the task's, 256).")
     seed: int = option(0, "Seed of lm-eval's few-shot sampling and generation for --tasks.")
     ignore_fingerprint: bool = option(False, "Evaluate an adapter on a base other than its recorded one (fingerprint or pruned manifest).")
-    revision: str | None = revision_option("each MODEL")
+    revision: str | None = revision_option("each MODEL that names none itself (ORG/NAME@REV)")
     endpoint: str | None = endpoint_option()
     json: bool = option(False, "Print one JSON object instead of a table.")
 
@@ -49,6 +49,8 @@ class EvalConfig(Config):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise LoramError(f"two models are named {twice[0]!r}; give each its own name: NAME=MODEL[+ADAPTER]")
+        if self.revision and not any(is_hub_id(parse_spec(spec)[1]) for spec in self.models):
+            raise LoramError("--revision applies to Hub repositories (ORG/NAME), but no MODEL here is one")
         if not self.perplexity and not self.tasks:
             raise LoramError("--no-perplexity leaves nothing to measure; add --tasks NAMES")
         if self.limit is not None and self.limit < 1:
@@ -83,19 +85,35 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return name or rest, model, adapter or None
 
 
+def split_revision(name: str, default: str | None = None) -> tuple[str, str | None]:
+    """`ORG/NAME@REV` -> (ORG/NAME, REV); a Hub id without `@` takes `default` (--revision); a local path (which
+    may contain `@`) takes no revision."""
+    if Path(name).expanduser().exists():
+        return name, None
+    repo, at, revision = name.rpartition("@")
+    if at and looks_like_repo_id(repo):
+        if not revision.strip():
+            raise LoramError(f"{name!r} names no revision after '@'; write ORG/NAME@REVISION (a branch, tag or commit)")
+        return repo, revision
+    return name, default if is_hub_id(name) else None
+
+
 def load_spec(model: str, adapter: str | None, ignore_fingerprint: bool, endpoint: str | None = None,
               revision: str | None = None):
-    """(model ready for inference, tokenizer) for one spec."""
+    """(model ready for inference, tokenizer) for one spec. MODEL and ADAPTER may name a revision each
+    (`ORG/NAME@REV`); `revision` (--revision) is that of every MODEL on the Hub that names none."""
     import torch
 
     from loram.shared.hub import resolve_model
     from loram.shared.pruned_model import from_pretrained, load_tokenizer
 
+    model, revision = split_revision(model, revision)
     if adapter:
         from loram.merge import load_with_adapter
 
+        adapter, adapter_revision = split_revision(adapter)
         peft_model, _, source = load_with_adapter(adapter, model, ignore_fingerprint, endpoint=endpoint,
-                                                  base_revision=revision)
+                                                  adapter_revision=adapter_revision, base_revision=revision)
         return peft_model.eval(), load_tokenizer(source.path)
     source = resolve_model(model, revision, endpoint)
     return (from_pretrained(source.path, dtype=torch.float32).eval(),

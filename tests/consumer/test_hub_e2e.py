@@ -231,3 +231,31 @@ def test_push_refuses_an_adapter_edited_after_recovery_before_going_online(tmp_p
         push_adapter(folder=folder, repo_id="org/name", endpoint="http://127.0.0.1:9")
     with pytest.raises(LoramError, match="is not a folder; give the folder `loram recover` wrote"):
         push_adapter(folder=tmp_path / "missing", repo_id="org/name", endpoint="http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("hub", ["regular"], indirect=True)
+def test_eval_compares_a_local_model_with_hub_models_at_their_own_revisions(hub, tmp_path):
+    """`eval $BASE org/x --revision v1` was refused ("--revision applies to Hub repositories, but ... is a local
+    folder"), and `org/x@v1` was not a model: comparing one's original with a published model at a tag could not be
+    written. --revision now applies to the Hub models only, and MODEL@REV names one per model."""
+    from loram.evaluate import evaluate
+    from loram.shared.errors import LoramError
+
+    base = _original_on_hub(hub, tmp_path)  # org/tiny main = the local base
+    push_files("org/tiny", {p.name: p for p in base.iterdir()}, tag="v1", endpoint=hub.url)  # v1 = the local base
+    other = tmp_path / "other"
+    save_tiny_checkpoint(other, "llama-gqa", seed=7)
+    push_files("org/tiny", {p.name: p for p in other.iterdir()}, endpoint=hub.url, message="other weights on main")
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": f"q{i} ?", "answer": f"a{i}."}) + "\n"
+                                               for i in range(4)))
+    common = dict(data=str(tmp_path / "qa.jsonl"), columns="prompt=question,response=answer", seq_len=48,
+                  endpoint=hub.url)
+    rows = evaluate(models=[f"local={base}", "v1=org/tiny@v1", "main=org/tiny"], **common)
+    ppl = {r["name"]: r["perplexity"] for r in rows}
+    assert ppl["v1"] == ppl["local"] != ppl["main"]
+    rows = evaluate(models=[f"local={base}", "tagged=org/tiny"], revision="v1", **common)  # local takes none
+    assert rows[0]["perplexity"] == rows[1]["perplexity"] == ppl["local"]
+    with pytest.raises(LoramError, match="--revision applies to Hub repositories .ORG/NAME., but no MODEL here is"):
+        evaluate(models=[str(base)], revision="v1", **common)
+    with pytest.raises(LoramError, match="names no revision after '@'"):
+        evaluate(models=["org/tiny@"], **common)
