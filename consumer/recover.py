@@ -210,8 +210,12 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
              "eval and generate look for it there; recover again with --original "
              + (f"{hint} (the base_model its model card names)" if hint else "PATH or ORG/NAME (a copy of the original)"))
     recovered_config = {**adapter_config, "base_model_name_or_path": base_id, "revision": base_revision}
+    fill = cfg.fill if manifest.method.kind == "structured" else "none"  # nothing to fill: the original's shapes
+    if cfg.fill == "normal" and fill == "none":
+        warn("--fill normal applies to structured checkpoints: a non-structured adapter already has the original's "
+             "shapes and is copied unchanged (recorded as fill: none)")
     sidecar = {
-        "tool_version": __version__, "fill": cfg.fill, "seed": cfg.seed if cfg.fill == "normal" else None,
+        "tool_version": __version__, "fill": fill, "seed": cfg.seed if fill == "normal" else None,
         "source_adapter": {"id": cfg.adapter, "revision": cfg.revision,
                            "sha256": sha256_file(folder / ADAPTER_WEIGHTS)},
         "pruned_model": {"id": adapter_config["base_model_name_or_path"], "revision": adapter_config.get("revision"),

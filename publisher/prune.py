@@ -162,6 +162,10 @@ class PruneConfig(Config):
                 raise LoramError("--kv-samples applies to --method taylor with --kv-score loss (the default)")
             if self.kv_samples < 1:
                 raise LoramError(f"--kv-samples must be >= 1, got {self.kv_samples}")
+            samples = self.calibration_size[0]
+            if self.kv_samples > samples:  # the record would name more than the loss is measured on
+                raise LoramError(f"--kv-samples {self.kv_samples} exceeds the {samples} calibration samples "
+                                 f"(--samples); give at most {samples}, or more --samples")
         if self.query_fold is not None and (self.method != "taylor" or self.scores is not None
                                             or self.kv_score != "taylor"):
             raise LoramError("--query-fold applies to --method taylor --kv-score taylor when it calibrates (the "

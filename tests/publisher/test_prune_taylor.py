@@ -282,6 +282,8 @@ def test_prune_default_scores_kv_groups_by_the_loss_on_kv_samples(tmp_path):
     (dict(method="taylor", kv_score="taylor", kv_samples=4), "--kv-samples applies to --method taylor with "
                                                                 "--kv-score loss"),
     (dict(method="taylor", kv_samples=0), "--kv-samples must be >= 1, got 0"),
+    (dict(method="taylor", samples=4, kv_samples=8), r"--kv-samples 8 exceeds the 4 calibration samples \(--samples\); "
+                                                    "give at most 4, or more --samples"),
     (dict(method="taylor", query_fold="coupled"), "--query-fold applies to --method taylor --kv-score taylor"),
 ])
 def test_kv_score_options_are_checked(kwargs, message):
