@@ -50,18 +50,25 @@ class MergeConfig(Config):
                              "or 2GiB")
 
 
-def check_original(adapter_dir: Path, base_dir: Path, ignore: bool) -> None:
-    """Refuse a base whose config/weights differ from the fingerprint recorded by `loram recover`."""
+def check_original(adapter_dir: Path, base_dir: Path, ignore: bool, base_name: str | None = None) -> None:
+    """Refuse a base whose config/weights differ from the fingerprint recorded by `loram recover` (`base_name`: the
+    base as the user knows it, `ORG/NAME@REV` for a Hub snapshot, in the message)."""
     sidecar = adapter_dir / "loram_recovery.json"
-    if ignore or not sidecar.is_file():
+    if not sidecar.is_file():
+        return
+    name = base_name or base_dir
+    if (base_dir / MANIFEST_JSON).is_file():  # shapes too would differ: --ignore-fingerprint cannot help
+        raise LoramError(f"{name} is a LoRAM pruned checkpoint, but {adapter_dir} is a recovered adapter, shaped "
+                         "for the original model; use it with the original (its recorded base, or --base ORIGINAL)")
+    if ignore:
         return
     from loram.shared.manifest import fingerprint_mismatches
 
     wrong = fingerprint_mismatches(json.loads(sidecar.read_text())["original_model"].get("fingerprint") or {},
                                    base_dir)
     if wrong:
-        raise LoramError(f"{base_dir} is not the original model this adapter was recovered for "
-                         f"({', '.join(wrong)} differ); pass --ignore-fingerprint to use it anyway")
+        raise LoramError(f"{name} is not the original model this adapter was recovered for "
+                         f"({' and '.join(wrong)} differ); pass --ignore-fingerprint to use it anyway")
 
 
 def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_fingerprint: bool = False,
@@ -94,7 +101,8 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
         raise LoramError(f"{adapter} was trained on the pruned checkpoint {adapter_cfg['base_model_name_or_path']} "
                          f"and has the pruned model's shapes; run `loram recover {adapter} --out DIR` first "
                          "and use the recovered adapter")
-    check_original(adapter_dir, source.path, ignore_fingerprint)
+    check_original(adapter_dir, source.path, ignore_fingerprint,
+                   source.id if source.revision is None else f"{source.id}@{source.revision[:12]}")
     if (source.path / MANIFEST_JSON).is_file():  # an adapter used on a pruned checkpoint, as it was trained
         check_trained_on(adapter_dir, source.path, ignore_fingerprint)
     model = from_pretrained(source.path, dtype=dtype or torch.float32)

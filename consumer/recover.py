@@ -179,6 +179,9 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     cfg = config or RecoverConfig.resolve(**kwargs)
     folder = resolve_model(cfg.adapter, cfg.revision, cfg.endpoint, ADAPTER_CONFIG, "peft adapter").path
     adapter_config = read_adapter_config(folder)
+    if (folder / SIDECAR).is_file():
+        raise LoramError(f"{cfg.adapter} is a recovered adapter already ({SIDECAR}): it has the original model's "
+                         "shapes; use it as it is with merge, eval, generate or push")
     pruned_dir, manifest = pruned_manifest(adapter_config, cfg.endpoint, cfg.verify)
     check_trained_on(folder, pruned_dir, cfg.ignore_fingerprint)
     check_not_an_input(cfg.out, {"the adapter": folder, "its pruned model": pruned_dir, "--original": cfg.original,

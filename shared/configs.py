@@ -129,6 +129,8 @@ def _read(tp, value, choices=None, counts=False):
                 hint = "; quote it in a YAML file"
             elif isinstance(value, int | float):
                 hint = f'; quote it in a YAML file: "{value}"'
+            elif isinstance(value, list | tuple):  # `layers: [0, 2]` for `layers: 0:2`
+                hint = "; write one string, as on the command line, not a list"
             raise _Refused(_one_of(choices) if choices else "a string", value, hint)
         if choices and value not in choices:
             raise _Refused(_one_of(choices), value)

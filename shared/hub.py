@@ -148,7 +148,8 @@ def resolve_model(name: str | Path, revision: str | None = None, endpoint: str |
             raise LoramError(f"--revision applies to Hub repositories, but {path} is a local folder")
         return ModelSource(path.resolve(), str(path.resolve()), None)
     if not is_hub_id(name):
-        raise LoramError(f"model {name!r} is neither an existing folder nor a Hub repo id (ORG/NAME)")
+        noun = "adapter" if "adapter" in kind else "model"
+        raise LoramError(f"{noun} {name!r} is neither an existing folder nor a Hub repo id (ORG/NAME)")
     return pull_repo(str(name), revision, endpoint, required=required, kind=kind)
 
 

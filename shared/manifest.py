@@ -188,9 +188,10 @@ class Manifest:
         """Refuse a base model whose config or weights differ from the one this plan was made on."""
         wrong = fingerprint_mismatches(self.base.fingerprint, model_dir)
         if wrong:
+            made_from = self.base.id + (f"@{self.base.revision}" if self.base.revision else "")
             raise LoramError(f"{model_dir} is not the base model this pruned checkpoint was made from "
-                             f"({self.base.id}@{self.base.revision or 'unknown revision'}): "
-                             f"{', '.join(wrong)} differ(s) or are missing")
+                             f"({made_from}): {' and '.join(wrong)} "
+                             f"{'differ or are' if len(wrong) > 1 else 'differs or is'} missing")
 
     def save(self, out_dir: str | Path, rehash: bool = True) -> Path:
         """Write both manifest files into `out_dir`; with `rehash`, first record the hash of every checkpoint file."""

@@ -241,3 +241,26 @@ def test_an_original_missing_from_this_machine_is_said_at_recovery_and_at_merge(
             in capsys.readouterr().err)
     recover(adapter=str(tmp_path / "adapter"), out=tmp_path / "rec2", original=str(tmp_path / "elsewhere"))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_misleading_hints_are_gone(tmp_path):
+    """A recovered adapter on a pruned base was told to pass --ignore-fingerprint (the shapes would then fail); a
+    recovered adapter given to recover again was asked whether it had been trained on the original; a missing
+    adapter was called a model; a wrong --original's message read '@unknown revision ... differ(s)'."""
+    from loram.merge import load_with_adapter
+    from loram.shared.hub import resolve_model
+
+    _adapter_on_pruned(tmp_path, "llama-gqa")
+    recover(adapter=str(tmp_path / "adapter"), out=tmp_path / "rec")
+    for ignore in (False, True):
+        with pytest.raises(LoramError, match=r"pruned is a LoRAM pruned checkpoint, but .*rec is a recovered adapter, "
+                                             r"shaped for the original model; use it with the original"):
+            load_with_adapter(tmp_path / "rec", str(tmp_path / "pruned"), ignore_fingerprint=ignore)
+    with pytest.raises(LoramError, match=r"rec is a recovered adapter already \(loram_recovery.json\): it has the "
+                                         r"original model's shapes; use it as it is"):
+        recover(adapter=str(tmp_path / "rec"), out=tmp_path / "again")
+    with pytest.raises(LoramError, match=r"^adapter 'nope-adapter' is neither an existing folder"):
+        resolve_model("nope-adapter", required="adapter_config.json", kind="peft adapter")
+    save_tiny_checkpoint(tmp_path / "other", "llama-gqa", seed=5)
+    with pytest.raises(LoramError, match=r"made from \(\S+/base\): model.safetensors differs or is missing$"):
+        recover(adapter=str(tmp_path / "adapter"), out=tmp_path / "x", original=str(tmp_path / "other"))

@@ -186,7 +186,7 @@ def test_a_string_for_a_list_is_one_item(tmp_path):
     ("columns: 5", '--columns must be a string; got 5; quote it in a YAML file: "5"'),
     ("revision: 2024", '--revision must be a string; got 2024; quote it in a YAML file: "2024"'),
     ("out: 5", "--out must be a path; got 5"),
-    ("model: [a, b]", "MODEL must be a string; got ['a', 'b']"),
+    ("model: [a, b]", "MODEL must be a string; got ['a', 'b']; write one string, as on the command line, not a list"),
 ])
 def test_bad_types_in_a_yaml_file_name_the_flag(tmp_path, extra, message):
     with pytest.raises(LoramError, match=_escaped(message)):
