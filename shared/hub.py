@@ -80,6 +80,8 @@ class PushOptions(Config):
     endpoint: str | None = endpoint_option()
 
     def check(self):
+        if not looks_like_repo_id(self.repo_id):  # before any file is hashed
+            raise LoramError(f"--repo-id {self.repo_id!r} must be a Hub repo id ORG/NAME")
         check_ref("--branch", self.branch)
         check_ref("--tag", self.tag)
 

@@ -130,3 +130,15 @@ def test_non_structured_card(pruned, tmp_path):
     # it is a stock checkpoint: no pruned model types to register, no modeling file in the repository
     assert "loram.register()" not in card and "trust_remote_code" not in card and not (out / "modeling_loram.py").exists()
     assert 'AutoModelForCausalLM.from_pretrained("sparse")' in card and "the stock model class" in card
+
+
+def test_a_bad_repo_id_is_refused_before_any_file_is_read(tmp_path, monkeypatch):
+    """`publish push FOLDER --repo-id justname` hashed every file (and warned about the local base) before saying
+    the id was wrong; at 70B that is minutes."""
+    from loram.hub_commands import push as push_adapter
+    from loram.publisher import push as push_module
+
+    monkeypatch.setattr(push_module, "verify_files", lambda folder: pytest.fail("files were read"))
+    for command in (push, push_adapter):
+        with pytest.raises(LoramError, match=r"^--repo-id 'justname' must be a Hub repo id ORG/NAME$"):
+            command(folder=tmp_path / "not-even-there", repo_id="justname")
