@@ -135,8 +135,11 @@ def test_non_structured_card(pruned, tmp_path):
 def test_a_bad_repo_id_is_refused_before_any_file_is_read(tmp_path, monkeypatch):
     """`publish push FOLDER --repo-id justname` hashed every file (and warned about the local base) before saying
     the id was wrong; at 70B that is minutes."""
+    import importlib
+
     from loram.hub_commands import push as push_adapter
-    from loram.publisher import push as push_module
+
+    push_module = importlib.import_module("loram.publisher.push")
 
     monkeypatch.setattr(push_module, "verify_files", lambda folder: pytest.fail("files were read"))
     for command in (push, push_adapter):
