@@ -29,11 +29,19 @@ def _train(cfg) -> None:
     result = train(cfg)
     if not result.main:
         return  # another rank of a distributed run: rank 0 prints the summary
+    typer.echo(train_summary(result))
+    typer.echo(f"adapter: {result.out}  (report: {result.out / 'training_report.json'})")
+
+
+def train_summary(result) -> str:
+    """The line `loram train` ends with; a resumed run names the steps it trained, not all of them."""
     last = f"{result.losses[-1]:.4f}" if result.losses else "-"
     evals = f", eval loss {result.eval_losses[-1]:.4f}" if result.eval_losses else ""
-    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s: final loss {last}{evals}, "
-               f"{result.tokens_per_second:,.0f} tokens/s, peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
-    typer.echo(f"adapter: {result.out}  (report: {result.out / 'training_report.json'})")
+    ran = len(result.report.get("step_seconds") or []) or result.steps
+    steps = (f"{result.steps} steps" if ran >= result.steps else
+             f"steps {result.steps - ran + 1}-{result.steps} of {result.steps} (resumed at step {result.steps - ran})")
+    return (f"trained {steps} in {result.seconds:.0f} s: final loss {last}{evals}, "
+            f"{result.tokens_per_second:,.0f} tokens/s, peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
 
 
 def _recover(cfg) -> None:

@@ -92,6 +92,10 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pruned, capfd):
     assert f"resuming from {pruned / 'cut' / 'checkpoints' / 'checkpoint-3'} (step 3)" in capfd.readouterr().err
     # Steps 1-3 come from checkpoint-3's history, steps 4-6 are recomputed: all equal, exactly.
     assert resumed.steps == 6 and resumed.losses == full.losses
+    from loram.consumer_commands import train_summary
+
+    assert train_summary(full).startswith("trained 6 steps in ")
+    assert train_summary(resumed).startswith("trained steps 4-6 of 6 (resumed at step 3) in ")  # said "6 steps"
     a = json.loads((full.out / "training_report.json").read_text())["losses"]
     b = json.loads((resumed.out / "training_report.json").read_text())["losses"]
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and b == a
