@@ -45,6 +45,9 @@ def fixtures(r: Path) -> None:
     train(model=str(r / "pruned"), data=str(r / "qa.jsonl"), out=r / "adapter", steps=1, seq_len=32,
           columns="prompt=question,response=answer", save_every=1)
     recover(adapter=str(r / "adapter"), out=r / "recovered")
+    from loram.publisher.prune import prune
+
+    prune(base=str(r / "base"), out=r / "pruned-other", method="random", ratio=0.5, layers="1:3", seed=3)  # same shapes
     shutil.copytree(r / "pruned", r / "pruned-b")  # trained on, then corrupted: recover must notice
     train(model=str(r / "pruned-b"), data=str(r / "qa.jsonl"), out=r / "adapter-b", steps=1, seq_len=32,
           columns="prompt=question,response=answer", save_every=100)
@@ -258,6 +261,13 @@ CASES = {
                                             "{r}/intkey.yaml", "--out", "OUT"], False, {}, False),
     "eval: two models under one name": (["eval", "a={r}/base", "a={r}/base+{r}/recovered", *EVAL], False, {},
                                         False),
+    "recover: --out . --overwrite in a folder with files": (["recover", "{r}/adapter", "--out", ".", "--overwrite"],
+                                                            True, {}, False),
+    "train: an unknown flag": (["train", "{r}/pruned", "--stepz", "3"], False, {}, False),
+    "eval: an adapter on another pruned checkpoint of its shapes": (["eval", "{r}/pruned-other+{r}/adapter", *EVAL],
+                                                                    False, {}, False),
+    "publish prune: --ratio 0": (["publish", "prune", "{r}/base", "--method", "l2", "--ratio", "0", "--layers", "1:3",
+                                  "--out", "OUT"], False, {}, False),
 }
 
 

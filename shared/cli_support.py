@@ -192,7 +192,7 @@ def run_app(app: typer.Typer, args: list[str] | None = None, prog_name: str | No
                 e.show()
             else:
                 command = e.ctx.command_path if getattr(e, "ctx", None) is not None else "loram"
-                typer.echo(f"error: {one_line(e.format_message()).rstrip('.')}; see `{command} --help`", err=True)
+                typer.echo(f"error: {one_line(e.format_message()).rstrip('.')}; see {command} --help", err=True)
             sys.exit(e.exit_code)
         sys.exit(report_error(e))
     sys.exit(code if isinstance(code, int) else 0)

@@ -387,10 +387,10 @@ def test_the_entry_point_turns_errors_outside_commands_into_one_line(monkeypatch
 
     # click's usage errors were its four-line usage block ("Usage: ...", "Try ...", "Error: ..."): one line too
     for argv, line in ((["train", "m", "--stepz", "3"], "error: No such option: --stepz (Possible options: --help, "
-                        "--seed, --steps); see `loram train --help`"),
-                       (["recovr"], "error: No such command 'recovr'. Did you mean 'recover'?; see `loram --help`"),
-                       (["recover", "a", "b"], "error: Got unexpected extra argument(s) (b); see `loram recover --help`"),
-                       (["assets", "path"], "error: Missing argument 'name'; see `loram assets path --help`")):
+                        "--seed, --steps); see loram train --help"),
+                       (["recovr"], "error: No such command 'recovr'. Did you mean 'recover'?; see loram --help"),
+                       (["recover", "a", "b"], "error: Got unexpected extra argument(s) (b); see loram recover --help"),
+                       (["assets", "path"], "error: Missing argument 'name'; see loram assets path --help")):
         with pytest.raises(SystemExit) as exit_info:
             run_app(app, argv, prog_name="loram")
         assert exit_info.value.code == 2
