@@ -113,4 +113,4 @@ _register_publisher()
 def main() -> None:
     console_warnings()  # LoRAM's warnings as one `warning:` line; known third-party noise not shown
     quiet_bars_off_a_terminal()
-    run_app(app)  # an error outside a command is one line too; click prints its own usage errors (exit 2)
+    run_app(app)  # an error outside a command, a usage error included, is one line too
