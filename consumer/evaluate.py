@@ -147,7 +147,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
     --tasks: `tasks` (lm-eval's metrics per task), `n` (items per task) and `scores` (headline columns)."""
     from loram.shared.runtime import configure_threads
 
-    cfg = config or EvalConfig.resolve(**kwargs)
+    cfg = EvalConfig.given(config, **kwargs)
     configure_threads()
     tasks = None
     if cfg.tasks:

@@ -45,7 +45,7 @@ def generate(config: GenerateConfig | None = None, stream=None, **kwargs) -> str
 
     from loram.evaluate import load_spec
 
-    cfg = config or GenerateConfig.resolve(**kwargs)
+    cfg = GenerateConfig.given(config, **kwargs)
     model, tokenizer = load_spec(cfg.model, cfg.adapter, cfg.ignore_fingerprint, cfg.endpoint, cfg.revision)
     if tokenizer.chat_template:
         enc = tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,

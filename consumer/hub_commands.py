@@ -54,7 +54,7 @@ class PushConfig(PushOptions):
 
 def pull(config: PullConfig | None = None, **kwargs) -> ModelSource:
     """Download and verify `config.repo_id`; with `out`, copy it there (the returned path)."""
-    cfg = config or PullConfig.resolve(**kwargs)
+    cfg = PullConfig.given(config, **kwargs)
     if cfg.out is not None:
         check_output_dir(Path(cfg.out), cfg.overwrite)  # before downloading anything
     source = pull_repo(cfg.repo_id, cfg.revision, cfg.endpoint, kind="Hub repository")
@@ -71,7 +71,7 @@ def pull(config: PullConfig | None = None, **kwargs) -> ModelSource:
 
 def push(config: PushConfig | None = None, **kwargs) -> PushResult:
     """Publish the recovered adapter in `config.folder` with its card (see the module docstring)."""
-    cfg = config or PushConfig.resolve(**kwargs)
+    cfg = PushConfig.given(config, **kwargs)
     folder = Path(cfg.folder)
     if not folder.is_dir():
         raise LoramError(f"{folder} is not a folder; give the folder `loram recover` wrote")

@@ -158,7 +158,7 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     from loram.memory_plan import parse_bytes
     from loram.shared.pruned_model import load_tokenizer
 
-    cfg = config or MergeConfig.resolve(**kwargs)
+    cfg = MergeConfig.given(config, **kwargs)
     check_output_dir(cfg.out, cfg.overwrite)  # before loading anything
     check_not_an_input(cfg.out, {"the adapter": cfg.adapter, "--base": cfg.base})
     dtype = getattr(torch, dtype_name(cfg.dtype))

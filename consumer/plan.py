@@ -221,7 +221,9 @@ def publisher(config: PlanConfig | dict | None = None, **kwargs) -> PublisherPla
 
 
 def _config(config, kwargs) -> PlanConfig:
-    return config if isinstance(config, PlanConfig) else PlanConfig.from_dict({**(config or {}), **kwargs})
+    if isinstance(config, PlanConfig):
+        return PlanConfig.given(config, **kwargs)
+    return PlanConfig.from_dict({**(config or {}), **kwargs})
 
 
 def _param_plan(values: dict, config: PlanConfig) -> ParamPlan:

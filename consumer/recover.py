@@ -176,7 +176,7 @@ def expand(tensor: torch.Tensor, which: str, rows, cols, full: int, fill: str, g
 
 def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
     """Recover an adapter (see the module docstring) and write it to `config.out`."""
-    cfg = config or RecoverConfig.resolve(**kwargs)
+    cfg = RecoverConfig.given(config, **kwargs)
     folder = resolve_model(cfg.adapter, cfg.revision, cfg.endpoint, ADAPTER_CONFIG, "peft adapter").path
     adapter_config = read_adapter_config(folder)
     if (folder / SIDECAR).is_file():

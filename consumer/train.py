@@ -112,7 +112,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     from loram.shared.records import load_records
     from loram.shared.runtime import configure_threads
 
-    cfg = config or TrainConfig.resolve(**kwargs)
+    cfg = TrainConfig.given(config, **kwargs)
     started = time.time()
     check_not_an_input(cfg.out, {"the model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)

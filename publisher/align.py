@@ -184,7 +184,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     )
     from loram.shared.runtime import configure_threads
 
-    cfg = config or AlignConfig.resolve(**kwargs)
+    cfg = AlignConfig.given(config, **kwargs)
     started = time.time()
     teacher_named = cfg.distill_from if cfg.distills and cfg.distill_from != BASE else None
     check_not_an_input(cfg.out, {"the pruned model": cfg.pruned, "--distill-from": teacher_named,

@@ -247,7 +247,7 @@ def _log(msg: str) -> None:
 
 def prune(config: PruneConfig | None = None, **kwargs) -> PruneResult:
     """Prune `config.base` and write the pruned checkpoint to `config.out` (see the module docstring)."""
-    cfg = config or PruneConfig.resolve(**kwargs)
+    cfg = PruneConfig.given(config, **kwargs)
     started = time.time()
     threads = configure_threads()
     check_output_dir(cfg.out, cfg.overwrite)  # fail before any heavy work

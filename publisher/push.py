@@ -40,7 +40,7 @@ def checkpoint_files(folder: Path, manifest: Manifest) -> dict[str, Path]:
 
 def push(config: PushConfig | None = None, **kwargs) -> PushResult:
     """Publish `config.folder` to `config.repo_id` (see the module docstring)."""
-    cfg = config or PushConfig.resolve(**kwargs)
+    cfg = PushConfig.given(config, **kwargs)
     folder = Path(cfg.folder)
     if not folder.is_dir():
         raise LoramError(f"{folder} is not a folder; give the pruned (or aligned) checkpoint folder")

@@ -192,7 +192,7 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     from loram.shared.pruned_model import from_pretrained, load_config, load_tokenizer
     from loram.shared.runtime import configure_threads, default_device
 
-    cfg = config or SelfgenConfig.resolve(**kwargs)
+    cfg = SelfgenConfig.given(config, **kwargs)
     prompts = read_prompts(cfg.prompts)
     asks = prompt_order(prompts, cfg.count, cfg.seed)
     check_writable(cfg.out, fix="choose another --out")

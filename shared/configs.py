@@ -225,6 +225,19 @@ class Config:
         return cls.from_dict(values)
 
     @classmethod
+    def given(cls: type[C], config: "C | None" = None, **kwargs) -> C:
+        """The config an API function runs (`train(config)`, `train(**options)`, or both): `config` with the keyword
+        options that are not None applied on top (checked again, as one config), or the options alone (and
+        `config_file=`, as `resolve`)."""
+        if config is None:
+            return cls.resolve(**kwargs)
+        if not isinstance(config, cls):
+            raise LoramError(f"config must be a {cls.__name__}, got {type(config).__name__}; or pass the options as "
+                             "keyword arguments")
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        return cls.from_dict({**config.to_dict(), **given}) if given else config
+
+    @classmethod
     def from_dict(cls: type[C], values: dict[str, Any]) -> C:
         hints = _hints(cls)
         known = {f.name: f for f in cls.fields()}

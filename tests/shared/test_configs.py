@@ -52,6 +52,31 @@ def test_flags_override_file_and_types_are_coerced(tmp_path):
     assert cfg.to_dict()["out"] == "/tmp/x"
 
 
+def test_an_api_call_with_a_config_and_options_applies_both(tmp_path):
+    """`train(TrainConfig(..., out=a), out=b)` ran into `a`: the keyword options were dropped without a word.
+    Every command's API function reads its config with `Config.given`: the options apply on top, checked again."""
+    cfg = ToyConfig(base="m", ratio=0.25)
+    assert ToyConfig.given(cfg) is cfg and ToyConfig.given(cfg, steps=None) is cfg
+    both = ToyConfig.given(cfg, steps="3", out=tmp_path)
+    assert (both.base, both.ratio, both.steps, both.out) == ("m", 0.25, 3, tmp_path) and cfg.steps == 10
+    with pytest.raises(LoramError, match=r"--ratio must lie in \[0, 1\), got 2"):
+        ToyConfig.given(cfg, ratio=2)
+    with pytest.raises(LoramError, match="unknown option.s. ratoi"):
+        ToyConfig.given(cfg, ratoi=0.3)
+    with pytest.raises(LoramError, match="config must be a ToyConfig, got ChoiceConfig; or pass the options as"):
+        ToyConfig.given(ChoiceConfig())
+    assert ToyConfig.given(base="n").base == "n"  # options alone, as before
+    from tiny_models import tiny_config
+
+    from loram.plan import PlanConfig, plan
+
+    tiny_config().save_pretrained(tmp_path / "tiny")
+    config = PlanConfig(model=str(tmp_path / "tiny"), layers="1:3")
+    assert plan(config, ratio=0.25).training_params > plan(config).training_params  # the ratio was ignored
+    assert plan(config, ratio=0.25).training_params == plan({"model": str(tmp_path / "tiny"), "layers": "1:3"},
+                                                           ratio=0.25).training_params
+
+
 def test_saved_config_resolves_to_the_same_object(tmp_path):
     cfg = ToyConfig.resolve(base="m", targets=("a", "b"), quick=True)
     cfg.save(tmp_path / "c.yaml")
