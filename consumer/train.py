@@ -107,13 +107,14 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     from loram.sft_format import SFTCollator, builtin_columns, format_name, parse_columns, tokenize_sft
     from loram.shared import training
     from loram.shared.hub import resolve_model
-    from loram.shared.progress import TrainingProgress
+    from loram.shared.progress import TrainingProgress, reset_peak_memory
     from loram.shared.pruned_model import check_pruned_checkpoint, load_tokenizer
     from loram.shared.records import load_records
     from loram.shared.runtime import configure_threads
 
     cfg = TrainConfig.given(config, **kwargs)
     started = time.time()
+    reset_peak_memory()  # this run's peak, not the process's so far
     check_not_an_input(cfg.out, {"the model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
     folder = training.run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
     training.check_resumable(folder)

@@ -174,7 +174,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
     from loram.shared import training
     from loram.shared.hub import resolve_model
     from loram.shared.manifest import MANIFEST_JSON
-    from loram.shared.progress import TrainingProgress
+    from loram.shared.progress import TrainingProgress, reset_peak_memory
     from loram.shared.pruned_model import (
         check_pruned_checkpoint,
         empty_model,
@@ -186,6 +186,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
 
     cfg = AlignConfig.given(config, **kwargs)
     started = time.time()
+    reset_peak_memory()  # this run's peak, not the process's so far
     teacher_named = cfg.distill_from if cfg.distills and cfg.distill_from != BASE else None
     check_not_an_input(cfg.out, {"the pruned model": cfg.pruned, "--distill-from": teacher_named,
                                  "--eval-data": cfg.eval_data, **{f"--data {s.name}": s.name for s in cfg.sources}})

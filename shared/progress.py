@@ -26,6 +26,19 @@ def process_peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def reset_peak_memory() -> None:
+    """Start a run's peak afresh: CUDA's counter, and on Linux the process's high-water mark (5 written to
+    /proc/self/clear_refs sets it to the memory held now). Without it, a run in a process that did heavier work
+    first (a notebook, a script that aligns and then trains) reported that work's peak as its own."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the process's peak so far stands
+        pass
+
+
 def peak_memory_bytes(devices=None) -> int:
     """CUDA peak allocated on the current GPU, or summed over `devices` (a model placed with device_map="auto");
     the process's peak RSS on CPU."""
@@ -61,7 +74,7 @@ class TrainingProgress(TrainerCallback):
         now = time.time()
         self.step_seconds.append(round(now - self._last, 3))
         self._last = None
-        elapsed = max(time.time() - self.started, 1e-9)
+        elapsed = max(sum(self.step_seconds), 1e-9)  # the steps' own time: evaluations between them left out
         self.tokens_per_second = (state.num_input_tokens_seen - self.tokens_at_start) / elapsed
         self.postfix["tok/s"] = f"{self.tokens_per_second:,.0f}"
         self.bar.set_postfix(self.postfix, refresh=False)

@@ -79,6 +79,21 @@ def test_the_built_in_gsm8k_split_needs_no_columns(pruned, capsys):
     assert json.loads((result.out / "training_report.json").read_text())["config"]["columns"] is None
 
 
+def test_the_report_holds_this_runs_peak_and_step_throughput(pruned):
+    """In one Python process, a train after heavier work reported that work's peak as its own (the process's
+    high-water mark); and tokens/s counted the evaluations' time as training time."""
+    from loram.shared.progress import process_peak_rss_bytes
+
+    held = torch.ones(400 * 2**20 // 4)  # 400 MiB, then freed: the process's peak is above it from here on
+    del held
+    before = process_peak_rss_bytes()
+    result = _train(pruned, "peak", steps=2, save_every=10, eval_data=str(pruned / "qa.jsonl"), eval_every=1)
+    assert result.peak_memory_bytes < before - 200 * 2**20, (result.peak_memory_bytes, before)
+    steps = result.report["step_seconds"]
+    assert len(steps) == 2 and result.tokens_per_second == pytest.approx(
+        result.report["tokens_seen"] / sum(steps), rel=0.02)
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pruned, capfd):
     full = _train(pruned, "full")
     # An interrupted run: keep what existed after step 3 (checkpoint-3), drop later state.
