@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from loram.shared.architectures import check_positions
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, is_hub_id, looks_like_repo_id, revision_option
@@ -161,6 +162,8 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> list[dict]:
     for spec in cfg.models:
         name, model_id, adapter = parse_spec(spec)
         model, tokenizer = load_spec(model_id, adapter, cfg.ignore_fingerprint, cfg.endpoint, cfg.revision)
+        if cfg.perplexity:
+            check_positions(model.config, cfg.seq_len, f"--seq-len {cfg.seq_len}")
         row = {"name": name, "model": model_id, "adapter": adapter}
         if cfg.perplexity:
             ppl, tokens = response_perplexity(model, tokenizer, records, columns, cfg.seq_len, cfg.batch,

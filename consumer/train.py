@@ -24,7 +24,7 @@ from pathlib import Path
 from loram.loading import QUANTS
 from loram.lora_options import check_lora_options, dropout_option, lm_head_option, rank_option, targets_option
 from loram.recover import TRAIN_REPORT
-from loram.shared.architectures import LINEAR_NAMES, parse_targets
+from loram.shared.architectures import LINEAR_NAMES, check_positions, parse_targets
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
 from loram.shared.hub import endpoint_option, revision_option, verify_option
@@ -124,6 +124,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     configure_threads()
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
     check_pruned_checkpoint(source.path, verify=cfg.verify and not source.verified)  # a stock model: no manifest
+    check_positions(json.loads((source.path / "config.json").read_text()), cfg.seq_len, f"--seq-len {cfg.seq_len}")
     tokenizer = load_tokenizer(source.path)
     mapping = cfg.columns or builtin_columns(cfg.data)  # the built-in GSM8K splits need no --columns
     columns = parse_columns(mapping) if mapping else None

@@ -141,6 +141,12 @@ def test_eval_refuses_an_adapter_on_the_wrong_base(recovered):
         evaluate(models=[f"{recovered / 'impostor2'}+{recovered / 'rec'}"], data=str(recovered / "qa.jsonl"))
 
 
+def test_eval_refuses_a_seq_len_past_the_models_positions(recovered):
+    with pytest.raises(LoramError, match=r"--seq-len 100000 exceeds the model's max_position_embeddings \(128\)"):
+        evaluate(models=[str(recovered / "base")], data=str(recovered / "qa.jsonl"), seq_len=100000,
+                 columns="prompt=question,response=answer")
+
+
 def test_eval_cli_json(recovered):
     proc = subprocess.run([LORAM, "eval", f"a={recovered / 'base'}", "--data", str(recovered / "qa.jsonl"),
                            "--seq-len", "32", "--json"], capture_output=True, text=True)

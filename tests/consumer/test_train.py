@@ -171,6 +171,7 @@ def test_nf4_training_through_the_command(pruned):
     ({"alpha": 0.0}, "--alpha must be a finite number > 0, got 0.0"),
     ({"seed": -1}, r"--seed must lie in \[0, 2\^32\)"),
     ({"epochs": float("inf"), "steps": None}, "--epochs must be a finite number > 0"),
+    ({"seq_len": 10**7}, re.escape("--seq-len 10000000 exceeds the model's max_position_embeddings (128)")),
 ])
 def test_bad_input_is_a_clear_error(pruned, kwargs, message):
     if "data" in kwargs:
