@@ -301,12 +301,18 @@ def _blob_sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+def _no_manifest(root: Path) -> LoramError:
+    if not root.exists():
+        return LoramError(f"{root} does not exist; give a LoRAM pruned checkpoint folder")
+    return LoramError(f"{root} has no {MANIFEST_JSON}; is it a LoRAM pruned checkpoint?")
+
+
 def verify_files(model_dir: str | Path, fix: str = REFETCH) -> None:
     """Recompute the sha256 of every file the manifest lists; LoramError naming the first that differs."""
     root = Path(model_dir)
     path = root / MANIFEST_JSON
     if not path.is_file():
-        raise LoramError(f"{root} has no {MANIFEST_JSON}; is it a LoRAM pruned checkpoint?")
+        raise _no_manifest(root)
     data = json.loads(path.read_text(encoding="utf-8"))
     verify_hashes(root, {**data.get("files", {}), MANIFEST_TENSORS: data.get("tensors", {}).get("sha256")}, fix)
 
@@ -326,7 +332,7 @@ def _read(root: Path) -> Manifest:
     """Parse both files; the tensors file must match the sha256 the JSON recorded for it."""
     path = root / MANIFEST_JSON
     if not path.is_file():
-        raise LoramError(f"{root} has no {MANIFEST_JSON}; is it a LoRAM pruned checkpoint?")
+        raise _no_manifest(root)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data["format_version"] > FORMAT_VERSION:

@@ -96,6 +96,31 @@ def test_stages_reuse_rerun_on_change_and_after_an_interruption(tmp_path):
     assert Stages(tmp_path, log=lambda m: None).run("a", {"x": 2}, body("a4")).reused  # earlier stage kept
 
 
+def test_a_copied_or_moved_run_reuses_its_stages_in_their_new_place(tmp_path):
+    """stage.json held absolute paths: a demo folder copied elsewhere reused stages that pointed into the old
+    folder, and once the old one was moved away the next stage failed on a path that no longer existed."""
+    import shutil
+
+    old = tmp_path / "old" / "stages"
+
+    def made(folder):
+        (folder / "model").mkdir()
+        return {"model": str(folder / "model"), "parts": [folder / "model" / "a"], "elsewhere": "/opt/x"}
+
+    first = Stages(old, log=lambda m: None).run("prune", {"base": "/opt/base"}, made)
+    second = Stages(old, log=lambda m: None).run("align", {"pruned": first.result["model"]}, lambda f: {"n": 1})
+    assert '"{stages}/prune/model"' in (old / "prune" / RECORD).read_text()
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    new = tmp_path / "new" / "stages"
+    again = Stages(new, log=lambda m: None).run("prune", {"base": "/opt/base"}, lambda f: pytest.fail("re-ran"))
+    assert again.reused and again.result == {"model": str(new.resolve() / "prune" / "model"),
+                                             "parts": [str(new.resolve() / "prune" / "model" / "a")],
+                                             "elsewhere": "/opt/x"}
+    aligned = Stages(new, log=lambda m: None).run("align", {"pruned": again.result["model"]},
+                                                  lambda f: pytest.fail("re-ran"))
+    assert aligned.reused and aligned.key == second.key  # the key does not depend on where the run lies
+
+
 def _report(ppl: dict) -> dict:
     rows = [{"variant": v, "data": d, "perplexity": p, "tokens": 100} for (v, d), p in ppl.items()]
     training = {k: {"peak_memory_bytes": m * 2**20, "trainable_params": t, "losses": [{"step": 1, "loss": 2.0}]}
