@@ -123,7 +123,9 @@ def _loram(*args) -> None:
     _log("$ loram " + " ".join(map(str, args)))
     proc = subprocess.run(cmd, stdout=sys.stderr)
     if proc.returncode == 130:
-        raise KeyboardInterrupt
+        interrupt = KeyboardInterrupt()
+        interrupt.already_said = True  # the stage's process said "interrupted" itself: once is enough
+        raise interrupt
     if proc.returncode != 0:
         raise LoramError(f"`loram {args[0]}` failed (exit {proc.returncode}); see its message above. Completed "
                          "stages are kept: re-run `loram demo` to continue")
@@ -186,7 +188,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "stages": {n: {"seconds": s.seconds, "reused": s.reused, "folder": str(s.folder)} for n, s in stages.done.items()},
         "prune": prune.result, "selfgen": generated.result, "align": align.result, "publish": publish.result,
         "training": {n: t.result for n, t in trained.items()}, "results": evaluated.result["rows"],
-        "eval_items": sizes["gsm8k-heldout"], "news_docs": sizes["news"],
+        # records evaluated: fewer than asked when one keeps no response token within --seq-len (--quick's 128)
+        **{key: evaluated.result.get("items", {}).get(data, sizes[data])
+           for key, data in (("eval_items", "gsm8k-heldout"), ("news_docs", "news"))},
+        "eval_items_asked": sizes["gsm8k-heldout"],
     }
     report["wall_time_s"] = round(time.time() - started, 1)
     write_report(report, out, cfg)
@@ -311,17 +316,20 @@ def _recover(trained: dict, folder: Path) -> dict:
 def _evaluate(variants: dict, sizes: dict[str, int], seq_len: int) -> dict:
     """Response-token perplexity of every variant on both sets; each model is loaded once."""
     from loram.evaluate import eval_set, load_spec, response_perplexity
+    from loram.sft_format import tokenize_sft
     from loram.shared.runtime import configure_threads
 
     configure_threads()
     sets = {data: eval_set(data, count) for data, count in sizes.items()}
-    rows = []
+    rows, items = [], {}
     for name, (model_path, adapter) in variants.items():
         model, tokenizer = load_spec(str(model_path), str(adapter) if adapter else None, False)
         for data, (records, columns) in sets.items():
+            if data not in items:  # the records that keep a labelled token within --seq-len (one tokenizer for all)
+                items[data] = len(tokenize_sft(records, tokenizer, seq_len, columns))
             ppl, tokens = response_perplexity(model, tokenizer, records, columns, seq_len, 4, f"{name} on {data}")
             ppl = round(ppl, 4)  # the value the report shows (to 3 digits): the log rounds the same number
             rows.append({"variant": name, "data": data, "perplexity": ppl, "tokens": tokens})
             _log(f"{name} on {data}: perplexity {ppl:.3f} over {tokens:,} tokens")
         del model
-    return {"rows": rows}
+    return {"rows": rows, "items": items}

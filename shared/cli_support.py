@@ -61,7 +61,7 @@ def report_error(e: BaseException) -> int:
         return CLOSED_PIPE
     rank, connected = _rank()
     if isinstance(e, KeyboardInterrupt):
-        if rank == 0:  # Ctrl-C reaches every process of a torchrun job
+        if rank == 0 and not getattr(e, "already_said", False):  # Ctrl-C reaches every process of a torchrun job
             typer.echo("interrupted; completed outputs are intact", err=True)
         return INTERRUPTED
     if _debug():

@@ -362,6 +362,18 @@ def test_ctrl_c_is_130_and_a_multi_line_loram_error_is_one_line(tmp_path, monkey
     assert result.exit_code == 2 and result.stderr.splitlines() == ["error: first second"]
 
 
+def test_an_interrupt_a_child_process_already_said_is_not_said_twice(monkeypatch, capsys):
+    """`loram demo` runs stages as child processes: on Ctrl-C the child said "interrupted" and so did the demo."""
+    from loram.shared.cli_support import report_error
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert report_error(KeyboardInterrupt()) == 130
+    assert capsys.readouterr().err == "interrupted; completed outputs are intact\n"
+    said = KeyboardInterrupt()
+    said.already_said = True
+    assert report_error(said) == 130 and capsys.readouterr().err == ""
+
+
 def test_the_entry_point_turns_errors_outside_commands_into_one_line(monkeypatch, capsys):
     import typer
 

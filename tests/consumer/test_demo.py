@@ -177,7 +177,11 @@ def test_verdicts_state_plainly_what_holds():
     assert point3 == {"3 (gsm8k-heldout)": True, "3 (news)": False} and "does NOT hold" in render(_report(worse), [])
     assert "no gap is left" not in render(_report(worse), [])  # unaligned closes 17% there: a real failure
     assert "Wall time 600 s." in text  # nothing reused: the run's own time
-    assert "response-token perplexity on the first 32 held-out GSM8K items and 16 news documents." in text
+    assert "response-token perplexity on 32 held-out GSM8K items and 16 news documents." in text
+    # --quick's 6 items at --seq-len 128: one keeps no response token and is dropped; the report said 6
+    dropped = render({**_report(base), "eval_items": 5, "eval_items_asked": 6}, [])
+    assert ("on 5 held-out GSM8K items (of the first 6: the others keep no response token within --seq-len) and 16 "
+            "news documents.") in dropped
     rerun = {**_report(base), "stages": {"prune": {"seconds": 30, "reused": True}, "align": {"seconds": 12.4, "reused": True},
                                          "evaluate": {"seconds": 100, "reused": False}}}
     assert ("Wall time 600 s for this run, which reused 2 of 3 stages from an earlier one (they took 42 s then; the "
