@@ -159,7 +159,7 @@ class ParamPlan:
 def check_fraction(name: str, value: float | None) -> None:
     """Ratios and sparsities live in [0, 1): 1 would remove everything."""
     if value is not None and not 0 <= value < 1:
-        raise LoramError(f"{name} must be in [0, 1), got {value}")
+        raise LoramError(f"{name} must lie in [0, 1), got {value}")
 
 
 def stock_config(config):

@@ -121,7 +121,7 @@ class PlanConfig(Config):
         elif self.ratio is None:
             self.ratio = DEFAULT_RATIO
         for name in ("ratio", "attn_ratio", "mlp_ratio", "sparsity"):
-            check_fraction(name, getattr(self, name))
+            check_fraction(f"--{name.replace('_', '-')}", getattr(self, name))
         check_options(quant=self.quant, rank=self.rank, lora_dropout=self.dropout, batch=self.batch,
                       seq_len=self.seq_len, optimizer=self.optimizer, device=self.device)
         self.dtype = dtype_name(self.dtype)  # its choices are checked with the option
@@ -148,7 +148,8 @@ def read_model_config(model: str, revision: str | None = None, endpoint: str | N
             raise LoramError(f"{model} has no config.json")
     elif not path.is_file():
         if model.startswith((".", "/", "~")) or model.endswith(".json") or model.count("/") > 1:
-            raise LoramError(f"{model} not found")
+            raise LoramError(f"model {model!r} is neither an existing folder or config file nor a Hub repo id "
+                             "(ORG/NAME)")
         path = _hub_config(model, revision, endpoint)
     try:
         values = json.loads(path.read_text())

@@ -10,9 +10,9 @@ The package exports the recipe functions (and their configs); their modules are 
 """
 
 from loram.publisher.align import AlignConfig, AlignResult, align
-from loram.publisher.prune import PruneConfig, prune
+from loram.publisher.prune import PruneConfig, PruneResult, prune
 from loram.publisher.push import PushConfig, push
 from loram.publisher.selfgen import SelfgenConfig, SelfgenResult, selfgen
 
-__all__ = ["AlignConfig", "AlignResult", "PruneConfig", "PushConfig", "SelfgenConfig", "SelfgenResult", "align", "prune",
+__all__ = ["AlignConfig", "AlignResult", "PruneConfig", "PruneResult", "PushConfig", "SelfgenConfig", "SelfgenResult", "align", "prune",
            "push", "selfgen"]

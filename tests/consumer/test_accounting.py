@@ -175,8 +175,8 @@ def test_nf4_bytes_match_bitsandbytes(shape):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"ratio": 1.0}, "ratio must be in [0, 1)"),
-    ({"ratio": -0.1}, "ratio must be in [0, 1)"),
+    ({"ratio": 1.0}, "ratio must lie in [0, 1)"),
+    ({"ratio": -0.1}, "ratio must lie in [0, 1)"),
     ({"ratio": 0.5, "layers": "0:7"}, "out of bounds"),
     ({"ratio": 0.5, "layers": "x"}, "must look like A:B"),
     ({"attn_ratio": 0.8, "mlp_ratio": 0.1, "layers": "1:5"}, "removes every KV group"),

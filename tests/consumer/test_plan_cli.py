@@ -126,8 +126,8 @@ def test_help_has_examples():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--ratio", "1.0"], "ratio must be in [0, 1)"),
-    (["--ratio", "1.5"], "ratio must be in [0, 1)"),
+    (["--ratio", "1.0"], "--ratio must lie in [0, 1)"),
+    (["--ratio", "1.5"], "--ratio must lie in [0, 1)"),
     (["--layers", "0:81"], "out of bounds"),
     (["--attn-ratio", "0.9999"], "removes every KV group"),
     (["--mlp-ratio", "0.99999"], "removes every MLP channel"),
@@ -142,7 +142,8 @@ def test_bad_configs(tmp_path):
     gpt2 = tmp_path / "gpt2.json"
     gpt2.write_text(json.dumps({"model_type": "gpt2", "n_layer": 12}))
     _one_line_error(runner.invoke(app, ["plan", str(gpt2)]), "supported: llama, mistral, qwen2")
-    _one_line_error(runner.invoke(app, ["plan", str(tmp_path / "missing.json")]), "not found")
+    _one_line_error(runner.invoke(app, ["plan", str(tmp_path / "missing.json")]),
+                    "is neither an existing folder or config file nor a Hub repo id")
     _one_line_error(runner.invoke(app, ["plan", str(tmp_path)]), "has no config.json")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
