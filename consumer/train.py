@@ -61,6 +61,7 @@ class TrainConfig(Config):
     train_on_prompt: bool = option(False, "Put loss on prompt tokens too (default: response tokens only).")
     eval_data: str | None = option(None, "Held-out data (same forms as --data) evaluated periodically.")
     eval_every: int = option(50, "Evaluate every N steps (with --eval-data).")
+    eval_limit: int | None = option(None, "Evaluate only the first N records of --eval-data (default: all).")
     save_every: int = option(50, "Checkpoint every N steps.")
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
@@ -77,7 +78,8 @@ class TrainConfig(Config):
         check_lora_options(rank=self.rank, dropout=self.dropout, alpha=self.alpha)
         checks = [*recipe_checks(self),
                   (math.isfinite(self.epochs) and self.epochs > 0, "--epochs must be a finite number > 0"),
-                  (bool(self.targets), "--targets must name at least one module")]
+                  (bool(self.targets), "--targets must name at least one module"),
+                  (self.eval_limit is None or self.eval_limit >= 1, f"--eval-limit must be >= 1, got {self.eval_limit}")]
         for ok, message in checks:
             if not ok:
                 raise LoramError(message)
@@ -133,7 +135,10 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     train_set = tokenize_sft(records, tokenizer, cfg.seq_len, columns, cfg.train_on_prompt)
     eval_set = None
     if cfg.eval_data:
-        eval_set = tokenize_sft(load_records(cfg.eval_data), tokenizer, cfg.seq_len, columns, cfg.train_on_prompt)
+        held_out = load_records(cfg.eval_data)
+        if cfg.eval_limit:
+            held_out = held_out.select(range(min(cfg.eval_limit, len(held_out))))
+        eval_set = tokenize_sft(held_out, tokenizer, cfg.seq_len, columns, cfg.train_on_prompt)
 
     model = load_causal_lm(source.path, cfg.quant)
     _check_targets(model, cfg)
