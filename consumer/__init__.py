@@ -11,7 +11,7 @@ before `AutoModelForCausalLM.from_pretrained(pruned_dir)` in your own code.
 
 from importlib import metadata
 
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, LoramWarning
 
 
 def __getattr__(name: str):
@@ -34,4 +34,4 @@ try:
     __version__ = metadata.version("loram")  # one version: pyproject.toml's
 except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
-__all__ = ["LoramError", "__version__", "assets", "register"]
+__all__ = ["LoramError", "LoramWarning", "__version__", "assets", "register"]

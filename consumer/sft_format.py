@@ -47,7 +47,7 @@ import datasets
 import torch
 
 from loram.perplexity import IGNORE
-from loram.shared.errors import LoramError, warn
+from loram.shared.errors import LoramError, LoramWarning, warn
 
 FORMATS = {  # name -> (required names, optional names), in detection order
     "messages": (("messages",), ()),
@@ -69,7 +69,7 @@ _ACCEPTED = ("messages; prompt + response; instruction + output (+ input); text;
 Pieces = list[tuple[str, bool]]  # consecutive substrings of the rendered example, and whether labelled
 
 
-class TruncationWarning(UserWarning):
+class TruncationWarning(LoramWarning):
     """Some examples were longer than seq_len (and some of those may have been dropped)."""
 
 

@@ -143,7 +143,7 @@ def console_warnings() -> None:
     there the warnings stay ordinary Python warnings, for the caller to filter or record."""
     import logging
 
-    from loram.shared.errors import warn
+    from loram.shared.errors import say
 
     for name, level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
@@ -155,7 +155,7 @@ def console_warnings() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if category.__module__.split(".")[0] == "loram":
-            warn(one_line(str(message)))
+            say(f"warning: {one_line(str(message))}")
         else:
             shown(message, category, filename, lineno, file, line)
 

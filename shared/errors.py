@@ -27,6 +27,14 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+class LoramWarning(UserWarning):
+    """Something the user should know but need not fix. The CLI shows it as one `warning: ...` line on stderr (first
+    process only, `loram.shared.cli_support.console_warnings`); from the Python API it is an ordinary Python warning,
+    for the caller to filter, record or turn into an error (`warnings.simplefilter("error", LoramWarning)`)."""
+
+
 def warn(message: str) -> None:
-    """Something the user should know but need not fix: one `warning: ...` line on stderr (rank 0 only)."""
-    say(f"warning: {message}")
+    """Warn about something the user should know but need not fix (a `LoramWarning`, attributed to the caller)."""
+    import warnings
+
+    warnings.warn(message, LoramWarning, stacklevel=2)

@@ -73,3 +73,21 @@ def smollm2_pruned(tmp_path_factory):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
+
+
+@pytest.fixture
+def loram_warnings(recwarn):
+    """`said()`: the messages of the LoramWarnings raised since the last call (what the CLI prints as `warning:`
+    lines), every one of them, repeats included."""
+    import warnings
+
+    from loram.shared.errors import LoramWarning
+
+    warnings.simplefilter("always", LoramWarning)
+
+    def said() -> list[str]:
+        messages = [str(w.message) for w in recwarn.list if issubclass(w.category, LoramWarning)]
+        recwarn.clear()
+        return messages
+
+    return said

@@ -184,14 +184,14 @@ def test_the_cli_hides_the_trainers_checkpoint_ordering_note_only(caplog):
 
 def test_a_stray_rank_outside_a_job_does_not_silence_a_lone_process(monkeypatch, capsys):
     """RANK alone (left in a shell, not set by torchrun with a WORLD_SIZE above 1) makes no process a second one."""
-    from loram.shared.errors import warn
+    from loram.shared.errors import say
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    warn("said")
+    say("warning: said")
     assert capsys.readouterr().err == "warning: said\n"
     monkeypatch.setenv("WORLD_SIZE", "4")
-    warn("not said")
+    say("warning: not said")
     assert capsys.readouterr().err == ""
 
 

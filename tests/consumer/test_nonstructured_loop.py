@@ -18,7 +18,7 @@ QA = [{"question": f"What is {a} times {b}?", "answer": f"{a} times {b} is {a * 
       for a in range(6) for b in range(6)]
 
 
-def test_wanda_2_4_through_nf4_training_recovery_and_the_original(tmp_path, capsys):
+def test_wanda_2_4_through_nf4_training_recovery_and_the_original(tmp_path, loram_warnings):
     pytest.importorskip("bitsandbytes")
     save_tiny_checkpoint(tmp_path / "base", "llama-gqa")
     (tmp_path / "calib.txt").write_text(" ".join(f"{a} times {b} is {a * b}." for a in range(30) for b in range(9)))
@@ -48,10 +48,9 @@ def test_wanda_2_4_through_nf4_training_recovery_and_the_original(tmp_path, caps
         str(tmp_path / "base")
     # nothing is filled: the record says so, and --fill normal (accepted and recorded before) warns that it does not apply
     assert json.loads((tmp_path / "recovered" / "loram_recovery.json").read_text())["fill"] == "none"
-    capsys.readouterr()
+    loram_warnings()
     recover(adapter=str(tmp_path / "adapter"), out=tmp_path / "normal", fill="normal")
-    assert capsys.readouterr().err == ("warning: --fill normal applies to structured checkpoints: a non-structured "
-                                       "adapter already has the original's shapes and is copied unchanged (recorded "
-                                       "as fill: none)\n")
+    assert loram_warnings() == ["--fill normal applies to structured checkpoints: a non-structured adapter already has "
+                                "the original's shapes and is copied unchanged (recorded as fill: none)"]
     sidecar = json.loads((tmp_path / "normal" / "loram_recovery.json").read_text())
     assert (sidecar["fill"], sidecar["seed"]) == ("none", None)

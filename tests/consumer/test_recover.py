@@ -216,7 +216,7 @@ def test_an_adapter_is_used_only_on_the_pruned_checkpoint_it_was_trained_on(tmp_
     load_with_adapter(root / "adapter", str(root / "pruned"), ignore_fingerprint=True)
 
 
-def test_an_original_missing_from_this_machine_is_said_at_recovery_and_at_merge(tmp_path, capsys):
+def test_an_original_missing_from_this_machine_is_said_at_recovery_and_at_merge(tmp_path, loram_warnings):
     """A pruned model made from a local copy of the original names that folder; a consumer without it got a
     recovered adapter pointing nowhere, and merge's error named neither the adapter's record nor the fix."""
     import shutil
@@ -225,22 +225,21 @@ def test_an_original_missing_from_this_machine_is_said_at_recovery_and_at_merge(
 
     _adapter_on_pruned(tmp_path, "llama-gqa")
     shutil.move(tmp_path / "base", tmp_path / "elsewhere")
-    capsys.readouterr()
+    loram_warnings()
     recover(adapter=str(tmp_path / "adapter"), out=tmp_path / "rec")
-    err = capsys.readouterr().err
-    assert err == (f"warning: the original model the pruned checkpoint's manifest names, {tmp_path / 'base'}, is not "
-                   "on this machine: merge, eval and generate look for it there; recover again with --original PATH "
-                   "or ORG/NAME (a copy of the original)\n")
+    assert loram_warnings() == [f"the original model the pruned checkpoint's manifest names, {tmp_path / 'base'}, is "
+                                "not on this machine: merge, eval and generate look for it there; recover again with "
+                                "--original PATH or ORG/NAME (a copy of the original)"]
     with pytest.raises(LoramError, match=r"^the base model .*rec names \(base_model_name_or_path\), .*/base, is not on "
                                          r"this machine; pass --base PATH or ORG/NAME"):
         merge(adapter=str(tmp_path / "rec"), out=tmp_path / "merged")
     merge(adapter=str(tmp_path / "rec"), out=tmp_path / "merged", base=str(tmp_path / "elsewhere"), dtype="fp32")
     (tmp_path / "pruned" / "README.md").write_text("---\nbase_model: org/tiny-original\n---\n# a published card\n")
     recover(adapter=str(tmp_path / "adapter"), out=tmp_path / "rec", overwrite=True)
-    assert ("recover again with --original org/tiny-original (the base_model its model card names)"
-            in capsys.readouterr().err)
+    assert any("recover again with --original org/tiny-original (the base_model its model card names)" in m
+               for m in loram_warnings())
     recover(adapter=str(tmp_path / "adapter"), out=tmp_path / "rec2", original=str(tmp_path / "elsewhere"))
-    assert "warning" not in capsys.readouterr().err
+    assert not loram_warnings()
 
 
 def test_misleading_hints_are_gone(tmp_path):

@@ -192,15 +192,21 @@ def _resume(cfg, monkeypatch, processes: int, **changes):
     return pin_options(run_folder(again.out, resume=True, overwrite=False), again, RESUME_SAME)[1]
 
 
-def test_resume_on_fewer_processes_keeps_the_global_batch(tmp_path, monkeypatch, capfd):
+def test_resume_on_fewer_processes_keeps_the_global_batch(tmp_path, monkeypatch):
+    import warnings
+
+    from loram.shared.errors import LoramWarning
+
     cfg = _pinned_run(tmp_path, monkeypatch, 4, batch=2, grad_accum=1)  # global batch 8
     assert json.loads((tmp_path / "run" / CHECKPOINTS / RUN_CONFIG).read_text())["global_batch"] == 8
-    assert _resume(cfg, monkeypatch, 4).grad_accum == 1
-    assert capfd.readouterr().err == ""
-    resumed = _resume(cfg, monkeypatch, 1)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert _resume(cfg, monkeypatch, 4).grad_accum == 1
+    assert not [w for w in said if issubclass(w.category, LoramWarning)]
+    with pytest.warns(LoramWarning, match=r"^resuming on 1 process\(es\): --grad-accum 1 -> 4 keeps the global "
+                                          r"batch of 8 \(--batch 2 per process\)$"):
+        resumed = _resume(cfg, monkeypatch, 1)
     assert (resumed.batch, resumed.grad_accum) == (2, 4)
-    assert capfd.readouterr().err == ("warning: resuming on 1 process(es): --grad-accum 1 -> 4 keeps the global "
-                                      "batch of 8 (--batch 2 per process)\n")
     assert _resume(cfg, monkeypatch, 2, batch=1, grad_accum=4).grad_accum == 4  # same product: accepted as given
     assert _resume(cfg, monkeypatch, 1, batch=8).grad_accum == 1
 
