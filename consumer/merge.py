@@ -1,9 +1,10 @@
 """`loram merge`: fold a recovered adapter into its original model and save a full checkpoint.
 
-    loram merge adapter-recovered --out merged/ [--dtype bf16]
+    loram merge adapter-recovered --out merged/ [--dtype auto|bf16|fp32|fp16]
 
-W = W0 + (alpha/r) B A, computed by peft's merge in the chosen dtype (bf16 by default; fp16 only
-when asked, since it can overflow). The output is sharded safetensors that stock transformers loads.
+W = W0 + (alpha/r) B A, computed by peft's merge in the chosen dtype: by default the original checkpoint's own
+(bf16 for Llama-3.1-70B; fp32 for a checkpoint stored in fp32, where bf16 would round away most of a small
+adapter's update); fp16 only when asked, since it can overflow. The output is sharded safetensors that stock transformers loads.
 The original is the adapter's `base_model_name_or_path` at its revision, refused when its
 fingerprint differs from the one recorded at recovery (`--ignore-fingerprint` overrides).
 """
@@ -14,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loram.memory_plan import DTYPE_CHOICES, dtype_name
+from loram.memory_plan import DTYPE_CHOICES, config_dtype, dtype_name
 from loram.recover import ADAPTER_WEIGHTS, adapter_config_json, check_trained_on
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
@@ -29,7 +30,8 @@ class MergeConfig(Config):
     adapter: str = option(help="A recovered adapter folder (or any LoRA adapter on its original model).",
                           argument=True)
     out: Path = option(help="Output folder for the merged checkpoint.")
-    dtype: str = option("bf16", "Dtype of the merged weights.", choices=DTYPE_CHOICES)
+    dtype: str = option("auto", "Dtype of the merged weights: auto (the original checkpoint's own), bf16, fp32 or "
+                                "fp16.", choices=("auto", *DTYPE_CHOICES))
     base: str | None = option(None, "Use this copy of the original model (folder or Hub id) instead of the "
                                     "adapter's base.")
     ignore_fingerprint: bool = option(False, "Merge even if the base differs from the recorded one (fingerprint or pruned manifest).")
@@ -105,6 +107,8 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
                    source.id if source.revision is None else f"{source.id}@{source.revision[:12]}")
     if (source.path / MANIFEST_JSON).is_file():  # an adapter used on a pruned checkpoint, as it was trained
         check_trained_on(adapter_dir, source.path, ignore_fingerprint)
+    if dtype == "auto":  # the checkpoint's own dtype (config.json)
+        dtype = getattr(torch, config_dtype(json.loads((source.path / "config.json").read_text())))
     model = from_pretrained(source.path, dtype=dtype or torch.float32)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir)
@@ -161,7 +165,7 @@ def merge(config: MergeConfig | None = None, **kwargs) -> Path:
     cfg = MergeConfig.given(config, **kwargs)
     check_output_dir(cfg.out, cfg.overwrite)  # before loading anything
     check_not_an_input(cfg.out, {"the adapter": cfg.adapter, "--base": cfg.base})
-    dtype = getattr(torch, dtype_name(cfg.dtype))
+    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, dtype_name(cfg.dtype))
     model, adapter_dir, source = load_with_adapter(cfg.adapter, cfg.base, cfg.ignore_fingerprint, dtype,
                                                    cfg.endpoint, adapter_revision=cfg.revision, pruned_base_ok=False)
     check_not_an_input(cfg.out, {"the adapter": adapter_dir, "its base model": source.path})  # as resolved

@@ -76,8 +76,13 @@ def test_merged_logits_equal_the_unmerged_adapter(recovered):
     assert not list((recovered / "m32").glob("*.bin"))
 
 
-def test_merge_defaults_to_bf16(recovered):
-    merge(adapter=str(recovered / "rec"), out=recovered / "mbf")
+def test_merge_keeps_the_originals_dtype_by_default_and_takes_bf16(recovered):
+    """The default was bf16: on a checkpoint stored in fp32 (the embedded SmolLM2) it rounded away most of a small
+    adapter's update (perplexity 4.1319 against 4.1224 unmerged, 4.1345 without the adapter)."""
+    merge(adapter=str(recovered / "rec"), out=recovered / "mauto")
+    assert json.loads((recovered / "base" / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((recovered / "mauto" / "config.json").read_text())["dtype"] == "float32"
+    merge(adapter=str(recovered / "rec"), out=recovered / "mbf", dtype="bf16")
     config = json.loads((recovered / "mbf" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
     merged = AutoModelForCausalLM.from_pretrained(recovered / "mbf", dtype=torch.float32)
