@@ -85,7 +85,7 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
     from peft import PeftModel
 
     from loram.shared.hub import resolve_model
-    from loram.shared.pruned_model import from_pretrained
+    from loram.shared.pruned_model import from_pretrained, read_config_json
 
     adapter_dir = resolve_model(adapter, adapter_revision, endpoint, required="adapter_config.json",
                                 kind="peft adapter").path
@@ -108,7 +108,7 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
     if (source.path / MANIFEST_JSON).is_file():  # an adapter used on a pruned checkpoint, as it was trained
         check_trained_on(adapter_dir, source.path, ignore_fingerprint)
     if dtype == "auto":  # the checkpoint's own dtype (config.json)
-        dtype = getattr(torch, config_dtype(json.loads((source.path / "config.json").read_text())))
+        dtype = getattr(torch, config_dtype(read_config_json(source.path)))
     model = from_pretrained(source.path, dtype=dtype or torch.float32)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir)

@@ -110,7 +110,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     from loram.shared import training
     from loram.shared.hub import resolve_model
     from loram.shared.progress import TrainingProgress, reset_peak_memory
-    from loram.shared.pruned_model import check_pruned_checkpoint, load_tokenizer
+    from loram.shared.pruned_model import check_pruned_checkpoint, load_tokenizer, read_config_json
     from loram.shared.records import load_records
     from loram.shared.runtime import configure_threads
 
@@ -126,7 +126,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     configure_threads()
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
     check_pruned_checkpoint(source.path, verify=cfg.verify and not source.verified)  # a stock model: no manifest
-    check_positions(json.loads((source.path / "config.json").read_text()), cfg.seq_len, f"--seq-len {cfg.seq_len}")
+    check_positions(read_config_json(source.path), cfg.seq_len, f"--seq-len {cfg.seq_len}")
     tokenizer = load_tokenizer(source.path)
     mapping = cfg.columns or builtin_columns(cfg.data)  # the built-in GSM8K splits need no --columns
     columns = parse_columns(mapping) if mapping else None

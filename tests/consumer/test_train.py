@@ -73,7 +73,7 @@ def test_the_built_in_gsm8k_split_needs_no_columns(pruned, capsys):
 
     assert builtin_columns("gsm8k-train") == builtin_columns("gsm8k-heldout") == "prompt=question,response=answer"
     assert builtin_columns("news") is builtin_columns(str(pruned / "qa.jsonl")) is None
-    result = _train(pruned, "gsm", data="gsm8k-train", columns=None, steps=1, save_every=10, seq_len=1024)
+    result = _train(pruned, "gsm", data="gsm8k-train", columns=None, steps=1, save_every=10, seq_len=128)
     assert result.steps == 1
     assert "records of gsm8k-train (prompt/response format)" in capsys.readouterr().err
     assert json.loads((result.out / "training_report.json").read_text())["config"]["columns"] is None
