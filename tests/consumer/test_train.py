@@ -319,7 +319,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pruned):
 def test_a_mistake_under_torchrun_is_said_once_not_once_per_process(pruned):
     env = {**os.environ, "LORAM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "loram", "train",
-                           str(pruned / "pruned"), "--data", str(pruned / "missing.jsonl"), "--out", str(pruned / "never")],
+                           str(pruned / "pruned"), "--data", str(pruned / "missing.jsonl"), "--seq-len", "64",
+                           "--out", str(pruned / "never")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and not (pruned / "never").exists()
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
