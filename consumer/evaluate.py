@@ -39,7 +39,7 @@ class EvalConfig(Config):
     max_new_tokens: int | None = option(None, "Generation length for generative --tasks (default: the task's, 256).")
     seed: int = option(0, "Seed of lm-eval's few-shot sampling and generation for --tasks.")
     ignore_fingerprint: bool = option(False, "Evaluate an adapter on a base other than its recorded one (fingerprint or pruned manifest).")
-    revision: str | None = revision_option("each MODEL that names none itself (ORG/NAME@REV)")
+    revision: str | None = revision_option("each MODEL")  # one that names none itself (ORG/NAME@REV)
     endpoint: str | None = endpoint_option()
     json: bool = option(False, "Print one JSON object instead of a table.")
 

@@ -136,7 +136,7 @@ def test_a_path_option_expands_the_home_folder(monkeypatch, tmp_path):
 
 BAD_CHOICES = [
     (RecoverConfig, {"adapter": "a", "out": "o"}, "fill", "normall", "--fill must be one of zero, normal"),
-    (MergeConfig, {"adapter": "a", "out": "o"}, "dtype", "int4", "--dtype must be one of bf16, fp32, fp16, float32, bfloat16, float16"),
+    (MergeConfig, {"adapter": "a", "out": "o"}, "dtype", "int4", "--dtype must be one of auto, bf16, fp32, fp16, float32, bfloat16, float16"),
     (TrainConfig, {"model": "m", "data": "d", "out": "o"}, "quant", "nf5", "--quant must be one of none, int8, nf4"),
     (ChoiceConfig, {}, "mode", "slow", "--mode must be one of fast, exact"),
     (ChoiceConfig, {}, "parts", ["a", "d"], "--parts must be a list of items each one of a, b, c; got the item 'd'"),
@@ -164,7 +164,7 @@ def test_bad_choice_is_refused_in_a_yaml_file(tmp_path, cls, required, name, bad
 def test_commands_refuse_a_bad_choice_before_doing_anything(tmp_path):
     with pytest.raises(LoramError, match=r"--fill must be one of zero, normal; got 'normall'"):
         recover(adapter=str(tmp_path / "none"), out=tmp_path / "o", fill="normall")
-    with pytest.raises(LoramError, match=r"--dtype must be one of bf16, fp32, fp16, float32, bfloat16, float16; got 'int4'"):
+    with pytest.raises(LoramError, match=r"--dtype must be one of auto, bf16, fp32, fp16, float32, bfloat16, float16; got 'int4'"):
         merge(adapter=str(tmp_path / "none"), out=tmp_path / "o", dtype="int4")
     assert not (tmp_path / "o").exists()
 
