@@ -186,6 +186,21 @@ class Config:
             raise TypeError(f"{cls.__name__}: define check() instead of __post_init__ "
                             "(Config.__post_init__ validates every field, then calls check())")
 
+    def __new__(cls, *args, **kwargs):
+        """Refuse a config built without a required option (`TrainConfig(model="m")`) in one LoramError naming it,
+        before the dataclass's own `__init__` would raise a TypeError."""
+        if not args and not kwargs:  # copy and pickle make the object first, then fill it
+            return super().__new__(cls)
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        given = {f.name for f in fields[:len(args)]} | set(kwargs)
+        missing = [f for f in fields if f.default is REQUIRED and f.default_factory is REQUIRED and f.name not in given]
+        if missing:
+            kinds = {"argument" if f.metadata.get("argument") else "option" for f in missing}
+            what = "argument(s) and option(s)" if len(kinds) == 2 else f"{kinds.pop()}(s)"
+            raise LoramError(f"missing required {what}: {', '.join(flag_name(f) for f in missing)} (on the command "
+                             "line, as keys of a --config file, or as keyword arguments)")
+        return super().__new__(cls)
+
     def __post_init__(self):
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
@@ -245,14 +260,7 @@ class Config:
         if unknown:
             raise LoramError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         values = {k: _coerce(known[k], hints[k], v) for k, v in values.items()}  # a bad value before a missing one
-        missing = [n for n, f in known.items() if f.default is REQUIRED and f.default_factory is REQUIRED
-                   and n not in values]
-        if missing:
-            kinds = {"argument" if known[n].metadata.get("argument") else "option" for n in missing}
-            what = "argument(s) and option(s)" if len(kinds) == 2 else f"{kinds.pop()}(s)"
-            raise LoramError(f"missing required {what}: {', '.join(flag_name(known[n]) for n in missing)} "
-                             "(on the command line, or as keys of a --config file)")
-        return cls(**values)
+        return cls(**values)  # a required option missing: `__new__` says which
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML/JSON form (paths as strings, tuples as lists)."""

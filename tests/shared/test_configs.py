@@ -77,6 +77,19 @@ def test_an_api_call_with_a_config_and_options_applies_both(tmp_path):
                                                            ratio=0.25).training_params
 
 
+def test_a_config_built_without_a_required_option_is_one_line():
+    """`TrainConfig(model="x")` raised Python's TypeError ("__init__() missing 2 required positional arguments")."""
+    with pytest.raises(LoramError, match=r"^missing required option\(s\): --data, --out \(on the command line, as keys "
+                                         r"of a --config file, or as keyword arguments\)$"):
+        TrainConfig(model="x")
+    with pytest.raises(LoramError, match=r"^missing required argument\(s\) and option\(s\): MODEL, --out"):
+        TrainConfig(data="d", steps=3)
+    cfg = TrainConfig("m", "d", "o")  # positionally, as the dataclass takes them
+    import copy
+
+    assert cfg.out == Path("o") and copy.deepcopy(cfg) == cfg  # copy makes the object without options first
+
+
 def test_saved_config_resolves_to_the_same_object(tmp_path):
     cfg = ToyConfig.resolve(base="m", targets=("a", "b"), quick=True)
     cfg.save(tmp_path / "c.yaml")
@@ -91,7 +104,8 @@ def test_defaults_are_not_shared_between_instances():
 
 @pytest.mark.parametrize("content,flags,message", [
     ("base: m\nratioo: 1\n", {}, "unknown option(s) ratioo"),
-    ("ratio: 0.1\n", {}, "missing required argument(s): BASE (on the command line, or as keys of a --config file)"),
+    ("ratio: 0.1\n", {}, "missing required argument(s): BASE (on the command line, as keys of a --config file, or "
+                          "as keyword arguments)"),
     ("- a\n- b\n", {}, "must hold a mapping"),
     ("base: [unclosed\n", {}, "not valid YAML"),
     ("base: m\n", {"ratio": 1.5}, "--ratio must lie in [0, 1)"),
