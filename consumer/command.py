@@ -4,7 +4,7 @@ the same Ctrl-C rule as the commands themselves, so an interrupt while it loads 
 import signal
 import sys
 
-INTERRUPTED = 130  # loram.shared.cli_support's code for Ctrl-C (not imported: that module loads typer and more)
+from loram.shared.errors import INTERRUPTED, INTERRUPTED_LINE  # a module without imports: nothing to wait for
 
 
 def main() -> None:
@@ -12,6 +12,6 @@ def main() -> None:
         from loram.cli import main as run
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # `timeout -s INT` signals the process and its group: twice
-        sys.stderr.write("interrupted; completed outputs are intact\n")
+        sys.stderr.write(INTERRUPTED_LINE + "\n")
         sys.exit(INTERRUPTED)
     run()

@@ -19,7 +19,7 @@ from loram.memory_plan import DTYPE_CHOICES, config_dtype, dtype_name
 from loram.recover import ADAPTER_WEIGHTS, adapter_config_json, check_trained_on
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import endpoint_option, looks_like_repo_id, revision_option
+from loram.shared.hub import endpoint_option, names_nothing, revision_option
 from loram.shared.outputs import atomic_output_dir, check_not_an_input, check_output_dir
 
 MANIFEST_JSON = "loram_manifest.json"  # loram.shared.manifest's (not imported here: it loads torch)
@@ -94,7 +94,7 @@ def load_with_adapter(adapter: str | Path, base: str | None = None, ignore_finge
         raise LoramError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path); "
                          "name the model the adapter belongs to")
     recorded = adapter_cfg["base_model_name_or_path"]
-    if base is None and not looks_like_repo_id(recorded) and not Path(recorded).expanduser().exists():
+    if base is None and names_nothing(recorded):
         raise LoramError(f"the base model {adapter} names (base_model_name_or_path), {recorded}, is not on this "
                          "machine; pass --base PATH or ORG/NAME (a copy of the original), or recover the adapter "
                          "again with --original")

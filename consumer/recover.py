@@ -32,11 +32,12 @@ from loram.shared.errors import LoramError, warn
 from loram.shared.hub import (
     endpoint_option,
     looks_like_repo_id,
+    names_nothing,
     resolve_model,
     revision_option,
     verify_option,
 )
-from loram.shared.manifest import Manifest, sha256_file
+from loram.shared.manifest import MANIFEST_JSON, Manifest, sha256_file
 from loram.shared.model_cards import adapter_card
 from loram.shared.outputs import atomic_output_dir, check_not_an_input
 from loram.shared.pruned_model import PICKLE_SUFFIXES
@@ -115,7 +116,7 @@ def pruned_manifest(adapter_config: dict, endpoint: str | None = None, verify: b
     if not base:
         raise LoramError("the adapter's config names no base model (base_model_name_or_path)")
     source = resolve_model(base, adapter_config.get("revision"), endpoint)
-    if not (source.path / "loram_manifest.json").is_file():
+    if not (source.path / MANIFEST_JSON).is_file():
         raise LoramError(f"the adapter's base {base} has no loram_manifest.json: it is not a LoRAM pruned "
                          "checkpoint (was this adapter trained on the original model already?)")
     return source.path, check_pruned_checkpoint(source.path, verify=verify and not source.verified)
@@ -134,7 +135,7 @@ def check_trained_on(adapter_dir: Path, pruned_dir: Path, ignore: bool = False) 
         recorded = recorded["manifest_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if ignore or sha256_file(Path(pruned_dir) / "loram_manifest.json") == recorded:
+    if ignore or sha256_file(Path(pruned_dir) / MANIFEST_JSON) == recorded:
         return
     raise LoramError(f"{pruned_dir} is not the pruned checkpoint the adapter {adapter_dir} was trained on: its "
                      f"manifest's sha256 differs from the one in {TRAIN_REPORT} ({recorded[:12]}...), so its kept "
@@ -207,7 +208,7 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
         if not cfg.ignore_fingerprint:
             manifest.check_base(source.path)
         base_id, base_revision = source.id, source.revision
-    elif not looks_like_repo_id(base_id) and not Path(base_id).expanduser().exists():
+    elif names_nothing(base_id):
         hint = _card_base_model(pruned_dir)
         warn(f"the original model the pruned checkpoint's manifest names, {base_id}, is not on this machine: merge, "
              "eval and generate look for it there; recover again with --original "
@@ -222,7 +223,7 @@ def recover(config: RecoverConfig | None = None, **kwargs) -> RecoverResult:
         "source_adapter": {"id": cfg.adapter, "revision": cfg.revision,
                            "sha256": sha256_file(folder / ADAPTER_WEIGHTS)},
         "pruned_model": {"id": adapter_config["base_model_name_or_path"], "revision": adapter_config.get("revision"),
-                         "manifest_sha256": sha256_file(pruned_dir / "loram_manifest.json")},
+                         "manifest_sha256": sha256_file(pruned_dir / MANIFEST_JSON)},
         "original_model": {"id": base_id, "revision": base_revision, "fingerprint": base.fingerprint},
         "method": {"kind": manifest.method.kind, "criterion": manifest.method.criterion,
                    "ratio": manifest.method.ratio, "layers": manifest.method.layers},

@@ -28,9 +28,9 @@ import click
 import typer
 
 from loram.shared.configs import Config, _base_type
-from loram.shared.errors import LoramError
+from loram.shared.errors import INTERRUPTED, INTERRUPTED_LINE, LoramError
 
-USER_ERROR, INTERNAL_ERROR, INTERRUPTED = 2, 1, 130
+USER_ERROR, INTERNAL_ERROR = 2, 1
 CLOSED_PIPE = 141  # 128 + SIGPIPE, as a shell tool that `| head` stopped reading exits
 DEBUG_ENV = "LORAM_DEBUG"  # set to 1: print the traceback of every error too
 # OS errors the user fixes (a full disk, a read-only or forbidden folder): one line, exit 2
@@ -62,7 +62,7 @@ def report_error(e: BaseException) -> int:
     rank, connected = _rank()
     if isinstance(e, KeyboardInterrupt):
         if rank == 0 and not getattr(e, "already_said", False):  # Ctrl-C reaches every process of a torchrun job
-            typer.echo("interrupted; completed outputs are intact", err=True)
+            typer.echo(INTERRUPTED_LINE, err=True)
         return INTERRUPTED
     if _debug():
         traceback.print_exception(e)

@@ -6,6 +6,10 @@ with code 2; the Python API lets it propagate.
 """
 
 
+INTERRUPTED = 130  # the exit code of Ctrl-C (128 + SIGINT), whatever was running
+INTERRUPTED_LINE = "interrupted; completed outputs are intact"
+
+
 class LoramError(Exception):
     """A user-facing error: its message is printed as a single line, never with a traceback."""
 

@@ -136,6 +136,12 @@ def is_hub_id(name: str | Path) -> bool:
     return looks_like_repo_id(name) and not Path(name).expanduser().exists()
 
 
+def names_nothing(name: str | Path) -> bool:
+    """Neither an existing local path nor a Hub repo id: what `resolve_model` refuses (a folder on another machine,
+    say, recorded in a manifest or an adapter)."""
+    return not Path(name).expanduser().exists() and not looks_like_repo_id(name)
+
+
 def resolve_model(name: str | Path, revision: str | None = None, endpoint: str | None = None,
                   required: str = "config.json", kind: str = "model checkpoint") -> ModelSource:
     """A local directory as is; otherwise pull repo `name` from the Hub at `revision` (verified).
@@ -149,7 +155,7 @@ def resolve_model(name: str | Path, revision: str | None = None, endpoint: str |
         if revision:
             raise LoramError(f"--revision applies to Hub repositories, but {path} is a local folder")
         return ModelSource(path.resolve(), str(path.resolve()), None)
-    if not is_hub_id(name):
+    if names_nothing(name):
         noun = "adapter" if "adapter" in kind else "model"
         raise LoramError(f"{noun} {name!r} is neither an existing folder nor a Hub repo id (ORG/NAME)")
     return pull_repo(str(name), revision, endpoint, required=required, kind=kind)
