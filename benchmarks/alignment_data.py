@@ -181,8 +181,11 @@ def self_generated(model, tokenizer, asks: list[str], batch: int = 16, new_token
     """The original's answers as chat records: `loram publish selfgen`'s sampling (temperature 0.7, top-p 0.9)."""
     from loram.publisher.selfgen import conversations
 
-    return conversations(model, tokenizer, asks, batch, new_tokens,
-                         progress=lambda n: print(f"self-generated: +{n} of {len(asks)}", flush=True))[0]
+    texts: list[str] = []
+    for part, _ in conversations(model, tokenizer, asks, batch, new_tokens):
+        texts += part
+        print(f"self-generated: {len(texts)} of {len(asks)}", flush=True)
+    return texts
 
 
 # Of gsm8k-heldout: past the first 100, which the grid evaluates (alignment_grid.py refuses more --items with these

@@ -64,3 +64,22 @@ def test_python_source_is_the_standard_library_text_the_code_cell_aligned_on(tmp
     assert len(texts) == len(alignment_data.CODE_MODULES) == 20
     assert texts[0] == Path(fractions.__file__).read_text(encoding="utf-8")
     assert all("def " in t or "class " in t for t in texts)
+
+
+def test_self_generated_answers_every_ask_in_chat_form_as_the_command_samples():
+    """self_generated (selfgen.jsonl, mathgen.jsonl) goes through `loram publish selfgen`'s own sampler: one chat record
+    per ask, in order, the same text for the same seed as the sampler it wraps."""
+    import torch
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from loram.publisher.selfgen import conversations
+
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    model, asks = tiny_model(), ["What is 2+2?", "Name a colour.", "Count to 3."]
+    torch.manual_seed(0)
+    texts = alignment_data.self_generated(model, tok, asks, batch=2, new_tokens=4)
+    torch.manual_seed(0)
+    expected = [t for part, _ in conversations(model, tok, asks, 2, 4) for t in part]
+    assert texts == expected and len(texts) == 3
+    assert all(t.startswith(f"[user] {ask}\n[assistant] ") for t, ask in zip(texts, asks, strict=True))
