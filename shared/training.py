@@ -15,7 +15,8 @@ pre-training): one place for what a training recipe does around the Trainer.
 Output folders. A new `--out` is trained into directly (so a killed run can be resumed with `--resume`).
 `--overwrite` of an existing, non-empty `--out` trains into a hidden sibling `.NAME.replacing` and swaps
 it in only when the run is complete: the old output stays whole until the new one is, and a run killed
-midway leaves the old output untouched (its staging folder is removed by the next run to that `--out`).
+midway leaves the old output untouched (its staging folder is removed by the next run to that `--out`), and
+`--resume` continues that killed run in its staging folder, not the old output's run.
 A run that stopped before its first checkpoint leaves only its pinned options, and the same command starts
 it again.
 
@@ -82,24 +83,36 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
         raise LoramError(f"output path {out} exists and is not a directory; choose another --out")
     check_not_a_cache(out)
     check_writable(out, into=True)
+    staging = out.parent / f".{out.name}{REPLACING_SUFFIX}"
+    stopped = latest_checkpoint(staging / CHECKPOINTS) if staging.is_dir() else None  # a killed --overwrite run's
     if resume:
-        checkpoint = latest_checkpoint(out / CHECKPOINTS)
+        if staging.is_dir() and stopped is None:  # resuming `out` would continue the run --overwrite was replacing
+            raise LoramError(f"--resume: an --overwrite run into {out} stopped before its first checkpoint "
+                             f"({staging}); start it again with --overwrite, or remove {staging} to resume the "
+                             f"{what} it was replacing")
+        work = staging if stopped is not None else out
+        checkpoint = stopped or latest_checkpoint(out / CHECKPOINTS)
         if checkpoint is None:
             raise LoramError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}; run without --resume"
                              + (" to start it again" if _unstarted(out) else ""))
         done = checkpoint_step(checkpoint)
         if steps is not None and done >= steps:
-            raise LoramError(f"--resume: the {what} in {out} already reached step {done} ({checkpoint.name}), "
+            raise LoramError(f"--resume: the {what} in {work} already reached step {done} ({checkpoint.name}), "
                              f"--steps is {steps}: nothing left to train; pass a --steps above {done} to go on")
-        return RunFolder(out, out, checkpoint)
+        if stopped is not None:
+            say(f"--resume: continuing the --overwrite run that stopped at {checkpoint.name} ({staging}); it "
+                f"replaces {out} when it completes")
+        return RunFolder(out, work, checkpoint)
     if out.is_dir() and any(out.iterdir()) and not _unstarted(out):
         if not overwrite:
-            resumable = latest_checkpoint(out / CHECKPOINTS) is not None  # else --resume would be refused next
+            # offered only where --resume would not be refused next
+            resumable = stopped is not None or latest_checkpoint(out / CHECKPOINTS) is not None
+            whose = f"the --overwrite run that stopped ({staging})" if stopped is not None else f"its {what}"
             raise LoramError(f"output directory {out} already exists; choose another --out, "
-                             + (f"pass --resume to continue its {what}, or --overwrite" if resumable
+                             + (f"pass --resume to continue {whose}, or --overwrite" if resumable
                                 else "or pass --overwrite") + " to replace it")
         check_not_the_working_folder(out)
-        return RunFolder(out, out.parent / f".{out.name}{REPLACING_SUFFIX}")
+        return RunFolder(out, staging)
     return RunFolder(out, out)
 
 

@@ -142,6 +142,53 @@ def test_train_overwrite_replaces_only_when_complete(checkpoint, tmp_path):
     assert json.loads((old / "training_report.json").read_text())["steps"] == 3
 
 
+def _checkpoint(folder, step: int) -> None:
+    (folder / CHECKPOINTS / f"checkpoint-{step}").mkdir(parents=True)
+    (folder / CHECKPOINTS / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+
+def test_resume_after_a_killed_overwrite_continues_that_run_not_the_old_one(tmp_path):
+    """`--overwrite` trains into `.out.replacing`; killed after a checkpoint there, `--resume` continues it (and it
+    replaces `out` when complete). Killed before one, `--resume` is refused: it would continue the old run."""
+    _checkpoint(tmp_path / "out", 5)  # the old run
+    staging = tmp_path / ".out.replacing"
+    staging.mkdir()
+    with pytest.raises(LoramError, match=r"^--resume: an --overwrite run into .*out stopped before its first "
+                                         r"checkpoint \(.*\.out\.replacing\); start it again with --overwrite, or "
+                                         r"remove .* to resume the training it was replacing$"):
+        run_folder(tmp_path / "out", resume=True, overwrite=False)
+    _checkpoint(staging, 2)
+    folder = run_folder(tmp_path / "out", resume=True, overwrite=False, steps=4)
+    assert folder == RunFolder(tmp_path / "out", staging, staging / CHECKPOINTS / "checkpoint-2") and folder.replaces
+    with pytest.raises(LoramError, match=r"already exists; choose another --out, pass --resume to continue the "
+                                         r"--overwrite run that stopped \(.*\.out\.replacing\), or --overwrite"):
+        run_folder(tmp_path / "out", resume=False, overwrite=False)
+    with pytest.raises(LoramError, match=r"the training in .*\.out\.replacing already reached step 2"):
+        run_folder(tmp_path / "out", resume=True, overwrite=False, steps=2)
+
+
+def test_train_resume_after_a_killed_overwrite_finishes_the_new_run(checkpoint, tmp_path):
+    """The new run's options are pinned in its staging folder: --resume with them continues it (before, it resumed
+    the old run and refused the new --lr), and the completed run replaces the old output."""
+    import shutil
+
+    data = ["--data", checkpoint / "qa.jsonl", *TRAIN[:-4], "--save-every", "1"]
+    old, killed = tmp_path / "adapter", tmp_path / "killed"
+    for out, lr, steps in ((old, "1e-3", "2"), (killed, "2e-3", "1")):
+        proc = run_loram("train", checkpoint / "pruned", *data, "--lr", lr, "--steps", steps, "--out", out,
+                         cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    staging = tmp_path / ".adapter.replacing"  # where `--overwrite --lr 2e-3` was killed after its first checkpoint
+    shutil.copytree(killed / CHECKPOINTS, staging / CHECKPOINTS)
+    proc = run_loram("train", checkpoint / "pruned", *data, "--lr", "2e-3", "--steps", "2", "--out", old, "--resume",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--resume: continuing the --overwrite run that stopped at checkpoint-1" in proc.stderr
+    report = json.loads((old / "training_report.json").read_text())
+    assert report["steps"] == 2 and report["config"]["lr"] == 2e-3
+    assert not staging.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "killed"]
+
+
 def test_align_overwrite_with_a_bad_input_keeps_the_old_output(checkpoint, tmp_path):
     old = tmp_path / "aligned"
     old.mkdir()
