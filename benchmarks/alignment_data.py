@@ -202,6 +202,30 @@ def plain(answer: str) -> str:
     return f"{steps}\nThe answer is {final.strip()}." if marker else steps
 
 
+# an arithmetic step as written in worked solutions: "48 / 2 = 24", "3 x $5.50 = $16.50" (two or more numbers joined by
+# + - * / x ×, then = and the result)
+_NUMBER = r"\$?\d[\d,]*(?:\.\d+)?"
+_STEP = re.compile(rf"(?P<expr>{_NUMBER}(?:\s*[-+*/x×]\s*{_NUMBER})+)\s*=\s*(?P<result>{_NUMBER})")
+
+
+def calculator(text: str) -> str:
+    """`text` with every arithmetic step annotated by a calculator call in Toolformer's published notation
+    (Schick et al. 2023): `48 / 2 = [Calculator(48 / 2) → 24] 24`, the call's value computed (rounded to 2 decimals),
+    whatever the text's own result says. A tool-use notation a publisher can anticipate for math fine-tuning
+    without knowing any task's own (GSM8K's is `<<48/2=24>>`, and its answers end `#### 24`)."""
+    def annotate(m: re.Match) -> str:
+        expr = m["expr"].replace("$", "").replace(",", "").replace("×", "*")
+        expr = re.sub(r"(?<=\d)\s*x\s*(?=\d)", " * ", expr)
+        try:
+            value = eval(expr, {"__builtins__": {}})  # digits, dots, spaces and + - * / only (the pattern)
+        except (ZeroDivisionError, SyntaxError):
+            return m[0]
+        value = round(value, 2)
+        shown = int(value) if value == int(value) else value
+        return f"{m['expr']} = [Calculator({' '.join(expr.split())}) → {shown}] {m['result']}"
+    return _STEP.sub(annotate, text)
+
+
 def oracle(tokenizer, notation: bool = True) -> list[str]:
     """GSM8K items ORACLE_ITEMS as chat text (the in-domain bound of the grid; not general text); `notation=False`:
     their answers `plain`."""
@@ -213,7 +237,7 @@ def oracle(tokenizer, notation: bool = True) -> list[str]:
 
 
 ORACLE_FILES = ("gsm8k-oracle", "gsm8k-oracle-plain")  # the files made of ORACLE_ITEMS
-FILES = ("selfgen", "mathgen", "demo-math", "dmmath", "champ", "code", *ORACLE_FILES)
+FILES = ("selfgen", "mathgen", "mathgen-calc", "demo-math", "dmmath", "champ", "code", *ORACLE_FILES)
 CODE_MODULES = ("fractions", "statistics", "calendar", "textwrap", "heapq", "bisect", "colorsys", "string", "numbers",
                 "shlex", "graphlib", "operator", "difflib", "pprint", "reprlib", "glob", "fnmatch", "copy", "abc", "stat")
 
@@ -252,6 +276,11 @@ def build(out: Path, count: int = 128, files=FILES) -> None:
     if "mathgen" in files and not (out / "mathgen.jsonl").is_file():
         torch.manual_seed(0)
         _write(out / "mathgen.jsonl", self_generated(original(), tokenizer, math_prompts(count), new_tokens=256))
+    if "mathgen-calc" in files and not (out / "mathgen-calc.jsonl").is_file():
+        if not (out / "mathgen.jsonl").is_file():
+            raise SystemExit("mathgen-calc is made from mathgen.jsonl: add mathgen to --files")
+        records = [json.loads(line)["text"] for line in (out / "mathgen.jsonl").read_text().splitlines()]
+        _write(out / "mathgen-calc.jsonl", [calculator(t) for t in records])
     if "dmmath" in files and not (out / "dmmath.jsonl").is_file():
         _write(out / "dmmath.jsonl", dm_math(tokenizer, out))
     if "champ" in files and not (out / "champ.jsonl").is_file():

@@ -93,6 +93,8 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
     # the original's own worked math problems (alignment_data.py): math-domain text made without a dataset
     "hidden-mse-pruned-mathgen": [*PRUNED_MSE, "--data", "{work}/data/mathgen.jsonl"],
     "gradmatch-mathgen": [*PRUNED_MSE, "--data", "{work}/data/mathgen.jsonl"],
+    # the same text with a tool-use notation a publisher can anticipate (Toolformer's calculator calls), not GSM8K's
+    "gradmatch-mathgen-calc": [*PRUNED_MSE, "--data", "{work}/data/mathgen-calc.jsonl"],
     # the paper's recipe in spirit: general text and math-domain text, half and half
     "hidden-mse-pruned-wikichat+mathgen": [*PRUNED_MSE, "--data", "wiki-chat:1", "--data", "{work}/data/mathgen.jsonl:1"],
     # what `loram demo` aligned on in steps of two (DEMO_TEXT)
@@ -143,7 +145,7 @@ OBJECTIVES = {  # name -> `loram publish align` flags beyond the demo's recipe (
 }
 # objectives that `loram publish align` does not have, run by a benchmark script that extends it (its flags first)
 PROTOTYPES = {**{o: ["gradient_matching.py", "--weight", "1"]
-                 for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-dmmath", "gradmatch-champ",
+                 for o in ("gradmatch-wikichat", "gradmatch-mathgen", "gradmatch-mathgen-calc", "gradmatch-dmmath", "gradmatch-champ",
                            "gradmatch-oracle-gsm8k", "gradmatch-oracle-gsm8k-plain")},
               "resmatch-wikichat+demo-math": ["gradient_matching.py", "--weight", "1", "--match", "residual"],
               "qat-wikichat+demo-math-batch1": ["quant_aware.py"],

@@ -106,7 +106,8 @@ def run_folder(out: str | Path, *, resume: bool, overwrite: bool, what: str = "t
     if out.is_dir() and any(out.iterdir()) and not _unstarted(out):
         if not overwrite:
             # offered only where --resume would not be refused next
-            resumable = stopped is not None or latest_checkpoint(out / CHECKPOINTS) is not None
+            resumable = stopped is not None or (not staging.is_dir()
+                                                and latest_checkpoint(out / CHECKPOINTS) is not None)
             whose = f"the --overwrite run that stopped ({staging})" if stopped is not None else f"its {what}"
             raise LoramError(f"output directory {out} already exists; choose another --out, "
                              + (f"pass --resume to continue {whose}, or --overwrite" if resumable

@@ -157,6 +157,8 @@ def test_resume_after_a_killed_overwrite_continues_that_run_not_the_old_one(tmp_
                                          r"checkpoint \(.*\.out\.replacing\); start it again with --overwrite, or "
                                          r"remove .* to resume the training it was replacing$"):
         run_folder(tmp_path / "out", resume=True, overwrite=False)
+    with pytest.raises(LoramError, match=r"already exists; choose another --out, or pass --overwrite to replace it$"):
+        run_folder(tmp_path / "out", resume=False, overwrite=False)  # --resume, refused above, is not offered
     _checkpoint(staging, 2)
     folder = run_folder(tmp_path / "out", resume=True, overwrite=False, steps=4)
     assert folder == RunFolder(tmp_path / "out", staging, staging / CHECKPOINTS / "checkpoint-2") and folder.replaces
