@@ -13,6 +13,10 @@ from neither GSM8K nor news:
                       built-in prompts, in its order; batches of 16):
                       math-domain text a publisher can make without any dataset, in the spirit of the paper's
                       OpenWebMath share, and nothing of GSM8K in it
+    mathgen-calc.jsonl  mathgen.jsonl with every arithmetic step annotated by a calculator call in Toolformer's
+                      published notation (`48 / 2 = [Calculator(48 / 2) → 24] 24`; `calculator`): a tool-use notation
+                      a publisher can anticipate for math fine-tuning, not GSM8K's own (`<<48/2=24>>`); 142 calls in
+                      55 of the 128 answers, 8% of the tokens
     demo-math.jsonl   exactly what `loram demo` aligns on besides wiki-chat: `loram publish selfgen` with the demo's
                       flags (consumer/demo.py `selfgen_args`)
     dmmath.jsonl      600 conversations of 4 questions each from DeepMind's mathematics_dataset 1.0.1 (PyPI, pinned:

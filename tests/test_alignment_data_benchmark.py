@@ -83,3 +83,12 @@ def test_self_generated_answers_every_ask_in_chat_form_as_the_command_samples():
     expected = [t for part, _ in conversations(model, tok, asks, 2, 4) for t in part]
     assert texts == expected and len(texts) == 3
     assert all(t.startswith(f"[user] {ask}\n[assistant] ") for t, ask in zip(texts, asks, strict=True))
+
+
+def test_calculator_annotates_each_arithmetic_step_with_its_computed_value():
+    """mathgen-calc.jsonl: Toolformer's calculator calls at each step, the value computed, not GSM8K's `<<...>>`."""
+    text = "Half is 48/2 = 24 clips. 3 x $5.50 = $16.50, 1,200 + 300 = 1,600 (sic). 7 = 7. 5 / 0 = 1."
+    assert alignment_data.calculator(text) == (
+        "Half is 48/2 = [Calculator(48/2) → 24] 24 clips. 3 x $5.50 = [Calculator(3 * 5.50) → 16.5] $16.50, "
+        "1,200 + 300 = [Calculator(1200 + 300) → 1500] 1,600 (sic). 7 = 7. 5 / 0 = 1.")
+    assert "<<" not in alignment_data.calculator(text)
