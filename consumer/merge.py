@@ -19,7 +19,7 @@ from loram.memory_plan import DTYPE_CHOICES, config_dtype, dtype_name
 from loram.recover import ADAPTER_WEIGHTS, adapter_config_json, check_trained_on
 from loram.shared.configs import Config, option
 from loram.shared.errors import LoramError
-from loram.shared.hub import endpoint_option, names_nothing, revision_option
+from loram.shared.hub import endpoint_option, is_hub_id, names_nothing, revision_option
 from loram.shared.outputs import atomic_output_dir, check_not_an_input, check_output_dir
 
 MANIFEST_JSON = "loram_manifest.json"  # loram.shared.manifest's (not imported here: it loads torch)
@@ -60,8 +60,11 @@ def check_original(adapter_dir: Path, base_dir: Path, ignore: bool, base_name: s
         return
     name = base_name or base_dir
     if (base_dir / MANIFEST_JSON).is_file():  # shapes too would differ: --ignore-fingerprint cannot help
+        recorded = json.loads(sidecar.read_text()).get("original_model") or {}
+        original = recorded.get("id") or "the model it was pruned from"
+        at = f"@{recorded['revision']}" if recorded.get("revision") and is_hub_id(str(original)) else ""
         raise LoramError(f"{name} is a LoRAM pruned checkpoint, but {adapter_dir} is a recovered adapter, shaped "
-                         "for the original model; use it with the original (its recorded base, or --base ORIGINAL)")
+                         f"for the original model; use it with the original ({original}{at}) in place of {name}")
     if ignore:
         return
     from loram.shared.manifest import fingerprint_mismatches

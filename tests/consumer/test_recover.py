@@ -253,7 +253,8 @@ def test_misleading_hints_are_gone(tmp_path):
     recover(adapter=str(tmp_path / "adapter"), out=tmp_path / "rec")
     for ignore in (False, True):
         with pytest.raises(LoramError, match=r"pruned is a LoRAM pruned checkpoint, but .*rec is a recovered adapter, "
-                                             r"shaped for the original model; use it with the original"):
+                                             r"shaped for the original model; use it with the original "
+                                             r"\(\S+/base\) in place of \S+/pruned$"):  # no flag: eval has none
             load_with_adapter(tmp_path / "rec", str(tmp_path / "pruned"), ignore_fingerprint=ignore)
     with pytest.raises(LoramError, match=r"rec is a recovered adapter already \(loram_recovery.json\): it has the "
                                          r"original model's shapes; use it as it is"):
