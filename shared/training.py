@@ -321,11 +321,37 @@ def run(trainer, folder: RunFolder) -> None:
     trainer.remove_callback(PrinterCallback)  # TrainingProgress replaces the printed log dicts
     if folder.resume_from:
         say(f"resuming from {folder.resume_from} (step {checkpoint_step(folder.resume_from)})")
-    trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
+    except KeyboardInterrupt as interrupt:
+        interrupted(trainer, folder)
+        interrupt.already_said = True  # the CLI's generic "interrupted" line would only repeat it
+        raise
     step = trainer.state.global_step
     if trainer.eval_dataset is not None and not any(
             r.get("step") == step and "eval_loss" in r for r in trainer.state.log_history):
         trainer.evaluate()
+
+
+def interrupted(trainer, folder: RunFolder) -> None:
+    """Ctrl-C during training: end the progress bar's line and say where the run stands and how to go on."""
+    from loram.shared.progress import TrainingProgress
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TrainingProgress) and callback.bar is not None:
+            callback.bar.close()
+    last = latest_checkpoint(folder.checkpoints)
+    step = trainer.state.global_step
+    if last is None:
+        say(f"interrupted at step {step}, before the first checkpoint (--save-every); nothing to resume: rerun the "
+            "same command to start again" + (f" ({folder.out} is untouched)" if folder.replaces else ""))
+    elif folder.replaces:
+        say(f"interrupted at step {step}; {last.name} is complete: rerun the command with --resume in place of "
+            f"--overwrite to continue from step {checkpoint_step(last)} ({folder.out} is untouched until the run "
+            "completes)")
+    else:
+        say(f"interrupted at step {step}; {last.name} is complete: rerun the same command with --resume to continue "
+            f"from step {checkpoint_step(last)}")
 
 
 def evaluations(state) -> list[dict]:

@@ -332,3 +332,36 @@ def test_a_checkpoint_this_run_cannot_resume_is_refused_before_anything_loads(tm
         monkeypatch.setenv("WORLD_SIZE", processes)
         check_resumable(folder)
         check_resumable(folder, sharded=True)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_ctrl_c_during_training_says_how_to_go_on(checkpoint, tmp_path, monkeypatch, capsys, overwrite):
+    """Ctrl-C while training ends the progress bar's line and says the step, the last complete checkpoint and the
+    --resume that continues it (in place of --overwrite for a replacing run); the CLI's generic line is not added."""
+    from loram.shared.cli_support import report_error
+    from loram.shared.progress import TrainingProgress
+    from loram.train import train
+
+    out = tmp_path / "adapter"
+    if overwrite:
+        out.mkdir()
+        (out / "old.txt").write_text("old run")
+
+    def ctrl_c_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:  # checkpoints 1 and 2 are saved; 3 is not yet
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingProgress, "on_step_end", ctrl_c_at_step_3)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        train(model=str(checkpoint / "pruned"), data=str(checkpoint / "qa.jsonl"), columns="prompt=question,"
+              "response=answer", seq_len=32, steps=5, save_every=1, out=out, overwrite=overwrite)
+    lines = capsys.readouterr().err.splitlines()
+    said = [line for line in lines if line.startswith("interrupted")]
+    if overwrite:
+        assert said == [f"interrupted at step 3; checkpoint-2 is complete: rerun the command with --resume in place of "
+                        f"--overwrite to continue from step 2 ({out} is untouched until the run completes)"], lines
+        assert (out / "old.txt").read_text() == "old run"
+    else:
+        assert said == ["interrupted at step 3; checkpoint-2 is complete: rerun the same command with --resume to "
+                        "continue from step 2"], lines
+    assert report_error(interrupt.value) == 130 and capsys.readouterr().err == ""  # said once
