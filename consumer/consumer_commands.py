@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
     )
     add_config_command(
         app, "merge", MergeConfig, _merge,
-        help="Merge a recovered adapter into its original model (bf16 by default) as a full checkpoint.",
+        help="Merge a recovered adapter into its original model as a full checkpoint (in the original's own dtype).",
         examples=["loram merge adapter-original --out merged", "loram merge adapter-original --dtype fp32 --out m32"],
     )
     add_config_command(

@@ -230,7 +230,7 @@ def align(config: AlignConfig | None = None, **kwargs) -> AlignResult:
         seed=cfg.seed, evaluate=eval_set is not None, eval_every=cfg.eval_every, save_every=cfg.save_every,
         keep_checkpoints=cfg.keep_checkpoints, gradient_checkpointing=cfg.gradient_checkpointing,
         eval_on_start=eval_set is not None and folder.resume_from is None, prediction_loss_only=True,
-        include_num_input_tokens_seen="all", ddp_find_unused_parameters=False)  # starts the process group
+        include_num_input_tokens_seen="all")  # starts the process group
     sharding = None
     if cfg.fsdp:
         from loram.publisher.align_trainer import shard_model

@@ -278,6 +278,9 @@ def training_arguments(folder: RunFolder, *, max_steps: int | None, batch: int, 
         activation_checkpointing=gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, report_to=[], disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0,
+        # every trained parameter takes part in every forward (LoRA's and align's alike): DDP need not search the
+        # graph for unused ones each step (for a peft model it would, and warn that it found none)
+        ddp_find_unused_parameters=False,
     )
     values.update(extra)
     return TrainingArguments(**values)

@@ -304,6 +304,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pruned):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("adapter: ") == 1 and proc.stdout.count("trained 4 steps") == 1  # rank 0 alone
+    assert "find_unused_parameters" not in proc.stderr, proc.stderr[-2000:]  # DDP is told every parameter is used
     single = _train(pruned, "single-b4", steps=4, save_every=10, eval_data=str(pruned / "qa.jsonl"), eval_every=2)
     report = json.loads((pruned / "ddp" / "training_report.json").read_text())
     assert report["world_size"] == 2

@@ -90,6 +90,7 @@ def test_shared_arguments(tmp_path):
     assert (args.seed, args.data_seed, args.save_steps, args.save_total_limit) == (7, 7, 4, None)
     assert args.output_dir == str(tmp_path / CHECKPOINTS) and args.report_to == [] and args.disable_tqdm
     assert args.prediction_loss_only and not args.bf16  # CPU: fp32; extras pass through
+    assert args.ddp_find_unused_parameters is False  # train's peft model too: no per-step search, no DDP warning
 
 
 # -- the real commands: --overwrite never loses the old output ------------------------------------------
