@@ -241,16 +241,24 @@ def _memory_plan(values: dict, param_plan: ParamPlan | None, c: PlanConfig) -> M
 
 def _publisher_plan(values: dict, param_plan: ParamPlan | None, c: PlanConfig) -> PublisherPlan:
     """Taylor pruning of a stock config over the plan's layers (not for a pruned checkpoint or non-structured
-    pruning), and alignment of the model the plan gives (a pruned checkpoint: itself)."""
+    pruning), and alignment of the model the plan gives (a pruned checkpoint: itself), holding the original as the
+    teacher unless --no-distill: a pruned config keeps every original global size (`original_config`), and its
+    pruned layers (`per_layer_config`) are the matched ones; a non-structured checkpoint has the original's shapes
+    and matches every layer."""
     structured = param_plan is not None and param_plan.kind == "structured"
     layers = range(*param_plan.layer_range) if structured else None
+    teacher, matched = None, None
+    if c.distill and param_plan is not None:  # a stock config: it is the teacher
+        teacher = values
+    elif c.distill:  # a pruned checkpoint: align distils from the original it was pruned from (the manifest's base)
+        teacher, matched = original_config(values), len(values.get("per_layer_config") or {}) or None
     return publisher_plan(values if structured else None, training_config(values, param_plan), layers,
                           samples=c.calib_samples, calib_seq_len=c.calib_seq_len, calib_batch=c.calib_batch,
                           batch=c.batch, seq_len=c.seq_len,
                           gradient_checkpointing=c.gradient_checkpointing, grad_accum=c.grad_accum,
                           freeze_lm_head=c.freeze_lm_head,
                           device=c.device, devices=c.devices or (1, 2, 4, 8), device_memory=c.device_memory,
-                          teacher=values if param_plan is not None and c.distill else None)
+                          teacher=teacher, matched_layers=matched)
 
 
 def table_rows(p: ParamPlan) -> list[dict]:

@@ -329,10 +329,12 @@ def _sharded_numel(shapes, n: int) -> int:
 def publisher_plan(stock_config, aligned_config, layers: range | None, *, samples: int = CALIBRATION[0],
                    calib_seq_len: int = CALIBRATION[1], calib_batch: int = CALIB_BATCH, batch: int = 4, seq_len: int = 512,
                    gradient_checkpointing: bool = False, grad_accum: int = 1, freeze_lm_head: bool = True,
-                   device: str = "cuda", devices=(1, 2, 4, 8), device_memory=None, teacher=None) -> PublisherPlan:
+                   device: str = "cuda", devices=(1, 2, 4, 8), device_memory=None, teacher=None,
+                   matched_layers: int | None = None) -> PublisherPlan:
     """Taylor pruning of `stock_config` over `layers` (skipped when `stock_config` is None: a pruned checkpoint)
     and alignment of `aligned_config` (the pruned model), per device, against `device_memory` each; with
-    `teacher` (the original's config) the alignment holds it for distillation, as by default."""
+    `teacher` (the original's config) the alignment holds it for distillation, as by default, matching the hidden
+    states of `layers` (or of `matched_layers` of them, for a pruned checkpoint; neither: every layer)."""
     check_calibration(samples, calib_seq_len, calib_batch)
     if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
         raise LoramError(f"--grad-accum must be a whole number >= 1, got {grad_accum!r}")
@@ -344,7 +346,7 @@ def publisher_plan(stock_config, aligned_config, layers: range | None, *, sample
     ddp, fsdp, smallest, facts = align_memory(
         aligned_config, batch=batch, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         grad_accum=grad_accum, freeze_lm_head=freeze_lm_head, device=device, devices=devices, budget=device_memory,
-        teacher=teacher, matched_layers=len(layers) if layers is not None and len(layers) else None)
+        teacher=teacher, matched_layers=len(layers) if layers is not None and len(layers) else matched_layers)
     return PublisherPlan(
         device=device, taylor=taylor,
         taylor_options={"dtype": config_dtype(stock_config) if stock_config is not None else None,

@@ -280,12 +280,15 @@ def test_publisher_for_a_pruned_checkpoint_and_non_structured(tmp_path, configs)
                                  "--gradient-checkpointing"])
     assert result.exit_code == 0, result.output
     assert "Taylor pruning: not estimated" in result.stdout
-    d = json.loads(runner.invoke(app, ["plan", str(tmp_path), "--json", "--devices", "8", "--device-memory", "80GiB",
-                                       "--gradient-checkpointing"]).stdout)
-    stock = json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--json", "--ratio", "0.85", "--devices",
-                                           "8", "--device-memory", "80GiB", "--gradient-checkpointing",
-                                           "--no-distill"]).stdout)  # a pruned checkpoint does not name its original
-    assert d["publisher"]["taylor"] is None and d["publisher"]["align"] == stock["publisher"]["align"]
+    # its alignment distils from the original by default, as `loram publish align` does: the same teacher and the
+    # same matched (pruned) layers as planned from the stock config, with and without it
+    for distill in ([], ["--no-distill"]):
+        common = ["--json", "--devices", "8", "--device-memory", "80GiB", "--gradient-checkpointing", *distill]
+        d = json.loads(runner.invoke(app, ["plan", str(tmp_path), *common]).stdout)
+        stock = json.loads(runner.invoke(app, ["plan", str(configs["llama31"]), "--ratio", "0.85", *common]).stdout)
+        assert d["publisher"]["taylor"] is None and d["publisher"]["align"] == stock["publisher"]["align"]
+        teacher = d["publisher"]["align"]["ddp"][0].get("teacher_bytes", 0)
+        assert (teacher == 2 * EXPECTED["llama31"][0] + 74 * 4 * 512 * 8192 * 4) == (not distill), teacher
     ns = json.loads(runner.invoke(app, ["plan", str(configs["llama2"]), "--json", "--kind", "non-structured",
                                         "--sparsity", "0.5", "--publisher"]).stdout)
     assert ns["publisher"]["taylor"] is None and ns["publisher"]["align"]["params"] == EXPECTED["llama2"][0]
