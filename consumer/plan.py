@@ -50,8 +50,8 @@ from loram.publisher_table import print_publisher
 from loram.shared.architectures import DEFAULT_RATIO, ratio_options
 from loram.shared.cli_support import add_config_command, print_table
 from loram.shared.configs import Config, option
-from loram.shared.errors import LoramError, first_line
-from loram.shared.hub import endpoint_option, revision_option
+from loram.shared.errors import LoramError
+from loram.shared.hub import endpoint_option, hub_error, revision_option
 from loram.shared.manifest import KINDS, MANIFEST_JSON
 from loram.shared.pruned_model import is_pruned_config, original_config, param_count
 
@@ -172,9 +172,10 @@ def _hub_config(repo_id: str, revision: str | None, endpoint: str | None) -> Pat
     retries.setLevel(logging.ERROR)
     try:
         return Path(hf_hub_download(repo_id, "config.json", revision=revision, endpoint=endpoint))
-    except (OSError, ValueError) as e:
-        reason = first_line(e)
-        raise LoramError(f"cannot fetch config.json of {repo_id!r} from the Hub: {reason}") from e
+    except Exception as e:  # the messages every command gives, and what plan takes instead of the Hub
+        if (error := hub_error(e, repo_id, revision, endpoint, file="config.json")) is None:
+            raise
+        raise LoramError(f"{error}; or plan from a local copy of its config.json (MODEL may be the file)") from e
     finally:
         retries.setLevel(level)
 

@@ -165,12 +165,6 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
               required: str | None = None, kind: str = "model checkpoint") -> ModelSource:
     """Download `repo_id` at `revision` (default main) into the Hub cache and verify every file."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     if revision is not None and not revision.strip():  # not main: a Hub revision may also be refs/pr/1
         raise LoramError(f"--revision {revision!r} names nothing; give a branch, tag or commit, or leave it out "
@@ -182,24 +176,10 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
                      and _cached_ref(repo_id, revision or "main").is_file())
     try:
         folder = Path(snapshot_download(repo_id, revision=revision or "main", endpoint=endpoint))
-    except RevisionNotFoundError as e:
-        raise LoramError(f"revision {revision or 'main'!r} not found in Hub repository {repo_id}") from e
-    except RepositoryNotFoundError as e:
-        raise LoramError(f"Hub repository {repo_id} not found{_at(endpoint)} (or it is private: set HF_TOKEN "
-                         "or run `hf auth login`)") from e
-    except HFValidationError as e:
-        raise LoramError(f"{repo_id!r} is not a valid Hub repo id (ORG/NAME)") from e
-    except LocalEntryNotFoundError as e:  # offline, unreachable, or an incomplete cached snapshot
-        if constants.is_offline_mode():
-            raise LoramError(f"{where} is not (completely) in the local Hub cache and HF_HUB_OFFLINE=1 forbids "
-                             "downloading it; pull it once with network access") from e
-        raise LoramError(f"could not reach the Hub{_at(endpoint)} for {where} ({explain(e.__cause__ or e)}) and it "
-                         "is not in the local cache; check the network or --endpoint") from e
     except Exception as e:
-        if _is_hub_failure(e):
-            raise LoramError(f"could not download {where} from the Hub ({explain(e)}); retry, or check "
-                             "the network or --endpoint") from e
-        raise
+        if (error := hub_error(e, repo_id, revision, endpoint)) is None:
+            raise
+        raise error from e
     if required and not (folder / required).is_file():
         raise LoramError(f"Hub repository {where} is not a {kind} (no {required})")
     if may_fall_back and (reason := _unreachable(repo_id, revision or "main", endpoint)):
@@ -211,6 +191,41 @@ def pull_repo(repo_id: str, revision: str | None = None, endpoint: str | None = 
 
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_error(e: BaseException, repo_id: str, revision: str | None, endpoint: str | None,
+              file: str | None = None) -> LoramError | None:
+    """The one-line LoramError for the Hub client's error `e` while fetching `repo_id` at `revision` (or only its
+    `file`), or None when `e` is not a Hub failure (a bug, to be raised as it is)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision or 'main'}"
+    if isinstance(e, RevisionNotFoundError):
+        return LoramError(f"revision {revision or 'main'!r} not found in Hub repository {repo_id}")
+    if isinstance(e, RepositoryNotFoundError):
+        return LoramError(f"Hub repository {repo_id} not found{_at(endpoint)} (or it is private: set HF_TOKEN or run "
+                          "`hf auth login`)")
+    if isinstance(e, HFValidationError):
+        return LoramError(f"{repo_id!r} is not a valid Hub repo id (ORG/NAME)")
+    if isinstance(e, LocalEntryNotFoundError):  # offline, unreachable, or an incomplete cached snapshot
+        if constants.is_offline_mode():
+            return LoramError(f"{where} is not (completely) in the local Hub cache and HF_HUB_OFFLINE=1 forbids "
+                              "downloading it; pull it once with network access")
+        return LoramError(f"could not reach the Hub{_at(endpoint)} for {where} ({explain(e.__cause__ or e)}) and it "
+                          "is not in the local cache; check the network or --endpoint")
+    if file and isinstance(e, EntryNotFoundError):
+        return LoramError(f"Hub repository {where} has no {file}")
+    if _is_hub_failure(e):
+        return LoramError(f"could not download {where} from the Hub ({explain(e)}); retry, or check the network or "
+                          "--endpoint")
+    return None
 
 
 def _cached_ref(repo_id: str, revision: str) -> Path:

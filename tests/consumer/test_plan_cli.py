@@ -1,6 +1,7 @@
 """`loram plan` and `loram.plan.plan`: the paper's 70B numbers from config.json alone, JSON output, errors."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -170,10 +171,15 @@ def dead_hub(monkeypatch, tmp_path):
 
 
 def test_unreachable_hub_is_one_line(dead_hub):
-    _one_line_error(runner.invoke(app, ["plan", "loram-tests/no-such-model"]), "cannot fetch config.json")
-    with pytest.raises(LoramError, match="cannot fetch config.json of 'loram-tests/other'"):
-        read_model_config("loram-tests/other", endpoint=dead_hub)
-    _one_line_error(runner.invoke(app, ["plan", "not a repo id!"]), "cannot fetch config.json")
+    """The Hub's failures read as every command's (`loram publish prune ORG/NAME` likewise), with what plan takes
+    instead: a local config.json."""
+    local = "; or plan from a local copy of its config.json (MODEL may be the file)"
+    _one_line_error(runner.invoke(app, ["plan", "loram-tests/no-such-model"]),
+                    "could not reach the Hub for loram-tests/no-such-model@main (")
+    with pytest.raises(LoramError, match=r"^could not reach the Hub at \S+ for loram-tests/other@v2 \(.*\) and it is "
+                                         r"not in the local cache; check the network or --endpoint" + re.escape(local)):
+        read_model_config("loram-tests/other", revision="v2", endpoint=dead_hub)
+    _one_line_error(runner.invoke(app, ["plan", "not a repo id!"]), "'not a repo id!' is not a valid Hub repo id")
 
 
 # ---- the publisher section: Taylor pruning, alignment with DDP and FSDP (loram.publisher_plan) ----------------
