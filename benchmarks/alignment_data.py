@@ -186,8 +186,8 @@ def self_generated(model, tokenizer, asks: list[str], batch: int = 16, new_token
     from loram.publisher.selfgen import conversations
 
     texts: list[str] = []
-    for part, _ in conversations(model, tokenizer, asks, batch, new_tokens):
-        texts += part
+    for part in conversations(model, tokenizer, asks, batch, new_tokens):
+        texts += part.texts
         print(f"self-generated: {len(texts)} of {len(asks)}", flush=True)
     return texts
 

@@ -48,7 +48,8 @@ def _selfgen(cfg) -> None:
 
     result = selfgen(cfg)
     resumed = f", resumed after {result.resumed}" if result.resumed else ""
-    typer.echo(f"wrote {result.conversations} conversations ({result.tokens:,} answer tokens{resumed}) in "
+    noun = "conversation" if result.conversations == 1 else "conversations"
+    typer.echo(f"wrote {result.conversations} {noun} ({result.tokens:,} answer tokens{resumed}) in "
                f"{result.seconds:.0f} s ({result.new_tokens / max(result.seconds, 1e-9):,.0f} tokens/s, peak memory "
                f"{result.peak_memory_bytes / 2**20:,.0f} MiB): {result.out}")
 

@@ -37,10 +37,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from loram.shared.architectures import check_positions
 from loram.shared.configs import Config, check_seed, option
-from loram.shared.errors import LoramError
+from loram.shared.errors import LoramError, warn
 from loram.shared.hub import endpoint_option, resolve_model, revision_option
 
 MATH_TOPICS = ("apples at a market", "a bakery", "a school trip", "saving pocket money", "a train journey", "a garden",
@@ -105,6 +106,7 @@ class SelfgenResult:
     peak_memory_bytes: int  # CPU: the process's peak RSS; GPU: peak allocated, summed over the GPUs
     resumed: int = 0  # conversations an interrupted run had committed (--resume)
     new_tokens: int = 0  # answer tokens this run generated
+    cut: int = 0  # answers of the file cut at --max-new-tokens (said as a warning)
 
 
 def read_prompts(spec: str) -> list[str]:
@@ -135,10 +137,16 @@ def prompt_order(prompts: list[str], count: int, seed: int) -> list[str]:
     return order[:count]
 
 
+class Batch(NamedTuple):
+    texts: list[str]  # each ask with its answer, rendered as one chat
+    tokens: int  # answer tokens, each answer's end-of-sequence token included
+    cut: int  # answers that reached max_new_tokens before their end-of-sequence token
+
+
 def conversations(model, tokenizer, asks: list[str], batch: int = 16, max_new_tokens: int = 256,
-                  temperature: float = 0.7, top_p: float = 0.9) -> Iterator[tuple[list[str], int]]:
-    """Per batch of `batch` asks: the original's sampled answer to each, rendered with the ask as one chat, and
-    the batch's answer tokens.
+                  temperature: float = 0.7, top_p: float = 0.9) -> Iterator[Batch]:
+    """Per batch of `batch` asks: the original's sampled answer to each, rendered with the ask as one chat, the
+    batch's answer tokens and how many answers were cut at `max_new_tokens`.
 
     Sampling follows torch's global RNG (seed it first). The tokenizer is set to pad on the left (generation
     continues every row from its last prompt token), with its end-of-sequence token when it has no pad token;
@@ -154,13 +162,14 @@ def conversations(model, tokenizer, asks: list[str], batch: int = 16, max_new_to
         with torch.no_grad():
             generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                        top_p=top_p, pad_token_id=tokenizer.pad_token_id)
-        texts, tokens = [], 0
+        texts, tokens, cut = [], 0, 0
         for ask, ids in zip(part, generated[:, enc.input_ids.shape[1]:].tolist(), strict=True):
             stop = tokenizer.eos_token_id
             tokens += ids.index(stop) + 1 if stop in ids else len(ids)  # up to the end of the answer, its stop token too
+            cut += stop not in ids
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
             texts.append(chat(tokenizer, [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]))
-        yield texts, tokens
+        yield Batch(texts, tokens, cut)
 
 
 def pad_left(tokenizer) -> None:
@@ -218,13 +227,17 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
         torch.manual_seed(cfg.seed)
     resumed, tokens_before = progress.done, progress.tokens
     with tqdm(total=len(asks), initial=resumed, desc="selfgen", unit="conversation") as bar:
-        for texts, tokens in conversations(model, tokenizer, asks[resumed:], cfg.batch, cfg.max_new_tokens,
-                                           cfg.temperature, cfg.top_p):
-            progress.commit(texts, tokens)
-            bar.update(len(texts))
+        for part in conversations(model, tokenizer, asks[resumed:], cfg.batch, cfg.max_new_tokens, cfg.temperature,
+                                  cfg.top_p):
+            progress.commit(part.texts, part.tokens, part.cut)
+            bar.update(len(part.texts))
     seconds = time.perf_counter() - started
     progress.write(cfg.out)
     progress.remove()
+    if progress.cut:
+        warn(f"{progress.cut} of the {progress.done} answers reached --max-new-tokens {cfg.max_new_tokens} before "
+             "their end and stop mid-sentence in the text (the chat template closes each turn); raise "
+             "--max-new-tokens for whole answers")
     devices = {p.device for p in model.parameters()}  # several GPUs under device_map="auto"
     return SelfgenResult(cfg.out, progress.done, progress.tokens, seconds, peak_memory_bytes(devices), resumed,
-                         progress.tokens - tokens_before)
+                         progress.tokens - tokens_before, progress.cut)

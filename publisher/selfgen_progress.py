@@ -46,6 +46,7 @@ class Progress:
     options: dict
     done: int = 0  # conversations committed
     tokens: int = 0  # their answer tokens
+    cut: int = 0  # their answers cut at --max-new-tokens (not recorded by progress written before this count was)
     size: int = 0  # bytes of their records at the start of conversations.jsonl
     hash: "hashlib._Hash" = field(default_factory=hashlib.sha256)  # sha256 of those bytes, updated batch by batch
     threads: int | None = None  # the thread count the committed batches were sampled with
@@ -87,8 +88,8 @@ class Progress:
                              f"{STATE} recorded; {refetch}")
         from safetensors.torch import load
 
-        return cls(folder, options, done, tokens, size, hashlib.sha256(records[:size]), state.get("threads"),
-                   load(rng), resuming=True)
+        return cls(folder, options, done, tokens, int(state.get("cut", 0)), size, hashlib.sha256(records[:size]),
+                   state.get("threads"), load(rng), resuming=True)
 
     def check_threads(self, threads: int) -> None:
         if self.resuming and self.threads is not None and self.threads != threads:
@@ -112,7 +113,7 @@ class Progress:
                  "the file will differ from an uninterrupted run's")
             torch.manual_seed(self.options["seed"] + self.done)
 
-    def commit(self, texts: list[str], tokens: int) -> None:
+    def commit(self, texts: list[str], tokens: int, cut: int = 0) -> None:
         """Append one finished batch and make it part of what `--resume` continues from."""
         import torch
         from safetensors.torch import save
@@ -130,13 +131,14 @@ class Progress:
         self.hash.update(data)
         self.done += len(texts)
         self.tokens += tokens
+        self.cut += cut
         state = {"cpu": torch.random.get_rng_state()}
         if torch.cuda.is_available():
             state.update({f"cuda{i:03d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         rng, name = save(state), f"rng-{self.done}.safetensors"
         _replace(self.folder / name, rng)
         _replace(self.folder / STATE, json.dumps(
-            {"options": self.options, "done": self.done, "tokens": self.tokens, "bytes": self.size,
+            {"options": self.options, "done": self.done, "tokens": self.tokens, "cut": self.cut, "bytes": self.size,
              "sha256": self.hash.hexdigest(), "rng": name, "rng_sha256": _sha256(rng), "threads": self.threads},
             indent=1).encode("utf-8"))
         for old in self.folder.glob("rng-*.safetensors"):  # the previous batch's, and any a cut-off commit left

@@ -80,7 +80,7 @@ def test_self_generated_answers_every_ask_in_chat_form_as_the_command_samples():
     torch.manual_seed(0)
     texts = alignment_data.self_generated(model, tok, asks, batch=2, new_tokens=4)
     torch.manual_seed(0)
-    expected = [t for part, _ in conversations(model, tok, asks, 2, 4) for t in part]
+    expected = [t for part in conversations(model, tok, asks, 2, 4) for t in part.texts]
     assert texts == expected and len(texts) == 3
     assert all(t.startswith(f"[user] {ask}\n[assistant] ") for t, ask in zip(texts, asks, strict=True))
 

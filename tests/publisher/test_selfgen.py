@@ -57,16 +57,33 @@ def test_selfgen_writes_the_originals_answers_as_chat_records_align_reads(origin
     texts = _records(out)
     assert result.conversations == len(texts) == 5 and result.out == out and result.tokens > 0
     model, tok = from_pretrained(original).eval(), load_tokenizer(original)
+    cut = 0
     for ask, text in zip(prompt_order(ASKS, 5, 0), texts, strict=True):
         prompt = tok.apply_chat_template([{"role": "user", "content": ask}], tokenize=False, add_generation_prompt=True)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         greedy = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
         answer = tok.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        cut += tok.eos_token_id not in greedy[0, ids.shape[1]:].tolist()  # 12 tokens and no end: cut
         # the ask is the user turn, the original's own continuation (batched, left-padded) the assistant turn
         assert text == tok.apply_chat_template([{"role": "user", "content": ask},
                                                 {"role": "assistant", "content": answer}], tokenize=False)
+    assert result.cut == cut > 0  # and said: test_cut_answers_are_counted_and_said
     blocks = list(iter_blocks(str(out), tok, 16))  # `loram publish align --data gen.jsonl` reads it
     assert blocks and next(iter(mixture([Source(str(out))], tok, 16)))["input_ids"] in [b["input_ids"] for b in blocks]
+
+
+def test_cut_answers_are_counted_and_said(original, prompts, tmp_path, loram_warnings):
+    """An answer cut at --max-new-tokens stops mid-sentence in the file (the template closes the turn): said."""
+    result = selfgen(model=str(original), prompts=str(prompts), count=3, max_new_tokens=4, batch=3,
+                     out=tmp_path / "short.jsonl")
+    assert result.cut == 3  # 4 tokens of a random tiny model: none ends
+    assert loram_warnings() == ["3 of the 3 answers reached --max-new-tokens 4 before their end and stop mid-sentence "
+                                "in the text (the chat template closes each turn); raise --max-new-tokens for whole "
+                                "answers"]
+    proc = run_loram("publish", "selfgen", original, "--prompts", prompts, "--count", 1, "--max-new-tokens", 4,
+                     "--out", tmp_path / "one.jsonl")
+    assert proc.returncode == 0 and "wrote 1 conversation (" in proc.stdout, proc.stderr
+    assert "warning: 1 of the 1 answers reached --max-new-tokens 4" in proc.stderr
 
 
 def test_selfgen_is_seeded(original, prompts, tmp_path):
@@ -184,7 +201,7 @@ def test_resume_writes_the_file_an_uninterrupted_run_writes(original, prompts, t
         selfgen(**{**kwargs, "max_new_tokens": 12, "seed": 1}, out=out, resume=True)
     result = selfgen(**kwargs, out=out, resume=True)
     assert out.read_bytes() == whole.out.read_bytes() and not progress.exists()
-    assert (result.conversations, result.resumed, result.tokens) == (7, 4, whole.tokens)
+    assert (result.conversations, result.resumed, result.tokens, result.cut) == (7, 4, whole.tokens, whole.cut)
     assert 0 < result.new_tokens < result.tokens
 
 
