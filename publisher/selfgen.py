@@ -43,6 +43,7 @@ from loram.shared.architectures import check_positions
 from loram.shared.configs import Config, check_seed, option
 from loram.shared.errors import LoramError, warn
 from loram.shared.hub import endpoint_option, resolve_model, revision_option
+from loram.shared.manifest import MANIFEST_JSON
 
 MATH_TOPICS = ("apples at a market", "a bakery", "a school trip", "saving pocket money", "a train journey", "a garden",
                "a bookshop", "a football team", "baking cookies", "a farm", "a birthday party", "painting a fence",
@@ -114,8 +115,12 @@ def read_prompts(spec: str) -> list[str]:
     if spec in BUILT_IN:
         return list(BUILT_IN[spec])
     path = Path(spec)
-    if path.suffix != ".txt" or not path.is_file():
-        raise LoramError(f"--prompts {spec}: neither a built-in prompt set ({', '.join(BUILT_IN)}) nor a .txt "
+    if path.suffix == ".txt" and not path.is_file():
+        raise LoramError(f"--prompts {spec}: no such file; give a .txt file with one prompt per line, or a built-in "
+                         f"prompt set ({', '.join(BUILT_IN)})")
+    if path.suffix != ".txt":
+        what = "is not a .txt file" if path.is_file() else "is neither a built-in prompt set nor a .txt file"
+        raise LoramError(f"--prompts {spec} {what}: give a built-in prompt set ({', '.join(BUILT_IN)}) or a .txt "
                          "file with one prompt per line")
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -207,6 +212,9 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
     check_writable(cfg.out, fix="choose another --out")
     progress = Progress.open(cfg, prompts)  # --resume: the committed conversations, verified; else none left behind
     source = resolve_model(cfg.model, cfg.revision, cfg.endpoint)
+    if (source.path / MANIFEST_JSON).is_file():
+        raise LoramError(f"{cfg.model} is a LoRAM pruned checkpoint; the alignment text is the original's own: "
+                         "give the model it was pruned from (the base its manifest names)")
     check_positions(load_config(source.path), cfg.max_new_tokens + 1,
                     f"--max-new-tokens {cfg.max_new_tokens} with a prompt of one token or more")
     tokenizer = load_tokenizer(source.path)

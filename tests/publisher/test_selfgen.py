@@ -108,7 +108,12 @@ def test_selfgen_command_line(original, prompts, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"prompts": "poetry"}, r"--prompts poetry: neither a built-in prompt set \(math\) nor a .txt file"),
+    ({"prompts": "poetry"}, r"^--prompts poetry is neither a built-in prompt set nor a .txt file: give a built-in "
+                            r"prompt set \(math\) or a .txt file with one prompt per line$"),
+    ({"prompts": "{tmp}/missing.txt"}, r"missing.txt: no such file; give a .txt file with one prompt per line"),
+    ({"prompts": "{tmp}/prompts.md"}, r"prompts.md is not a .txt file: give a built-in prompt set \(math\) or a .txt"),
+    ({"model": "{pruned}"}, r"pruned is a LoRAM pruned checkpoint; the alignment text is the original's own: give the "
+                            r"model it was pruned from"),
     ({"prompts": "{empty}"}, r"holds no prompt; write one prompt per line"),
     ({"prompts": "{binary}"}, r"is not UTF-8 text"),
     ({"temperature": 0.0}, r"--temperature must be a number > 0"),
@@ -121,7 +126,14 @@ def test_selfgen_command_line(original, prompts, tmp_path):
 def test_bad_input_is_one_line_and_writes_nothing(original, tmp_path, kwargs, message):
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
-    fill = {"empty": tmp_path / "empty.txt", "binary": tmp_path / "binary.txt", "tmp": tmp_path}
+    (tmp_path / "prompts.md").write_text("Count to three.\n")
+    if kwargs.get("model"):
+        import shutil
+
+        shutil.copytree(original, tmp_path / "pruned")
+        (tmp_path / "pruned" / "loram_manifest.json").write_text("{}")  # a LoRAM checkpoint (non-structured: stock config)
+    fill = {"empty": tmp_path / "empty.txt", "binary": tmp_path / "binary.txt", "tmp": tmp_path,
+            "pruned": tmp_path / "pruned"}
     kwargs = {k: v.format(**fill) if isinstance(v, str) else v for k, v in kwargs.items()}
     before = sorted(tmp_path.iterdir())
     with pytest.raises(LoramError, match=message):
