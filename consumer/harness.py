@@ -249,7 +249,7 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: int | None = None, n
     for chat, group in zip((True, False), groups, strict=True):
         if not group:
             continue
-        with _offline(), _quiet_logs(), _hub_errors():
+        with _offline(), _quiet_logs(), _hub_errors(), _no_git():
             got = simple_evaluate(
                 model=lm, tasks=[PREFIX + n if n in SHIPPED else n for n in group], task_manager=manager,
                 limit=limit, num_fewshot=num_fewshot, apply_chat_template=chat, fewshot_as_multiturn=chat,
@@ -278,6 +278,14 @@ def _hub_errors():
         raise LoramError(f"a task needs data from the Hub, and loram eval runs offline ({type(e).__name__}: "
                          f"{text.splitlines()[0][:200]}); use a shipped task ({', '.join(SHIPPED)}) or a local "
                          "copy with --include-path DIR") from None
+
+
+def _no_git():
+    """lm-eval records `git describe` of the working folder in its results (the user's project, not the model or
+    the harness), and outside a repository git prints `fatal: not a git repository` on stderr: not run."""
+    from unittest import mock
+
+    return mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None)
 
 
 @contextlib.contextmanager

@@ -162,21 +162,23 @@ def test_tasks_that_would_download_are_refused_in_one_line():
     assert harness.parse_tasks("loram_gsm8k_cot, strategyqa,gsm8k_cot") == ["gsm8k_cot", "strategyqa"]
 
 
-def test_loram_eval_tasks_table(workspace, capsys):
+def test_loram_eval_tasks_table(workspace, capfd, monkeypatch, tmp_path):
     """`loram eval --tasks`: original vs original + recovered adapter, lm-eval's metrics per row and a table with
-    the score and its 95% interval."""
+    the score and its 95% interval; run outside a git repository, lm-eval's `git describe` prints nothing."""
     from loram.evaluate import EvalConfig, evaluate, print_rows
 
+    monkeypatch.chdir(tmp_path)
     specs = [f"original={workspace / 'base'}", f"loram={workspace / 'base'}+{workspace / 'rec'}"]
     rows = evaluate(EvalConfig(models=specs, tasks="tiny_mc", include_path=str(workspace / "tasks"),
                                perplexity=False))
+    assert "not a git repository" not in capfd.readouterr().err
     base = from_pretrained(workspace / "base").eval()
     tok = load_tokenizer(workspace / "base")
     assert rows[0]["tasks"]["tiny_mc"]["acc"] == pytest.approx(_expected_accuracy(base, tok), abs=1e-12)
     assert "perplexity" not in rows[0] and rows[1]["n"] == {"tiny_mc": len(ITEMS)}
     assert rows[1]["scores"]["tiny_mc"].startswith(f"{rows[1]['tasks']['tiny_mc']['acc']:.3f} ± ")
     print_rows(rows, as_json=False)
-    table = capsys.readouterr().out
+    table = capfd.readouterr().out
     assert "tiny_mc" in table.splitlines()[0] and rows[1]["scores"]["tiny_mc"] in table and "95% confidence" in table
     with pytest.raises(LoramError, match="--no-perplexity leaves nothing"):
         EvalConfig(models=specs, perplexity=False).check()
