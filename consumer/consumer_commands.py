@@ -111,8 +111,8 @@ def register(app: typer.Typer) -> None:
             "--out adapter-p50",
             "loram train ORG/llama70b-p85 --quant nf4 --data my.jsonl --seq-len 512 --batch 1 --grad-accum 32 "
             "--gradient-checkpointing --out qloram",
-            "loram train smollm2-p50 --data gsm8k-train --columns prompt=question,response=answer --out adapter-p50 "
-            "--resume",
+            "loram train smollm2-p50 --data gsm8k-train --columns prompt=question,response=answer --steps 30 "
+            "--out adapter-p50 --resume   # the first run again, after Ctrl-C",
         ],
     )
     add_config_command(
