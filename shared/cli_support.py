@@ -277,12 +277,12 @@ def add_config_command(app: typer.Typer, name: str, config_cls: type[Config], ru
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
-    """Print a simple aligned text table (the CLI's readable output)."""
+    """Print a simple aligned text table (the CLI's readable output); a missing value (None) is `-`."""
     file = file or sys.stdout
     if not rows:
         return
     columns = columns or list(rows[0])
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    cells = [["-" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), file=file)
     print("  ".join("-" * w for w in widths), file=file)

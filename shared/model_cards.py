@@ -74,6 +74,9 @@ def evaluation_table(rows: list[dict]) -> tuple[list[str], list[dict]]:
     """(columns, flat rows) of `loram eval` rows for a table: name, perplexity, tokens, one column per
     lm-eval headline score (each row's `scores`), model, adapter; columns no row has are left out."""
     flat = [{**{k: v for k, v in r.items() if k != "scores"}, **(r.get("scores") or {})} for r in rows]
+    for r in flat:  # as the progress lines print it (4.8720, not 4.872)
+        if isinstance(r.get("perplexity"), float):
+            r["perplexity"] = f"{r['perplexity']:.4f}"
     scores = list(dict.fromkeys(k for r in rows for k in (r.get("scores") or {})))
     columns = ["name", "perplexity", "tokens", "gsm8k_accuracy", *scores, "model", "adapter"]  # gsm8k_accuracy: older rows
     return [c for c in columns if any(c in r for r in flat)], flat
@@ -157,7 +160,7 @@ def pruned_card(folder: Path, manifest: Manifest, *, repo_id: str | None = None,
     if evals:
         columns, flat = evaluation_table(evals)
         lines += ["## Evaluation", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in flat]
+        lines += ["| " + " | ".join("-" if r.get(c) is None else str(r[c]) for c in columns) + " |" for r in flat]
         lines.append("")
     lines += ["## How it was made", ""]
     for recipe in RECIPES:

@@ -54,7 +54,7 @@ def test_pruned_card_metadata_mirrors_the_manifest(pruned, tmp_path):
     assert f"{result.original_params:,} -> {result.pruned_params:,}" in card
     assert ("40 steps, 20,480 tokens, on wiki (weight 0.5), math.jsonl (weight 0.5, sha256 ab12ab12ab12), "
             "held-out perplexity 31.5") in card
-    assert "| pruned | 57.25 | 900 |" in card
+    assert "| pruned | 57.2500 | 900 |" in card
     recipe = (folder / "prune_config.yaml").read_text().rstrip()
     assert f"```yaml\n{recipe}\n```" in card and "loram publish prune --config prune_config.yaml" in card
     assert 'AutoModelForCausalLM.from_pretrained("org/tiny-p50")' in card
@@ -145,3 +145,17 @@ def test_a_bad_repo_id_is_refused_before_any_file_is_read(tmp_path, monkeypatch)
     for command in (push, push_adapter):
         with pytest.raises(LoramError, match=r"^--repo-id 'justname' must be a Hub repo id ORG/NAME$"):
             command(folder=tmp_path / "not-even-there", repo_id="justname")
+
+
+def test_evaluation_tables_show_a_missing_adapter_as_a_dash_and_four_decimals(capsys):
+    """`loram eval`'s table (and a card's evaluation table): no adapter is `-`, not Python's None, and perplexity
+    reads as the progress lines print it (4.8720, not 4.872)."""
+    from loram.evaluate import print_rows
+
+    rows = [{"name": "original", "model": "m", "adapter": None, "perplexity": 4.872, "tokens": 1200},
+            {"name": "loram", "model": "m", "adapter": "rec", "perplexity": 4.1, "tokens": 1200}]
+    print_rows(rows, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "perplexity", "tokens", "model", "adapter"]
+    assert lines[2].split() == ["original", "4.8720", "1200", "m", "-"] and lines[3].split()[1] == "4.1000"
+    assert "None" not in "\n".join(lines) and rows[0]["perplexity"] == 4.872  # the rows (and --json) keep numbers
