@@ -127,8 +127,10 @@ class PlanConfig(Config):
         self.dtype = dtype_name(self.dtype)  # its choices are checked with the option
         self.targets = list(parse_targets(",".join(map(str, self.targets)) if isinstance(self.targets, list)
                                           else self.targets))
-        parse_bytes(self.budget)  # refuse a bad size now, with the other options
-        parse_bytes(self.device_memory)
+        for flag, size in (("--budget", self.budget), ("--device-memory", self.device_memory)):
+            if parse_bytes(size) == 0:  # refuse a bad size now, with the other options
+                raise LoramError(f"{flag} {size} is no memory at all; give the memory a device has, e.g. 24GB or "
+                                 "80GiB")
         check_calibration(self.calib_samples, self.calib_seq_len, self.calib_batch)
         if self.grad_accum < 1:
             raise LoramError(f"--grad-accum must be a whole number >= 1, got {self.grad_accum}")

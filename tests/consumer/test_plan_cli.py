@@ -338,6 +338,8 @@ def test_a_non_structured_checkpoint_is_planned_as_it_is(tmp_path, hub):
     (["--devices", "0"], "--devices takes whole numbers in 1..1024"),
     (["--devices", "2,x"], "--devices takes whole numbers"),
     (["--device-memory", "lots"], "cannot read 'lots' as a size"),
+    (["--device-memory", "0GiB"], "--device-memory 0GiB is no memory at all; give the memory a device has"),
+    (["--budget", "0"], "--budget 0 is no memory at all"),
     (["--calib-samples", "0"], "--calib-samples must be a whole number >= 1"),
     (["--calib-seq-len", "1"], "--calib-seq-len must be a whole number >= 2"),
     (["--calib-batch", "0"], "--calib-batch must be a whole number >= 1"),
