@@ -150,7 +150,9 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     torch.manual_seed(cfg.seed)  # LoRA A init
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _log(f"training {trainable:,} LoRA parameters on {source.id} ({cfg.quant})")
+    weights = "4-bit NF4 weights (QLoRA)" if cfg.quant == "nf4" else (
+        "8-bit weights" if cfg.quant == "int8" else "weights in the model's own dtype")
+    _log(f"training {trainable:,} LoRA parameters on {source.id} ({weights})")
 
     args = training.training_arguments(
         folder, max_steps=cfg.steps, epochs=cfg.epochs, batch=cfg.batch, grad_accum=cfg.grad_accum, lr=cfg.lr,

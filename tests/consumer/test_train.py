@@ -224,7 +224,8 @@ def test_cli_prints_a_summary(pruned):
                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
     assert len(linears) == 7 * 6
     expected = sum(8 * (m.in_features + m.out_features) for m in linears)
-    logged = re.search(r"\[loram train\] training ([\d,]+) LoRA parameters on ", proc.stderr)
+    logged = re.search(r"\[loram train\] training ([\d,]+) LoRA parameters on \S+ \(weights in the model's own "
+                       r"dtype\)\n", proc.stderr)  # --quant none, said in words
     assert logged and int(logged.group(1).replace(",", "")) == expected, proc.stderr[-2000:]
     assert re.search(r"training: 100%\|.*\| 2/2 ", proc.stderr), proc.stderr[-2000:]  # the progress bar, finished
 
