@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 from loram.shared.architectures import check_positions
 from loram.shared.configs import Config, check_seed, option
-from loram.shared.errors import LoramError, warn
+from loram.shared.errors import LoramError, say, warn
 from loram.shared.hub import endpoint_option, resolve_model, revision_option
 from loram.shared.manifest import MANIFEST_JSON
 
@@ -234,11 +234,19 @@ def selfgen(config: SelfgenConfig | None = None, **kwargs) -> SelfgenResult:
         progress.start()  # --overwrite: an earlier run's progress goes only now, every input checked
         torch.manual_seed(cfg.seed)
     resumed, tokens_before = progress.done, progress.tokens
-    with tqdm(total=len(asks), initial=resumed, desc="selfgen", unit="conversation") as bar:
-        for part in conversations(model, tokenizer, asks[resumed:], cfg.batch, cfg.max_new_tokens, cfg.temperature,
-                                  cfg.top_p):
-            progress.commit(part.texts, part.tokens, part.cut)
-            bar.update(len(part.texts))
+    try:
+        with tqdm(total=len(asks), initial=resumed, desc="selfgen", unit="conversation") as bar:
+            for part in conversations(model, tokenizer, asks[resumed:], cfg.batch, cfg.max_new_tokens,
+                                      cfg.temperature, cfg.top_p):
+                progress.commit(part.texts, part.tokens, part.cut)
+                bar.update(len(part.texts))
+    except KeyboardInterrupt as interrupt:
+        again = "rerun it with --resume in place of --overwrite" if cfg.overwrite else \
+            "rerun the same command with --resume"
+        say(f"interrupted with {progress.done} of {len(asks)} conversations committed; {again} to continue"
+            if progress.done else "interrupted before the first batch was committed; rerun the same command")
+        interrupt.already_said = True  # the CLI's generic line would only repeat it
+        raise
     seconds = time.perf_counter() - started
     progress.write(cfg.out)
     progress.remove()

@@ -60,6 +60,9 @@ class Progress:
         folder = progress_folder(cfg.out)
         options = {k: getattr(cfg, k) for k in FLAGS if k != "prompts"}
         options["prompts"] = _sha256("\n".join(prompts).encode())
+        local = Path(cfg.model).expanduser()
+        if local.exists():  # a folder, however it is spelled (relative, ~, a link): the same model
+            options["model"] = str(local.resolve())
         if not cfg.resume:
             if folder.exists() and not cfg.overwrite:
                 raise LoramError(f"{folder} holds an interrupted run's conversations for --out {cfg.out}; continue it "

@@ -1,6 +1,7 @@
 """`loram publish selfgen`: the original's own answers to prompts, written as chat-form alignment text."""
 
 import json
+import os
 
 import pytest
 from tiny_models import run_loram, save_tiny_checkpoint, tiny_tokenizer
@@ -187,7 +188,7 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
     monkeypatch.setattr(GenerationMixin, "generate", generate)
 
 
-def test_resume_writes_the_file_an_uninterrupted_run_writes(original, prompts, tmp_path, monkeypatch):
+def test_resume_writes_the_file_an_uninterrupted_run_writes(original, prompts, tmp_path, monkeypatch, capsys):
     from loram.publisher.selfgen_progress import progress_folder
 
     kwargs = {"model": str(original), "prompts": str(prompts), "count": 7, "max_new_tokens": 10, "batch": 2,
@@ -196,8 +197,10 @@ def test_resume_writes_the_file_an_uninterrupted_run_writes(original, prompts, t
     out = tmp_path / "gen.jsonl"
     with monkeypatch.context() as m:
         _interrupt_after(m, 2)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as interrupt:
             selfgen(**kwargs, out=out)
+    assert "interrupted with 4 of 7 conversations committed; rerun the same command with --resume to continue" in \
+        capsys.readouterr().err.splitlines() and interrupt.value.already_said
     progress = progress_folder(out)
     assert not out.exists() and sorted(p.name for p in progress.iterdir()) == [
         "conversations.jsonl", "progress.json", "rng-4.safetensors"]
@@ -243,14 +246,16 @@ def test_resume_refuses_what_it_cannot_trust(original, prompts, tmp_path, monkey
 
 
 def test_resume_on_the_command_line(original, prompts, tmp_path, monkeypatch):
+    """Resumed from another folder, the model named by a relative path is still the same model."""
     out = tmp_path / "gen.jsonl"
-    args = ("publish", "selfgen", original, "--prompts", prompts, "--count", 3, "--batch", 1, "--max-new-tokens", 6,
+    relative = os.path.relpath(original, tmp_path)
+    args = ("publish", "selfgen", relative, "--prompts", prompts, "--count", 3, "--batch", 1, "--max-new-tokens", 6,
             "--out", out)
     with monkeypatch.context() as m:
         _interrupt_after(m, 2)
         with pytest.raises(KeyboardInterrupt):
             selfgen(model=str(original), prompts=str(prompts), count=3, batch=1, max_new_tokens=6, out=out)
-    proc = run_loram(*args, "--resume")
+    proc = run_loram(*args, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote 3 conversations" in proc.stdout and "resumed after 2)" in proc.stdout and len(_records(out)) == 3
 
