@@ -146,11 +146,13 @@ class AlignTrainer(SafeCheckpointTrainer):
         return loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Add this rank's mean LM and KD losses since the last log line (distillation only)."""
+        """Add the mean LM, KD and hidden-state losses since the last log line (distillation only), averaged over
+        the processes as the Trainer averages `loss` (every process logs at the same steps)."""
         if "loss" in logs and any(self._parts.values()):
             for key, values in self._parts.items():
                 if values:
-                    logs[key] = round(torch.stack(values).mean().item(), 6)
+                    mean = torch.stack(values).mean().to(self.args.device)
+                    logs[key] = round(self.accelerator.reduce(mean, reduction="mean").item(), 6)
                     values.clear()
         super().log(logs, *args, **kwargs)
 

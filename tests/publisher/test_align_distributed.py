@@ -46,6 +46,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert report["tokens_seen"] == single.tokens_seen == 4 * 4 * 32
     ddp_losses = [r["loss"] for r in report["losses"]]
     assert ddp_losses == pytest.approx(single.losses, rel=1e-4)  # same blocks, same averaged gradient
+    # pure hidden-state distillation (the default): the logged component is the loss, over both processes too
+    assert [r["hidden_loss"] for r in report["losses"]] == pytest.approx(ddp_losses, rel=1e-5)
     ddp_ppl = [(e["step"], e["perplexity"]) for e in report["evals"]]
     assert [s for s, _ in ddp_ppl] == [0, 2, 4] and ddp_ppl[0] == single.perplexities[0]  # same weights at step 0
     assert [p for _, p in ddp_ppl] == pytest.approx([p for _, p in single.perplexities], rel=1e-3)
