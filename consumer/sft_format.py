@@ -253,12 +253,15 @@ def tokenize_sft(dataset: datasets.Dataset, tokenizer, seq_len: int, columns: di
             out["labels"].append(labels)
     dropped = dropped_truncated + dropped_other
     if truncated or dropped:
-        message = (f"{truncated} of {len(dataset)} examples were longer than seq_len={seq_len} tokens and "
-                   f"were cut to their first {seq_len}; {dropped_truncated} of them had no labelled token "
-                   f"left and were dropped")
+        parts = []
+        if truncated:
+            parts.append(f"{truncated} of {len(dataset)} examples were longer than seq_len={seq_len} tokens and "
+                         f"were cut to their first {seq_len}" + (f", {dropped_truncated} of them with no labelled "
+                                                                 "token left, dropped" if dropped_truncated else ""))
         if dropped_other:
-            message += f"; {dropped_other} more had no labelled token at all and were dropped"
-        warnings.warn(message, TruncationWarning, stacklevel=2)
+            parts.append(f"{dropped_other} {'more' if truncated else f'of {len(dataset)} examples'} had no labelled "
+                         "token at all and were dropped")
+        warnings.warn("; ".join(parts), TruncationWarning, stacklevel=2)
     silent = fmt != "text" and not train_on_prompt and answered == 0  # only end-of-turn tokens are labelled
     if not out["input_ids"]:
         if silent:
