@@ -45,6 +45,10 @@ def fixtures(r: Path) -> None:
     train(model=str(r / "pruned"), data=str(r / "qa.jsonl"), out=r / "adapter", steps=1, seq_len=32,
           columns="prompt=question,response=answer", save_every=1)
     recover(adapter=str(r / "adapter"), out=r / "recovered")
+    (r / "asks.txt").write_text("Count to three.\n")
+    shutil.copytree(r / "adapter", r / "adapter-k")  # then `--overwrite` into it killed before its first checkpoint:
+    (r / ".adapter-k.replacing" / "checkpoints").mkdir(parents=True)  # its staging folder holds the pinned options
+    (r / ".adapter-k.replacing" / "checkpoints" / "run_config.json").write_text("{}")
     from loram.publisher.prune import prune
 
     prune(base=str(r / "base"), out=r / "pruned-other", method="random", ratio=0.5, layers="1:3", seed=3)  # same shapes
@@ -268,6 +272,14 @@ CASES = {
                                                                     False, {}, False),
     "publish prune: --ratio 0": (["publish", "prune", "{r}/base", "--method", "l2", "--ratio", "0", "--layers", "1:3",
                                   "--out", "OUT"], False, {}, False),
+    "generate: a recovered adapter on the pruned checkpoint": (["generate", "{r}/pruned", "--adapter", "{r}/recovered",
+                                                                *GEN], False, {}, False),
+    "publish selfgen: a pruned checkpoint as MODEL": (["publish", "selfgen", "{r}/pruned", "--prompts", "{r}/asks.txt",
+                                                       "--out", "{r}/never.jsonl"], False, {}, False),
+    "plan: --device-memory 0": (["plan", "{r}/base", "--device-memory", "0GiB"], False, {}, False),
+    "train --resume after a killed --overwrite run stopped before a checkpoint": (
+        ["train", "{r}/pruned", "--data", "{r}/qa.jsonl", *TRAIN, "--out", "{r}/adapter-k", "--resume"], False, {},
+        False),
 }
 
 
